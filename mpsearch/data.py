@@ -1,0 +1,494 @@
+"""Data sets for baseline training, calibration, search and final reports.
+
+Every data set is split into four fixed, deterministic parts (:class:`DataSplits`):
+
+* ``train`` -- baseline training.
+* ``calibration`` -- ``calibration_size`` images drawn without replacement from ``train``
+  by a generator seeded with ``calibration_seed`` (indices sorted).
+* ``val`` -- held out from the original training set and never trained on; searches
+  evaluate here so that the final ``test`` numbers stay honest.
+* ``test`` -- the official test set, for final reports only.
+
+Held-out parts come from ``torch.randperm`` under a generator seeded with the fixed,
+not user-facing ``SPLIT_SEED``; every part keeps its items in original index order.
+
+* ``fashion-mnist``: the last 5000 of the permutation of the 60000 training images are
+  ``val`` (a tenth for smaller files), the other 55000 ``train``; the 10000 t10k images
+  are ``test``. Files are searched in :func:`fashion_mnist_search_dirs` order, then
+  downloaded into the cache.
+* ``cifar10`` / ``cifar100``: like fashion-mnist (val 5000 of the 50000 training images).
+* ``digits``: scikit-learn's bundled 8x8 digits; permutation of all 1797: first 360 test,
+  next 180 val, the rest train.
+* ``imagefolder:PATH``: a torchvision ImageFolder. With ``PATH/train`` and ``PATH/val``,
+  ``val/`` is ``test`` and 5% (at most 10000) of ``train/`` is held out as ``val``;
+  otherwise one folder whose permutation gives test (first 10%), val (next 10%), train.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import urllib.request
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpsearch.errors import UserError
+from mpsearch.paths import cache_root
+
+__all__ = [
+    "DATASETS",
+    "DEBIAN_FASHION_MNIST_DIR",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_URL",
+    "IMAGEFOLDER_PREFIX",
+    "SPLIT_SEED",
+    "DataSplits",
+    "DatasetInfo",
+    "FolderSplit",
+    "Split",
+    "TensorSplit",
+    "fashion_mnist_search_dirs",
+    "load_dataset",
+    "read_idx",
+]
+
+SPLIT_SEED = 0  # fixed seed of every held-out split; changing it changes all val/test numbers
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt: dataset-fashion-mnist
+IMAGEFOLDER_PREFIX = "imagefolder:"
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049  # idx magic numbers: ubyte with 3 dims / 1 dim
+_VAL_SIZE = 5000
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts of a data set that models and reports need."""
+
+    name: str  # canonical name: "fashion-mnist", "digits", "cifar10", "imagefolder:/path"
+    num_classes: int
+    in_chans: int
+    image_size: int  # square side in pixels the model sees
+    mean: tuple[float, ...]  # per channel, for normalization
+    std: tuple[float, ...]
+
+
+class Split(ABC):
+    """One split of a data set: a fixed, ordered list of (image, label) items."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (float32 N,C,H,W normalized images, int64 N labels); deterministic given seed."""
+
+    @abstractmethod
+    def select(self, positions: torch.Tensor) -> Split:
+        """The items at ``positions`` (int64 positions into this split), in that order."""
+
+    def subset(self, n: int | None) -> Split:
+        """The first ``n`` items (all of them when ``n`` is None or >= len)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 0:
+            raise UserError(f"subset size must be >= 0, got {n}; pass a non-negative count")
+        return self.select(torch.arange(n))
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}; pass a positive batch size")
+
+
+class TensorSplit(Split):
+    """In-memory split: uint8 images normalized per batch, batched by slicing (no DataLoader)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        indices: torch.Tensor | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N,C,H,W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f"mean/std need {images.shape[1]} channels, got {len(mean)}/{len(std)}")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.mean, self.std = tuple(mean), tuple(std)
+        # Source indices into the original (official) set, so splits can be checked for overlap.
+        self.indices = torch.arange(len(labels)) if indices is None else indices.to(torch.int64)
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Slice (optionally seeded-permuted) batches, normalizing as (x/255 - mean)/std."""
+        _check_batch_size(batch_size)
+        n = len(self)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                x, y = self.images[start : start + batch_size], self.labels[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size]
+                x, y = self.images[idx], self.labels[idx]
+            yield (x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std), y)
+
+    def select(self, positions: torch.Tensor) -> TensorSplit:
+        return TensorSplit(
+            self.images[positions], self.labels[positions], self.mean, self.std, self.indices[positions]
+        )
+
+
+class FolderSplit(Split):
+    """A torchvision-style data set (items already transformed + normalized) restricted to indices."""
+
+    def __init__(self, dataset: Any, indices: torch.Tensor, *, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.indices = indices.to(torch.int64)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches from a DataLoader; shuffling is seeded through a torch.Generator."""
+        _check_batch_size(batch_size)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.dataset, self.indices.tolist()),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            num_workers=self.num_workers,
+        )
+        for x, y in loader:
+            yield x.to(torch.float32), torch.as_tensor(y, dtype=torch.int64)
+
+    def select(self, positions: torch.Tensor) -> FolderSplit:
+        return FolderSplit(self.dataset, self.indices[positions], num_workers=self.num_workers)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The four splits of one data set plus where it came from."""
+
+    info: DatasetInfo
+    train: Split  # baseline training
+    calibration: Split  # sampled from train
+    val: Split  # held out from the original training set; searches evaluate here
+    test: Split  # final reports only
+    source: str  # human-readable origin: a path or "sklearn bundled digits"
+
+    def split(self, name: str) -> Split:
+        """The split called ``name``: train, calibration, val or test."""
+        if name not in ("train", "calibration", "val", "test"):
+            raise UserError(f"unknown split {name!r}; use one of train, calibration, val, test")
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What a loader returns; load_dataset adds the calibration split."""
+
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+    source: str
+
+
+_Loader = Callable[[str, Path | None, bool], _Loaded]  # (argument after ':', data_dir, download)
+_LOADERS: dict[str, _Loader] = {}
+
+
+def _register(name: str) -> Callable[[_Loader], _Loader]:
+    """Register a loader; a name ending in ':' takes an argument (``imagefolder:PATH``)."""
+
+    def deco(fn: _Loader) -> _Loader:
+        if name in _LOADERS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        _LOADERS[name] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _perm(n: int) -> torch.Tensor:
+    """The fixed permutation of ``n`` items that all held-out splits come from."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+
+
+def _holdout_last(n: int, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) sorted indices: val is the last ``n_val`` of the fixed permutation."""
+    perm = _perm(n)
+    return perm[: n - n_val].sort().values, perm[n - n_val :].sort().values
+
+
+def _tensor_splits(
+    images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray, info: DatasetInfo
+) -> tuple[TensorSplit, TensorSplit, TensorSplit]:
+    """(train, val, test) TensorSplits; val is min(5000, n/10) held out of the training images."""
+    full = TensorSplit(torch.from_numpy(images), torch.from_numpy(labels).long(), info.mean, info.std)
+    test = TensorSplit(torch.from_numpy(test_images), torch.from_numpy(test_labels).long(), info.mean, info.std)
+    train_idx, val_idx = _holdout_last(len(full), min(_VAL_SIZE, len(full) // 10))
+    return full.select(train_idx), full.select(val_idx), test
+
+
+# ---------------------------------------------------------------------------- fashion-mnist
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Parse a gzipped idx file of unsigned bytes (images: magic 2051, labels: magic 2049)."""
+    path = Path(path)
+    hint = "delete it or replace it with an intact copy"
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is not a readable gzip idx file ({e}); {hint}") from e
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
+    ndim = {_IDX_IMAGES: 3, _IDX_LABELS: 1}.get(magic)
+    if ndim is None:
+        raise UserError(f"{path} has idx magic {magic}, expected {_IDX_IMAGES} or {_IDX_LABELS}; {hint}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is truncated inside its idx header; {hint}")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != int(np.prod(shape)):
+        raise UserError(
+            f"{path} holds {len(raw) - header} data bytes but its header {shape} says {int(np.prod(shape))}; {hint}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
+
+
+def fashion_mnist_search_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """Folders searched for the four files, first hit wins: data_dir, $MPSEARCH_DATA, cache, Debian."""
+    dirs: list[Path] = []
+    for base in (data_dir, os.environ.get("MPSEARCH_DATA") or None):
+        if base is not None:
+            dirs += [Path(base).expanduser(), Path(base).expanduser() / "fashion-mnist"]
+    dirs += [cache_root() / "data" / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
+    return list(dict.fromkeys(dirs))
+
+
+def _read_fashion_mnist(folder: Path) -> tuple[np.ndarray, ...]:
+    """(train images N,1,28,28, train labels, test images, test labels) from one folder."""
+    arrays = [read_idx(folder / f) for f in FASHION_MNIST_FILES]
+    for (images, labels), kind in ((arrays[:2], "train"), (arrays[2:], "t10k")):
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(
+                f"{folder}: {kind} files hold images {images.shape} and labels {labels.shape}, expected "
+                "(N, 28, 28) and (N,); replace them with the official fashion-mnist files"
+            )
+        if labels.size and int(labels.max()) > 9:
+            raise UserError(f"{folder}: {kind} labels go up to {int(labels.max())}, expected 0..9; replace them")
+    return arrays[0][:, None], arrays[1], arrays[2][:, None], arrays[3]
+
+
+def _download_fashion_mnist(dest: Path) -> None:
+    """Fetch the four files from FASHION_MNIST_URL into ``dest``, each written atomically."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(FASHION_MNIST_URL + name, timeout=30) as src:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, dest / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@_register("fashion-mnist")
+def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+    dirs = fashion_mnist_search_dirs(data_dir)
+    folder = next((d for d in dirs if all((d / f).is_file() for f in FASHION_MNIST_FILES)), None)
+    if folder is None:
+        fix = (
+            "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+            "or put the four idx.gz files in --data-dir / $MPSEARCH_DATA"
+        )
+        where = ", ".join(map(str, dirs))
+        if not download:
+            raise UserError(f"fashion-mnist not found in {where} and download is off; {fix}")
+        folder = cache_root() / "data" / "fashion-mnist"
+        try:
+            _download_fashion_mnist(folder)
+        except (OSError, ValueError) as e:  # URLError is an OSError; a malformed URL a ValueError
+            raise UserError(
+                f"fashion-mnist not found in {where} and download from {FASHION_MNIST_URL} failed ({e}); {fix}"
+            ) from e
+        try:
+            arrays = _read_fashion_mnist(folder)
+        except UserError:
+            for f in FASHION_MNIST_FILES:  # do not leave a bad download to be found next time
+                (folder / f).unlink(missing_ok=True)
+            raise
+    else:
+        arrays = _read_fashion_mnist(folder)
+    info = DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,))
+    return _Loaded(info, *_tensor_splits(*arrays, info=info), source=str(folder))
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+@_register("digits")
+def _load_digits(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None])
+    # mean/std: over all pixels (/255) of the 1257-image train split below, rounded to 4 decimals.
+    info = DatasetInfo("digits", 10, 1, 8, (0.3060,), (0.3762,))
+    full = TensorSplit(images, torch.from_numpy(digits.target).long(), info.mean, info.std)
+    perm = _perm(len(full))
+    test, val, train = (perm[:360].sort().values, perm[360:540].sort().values, perm[540:].sort().values)
+    return _Loaded(info, full.select(train), full.select(val), full.select(test), "sklearn bundled digits")
+
+
+# ---------------------------------------------------------------------------- cifar
+
+
+def _load_cifar(name: str, data_dir: Path | None, download: bool) -> _Loaded:
+    import torchvision
+
+    cls, folder = {
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
+        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python"),
+    }[name]
+    root = Path(data_dir).expanduser() if data_dir is not None else cache_root() / "data" / name
+    try:
+        train_set, test_set = (cls(root=str(root), train=t, download=download) for t in (True, False))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(
+            f"{name} not found under {root} and not downloadable ({e}); point --data-dir at a folder "
+            f"holding {folder}/ (or allow the download with network access)"
+        ) from e
+    if name == "cifar10":
+        info = DatasetInfo(name, 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    else:
+        info = DatasetInfo(name, 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    arrays = []
+    for ds in (train_set, test_set):
+        arrays += [np.ascontiguousarray(np.asarray(ds.data, dtype=np.uint8).transpose(0, 3, 1, 2))]
+        arrays += [np.asarray(ds.targets, dtype=np.int64)]
+    return _Loaded(info, *_tensor_splits(*arrays, info=info), source=str(root))
+
+
+@_register("cifar10")
+def _load_cifar10(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+    return _load_cifar("cifar10", data_dir, download)
+
+
+@_register("cifar100")
+def _load_cifar100(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+    return _load_cifar("cifar100", data_dir, download)
+
+
+# ---------------------------------------------------------------------------- imagefolder
+
+
+def _image_folder(path: Path) -> Any:
+    """A torchvision ImageFolder with the ImageNet eval transform, or a UserError."""
+    import torchvision
+    from torchvision import transforms as T
+
+    transform = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
+    )
+    try:
+        ds = torchvision.datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"cannot read image folder {path} ({e}); it needs one subfolder of images per class") from e
+    if len(ds) < 2:
+        raise UserError(f"image folder {path} holds {len(ds)} images; it needs at least 2 (one subfolder per class)")
+    return ds
+
+
+@_register(IMAGEFOLDER_PREFIX)
+def _load_imagefolder(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+    if not arg:
+        raise UserError("imagefolder needs a path; write it as imagefolder:/path/to/images")
+    path = Path(arg).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"image folder {path} does not exist; pass imagefolder:PATH with an existing folder")
+    if (path / "train").is_dir() and (path / "val").is_dir():
+        train_ds, test_ds = _image_folder(path / "train"), _image_folder(path / "val")
+        if train_ds.classes != test_ds.classes:
+            raise UserError(f"{path}/train and {path}/val have different class subfolders; make them match")
+        n = len(train_ds)
+        train_idx, val_idx = _holdout_last(n, min(10000, max(1, round(0.05 * n))))
+        train, val = FolderSplit(train_ds, train_idx), FolderSplit(train_ds, val_idx)
+        test = FolderSplit(test_ds, torch.arange(len(test_ds)))
+    else:
+        train_ds = _image_folder(path)
+        perm, k = _perm(len(train_ds)), len(train_ds) // 10
+        test = FolderSplit(train_ds, perm[:k].sort().values)
+        val = FolderSplit(train_ds, perm[k : 2 * k].sort().values)
+        train = FolderSplit(train_ds, perm[2 * k :].sort().values)
+    info = DatasetInfo(f"{IMAGEFOLDER_PREFIX}{path}", len(train_ds.classes), 3, 224, _IMAGENET_MEAN, _IMAGENET_STD)
+    return _Loaded(info, train, val, test, source=str(path))
+
+
+# ---------------------------------------------------------------------------- entry point
+
+DATASETS: tuple[str, ...] = tuple(k for k in _LOADERS if not k.endswith(":"))  # plus "imagefolder:PATH"
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    calibration_size: int = 512,
+    calibration_seed: int = 0,
+    download: bool = True,
+) -> DataSplits:
+    """Load data set ``name`` (one of DATASETS or ``imagefolder:PATH``) into its four fixed splits."""
+    key, arg = name.strip().lower(), ""
+    if key.startswith(IMAGEFOLDER_PREFIX):
+        key, arg = IMAGEFOLDER_PREFIX, name.strip()[len(IMAGEFOLDER_PREFIX) :]
+    if key not in _LOADERS:
+        known = ", ".join((*DATASETS, f"{IMAGEFOLDER_PREFIX}PATH"))
+        raise UserError(f"unknown dataset {name!r}; use one of {known}")
+    if calibration_size < 0:
+        raise UserError(f"calibration size must be >= 0, got {calibration_size}; pass a non-negative count")
+    loaded = _LOADERS[key](arg, Path(data_dir) if data_dir is not None else None, download)
+    n_cal = min(calibration_size, len(loaded.train))
+    gen = torch.Generator().manual_seed(calibration_seed)
+    calibration = loaded.train.select(torch.randperm(len(loaded.train), generator=gen)[:n_cal].sort().values)
+    return DataSplits(loaded.info, loaded.train, calibration, loaded.val, loaded.test, loaded.source)

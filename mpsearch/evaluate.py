@@ -1,0 +1,210 @@
+"""Measure a policy: run the quantized model for real and price it with the cost model.
+
+An :class:`Evaluator` holds one baseline, its data, a calibrated :class:`QuantizedModel` and the
+model's cost table; :meth:`Evaluator.evaluate` measures any number of policies against it. The
+fp32 model runs on the same images, so the accuracy drop comes with a paired confidence interval.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpsearch.config import QuantConfig
+from mpsearch.cost import CostTable, bops, count_costs, energy, fp32_energy, load_profile, size_bytes
+from mpsearch.data import DataSplits
+from mpsearch.errors import UserError
+from mpsearch.metrics import correct_mask, paired_difference_ci, wilson_interval
+from mpsearch.policy import Policy, is_shorthand, uniform_policy
+from mpsearch.quant import QuantizedModel
+from mpsearch.zoo import Baseline
+
+__all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs"]
+
+DEFAULT_PROFILES = ("horowitz45nm", "seed-lab4")
+
+
+@dataclass(frozen=True)
+class PolicyCosts:
+    """Modeled cost of a policy and of the fp32 model, per input sample."""
+
+    size_bytes: float
+    fp32_size_bytes: float
+    bops: float
+    fp32_bops: float
+    energy: dict[str, float]  # profile -> total
+    fp32_energy: dict[str, float]
+    energy_units: dict[str, str]
+
+    def relative(self) -> dict[str, float]:
+        """Each objective as a fraction of its fp32 value."""
+        out = {"size": self.size_bytes / self.fp32_size_bytes, "bops": self.bops / self.fp32_bops}
+        for name, value in self.energy.items():
+            out[f"energy:{name}"] = value / self.fp32_energy[name]
+        return out
+
+
+def policy_costs(table: CostTable, policy: Policy, profiles: tuple[str, ...] = DEFAULT_PROFILES) -> PolicyCosts:
+    bits = policy.bits()
+    loaded = [load_profile(p) for p in profiles]
+    return PolicyCosts(
+        size_bytes=size_bytes(table, bits),
+        fp32_size_bytes=size_bytes(table, {}),
+        bops=bops(table, bits),
+        fp32_bops=bops(table, {}),
+        energy={p.name: energy(table, bits, p).total for p in loaded},
+        fp32_energy={p.name: fp32_energy(table, p).total for p in loaded},
+        energy_units={p.name: p.units for p in loaded},
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One measured policy: accuracy with 95 % CIs (Wilson; paired for the drop) and costs."""
+
+    model: str
+    dataset: str
+    split: str
+    policy: str
+    images: int
+    correct: int
+    accuracy: float
+    accuracy_ci95: tuple[float, float]
+    fp32_accuracy: float | None
+    drop: float | None  # accuracy - fp32 accuracy on the same images
+    drop_ci95: tuple[float, float] | None
+    costs: PolicyCosts
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["relative_to_fp32"] = self.costs.relative()
+        return d
+
+
+class Evaluator:
+    """Quantize-and-measure machinery for one baseline on one data set."""
+
+    def __init__(
+        self,
+        baseline: Baseline,
+        data: DataSplits,
+        *,
+        quant: QuantConfig | None = None,
+        profiles: tuple[str, ...] = DEFAULT_PROFILES,
+        batch_size: int = 256,
+    ) -> None:
+        self.baseline = baseline
+        self.data = data
+        self.quant = quant or QuantConfig()
+        self.profiles = tuple(profiles)
+        for p in self.profiles:
+            load_profile(p)  # fail on a bad profile name before any model runs
+        self.batch_size = batch_size
+        self.qmodel = QuantizedModel(baseline.model, config=self.quant)
+        info = data.info
+        self.cost_table = count_costs(baseline.model, (info.in_chans, info.image_size, info.image_size))
+        self._fp32_masks: dict[tuple[str, int], torch.Tensor] = {}
+        self._calibration_s: float | None = None
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.qmodel.layer_names
+
+    def calibrate(self) -> float:
+        """Observe activations on the calibration split (once); returns seconds spent."""
+        if self._calibration_s is None:
+            start = time.perf_counter()
+            self.qmodel.calibrate(x for x, _ in self.data.calibration.batches(self.quant.calibration_batch_size))
+            self._calibration_s = time.perf_counter() - start
+        return self._calibration_s
+
+    def resolve_policy(self, spec: str | Path | Policy) -> Policy:
+        """A policy from a shorthand (``w4a8``), a JSON path, or an object; validated for this model."""
+        if isinstance(spec, Policy):
+            policy = spec
+        elif isinstance(spec, str) and is_shorthand(spec):
+            policy = uniform_policy(
+                spec,
+                model=self.baseline.name,
+                dataset=self.data.info.name,
+                layers=self.layer_names,
+                checkpoint_sha256=self.baseline.sha256,
+            )
+        else:
+            path = Path(spec)
+            if not path.exists():
+                raise UserError(
+                    f"policy {str(spec)!r} is neither a shorthand (w8a8, w4a8, w4a4, fp32, ...) nor an existing file"
+                )
+            policy = Policy.load(path)
+        policy.validate_for(model=self.baseline.name, layers=self.layer_names, checkpoint_sha256=self.baseline.sha256)
+        if policy.dataset != self.data.info.name:
+            raise UserError(
+                f"policy.dataset: policy was made on {policy.dataset!r}, this run uses {self.data.info.name!r}; "
+                f"pass --dataset {policy.dataset}"
+            )
+        return policy
+
+    def _split(self, split: str, limit: int | None):
+        return self.data.split(split).subset(limit)
+
+    def fp32_mask(self, split: str = "val", limit: int | None = None, progress: bool = False) -> torch.Tensor:
+        key = (split, limit or -1)
+        if key not in self._fp32_masks:
+            self._fp32_masks[key] = correct_mask(
+                self.baseline.model, self._split(split, limit), batch_size=self.batch_size,
+                progress="fp32" if progress else None,
+            )
+        return self._fp32_masks[key]
+
+    def quantized_mask(self, policy: Policy, split: str = "val", limit: int | None = None, progress: bool = False) -> torch.Tensor:
+        self.calibrate()
+        self.qmodel.apply(policy)
+        try:
+            return correct_mask(
+                self.qmodel.module, self._split(split, limit), batch_size=self.batch_size,
+                progress=policy.summary() if progress else None,
+            )
+        except FloatingPointError as exc:
+            raise UserError(f"policy {policy.summary()}: {exc}; raise the bit widths of the offending layers") from None
+
+    def evaluate(
+        self,
+        policy: Policy,
+        *,
+        split: str = "val",
+        limit: int | None = None,
+        compare_fp32: bool = True,
+        progress: bool = False,
+    ) -> EvaluationResult:
+        """Measure ``policy`` on ``split`` (its first ``limit`` images)."""
+        start = time.perf_counter()
+        mask = self.quantized_mask(policy, split, limit, progress)
+        n, k = mask.numel(), int(mask.sum())
+        fp32_acc = drop = drop_ci = None
+        if compare_fp32:
+            ref = self.fp32_mask(split, limit, progress)
+            fp32_acc = float(ref.float().mean())
+            drop, lo, hi = paired_difference_ci(ref, mask)
+            drop_ci = (lo, hi)
+        return EvaluationResult(
+            model=self.baseline.name,
+            dataset=self.data.info.name,
+            split=split,
+            policy=policy.summary(),
+            images=n,
+            correct=k,
+            accuracy=k / n,
+            accuracy_ci95=wilson_interval(k, n),
+            fp32_accuracy=fp32_acc,
+            drop=drop,
+            drop_ci95=drop_ci,
+            costs=policy_costs(self.cost_table, policy, self.profiles),
+            wall_s=time.perf_counter() - start,
+        )

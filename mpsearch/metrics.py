@@ -1,0 +1,72 @@
+"""Accuracy as measured: per-image correctness (for paired comparisons) and Wilson intervals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpsearch.data import Split
+
+__all__ = ["correct_mask", "wilson_interval", "paired_difference_ci"]
+
+
+@torch.no_grad()
+def correct_mask(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    split: Split,
+    *,
+    batch_size: int = 256,
+    progress: str | None = None,
+) -> torch.Tensor:
+    """Run ``model`` over ``split`` in order; bool tensor, True where the top-1 prediction is right.
+
+    ``progress`` is the label of a progress bar (none when ``None``).
+    """
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    out = []
+    bar = tqdm(total=len(split), desc=progress, unit="img", disable=progress is None, leave=False)
+    try:
+        for x, y in split.batches(batch_size):
+            logits = model(x)
+            bar.update(len(y))
+            if not torch.isfinite(logits).all():
+                # A NaN row would count as "wrong" silently; make it visible instead.
+                raise FloatingPointError("the model produced NaN/inf outputs")
+            out.append(logits.argmax(dim=1) == y)
+    finally:
+        bar.close()
+        if isinstance(model, nn.Module) and was_training:
+            model.train()
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion (well-behaved near 0 and 1)."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    denom = 1 + z * z / total
+    center = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def paired_difference_ci(a: torch.Tensor, b: torch.Tensor, z: float = 1.959963984540054) -> tuple[float, float, float]:
+    """Accuracy difference ``mean(b) - mean(a)`` on the same images, with a 95 % normal CI.
+
+    Pairing cancels the per-image difficulty both models share, so the interval reflects only
+    the images on which they disagree (McNemar's discordant pairs).
+    """
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError("paired comparison needs two equally long, non-empty correctness masks")
+    n = a.numel()
+    d = b.float() - a.float()
+    diff = float(d.mean())
+    half = z * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
+    return diff, diff - half, diff + half

@@ -1,0 +1,94 @@
+"""Wrappers that run one Conv2d / Linear with a quantized weight and a quantized input.
+
+A wrapper holds the original layer (parameters shared, nothing copied) and whatever quantizers
+:mod:`mpsearch.quant.apply` installed: ``weight_qparams`` plus the cached quantized weight, and
+``act_qparams`` for its input. With no quantizers it computes exactly what the layer computes.
+In eval mode the cached weight is used as is (switching policies re-quantizes nothing); in train
+mode the weight is fake-quantized on the fly so gradients flow through the straight-through
+estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpsearch.quant.observers import ActivationStats
+from mpsearch.quant.primitives import QParams, fake_quantize
+
+__all__ = ["QuantWrapper", "QuantConv2d", "QuantLinear", "WRAPPERS", "register_wrapper", "wrapper_for"]
+
+
+class QuantWrapper(nn.Module):
+    """Base wrapper: input fake quantization, weight selection, calibration hook."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.weight_qparams: QParams | None = None
+        self.quantized_weight: torch.Tensor | None = None
+        self.act_qparams: QParams | None = None
+        self.stats: ActivationStats | None = None  # set only during calibration
+
+    def set_quantizers(
+        self, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None
+    ) -> None:
+        self.weight_qparams, self.quantized_weight = weight if weight is not None else (None, None)
+        self.act_qparams = act
+
+    def current_weight(self) -> torch.Tensor:
+        if self.weight_qparams is None:
+            return self.layer.weight
+        if self.training or self.quantized_weight is None:
+            return fake_quantize(self.layer.weight, self.weight_qparams)
+        return self.quantized_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats is not None:
+            self.stats.update(x)
+        if self.act_qparams is not None:
+            x = fake_quantize(x, self.act_qparams)
+        return self.compute(x, self.current_weight())
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        w = self.weight_qparams.bits if self.weight_qparams is not None else "fp32"
+        a = self.act_qparams.bits if self.act_qparams is not None else "fp32"
+        return f"w={w}, a={a}"
+
+
+WRAPPERS: dict[type[nn.Module], type[QuantWrapper]] = {}
+
+
+def register_wrapper(layer_type: type[nn.Module]) -> Callable[[type[QuantWrapper]], type[QuantWrapper]]:
+    """Register the wrapper class for a layer type; one wrapper per type."""
+
+    def wrap(cls: type[QuantWrapper]) -> type[QuantWrapper]:
+        if layer_type in WRAPPERS:
+            raise ValueError(f"a wrapper for {layer_type.__name__} is already registered")
+        WRAPPERS[layer_type] = cls
+        return cls
+
+    return wrap
+
+
+def wrapper_for(module: nn.Module) -> type[QuantWrapper] | None:
+    """The wrapper class for ``module``'s exact type (subclasses may compute differently)."""
+    return WRAPPERS.get(type(module))
+
+
+@register_wrapper(nn.Conv2d)
+class QuantConv2d(QuantWrapper):
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+@register_wrapper(nn.Linear)
+class QuantLinear(QuantWrapper):
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.layer.bias)

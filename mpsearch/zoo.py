@@ -1,0 +1,294 @@
+"""Models: timm's factory, a small-image adaptation, baseline training and a checkpoint cache.
+
+``create_model(name, info)`` is ``timm.create_model(name, num_classes, in_chans)`` plus, for
+inputs of at most 64 pixels, the adaptation that keeps small images from being downsampled to
+nothing: ResNets get a 3x3 stride-1 stem and no max-pool (the research project kept the ImageNet
+stem on 32x32 inputs, leaving layer4 at 1x1), ViTs a patch size that gives a 7x7 grid on 28x28.
+
+``get_baseline`` returns the fp32 model a study quantizes: from ``--checkpoint PATH``, from
+timm's hub (``--pretrained``), or trained by mpsearch with a :class:`TrainRecipe` and cached
+under ``cache_root()/checkpoints`` keyed by (model, data set, recipe, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpsearch.config import TrainRecipe, config_key
+from mpsearch.data import DataSplits, DatasetInfo, Split
+from mpsearch.errors import UserError
+from mpsearch.metrics import correct_mask
+from mpsearch.paths import cache_root
+
+__all__ = ["MODEL_ALIASES", "Baseline", "create_model", "resolve_model_name", "train_model", "get_baseline", "sha256_file"]
+
+# Short names users type -> timm names.
+MODEL_ALIASES = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+}
+SMALL_IMAGE_MAX = 64  # inputs up to this size get the small-image adaptation
+_ADAPTATION_VERSION = 1  # part of the checkpoint cache key: bump when the adaptation changes
+
+
+def resolve_model_name(name: str) -> str:
+    """The timm name for ``name``; unknown names fail with suggestions."""
+    timm_name = MODEL_ALIASES.get(name, name)
+    if not timm.is_model(timm_name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"unknown model {name!r}{hint}; any timm model name works, e.g. resnet18, deit_tiny, test_resnet")
+    return timm_name
+
+
+def _vit_patch_size(image_size: int) -> int:
+    # 28 -> 4 (7x7 = 49 tokens), 32 -> 4 (8x8), 8 -> 2 (4x4), 64 -> 8 (8x8).
+    for patch in (8, 4, 2):
+        if image_size % patch == 0 and image_size // patch >= 4 and (image_size // patch <= 8 or patch == 8):
+            return patch
+    return 1
+
+
+def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> None:
+    stem = model.conv1
+    if isinstance(stem, nn.Conv2d):
+        model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    else:  # timm's deep stems are a Sequential whose first conv carries the stride
+        first = next(m for m in stem.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    model.maxpool = nn.Identity()
+
+
+def create_model(name: str, info: DatasetInfo, *, pretrained: bool = False) -> nn.Module:
+    """A timm model for ``info``'s images and classes, adapted to small inputs (see module doc)."""
+    timm_name = resolve_model_name(name)
+    kwargs: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    small = info.image_size <= SMALL_IMAGE_MAX
+    probe = timm.create_model(timm_name, pretrained=False, **kwargs)
+    is_vit = isinstance(probe, timm.models.vision_transformer.VisionTransformer)
+    if is_vit:
+        kwargs.update(img_size=info.image_size, patch_size=_vit_patch_size(info.image_size) if small else None)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if pretrained:
+        try:
+            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - hub failures come in many types
+            raise UserError(
+                f"cannot load timm hub weights for {timm_name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "--pretrained needs internet access to the Hugging Face hub: use --checkpoint PATH, "
+                "or drop --pretrained and let mpsearch train a baseline"
+            ) from None
+    else:
+        model = probe if not is_vit else timm.create_model(timm_name, pretrained=False, **kwargs)
+    if small and isinstance(model, timm.models.resnet.ResNet):
+        _adapt_resnet_stem(model, info.in_chans)
+    return model
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- training -----------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, recipe: TrainRecipe, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop (zero-pixel padding) and horizontal flip, vectorized over the batch."""
+    n, c, h, w = x.shape
+    p = recipe.crop_padding
+    if p > 0:
+        padded = F.pad(x - fill, (p, p, p, p)) + fill  # pad with the normalized value of a black pixel
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if recipe.hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def train_model(
+    model: nn.Module,
+    train: Split,
+    info: DatasetInfo,
+    recipe: TrainRecipe,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place with ``recipe`` (SGD-Nesterov, one-cycle LR, label smoothing)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
+    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format).train()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=recipe.warmup_fraction
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    for epoch in range(recipe.epochs):
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress, leave=True)
+        seen = correct = 0
+        loss_sum = 0.0
+        for x, y in train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            x = _augment(x, recipe, fill, gen).contiguous(memory_format=memory_format)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+    model.to(memory_format=torch.contiguous_format).eval()
+    return model
+
+
+# -- baselines ----------------------------------------------------------------------------------
+@dataclass
+class Baseline:
+    """An fp32 model ready to quantize, with where it came from."""
+
+    name: str  # the model name the user typed (policies record it)
+    model: nn.Module
+    checkpoint: Path | None
+    sha256: str | None
+    meta: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__}
+
+
+def _cache_dir(name: str, data: DataSplits, recipe: TrainRecipe, seed: int) -> Path:
+    key = config_key(recipe)
+    ident = json.dumps({
+        "model": name, "dataset": data.info.name, "train_images": len(data.train),
+        "recipe": key, "seed": seed, "adapt": _ADAPTATION_VERSION,
+    })
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    safe_ds = data.info.name.replace("/", "_").replace(":", "_")[-40:]
+    return cache_root() / "checkpoints" / f"{name}__{safe_ds}__seed{seed}__{digest}"
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as data only (``weights_only=True``); accepts a bare or wrapped state dict."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path}: file not found; check --checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of corrupt files come in many types
+        raise UserError(f"checkpoint {path}: not a readable PyTorch state dict ({type(exc).__name__}); re-export it with torch.save(model.state_dict(), path)") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path}: expected a state dict of tensors; save it with torch.save(model.state_dict(), path)")
+    return obj
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"checkpoint {path} does not fit model {name!r} on this data set ({first[:160]}); pass the matching --model/--dataset") from None
+
+
+def get_baseline(
+    name: str,
+    data: DataSplits,
+    *,
+    recipe: TrainRecipe | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Baseline:
+    """The fp32 baseline: ``checkpoint``, else hub weights, else the cached or newly trained model."""
+    recipe = recipe or TrainRecipe()
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        model = create_model(name, data.info)
+        _load_into(model, load_state_dict_file(path), path, name)
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        return Baseline(name, model.eval(), path, sha256_file(path), meta)
+    if pretrained:
+        model = create_model(name, data.info, pretrained=True)
+        return Baseline(name, model.eval(), None, None, {"source": "timm hub"})
+    folder = _cache_dir(name, data, recipe, seed)
+    path, meta_path = folder / "model.pt", folder / "meta.json"
+    if path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        sha = sha256_file(path)
+        if meta.get("sha256") != sha:
+            raise UserError(f"cached checkpoint {path} is corrupt (sha256 mismatch); delete {folder} to retrain")
+        model = create_model(name, data.info)
+        _load_into(model, load_state_dict_file(path), path, name)
+        return Baseline(name, model.eval(), path, sha, meta)
+    log(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now "
+        f"({recipe.epochs} epochs, cached in {folder}).")
+    torch.manual_seed(seed)
+    model = create_model(name, data.info)
+    start = time.perf_counter()
+    train_model(model, data.train, data.info, recipe, seed=seed, progress=progress)
+    wall = time.perf_counter() - start
+    val_acc = float(correct_mask(model, data.val).float().mean())
+    test_acc = float(correct_mask(model, data.test).float().mean())
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".model.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    sha = sha256_file(path)
+    meta = {
+        "model": name,
+        "timm_name": resolve_model_name(name),
+        "dataset": data.info.name,
+        "recipe": recipe.to_dict(),
+        "seed": seed,
+        "val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "train_wall_s": wall,
+        "train_images": len(data.train),
+        "sha256": sha,
+        "versions": _versions(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp_meta = folder / ".meta.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    tmp_meta.replace(meta_path)
+    log(f"Trained {name}: val {val_acc:.2%}, test {test_acc:.2%} in {wall / 60:.1f} min -> {path}")
+    return Baseline(name, model.eval(), path, sha, meta)

@@ -1,0 +1,72 @@
+"""Shared fixtures: an isolated cache, small data, and tiny trained baselines (trained once)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_RECIPE_KW = dict(epochs=1, batch_size=128, lr=0.1, label_smoothing=0.0, bf16=False, channels_last=False)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test shares one throwaway cache: nothing lands in the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("mpsearch-cache")
+    old = os.environ.get("MPSEARCH_CACHE")
+    os.environ["MPSEARCH_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MPSEARCH_CACHE", None)
+    else:
+        os.environ["MPSEARCH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def digits(cache_dir):
+    from mpsearch.data import load_dataset
+
+    return load_dataset("digits", calibration_size=256)
+
+
+@pytest.fixture(scope="session")
+def digits_recipe():
+    from mpsearch.config import TrainRecipe
+
+    return TrainRecipe(epochs=12, batch_size=64, lr=0.05, label_smoothing=0.0, crop_padding=1, hflip=False,
+                       bf16=False, channels_last=False)
+
+
+@pytest.fixture(scope="session")
+def digits_baseline(digits, digits_recipe):
+    """timm's test_resnet trained on digits (~2 s); cached in the session cache."""
+    from mpsearch.zoo import get_baseline
+
+    return get_baseline("test_resnet", digits, recipe=digits_recipe, seed=0, progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(cache_dir):
+    """Fashion-MNIST with the first 12800 training images (train on fewer, measure on many)."""
+    from mpsearch.data import DEBIAN_FASHION_MNIST_DIR, load_dataset
+
+    if not DEBIAN_FASHION_MNIST_DIR.exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    data = load_dataset("fashion-mnist", download=False)
+    return replace(data, train=data.train.subset(12800))
+
+
+@pytest.fixture(scope="session")
+def fmnist_baseline(fmnist_small):
+    """test_resnet after one epoch on 12800 Fashion-MNIST images (~15 s, ~80 % val accuracy)."""
+    from mpsearch.config import TrainRecipe
+    from mpsearch.zoo import get_baseline
+
+    return get_baseline("test_resnet", fmnist_small, recipe=TrainRecipe(**TINY_RECIPE_KW), seed=0,
+                        progress=False, log=lambda m: None)

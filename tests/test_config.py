@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpsearch.config import QuantConfig, TrainRecipe
+from mpsearch.errors import UserError
+
+
+@pytest.mark.parametrize("config", [TrainRecipe(), TrainRecipe(epochs=2, lr=0.3, hflip=False), QuantConfig(),
+                                    QuantConfig(weight_observer="mse", act_observer="percentile", seed=3)])
+def test_every_config_round_trips_through_json(config):
+    restored = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    assert restored.key() == config.key()
+
+
+def test_keys_change_with_settings_and_configs_reject_bad_values():
+    assert TrainRecipe().key() != TrainRecipe(epochs=5).key()
+    with pytest.raises(UserError, match="recipe.epochs"):
+        TrainRecipe(epochs=0)
+    with pytest.raises(UserError, match="unknown field 'epoch'"):
+        TrainRecipe.from_dict({"epoch": 3})
+    with pytest.raises(UserError, match="version"):
+        QuantConfig.from_dict({"version": 2})
