@@ -44,6 +44,7 @@ import torch
 
 from mpsearch.errors import UserError
 from mpsearch.paths import cache_root
+from mpsearch.registry import Registry
 
 __all__ = [
     "DATASETS",
@@ -229,19 +230,9 @@ class _Loaded:
 
 
 _Loader = Callable[[str, Path | None, bool], _Loaded]  # (argument after ':', data_dir, download)
-_LOADERS: dict[str, _Loader] = {}
-
-
-def _register(name: str) -> Callable[[_Loader], _Loader]:
-    """Register a loader; a name ending in ':' takes an argument (``imagefolder:PATH``)."""
-
-    def deco(fn: _Loader) -> _Loader:
-        if name in _LOADERS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        _LOADERS[name] = fn
-        return fn
-
-    return deco
+_LOADERS: Registry[_Loader] = Registry("dataset")
+# A name ending in ':' takes an argument (``imagefolder:PATH``).
+_register = _LOADERS.register
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -467,7 +458,7 @@ def _load_imagefolder(arg: str, data_dir: Path | None, download: bool) -> _Loade
 
 # ---------------------------------------------------------------------------- entry point
 
-DATASETS: tuple[str, ...] = tuple(k for k in _LOADERS if not k.endswith(":"))  # plus "imagefolder:PATH"
+DATASETS: tuple[str, ...] = tuple(k for k in _LOADERS.names() if not k.endswith(":"))  # plus "imagefolder:PATH"
 
 
 def load_dataset(
@@ -487,7 +478,7 @@ def load_dataset(
         raise UserError(f"unknown dataset {name!r}; use one of {known}")
     if calibration_size < 0:
         raise UserError(f"calibration size must be >= 0, got {calibration_size}; pass a non-negative count")
-    loaded = _LOADERS[key](arg, Path(data_dir) if data_dir is not None else None, download)
+    loaded = _LOADERS.get(key)(arg, Path(data_dir) if data_dir is not None else None, download)
     n_cal = min(calibration_size, len(loaded.train))
     gen = torch.Generator().manual_seed(calibration_seed)
     calibration = loaded.train.select(torch.randperm(len(loaded.train), generator=gen)[:n_cal].sort().values)

@@ -349,5 +349,5 @@ def test_unknown_names() -> None:
         load_dataset("mnistt")
     with pytest.raises(UserError, match="train, calibration, val, test"):
         load_dataset("digits").split("holdout")
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ValueError, match="already registered"):
         data._register("digits")(lambda arg, data_dir, download: None)  # type: ignore[arg-type,return-value]

@@ -24,6 +24,7 @@ from typing import Any
 
 from mpsearch.cost.counting import CostTable, LayerCost
 from mpsearch.errors import UserError
+from mpsearch.registry import Registry
 
 __all__ = [
     "FLOAT_BITS",
@@ -167,23 +168,9 @@ class LayerEnergy:
 Formula = Callable[[LayerCost, int | None, int | None, EnergyProfile], LayerEnergy]
 """(layer, weight_bits or None, activation_bits or None, profile) -> LayerEnergy."""
 
-_FORMULAS: dict[str, Formula] = {}
-
-
-def register_formula(name: str) -> Callable[[Formula], Formula]:
-    """Decorator that makes an energy formula available to profiles as ``formula = name``."""
-
-    def decorate(fn: Formula) -> Formula:
-        if name in _FORMULAS:
-            raise ValueError(f"energy formula {name!r} is already registered")
-        _FORMULAS[name] = fn
-        return fn
-
-    return decorate
-
-
-def list_formulas() -> list[str]:
-    return sorted(_FORMULAS)
+_FORMULAS: Registry[Formula] = Registry("energy formula")
+register_formula = _FORMULAS.register  # makes a formula available to profiles as `formula = name`
+list_formulas = _FORMULAS.names
 
 
 @register_formula("seed-lab4")
@@ -270,7 +257,7 @@ def _parse_profile(data: dict[str, Any], origin: str) -> EnergyProfile:
     )
     # Evaluate once at fp32 and at 8 bits so a missing coefficient fails at load, not mid-search.
     for wb, ab in ((None, None), (8, 8)):
-        _FORMULAS[profile.formula](_DUMMY, wb, ab, profile)
+        _FORMULAS.get(profile.formula)(_DUMMY, wb, ab, profile)
     return profile
 
 
@@ -351,7 +338,7 @@ def _as_profile(profile: EnergyProfile | str | os.PathLike[str]) -> EnergyProfil
 def energy(table: CostTable, bits: Bits, profile: EnergyProfile | str | os.PathLike[str]) -> EnergyReport:
     """Modeled per-sample energy of ``table`` under the bit assignment ``bits``."""
     prof = _as_profile(profile)
-    formula = _FORMULAS[prof.formula]
+    formula = _FORMULAS.get(prof.formula)
     widths = _resolve(table, bits)
     layers = tuple(formula(layer, *widths[layer.name], prof) for layer in table.layers)
     return EnergyReport(prof.name, prof.units, layers)

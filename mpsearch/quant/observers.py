@@ -13,32 +13,15 @@ from collections.abc import Callable
 
 import torch
 
-from mpsearch.errors import UserError
+from mpsearch.registry import Registry
 from mpsearch.quant.primitives import fake_quantize, qparams_from_range
 
 __all__ = ["OBSERVERS", "register_observer", "get_observer", "ActivationStats", "Observer"]
 
 Observer = Callable[[torch.Tensor, int, bool, bool], tuple[torch.Tensor, torch.Tensor]]
-OBSERVERS: dict[str, Observer] = {}
-
-
-def register_observer(name: str) -> Callable[[Observer], Observer]:
-    """Register an observer under ``name``; registering a name twice is a bug."""
-
-    def wrap(fn: Observer) -> Observer:
-        if name in OBSERVERS:
-            raise ValueError(f"observer {name!r} is already registered")
-        OBSERVERS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_observer(name: str) -> Observer:
-    try:
-        return OBSERVERS[name]
-    except KeyError:
-        raise UserError(f"unknown observer {name!r}; choose one of {sorted(OBSERVERS)}") from None
+OBSERVERS: Registry[Observer] = Registry("observer")
+register_observer = OBSERVERS.register
+get_observer = OBSERVERS.get
 
 
 @register_observer("minmax")
