@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from mpsearch.errors import UserError
 
@@ -33,7 +33,8 @@ def _add_baseline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet18", help="timm model name or alias (resnet18, deit_tiny, test_resnet, ...)")
     p.add_argument("--dataset", default="fashion-mnist",
                    help="fashion-mnist (default), digits, cifar10, cifar100 or imagefolder:PATH")
-    p.add_argument("--data-dir", default=None, help="folder holding the data set files (else $MPSEARCH_DATA, the cache, system paths)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the data set files (else $MPSEARCH_DATA, the cache, system paths)")
     p.add_argument("--seed", type=int, default=0, help="seed of baseline training and calibration sampling (default 0)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="fp32 state dict to quantize instead of the cached/trained baseline")
@@ -55,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="measure a policy: quantized accuracy (95%% CI) and modeled costs")
     _add_baseline_flags(e)
-    e.add_argument("--policy", required=True, help="policy JSON file or shorthand: fp32, w8a8, w6a6, w4a8, w4a4, w2a8, w8 (weights only), w4a4:all")
-    e.add_argument("--split", choices=("val", "test"), default="val", help="val (default; searches use it) or test (final reports)")
+    e.add_argument("--policy", required=True,
+                   help="policy JSON file or shorthand: fp32, w8a8, w6a6, w4a8, w4a4, w2a8, w8 (weights only), w4a4:all")
+    e.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val (default; searches use it) or test (final reports)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     e.add_argument("--calibration-size", type=int, default=512, help="calibration images drawn from train (default 512)")
     e.add_argument("--weight-observer", default="minmax", help="weight range observer: minmax (default), percentile, mse")
@@ -105,13 +108,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta))
         return 0
-    _log(f"model       {baseline.name} on {data.info.name} ({data.source})")
-    _log(f"checkpoint  {baseline.checkpoint}  sha256 {baseline.sha256}")
+    print(f"model       {baseline.name} on {data.info.name} ({data.source})")
+    print(f"checkpoint  {baseline.checkpoint}  sha256 {baseline.sha256}")
     for key, label in (("val_accuracy", "val acc"), ("test_accuracy", "test acc")):
         if key in meta:
-            _log(f"{label:<11} {meta[key]:.2%}")
+            print(f"{label:<11} {meta[key]:.2%}")
     if "train_wall_s" in meta:
-        _log(f"train time  {meta['train_wall_s'] / 60:.1f} min on {meta.get('machine', '?')}")
+        print(f"train time  {meta['train_wall_s'] / 60:.1f} min on {meta.get('machine', '?')}")
     return 0
 
 
@@ -161,7 +164,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  accuracy   {result.accuracy:.2%}  (95% CI {lo:.2%} to {hi:.2%})")
     if result.fp32_accuracy is not None and result.drop_ci95 is not None:
         dlo, dhi = result.drop_ci95
-        print(f"  fp32       {result.fp32_accuracy:.2%}  change {result.drop * 100:+.2f} pp (paired 95% CI {dlo * 100:+.2f} to {dhi * 100:+.2f})")
+        print(f"  fp32       {result.fp32_accuracy:.2%}  change {result.drop * 100:+.2f} pp "
+              f"(paired 95% CI {dlo * 100:+.2f} to {dhi * 100:+.2f})")
     print(f"  size       {_fmt_bytes(c.size_bytes)}  ({rel['size']:.1%} of fp32 {_fmt_bytes(c.fp32_size_bytes)})")
     print(f"  BOPs       {c.bops / 1e9:.2f} G  ({rel['bops']:.1%} of fp32)")
     for name, value in c.energy.items():
@@ -181,7 +185,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     table = count_costs(model, (data.info.in_chans, data.info.image_size, data.info.image_size))
     names = set(quantizable_layers(model))
     rows = [
-        {"name": layer.name, "kind": layer.kind, "macs": layer.macs, "params": layer.weight_params, "quantizable": layer.name in names}
+        {"name": layer.name, "kind": layer.kind, "macs": layer.macs, "params": layer.weight_params,
+         "quantizable": layer.name in names}
         for layer in table.layers
     ]
     if args.json:
@@ -189,7 +194,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         return 0
     print(f"{'layer':<32} {'kind':<7} {'MACs':>14} {'params':>10}  quantizable")
     for r in rows:
-        print(f"{r['name']:<32} {r['kind']:<7} {r['macs']:>14,} {r['params']:>10,}  {'yes' if r['quantizable'] else 'no (float)'}")
+        quantizable = "yes" if r["quantizable"] else "no (float)"
+        print(f"{r['name']:<32} {r['kind']:<7} {r['macs']:>14,} {r['params']:>10,}  {quantizable}")
     return 0
 
 

@@ -27,13 +27,20 @@ def config_key(config: Any) -> str:
 
 def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     """Build ``cls`` from a dict, rejecting unknown fields and other versions with a clear line."""
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    if not isinstance(data, dict):
+        raise UserError(f"{cls.__name__}: expected an object of settings, got {type(data).__name__}")
+    defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(defaults))
     if unknown:
-        raise UserError(f"{cls.__name__}: unknown field {unknown[0]!r}; known fields are {sorted(names)}")
+        raise UserError(f"{cls.__name__}: unknown field {unknown[0]!r}; known fields are {sorted(defaults)}")
     version = data.get("version", 1)
-    if version != 1:
+    if type(version) is not int or version != 1:
         raise UserError(f"{cls.__name__}.version: this mpsearch reads version 1, got {version!r}")
+    for name, value in data.items():
+        expected = type(defaults[name])  # every field has a plain-typed default
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else type(value) is expected
+        if not ok:
+            raise UserError(f"{cls.__name__}.{name}: expected {expected.__name__}, got {value!r}")
     return cls(**data)
 
 

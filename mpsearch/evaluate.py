@@ -20,7 +20,7 @@ from mpsearch.data import DataSplits
 from mpsearch.errors import UserError
 from mpsearch.metrics import correct_mask, paired_difference_ci, wilson_interval
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
-from mpsearch.quant import QuantizedModel
+from mpsearch.quant import QuantizedModel, quantizable_layers
 from mpsearch.zoo import Baseline
 
 __all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs"]
@@ -106,9 +106,13 @@ class Evaluator:
         for p in self.profiles:
             load_profile(p)  # fail on a bad profile name before any model runs
         self.batch_size = batch_size
-        self.qmodel = QuantizedModel(baseline.model, config=self.quant)
         info = data.info
         self.cost_table = count_costs(baseline.model, (info.in_chans, info.image_size, info.image_size))
+        # Quantize the layers that run, in execution order (the traced order), so "first" and
+        # "last" layer mean what they say for any architecture.
+        wrappable = set(quantizable_layers(baseline.model))
+        executed = [name for name in self.cost_table.names if name in wrappable]
+        self.qmodel = QuantizedModel(baseline.model, config=self.quant, layers=executed)
         self._fp32_masks: dict[tuple[str, int], torch.Tensor] = {}
         self._calibration_s: float | None = None
 
@@ -152,10 +156,15 @@ class Evaluator:
         return policy
 
     def _split(self, split: str, limit: int | None):
-        return self.data.split(split).subset(limit)
+        if limit is not None and limit < 1:
+            raise UserError(f"limit must be >= 1 image, got {limit}")
+        part = self.data.split(split).subset(limit)
+        if len(part) == 0:
+            raise UserError(f"the {split} split of {self.data.info.name} is empty; nothing to evaluate")
+        return part
 
     def fp32_mask(self, split: str = "val", limit: int | None = None, progress: bool = False) -> torch.Tensor:
-        key = (split, limit or -1)
+        key = (split, limit)
         if key not in self._fp32_masks:
             self._fp32_masks[key] = correct_mask(
                 self.baseline.model, self._split(split, limit), batch_size=self.batch_size,
@@ -163,7 +172,9 @@ class Evaluator:
             )
         return self._fp32_masks[key]
 
-    def quantized_mask(self, policy: Policy, split: str = "val", limit: int | None = None, progress: bool = False) -> torch.Tensor:
+    def quantized_mask(
+        self, policy: Policy, split: str = "val", limit: int | None = None, progress: bool = False
+    ) -> torch.Tensor:
         self.calibrate()
         self.qmodel.apply(policy)
         try:

@@ -58,15 +58,22 @@ def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> t
 
 
 def paired_difference_ci(a: torch.Tensor, b: torch.Tensor, z: float = 1.959963984540054) -> tuple[float, float, float]:
-    """Accuracy difference ``mean(b) - mean(a)`` on the same images, with a 95 % normal CI.
+    """Accuracy difference ``mean(b) - mean(a)`` on the same images, with a 95 % CI.
 
-    Pairing cancels the per-image difficulty both models share, so the interval reflects only
-    the images on which they disagree (McNemar's discordant pairs).
+    Pairing cancels the per-image difficulty both models share: only the discordant images
+    (right for one model, wrong for the other) carry information. The interval is Agresti and
+    Min's adjusted Wald interval (Biometrics 2005: half a pseudo-observation added to each cell of
+    the 2x2 table), which stays honest when no image disagrees, where the plain Wald interval
+    would collapse to a point.
     """
     if a.shape != b.shape or a.numel() == 0:
         raise ValueError("paired comparison needs two equally long, non-empty correctness masks")
     n = a.numel()
-    d = b.float() - a.float()
-    diff = float(d.mean())
-    half = z * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
-    return diff, diff - half, diff + half
+    only_a = int((a & ~b).sum())  # a right, b wrong
+    only_b = int((b & ~a).sum())
+    diff = (only_b - only_a) / n
+    n_adj, a_adj, b_adj = n + 2, only_a + 0.5, only_b + 0.5
+    d_adj = (b_adj - a_adj) / n_adj
+    var = ((a_adj + b_adj) / n_adj - d_adj**2) / n_adj
+    half = z * math.sqrt(max(var, 0.0))
+    return diff, max(-1.0, d_adj - half), min(1.0, d_adj + half)

@@ -174,7 +174,8 @@ class Policy:
         layers = data.get("layers")
         if not isinstance(layers, dict):
             raise UserError("policy.layers: required, an object mapping layer names to precisions")
-        provenance = data.get("provenance") or {}
+        provenance = data.get("provenance")
+        provenance = {} if provenance is None else provenance
         if not isinstance(provenance, dict):
             raise UserError("policy.provenance: must be an object")
         unknown = sorted(set(data) - {"format", "version", "model", "dataset", "checkpoint_sha256", "layers", "provenance"})
@@ -203,6 +204,8 @@ class Policy:
             text = path.read_text()
         except OSError as exc:
             raise UserError(f"policy file {path}: cannot read it ({exc.strerror}); check the path") from None
+        except UnicodeDecodeError:
+            raise UserError(f"policy file {path}: not a text (JSON) file; pass a policy JSON or a shorthand") from None
         try:
             return cls.from_json(text)
         except UserError as exc:
@@ -212,11 +215,14 @@ class Policy:
         """Write atomically: a reader never sees half a policy."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        try:
+            tmp.write_text(self.to_json())
+            tmp.replace(path)
+        except OSError as exc:
+            raise UserError(f"cannot write policy {path}: {exc.strerror}; choose a writable file path") from None
 
     def summary(self) -> str:
-        """A short human description, e.g. ``W4A4 (ends W8A8)`` or ``mixed W2-8 A4-8``."""
+        """The bit widths in use, e.g. ``W4-8 A4-8`` for w4a4 with 8-bit ends, ``fp32`` for none."""
         pairs = [(p.weight_bits, p.act_bits) for p in self.layers.values()]
         if not pairs:
             return "fp32"

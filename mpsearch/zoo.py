@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -30,8 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpsearch.config import TrainRecipe, config_key
-from mpsearch.data import DataSplits, DatasetInfo, Split
+from mpsearch.data import DatasetInfo, DataSplits, Split
 from mpsearch.errors import UserError
+from mpsearch.machine import describe_machine
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
 
@@ -59,7 +59,7 @@ def resolve_model_name(name: str) -> str:
 
 def _vit_patch_size(image_size: int) -> int:
     # 28 -> 4 (7x7 = 49 tokens), 32 -> 4 (8x8), 8 -> 2 (4x4), 64 -> 8 (8x8).
-    for patch in (8, 4, 2):
+    for patch in (2, 4, 8):
         if image_size % patch == 0 and image_size // patch >= 4 and (image_size // patch <= 8 or patch == 8):
             return patch
     return 1
@@ -209,7 +209,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path}: file not found; check --checkpoint") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of corrupt files come in many types
-        raise UserError(f"checkpoint {path}: not a readable PyTorch state dict ({type(exc).__name__}); re-export it with torch.save(model.state_dict(), path)") from None
+        raise UserError(
+            f"checkpoint {path}: not a readable PyTorch state dict ({type(exc).__name__}); "
+            "re-export it with torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -217,12 +220,28 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _read_sidecar(meta_path: Path) -> dict[str, Any]:
+    """Optional metadata next to a user checkpoint; unreadable metadata is an error, not ignored."""
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({type(exc).__name__}); fix or remove it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint metadata {meta_path} must be a JSON object; fix or remove it")
+    return meta
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"checkpoint {path} does not fit model {name!r} on this data set ({first[:160]}); pass the matching --model/--dataset") from None
+        raise UserError(
+            f"checkpoint {path} does not fit model {name!r} on this data set ({first[:160]}); "
+            "pass the matching --model/--dataset"
+        ) from None
 
 
 def get_baseline(
@@ -242,8 +261,7 @@ def get_baseline(
         path = Path(checkpoint)
         model = create_model(name, data.info)
         _load_into(model, load_state_dict_file(path), path, name)
-        meta_path = path.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = _read_sidecar(path.with_suffix(".json"))
         return Baseline(name, model.eval(), path, sha256_file(path), meta)
     if pretrained:
         model = create_model(name, data.info, pretrained=True)
@@ -284,7 +302,7 @@ def get_baseline(
         "train_images": len(data.train),
         "sha256": sha,
         "versions": _versions(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": describe_machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     tmp_meta = folder / ".meta.json.tmp"

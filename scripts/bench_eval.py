@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from _machine import describe_machine  # noqa: E402
-
-from mpsearch import Evaluator, LayerPrecision, Policy, get_baseline, load_dataset  # noqa: E402
-from mpsearch.metrics import correct_mask  # noqa: E402
+from mpsearch import Evaluator, LayerPrecision, Policy, get_baseline, load_dataset
+from mpsearch.machine import describe_machine
+from mpsearch.metrics import correct_mask
 
 
 def random_policy(ev: Evaluator, gen: torch.Generator) -> Policy:

@@ -9,15 +9,11 @@ quantized model, or computed by the cost model from the traced layer shapes.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import describe_machine  # noqa: E402
-
-from mpsearch import Evaluator, get_baseline, load_dataset  # noqa: E402
+from mpsearch import Evaluator, get_baseline, load_dataset
+from mpsearch.machine import describe_machine
 
 POLICIES = ("fp32", "w8a8", "w6a6", "w4a8", "w4a4", "w2a8")
 
@@ -51,7 +47,8 @@ def main() -> None:
         f"{args.model} on {args.dataset}, {args.split} split ({r.images} images); first and last layer at 8 bits "
         f"in every quantized policy; weights per-channel symmetric (min-max), activations per-tensor (MSE-calibrated "
         f"on {len(data.calibration)} training images).\n\n"
-        "| policy | accuracy (95% CI) | Δ vs FP32 (pp) | size (MiB) | GBOPs / image | energy µJ / image, horowitz45nm (saved) | energy saved, seed-lab4 |\n"
+        "| policy | accuracy (95% CI) | Δ vs FP32 (pp) | size (MiB) | GBOPs / image "
+        "| energy µJ / image, horowitz45nm (saved) | energy saved, seed-lab4 |\n"
         "|---|---|---|---|---|---|---|\n"
     )
     footer = f"\nMeasured by `python scripts/eval_table.py` in {time.perf_counter() - start:.0f} s on {describe_machine()}.\n"

@@ -33,7 +33,8 @@ def test_train_then_evaluate_json(cli_cache, tmp_path):
     assert meta["model"] == "test_resnet" and meta["recipe"]["epochs"] == 2 and len(meta["sha256"]) == 64
 
     policy_path = tmp_path / "p.json"
-    out = run("evaluate", *BASE, "--policy", "w4a4", "--split", "test", "--json", "--save-policy", str(policy_path), cache=cli_cache)
+    out = run("evaluate", *BASE, "--policy", "w4a4", "--split", "test", "--json", "--save-policy", str(policy_path),
+              cache=cli_cache)
     assert out.returncode == 0, out.stderr
     assert "training" not in out.stderr  # the cached baseline is reused
     result = json.loads(out.stdout)
@@ -62,7 +63,8 @@ def test_layers_and_profiles(cli_cache):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["evaluate", *BASE, "--policy", "w9a9"], "not a file or a shorthand"),
+        (["evaluate", *BASE, "--policy", "w9a9"], "bits must be an integer from 2 to 8"),
+        (["evaluate", *BASE, "--policy", "int4"], "not a file or a shorthand"),
         (["evaluate", "--model", "nosuchmodel", "--dataset", "digits", "--policy", "w8a8"], "unknown model"),
         (["evaluate", "--model", "test_resnet", "--dataset", "mnist-color", "--policy", "w8a8"], "unknown dataset"),
         (["evaluate", *BASE, "--policy", "w8a8", "--split", "train"], "invalid choice"),

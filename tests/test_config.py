@@ -24,3 +24,8 @@ def test_keys_change_with_settings_and_configs_reject_bad_values():
         TrainRecipe.from_dict({"epoch": 3})
     with pytest.raises(UserError, match="version"):
         QuantConfig.from_dict({"version": 2})
+    with pytest.raises(UserError, match="version"):
+        QuantConfig.from_dict({"version": True})
+    with pytest.raises(UserError, match=r"TrainRecipe.epochs: expected int, got '4'"):
+        TrainRecipe.from_dict({"epochs": "4"})
+    assert TrainRecipe.from_dict({"lr": 1}).lr == 1  # an int is a fine float

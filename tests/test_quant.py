@@ -78,7 +78,7 @@ def test_straight_through_estimator_passes_gradients_inside_the_range():
 
 def test_mse_observer_beats_minmax_at_low_bits_on_heavy_tails():
     g = torch.Generator().manual_seed(0)
-    values = torch.distributions.StudentT(2.0).sample((1, 20000)) if False else torch.randn(1, 20000, generator=g) ** 3
+    values = torch.randn(1, 20000, generator=g) ** 3  # heavy tails: a few large outliers
     errs = {}
     for name in ("minmax", "mse", "percentile"):
         lo, hi = get_observer(name)(values, 4, True, True)
@@ -133,6 +133,12 @@ def test_linear_input_after_relu_is_quantized_on_an_unsigned_grid():
     assert qm.wrappers["3"].act_qparams.qmin == 0 and qm.wrappers["3"].act_qparams.qmax == 15
     assert qm.wrappers["0"].act_qparams.qmin == 0  # asymmetric signed input: unsigned grid + zero point
     assert qm.wrappers["0"].act_qparams.zero_point.item() > 0
+    symmetric = Policy(model="m", dataset="d", layers={
+        name: LayerPrecision(8, 4, act_symmetric=True) for name in qm.layer_names})
+    qm.apply(symmetric)
+    assert (qm.wrappers["3"].act_qparams.qmin, qm.wrappers["3"].act_qparams.qmax) == (0, 15)  # post-ReLU: unsigned
+    assert (qm.wrappers["0"].act_qparams.qmin, qm.wrappers["0"].act_qparams.qmax) == (-8, 7)  # signed image input
+    assert qm.wrappers["0"].act_qparams.zero_point.item() == 0
 
 
 def test_switching_policies_reuses_cached_weights():
@@ -172,7 +178,7 @@ def test_eight_bit_per_channel_keeps_a_trained_tiny_model_within_half_a_point(fm
     ev = Evaluator(fmnist_baseline, fmnist_small, quant=QuantConfig())
     result = ev.evaluate(ev.resolve_policy("w8a8:all"), split="val")
     assert result.images == 5000
-    assert result.fp32_accuracy > 0.75  # a trained model, not chance
+    assert result.fp32_accuracy > 0.6  # a trained model, not chance (10 %)
     assert abs(result.drop) <= 0.005
     w2 = ev.evaluate(ev.resolve_policy("w2a8:all"), split="val", limit=1000)
     assert w2.accuracy < result.accuracy - 0.05  # and quantization is really applied

@@ -14,13 +14,14 @@ only the counted layers: norms, activations, softmax and residual adds are left 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from mpsearch.cost.counting import CostTable, LayerCost
 from mpsearch.errors import UserError

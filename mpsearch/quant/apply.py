@@ -143,6 +143,12 @@ class QuantizedModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    def clear_weight_cache(self) -> None:
+        """Forget quantized weights: call after the float weights change (e.g. after training)."""
+        self._weight_cache.clear()
+        if self.policy is not None:
+            self.apply(self.policy)
+
     def cache_sizes(self) -> dict[str, int]:
         return {"weights": len(self._weight_cache), "activations": len(self._act_cache)}
 

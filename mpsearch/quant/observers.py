@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from mpsearch.registry import Registry
 from mpsearch.quant.primitives import fake_quantize, qparams_from_range
+from mpsearch.registry import Registry
 
 __all__ = ["OBSERVERS", "register_observer", "get_observer", "ActivationStats", "Observer"]
 
@@ -66,16 +66,17 @@ def mse_observer(values: torch.Tensor, bits: int, signed: bool, symmetric: bool)
 class ActivationStats:
     """What the calibration pass keeps of one layer's input: exact min/max and a seeded sample.
 
-    The sample (at most ``max_samples`` values, drawn uniformly from every batch) lets observers
-    that need the distribution (percentile, MSE) work per bit width without re-running the model.
-    The exact extremes are kept so that min-max ranges are exact.
+    The sample (at most ``max_samples`` values, drawn uniformly over all values seen: each batch
+    contributes in proportion to its size) lets observers that need the distribution (percentile,
+    MSE) work per bit width without re-running the model. The exact extremes are kept so that
+    min-max ranges are exact.
     """
 
     def __init__(self, max_samples: int = 2**16, seed: int = 0) -> None:
         self.max_samples = max_samples
         self.lo = float("inf")
         self.hi = float("-inf")
-        self._chunks: list[torch.Tensor] = []
+        self._chunks: list[tuple[torch.Tensor, int]] = []  # (uniform draw from a batch, batch size)
         self._generator = torch.Generator().manual_seed(seed)
         self._values: torch.Tensor | None = None
 
@@ -85,7 +86,7 @@ class ActivationStats:
         self.hi = max(self.hi, float(x.max()))
         take = min(x.numel(), self.max_samples)
         idx = torch.randint(0, x.numel(), (take,), generator=self._generator)
-        self._chunks.append(x.cpu()[idx])
+        self._chunks.append((x.cpu()[idx], x.numel()))
         self._values = None
 
     @property
@@ -97,10 +98,12 @@ class ActivationStats:
         if self._values is None:
             if not self._chunks:
                 raise RuntimeError("activation statistics are empty: run calibration first")
-            sample = torch.cat(self._chunks)
-            if sample.numel() > self.max_samples:
-                keep = torch.randperm(sample.numel(), generator=self._generator)[: self.max_samples]
-                sample = sample[keep]
-            self._chunks = [sample]
+            total = sum(n for _, n in self._chunks)
+            parts = []
+            for draw, n in self._chunks:  # each batch's share of the sample matches its share of the data
+                take = min(draw.numel(), max(1, round(self.max_samples * n / total)))
+                parts.append(draw[:take])  # draws are already uniform, so a prefix is a uniform draw
+            sample = torch.cat(parts)
+            self._chunks = [(sample, total)]
             self._values = torch.cat([sample, torch.tensor([self.lo, self.hi])]).unsqueeze(0)
         return self._values

@@ -55,9 +55,9 @@ def qparams_from_range(
 ) -> QParams:
     """Scale and zero point that map the real range ``[lo, hi]`` onto the grid.
 
-    Symmetric quantizers have zero point 0: on a signed grid the scale covers ``max(|lo|, |hi|)``
-    with ``2^(b-1)-1`` positive levels (the most negative level is unused, so the grid stays
-    symmetric); on an unsigned grid (non-negative inputs, e.g. after ReLU) ``hi`` uses every level,
+    Symmetric quantizers have zero point 0: on a signed grid the scale maps ``max(|lo|, |hi|)``
+    to the largest positive level ``2^(b-1)-1`` (the extra negative level ``-2^(b-1)`` is reached
+    only by values clipped below ``-max``); on an unsigned grid (non-negative inputs, e.g. after ReLU) ``hi`` uses every level,
     which is the bit the research project wasted. Asymmetric quantizers spread ``[lo, hi]`` (widened
     to include 0, so that zero is exact) over the whole grid with a zero point.
     """
@@ -83,7 +83,9 @@ def qparams_from_range(
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize and dequantize ``x`` (differentiable through the straight-through estimator)."""
     if qp.axis is None:
-        return torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+        return torch.fake_quantize_per_tensor_affine(
+            x, qp.scale.to(x.device), qp.zero_point.to(x.device), qp.qmin, qp.qmax
+        )
     return torch.fake_quantize_per_channel_affine(
         x, qp.scale.to(x.device), qp.zero_point.to(x.device), qp.axis, qp.qmin, qp.qmax
     )

@@ -1,9 +1,11 @@
-"""One line naming the machine a figure was measured on (printed by every script)."""
+"""One line naming the machine a number was measured on (recorded with every measurement)."""
 
 from __future__ import annotations
 
 import os
 import platform
+
+__all__ = ["describe_machine"]
 
 
 def describe_machine() -> str:
