@@ -61,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("val", "test"), default="val",
                    help="val (default; searches use it) or test (final reports)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
-    e.add_argument("--calibration-size", type=int, default=512, help="calibration images drawn from train (default 512)")
-    e.add_argument("--weight-observer", default="minmax", help="weight range observer: minmax (default), percentile, mse")
-    e.add_argument("--act-observer", default="mse", help="activation range observer: mse (default), percentile, minmax")
+    # None = "from the policy's provenance if it has one, else the default" (so an exported
+    # policy is re-measured with the settings it was measured with).
+    e.add_argument("--calibration-size", type=int, default=None, help="calibration images drawn from train (default 512)")
+    e.add_argument("--weight-observer", default=None, help="weight range observer: minmax (default), percentile, mse")
+    e.add_argument("--act-observer", default=None, help="activation range observer: mse (default), percentile, minmax")
+    e.add_argument("--threads", type=int, default=None, help="torch threads (default: the policy's, else all cores)")
     e.add_argument("--profiles", default="horowitz45nm,seed-lab4", help="energy profiles (names or .toml paths), comma separated")
     e.add_argument("--save-policy", default=None, help="also write the resolved policy JSON here")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -75,6 +78,45 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
 
     sub.add_parser("profiles", help="list the energy profiles")
+
+    o = sub.add_parser("optimize", help="search per-layer bit widths: a measured accuracy-energy Pareto set")
+    _add_baseline_flags(o)
+    o.add_argument("--budget", type=int, default=200, help="number of real evaluations (trials), default 200")
+    o.add_argument("--algorithm", default="nsga2", help="nsga2 (pymoo, default), optuna-nsga2, optuna-tpe, random")
+    o.add_argument("--population", type=int, default=20, help="population / batch size per generation (default 20)")
+    o.add_argument("--space", default="", help="search space YAML path or name in search_spaces/ (default: by model family)")
+    o.add_argument("--objectives", default="accuracy,energy", help="accuracy plus any of energy, size, bops (default accuracy,energy)")
+    o.add_argument("--energy-profile", default="horowitz45nm", help="energy profile the search optimises (default horowitz45nm)")
+    o.add_argument("--eval-images", type=int, default=1000, help="validation images per trial (default 1000)")
+    o.add_argument("--workers", type=int, default=-1, help="Ray workers (default: one per core; 0 = in-process)")
+    o.add_argument("--threads", type=int, default=1, help="torch threads per worker (fixed so results do not depend on --workers)")
+    o.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    o.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///studies/<name>/study.db)")
+    o.add_argument("--name", default="", help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
+    o.add_argument("--out-root", default="studies", help="folder holding studies/<name>/ (default studies)")
+    o.add_argument("--sensitivity", default="hessian", help="estimator seeding the first population: hessian, empirical, none")
+    o.add_argument("--calibration-size", type=int, default=512)
+    o.add_argument("--weight-observer", default="minmax")
+    o.add_argument("--act-observer", default="mse")
+
+    x = sub.add_parser("export", help="pick one policy of a finished study and write it as JSON")
+    x.add_argument("--study", required=True, help="study name (a folder under --out-root)")
+    x.add_argument("--pick", default="knee",
+                   help='knee (default), max-accuracy, min-energy, trial:N, "energy<=X", "accuracy>=Y" (X relative to fp32)')
+    x.add_argument("-o", "--output", required=True, help="policy JSON to write")
+    x.add_argument("--out-root", default="studies")
+
+    d = sub.add_parser("dashboard", help="open optuna-dashboard on a study")
+    d.add_argument("--study", required=True)
+    d.add_argument("--out-root", default="studies")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+
+    s = sub.add_parser("sensitivity", help="per-layer sensitivity: table, CSV and bar chart")
+    _add_baseline_flags(s)
+    s.add_argument("--estimator", default="hessian", help="hessian (default) or empirical")
+    s.add_argument("--bits", default="2,3,4,5,6,8", help="weight bit widths to score")
+    s.add_argument("--out", default=None, help="folder for CSV and PNG (default studies/sensitivity-<model>)")
     return parser
 
 
@@ -133,10 +175,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     # Check every input before the (possibly long) baseline is loaded or trained.
     policy_arg: str | Policy = args.policy
+    provenance: dict = {}
     if Path(args.policy).is_file():
         policy_arg = Policy.load(args.policy)
+        provenance = policy_arg.provenance.get("quant", {}) if isinstance(policy_arg.provenance.get("quant"), dict) else {}
     else:
         parse_shorthand(args.policy)
+    args.calibration_size = args.calibration_size or int(provenance.get("calibration_size", 512))
+    args.weight_observer = args.weight_observer or str(provenance.get("weight_observer", "minmax"))
+    args.act_observer = args.act_observer or str(provenance.get("act_observer", "mse"))
+    threads = args.threads or provenance.get("torch_threads")
+    if threads is not None:
+        if int(threads) < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(int(threads))
     profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())
     if not profiles:
         raise UserError("--profiles is empty; name at least one energy profile (see `mpsearch profiles`)")
@@ -208,7 +262,93 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "layers": _cmd_layers, "profiles": _cmd_profiles}
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from mpsearch.config import StudyConfig
+    from mpsearch.study import optimize
+
+    if args.epochs or args.batch_size or args.lr:
+        raise UserError("optimize uses the default baseline recipe; train another with `mpsearch train --epochs ...` "
+                        "and pass its file with --checkpoint")
+    if args.pretrained:
+        raise UserError("optimize --pretrained is not supported yet; save the hub model and pass --checkpoint")
+    config = StudyConfig(
+        name=args.name, model=args.model, dataset=args.dataset, data_dir=args.data_dir, checkpoint=args.checkpoint,
+        seed=args.seed, budget=args.budget, algorithm=args.algorithm, population_size=args.population, space=args.space,
+        objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), energy_profile=args.energy_profile,
+        eval_images=args.eval_images, workers=args.workers, torch_threads=args.threads, ray_address=args.ray_address,
+        storage=args.storage, calibration_size=args.calibration_size, weight_observer=args.weight_observer,
+        act_observer=args.act_observer, sensitivity=args.sensitivity, out_root=args.out_root,
+    )
+    result = optimize(config, progress=not args.no_progress, log=_log)
+    print(f"study {result.name}: {len(result.trials)} trials, {len(result.pareto)} Pareto points, "
+          f"hypervolume {result.hypervolume:.4f}, {result.wall_s / 60:.1f} min -> {result.out_dir}")
+    cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "rel_energy_" + args.energy_profile) if c in result.pareto]
+    print(result.pareto[cols].to_string(index=False))
+    return 0
+
+
+def _study_folder(args: argparse.Namespace):
+    from pathlib import Path
+
+    folder = Path(args.out_root) / args.study
+    if not (folder / "config.yaml").is_file():
+        raise UserError(f"no finished study {args.study!r} in {folder}; run `mpsearch optimize --name {args.study}` first "
+                        "or pass --out-root")
+    return folder
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mpsearch.export import pick_policy
+
+    policy, why = pick_policy(_study_folder(args), args.pick)
+    policy.save(args.output)
+    _log(f"{why} -> {args.output}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import yaml
+
+    folder = _study_folder(args)
+    storage = yaml.safe_load((folder / "config.yaml").read_text())["storage"]
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise UserError("optuna-dashboard is not installed; pip install optuna-dashboard") from None
+    _log(f"optuna-dashboard on http://{args.host}:{args.port} for {storage} (Ctrl-C to stop)")
+    run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpsearch.config import QuantConfig
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, sensitivity_table, write_sensitivity
+
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+    except ValueError:
+        raise UserError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
+    config = SensitivityConfig(estimator=args.estimator, bits=bits, seed=args.seed)
+    data, baseline = _baseline(args)
+    ev = Evaluator(baseline, data, quant=QuantConfig(seed=args.seed))
+    ev.calibrate()
+    df = compute_sensitivity(baseline.model, ev.layer_names, data.calibration, config, quant=ev.quant,
+                             checkpoint_sha256=baseline.sha256, qmodel=ev.qmodel, progress=not args.no_progress)
+    out = Path(args.out or f"studies/sensitivity-{args.model}-{args.estimator}")
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_sensitivity(df, out, f"{args.model} on {data.info.name}: {args.estimator} sensitivity")
+    print(sensitivity_table(df).to_string(float_format=lambda v: f"{v:.3g}"))
+    _log("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train, "evaluate": _cmd_evaluate, "layers": _cmd_layers, "profiles": _cmd_profiles,
+    "optimize": _cmd_optimize, "export": _cmd_export, "dashboard": _cmd_dashboard, "sensitivity": _cmd_sensitivity,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -201,7 +201,7 @@ class Evaluator:
         fp32_acc = drop = drop_ci = None
         if compare_fp32:
             ref = self.fp32_mask(split, limit, progress)
-            fp32_acc = float(ref.float().mean())
+            fp32_acc = int(ref.sum()) / ref.numel()  # exact, like the quantized accuracy
             drop, lo, hi = paired_difference_ci(ref, mask)
             drop_ci = (lo, hi)
         return EvaluationResult(

@@ -283,8 +283,8 @@ def get_baseline(
     start = time.perf_counter()
     train_model(model, data.train, data.info, recipe, seed=seed, progress=progress)
     wall = time.perf_counter() - start
-    val_acc = float(correct_mask(model, data.val).float().mean())
-    test_acc = float(correct_mask(model, data.test).float().mean())
+    val_mask, test_mask = correct_mask(model, data.val), correct_mask(model, data.test)
+    val_acc, test_acc = int(val_mask.sum()) / len(val_mask), int(test_mask.sum()) / len(test_mask)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.pt.tmp"
     torch.save(model.state_dict(), tmp)

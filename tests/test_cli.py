@@ -100,3 +100,50 @@ def test_import_is_lean():
     code = "import sys, mpsearch; print('torch' in sys.modules, mpsearch.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "False"
+
+
+def test_optimize_export_evaluate_and_dashboard(cli_cache, tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    meta = json.loads(run("train", *BASE, "--json", cache=cli_cache).stdout)
+    common = ["--model", "test_resnet", "--dataset", "digits", "--checkpoint", meta["checkpoint"], "--no-progress"]
+    out = run("optimize", *common, "--budget", "8", "--population", "4", "--eval-images", "100", "--workers", "0",
+              "--sensitivity", "none", "--out-root", str(tmp_path), "--name", "cli", cache=cli_cache)
+    assert out.returncode == 0, out.stderr
+    assert "8 trials" in out.stdout and "Pareto points" in out.stdout
+    policy_path = tmp_path / "picked.json"
+    exp = run("export", "--study", "cli", "--out-root", str(tmp_path), "--pick", "max-accuracy", "-o", str(policy_path),
+              cache=cli_cache)
+    assert exp.returncode == 0, exp.stderr
+    stored = json.loads(policy_path.read_text())["provenance"]["metrics"]
+    ev = run("evaluate", *common, "--policy", str(policy_path), "--json", cache=cli_cache)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["accuracy"] == stored["val_accuracy"]  # reproduced exactly
+    missing = run("export", "--study", "nope", "--out-root", str(tmp_path), "-o", str(policy_path), cache=cli_cache)
+    assert missing.returncode == 2 and "no finished study 'nope'" in missing.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mpsearch.cli"]
+    server = subprocess.Popen(cmd + ["dashboard", "--study", "cli", "--out-root", str(tmp_path), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = None
+        for _ in range(60):
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and '"cli"' in body
+        summary = json.loads(body)["study_summaries"][0]
+        detail = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=5).read().decode())
+        assert len(detail["trials"]) == 8
+        assert detail["objective_names"] == ["accuracy", "energy"]  # what the dashboard labels its axes with
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,0 +1,122 @@
+"""Tables and plots of a study: the measured front (PNG + interactive HTML) and report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpsearch.config import StudyConfig
+
+__all__ = ["plot_front", "write_report"]
+
+
+def _energy_col(config: StudyConfig) -> str:
+    return "value_energy" if "energy" in config.objectives else f"value_{config.objectives[1]}"
+
+
+def plot_front(trials, pareto, config: StudyConfig, out: Path, *, uniform_trials: dict[tuple[int, ...], str]) -> None:
+    """front.png (matplotlib) and front.html (plotly): every trial, the front, the uniform policies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = trials[trials["state"] == "COMPLETE"]
+    x_col = _energy_col(config)
+    x_label = f"{config.objectives[1]} relative to fp32" + (f" ({config.energy_profile})" if config.objectives[1] == "energy" else "")
+    uniform = ok[ok["attr_method"].astype(str).str.startswith("uniform")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter(ok[x_col], 100 * ok["value_accuracy"], s=10, c="#bbbbbb", label=f"trials ({len(ok)}, val subset)")
+    if len(pareto):
+        xcol = f"rel_{config.objectives[1]}" if config.objectives[1] != "energy" else f"rel_energy_{config.energy_profile}"
+        px = pareto[xcol] if xcol in pareto else pareto.iloc[:, -2]
+        ax.errorbar(px, 100 * pareto["test_accuracy"],
+                    yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
+                    fmt="o-", color="#d62728", ms=4, capsize=2, label="Pareto set, test split (95% CI)")
+    for _, row in uniform.iterrows():
+        ax.scatter(row[x_col], 100 * row["value_accuracy"], marker="s", s=40, edgecolor="black", facecolor="#1f77b4", zorder=5)
+        ax.annotate(str(row["attr_method"]).split(":")[1].upper(), (row[x_col], 100 * row["value_accuracy"]),
+                    textcoords="offset points", xytext=(4, -10), fontsize=7)
+    if len(uniform):
+        ax.scatter([], [], marker="s", s=40, edgecolor="black", facecolor="#1f77b4", label="uniform policies (val subset)")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{config.model} on {config.dataset}: {config.algorithm}, budget {config.budget}, seed {config.seed}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = out / ".front.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out / "front.png")
+
+    import plotly.graph_objects as go
+
+    fig2 = go.Figure()
+    fig2.add_trace(go.Scatter(x=ok[x_col], y=100 * ok["value_accuracy"], mode="markers", name="trials (val subset)",
+                              marker={"color": "#aaaaaa", "size": 5},
+                              text=[f"trial {t}: {p}" for t, p in zip(ok["trial"], ok["attr_policy"])]))
+    if len(pareto):
+        fig2.add_trace(go.Scatter(x=px, y=100 * pareto["test_accuracy"], mode="lines+markers", name="Pareto set (test)",
+                                  text=[f"trial {t}: {p}" for t, p in zip(pareto["trial"], pareto["policy"])],
+                                  error_y={"type": "data", "symmetric": False,
+                                           "array": 100 * (pareto["test_ci_high"] - pareto["test_accuracy"]),
+                                           "arrayminus": 100 * (pareto["test_accuracy"] - pareto["test_ci_low"])}))
+    if len(uniform):
+        fig2.add_trace(go.Scatter(x=uniform[x_col], y=100 * uniform["value_accuracy"], mode="markers+text", name="uniform",
+                                  text=[str(m).split(":")[1].upper() for m in uniform["attr_method"]],
+                                  textposition="bottom right", marker={"symbol": "square", "size": 9}))
+    fig2.update_layout(title=f"{config.model} on {config.dataset}", xaxis_title=x_label, yaxis_title="top-1 accuracy (%)")
+    tmp = out / ".front.html.tmp"
+    fig2.write_html(tmp, include_plotlyjs="inline")
+    tmp.replace(out / "front.html")
+
+
+def _markdown_table(df, columns: list[str], formats: dict[str, str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in df.iterrows():
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            cells.append(format(v, formats[c]) if c in formats and isinstance(v, (int, float, np.floating)) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume: float, ref_point: list[float],
+                 wall_s: float, search_s: float, machine: str, versions: dict[str, str], workers: int, storage: str,
+                 baseline: dict[str, Any], platform_: str) -> None:
+    ok = trials[trials["state"] == "COMPLETE"]
+    failed = int((trials["state"] == "FAIL").sum())
+    energy_col = f"rel_energy_{config.energy_profile}"
+    cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_drop_pp", "val_accuracy",
+            energy_col, "rel_size", "rel_bops"]
+    fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_drop_pp": "+.2f",
+           "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f"}
+    lines = [
+        f"# Study {config.study_name}",
+        "",
+        f"- model **{config.model}** on **{config.dataset}**; baseline test accuracy "
+        f"{baseline.get('test_accuracy', float('nan')):.4f}",
+        f"- algorithm **{config.algorithm}**, budget {config.budget} evaluations ({len(ok)} measured, {failed} failed), "
+        f"population {config.population_size}, seed {config.seed}",
+        f"- objectives: {', '.join(config.objectives)} (energy profile {config.energy_profile}); each trial measured on the "
+        f"first {config.eval_images} validation images; the Pareto set re-measured on the full validation and test splits",
+        f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point {ref_point}): "
+        f"**{hypervolume:.4f}**",
+        f"- wall time {wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
+        f"{config.torch_threads} torch thread(s); machine: {machine}; {platform_}",
+        f"- storage: `{storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        "## Pareto set (test split, 95% Wilson CI; drop vs fp32 paired on the same images)",
+        "",
+        _markdown_table(pareto, [c for c in cols if c in pareto.columns], fmt),
+        "",
+        "Files: `trials.csv` / `trials.parquet` (every trial), `pareto.csv`, `policies/trial-NNNN.json`, "
+        "`front.png`, `front.html`, `config.yaml`.",
+    ]
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "report.md")

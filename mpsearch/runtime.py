@@ -1,0 +1,218 @@
+"""Executors: evaluate batches of policies, in this process or on a pool of Ray actors.
+
+Both executors take the same :class:`WorkerSpec` (how a worker builds its :class:`Evaluator`:
+model, data, checkpoint, quantization settings, torch threads) and return results **in task
+order**, whatever order workers finish in, so the search driver tells its algorithm the same
+thing for any number of workers. Every worker runs torch with ``spec.torch_threads`` threads:
+the floating-point reduction order, hence every measured number, does not depend on how many
+workers there are.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpsearch.config import QuantConfig
+from mpsearch.errors import UserError
+
+__all__ = [
+    "WorkerSpec", "EvalTask", "EvalOutcome", "Executor", "InProcessExecutor", "RayExecutor", "create_executor", "default_workers",
+]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to rebuild the evaluator (plain data: it crosses processes)."""
+
+    model: str
+    dataset: str
+    checkpoint: str  # path of the fp32 state dict (the driver trains/caches it first)
+    data_dir: str | None = None
+    calibration_size: int = 512
+    seed: int = 0
+    quant: dict[str, Any] = field(default_factory=lambda: QuantConfig().to_dict())
+    profiles: tuple[str, ...] = ("horowitz45nm", "seed-lab4")
+    torch_threads: int = 1
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    index: int  # position in the batch (and trial order)
+    policy: dict[str, Any]  # Policy.to_dict()
+    split: str = "val"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    index: int
+    correct: int
+    images: int
+    metrics: dict[str, float]  # accuracy, size/bops/energy (absolute and relative to fp32)
+    wall_s: float
+    error: str | None = None  # set when the policy could not be measured (e.g. NaN outputs)
+    worker: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def build_evaluator(spec: WorkerSpec):
+    """The evaluator a worker holds: data, baseline from the checkpoint, calibrated quantizers."""
+    import torch
+
+    from mpsearch.data import load_dataset
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.zoo import get_baseline
+
+    torch.set_num_threads(spec.torch_threads)
+    data = load_dataset(spec.dataset, data_dir=spec.data_dir, calibration_size=spec.calibration_size,
+                        calibration_seed=spec.seed)
+    baseline = get_baseline(spec.model, data, checkpoint=spec.checkpoint, log=lambda m: None)
+    evaluator = Evaluator(baseline, data, quant=QuantConfig.from_dict(dict(spec.quant)), profiles=spec.profiles,
+                          batch_size=spec.batch_size)
+    evaluator.calibrate()
+    return evaluator
+
+
+def run_task(evaluator, task: EvalTask, worker: str = "") -> EvalOutcome:
+    """Measure one policy; a failure of the policy (not of the code) becomes ``error``."""
+    from mpsearch.policy import Policy
+
+    start = time.perf_counter()
+    policy = Policy.from_dict(task.policy)
+    try:
+        result = evaluator.evaluate(policy, split=task.split, limit=task.limit, compare_fp32=False)
+    except UserError as exc:  # e.g. NaN/inf outputs at very low bit widths
+        return EvalOutcome(task.index, 0, 0, {}, time.perf_counter() - start, error=str(exc), worker=worker)
+    costs = result.costs
+    metrics = {"accuracy": result.accuracy, "size_bytes": costs.size_bytes, "bops": costs.bops}
+    metrics.update({f"energy:{k}": v for k, v in costs.energy.items()})
+    relative = costs.relative()
+    metrics.update({f"rel_{k}": v for k, v in relative.items()})
+    metrics["rel_energy"] = relative[f"energy:{evaluator.profiles[0]}"]  # the profile the search optimises
+    return EvalOutcome(task.index, result.correct, result.images, metrics, time.perf_counter() - start, worker=worker)
+
+
+class Executor(ABC):
+    """Evaluates batches of tasks; ``map`` returns outcomes in task order."""
+
+    workers: int
+
+    @abstractmethod
+    def map(self, tasks: list[EvalTask]) -> list[EvalOutcome]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InProcessExecutor(Executor):
+    """Runs every task here, one after the other (``--workers 0``: for debugging and tests)."""
+
+    def __init__(self, spec: WorkerSpec, evaluator=None) -> None:
+        import torch
+
+        self.workers = 0
+        self._previous_threads = torch.get_num_threads()
+        self.evaluator = evaluator if evaluator is not None else build_evaluator(spec)
+        torch.set_num_threads(spec.torch_threads)
+
+    def map(self, tasks: list[EvalTask]) -> list[EvalOutcome]:
+        return [run_task(self.evaluator, t, "local") for t in tasks]
+
+    def close(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._previous_threads)
+
+
+class RayExecutor(Executor):
+    """A pool of Ray actors, each holding its own evaluator (model, data, weight cache)."""
+
+    def __init__(self, spec: WorkerSpec, workers: int, *, address: str | None = None) -> None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+        from ray.util import ActorPool
+
+        if workers < 1:
+            raise UserError(f"--workers must be >= 1 for Ray (0 runs in-process), got {workers}")
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            try:
+                if address:
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=workers * spec.torch_threads, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as exc:
+                raise UserError(f"cannot join the Ray cluster at {address!r} ({exc}); check --ray-address") from None
+        import torch
+
+        gpus = 1 if torch.cuda.is_available() and not address else 0
+        actor_cls = ray.remote(num_cpus=spec.torch_threads, num_gpus=gpus)(_EvalActor)
+        self.actors = [actor_cls.remote(spec, f"worker-{i}") for i in range(workers)]
+        ray.get([a.ready.remote() for a in self.actors])  # surface start-up errors here, once
+        self.pool = ActorPool(self.actors)
+        self.workers = workers
+
+    def map(self, tasks: list[EvalTask]) -> list[EvalOutcome]:
+        outcomes = list(self.pool.map(lambda actor, task: actor.run.remote(task), tasks))  # ordered
+        return sorted(outcomes, key=lambda o: o.index)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+        if getattr(self, "_owns_ray", False) and ray.is_initialized():
+            ray.shutdown()
+
+
+class _EvalActor:
+    """Body of a Ray actor: builds the evaluator once, then measures tasks."""
+
+    def __init__(self, spec: WorkerSpec, name: str) -> None:
+        self.name = name
+        try:
+            self.evaluator = build_evaluator(spec)
+            self.error = None
+        except Exception as exc:  # noqa: BLE001 - reported by ready()
+            self.evaluator = None
+            self.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+
+    def ready(self) -> str:
+        if self.error:
+            raise RuntimeError(f"{self.name} could not start: {self.error}")
+        return self.name
+
+    def run(self, task: EvalTask) -> EvalOutcome:
+        return run_task(self.evaluator, task, self.name)
+
+
+def create_executor(spec: WorkerSpec, workers: int, *, address: str | None = None, evaluator=None) -> Executor:
+    """``workers == 0``: in this process; otherwise a Ray actor pool of that size."""
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    if workers == 0:
+        return InProcessExecutor(spec, evaluator)
+    return RayExecutor(spec, workers, address=address)
+
+
+def default_workers(torch_threads: int = 1) -> int:
+    """As many workers as the machine has cores for at ``torch_threads`` each."""
+    return max(1, (os.cpu_count() or 1) // max(1, torch_threads))
+
+

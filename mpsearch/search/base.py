@@ -1,0 +1,207 @@
+"""The contract every search algorithm keeps: batch ask/tell over a bound space's integer vectors.
+
+The study driver owns evaluation (serial or on Ray) and the persistent record; an algorithm only
+proposes. The driver calls :meth:`SearchAlgorithm.setup` once, then repeatedly :meth:`~SearchAlgorithm.ask`
+for a batch, evaluates it and :meth:`~SearchAlgorithm.tell` s the results in the same order. All
+objectives are minimized (the driver negates accuracy); a row of ``inf`` (or any non-finite value)
+marks a failed evaluation. Given the seed and the told results, every algorithm is deterministic,
+so a study resumes by replaying its record.
+
+New algorithms subclass :class:`SearchAlgorithm`, implement ``_setup``/``_ask``/``_tell`` and
+register with :func:`register_algorithm`; the shared contract test then covers them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar, TypeVar
+
+import numpy as np
+
+from mpsearch.registry import Registry
+from mpsearch.search.space import BoundSpace
+
+__all__ = [
+    "SearchAlgorithm",
+    "ALGORITHMS",
+    "register_algorithm",
+    "create_algorithm",
+    "initial_batch",
+    "random_vectors",
+    "fill",
+]
+
+A = TypeVar("A", bound="type[SearchAlgorithm]")
+
+
+class SearchAlgorithm(ABC):
+    """Proposes batches of integer vectors (indices into each gene's choices) and learns from results.
+
+    Called by the study driver: :meth:`setup` once, then repeatedly :meth:`ask` a batch, evaluate
+    it, :meth:`tell` its results in the same order. Every batch holds exactly ``population_size``
+    vectors (so a driver's loop always advances; a batch repeats points only where the space has
+    too few distinct ones); the first holds the ``initial`` vectors (duplicates dropped, order
+    kept) followed by the algorithm's own start.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._space: BoundSpace | None = None
+        self._pending: list[np.ndarray] | None = None
+        self.n_batches = 0  # batches told so far
+
+    @property
+    def space(self) -> BoundSpace:
+        if self._space is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before ask()/tell()")
+        return self._space
+
+    def setup(
+        self,
+        space: BoundSpace,
+        *,
+        n_objectives: int,
+        seed: int,
+        initial: Sequence[np.ndarray] = (),
+        population_size: int = 20,
+    ) -> None:
+        """Start a fresh search over ``space``; ``initial`` vectors (uniform, sensitivity-guided) come first."""
+        if isinstance(n_objectives, bool) or not isinstance(n_objectives, int) or n_objectives < 1:
+            raise ValueError(f"n_objectives must be a positive integer, got {n_objectives!r}")
+        if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+            raise ValueError(f"population_size must be an integer >= 2 (NSGA-II breeds pairs), got {population_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        unique = _unique_rows(space.validate(x) for x in initial)
+        if len(unique) > population_size:
+            raise ValueError(
+                f"{len(unique)} distinct initial vectors do not fit the first batch of population_size={population_size}; "
+                "raise population_size or pass fewer"
+            )
+        self._space = space
+        self.n_objectives = n_objectives
+        self.seed = int(seed)
+        self.population_size = population_size
+        self._pending = None
+        self.n_batches = 0
+        self._setup(unique)
+
+    def ask(self) -> list[np.ndarray]:
+        """The next batch of int64 vectors within ``[xl, xu]``; tell its results before asking again."""
+        space = self.space
+        if self._pending is not None:
+            raise RuntimeError(f"{type(self).__name__}: tell() the results of the last batch before asking again")
+        xs = self._ask()
+        if len(xs) != self.population_size:
+            raise RuntimeError(f"{type(self).__name__} proposed {len(xs)} vectors, not population_size={self.population_size}")
+        batch = []
+        for x in xs:
+            try:
+                batch.append(space.validate(x))
+            except ValueError as exc:  # the algorithm's bug, not the user's
+                raise RuntimeError(f"{type(self).__name__} proposed an invalid vector: {exc}") from None
+        self._pending = [x.copy() for x in batch]
+        return batch
+
+    def tell(self, xs: Sequence[np.ndarray], objectives: np.ndarray) -> None:
+        """Results of the last batch, in its order: ``objectives`` has shape ``(len(xs), n_objectives)``."""
+        if self._pending is None:
+            raise RuntimeError(f"{type(self).__name__}: tell() without a pending batch; ask() first")
+        if len(xs) != len(self._pending) or any(not np.array_equal(a, b) for a, b in zip(xs, self._pending)):
+            raise ValueError("tell() must receive the vectors of the last ask(), in the same order")
+        F = np.array(objectives, dtype=float)
+        if F.shape != (len(xs), self.n_objectives):
+            raise ValueError(f"objectives must have shape ({len(xs)}, {self.n_objectives}), got {np.shape(objectives)}")
+        failed = ~np.isfinite(F).all(axis=1)
+        F[failed] = np.inf  # one meaning for a failed evaluation, whatever the driver wrote (nan, one inf ...)
+        self._tell(self._pending, F, failed)
+        self._pending = None
+        self.n_batches += 1
+
+    @abstractmethod
+    def _setup(self, initial: list[np.ndarray]) -> None:
+        """Build the algorithm's state; ``initial`` is validated and de-duplicated."""
+
+    @abstractmethod
+    def _ask(self) -> list[np.ndarray]:
+        """The next batch."""
+
+    @abstractmethod
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+        """Results of the batch; failed rows are all ``inf`` and flagged in ``failed``."""
+
+
+ALGORITHMS: Registry[type[SearchAlgorithm]] = Registry("search algorithm")
+
+
+def register_algorithm(name: str) -> Callable[[A], A]:
+    """Class decorator: register under ``name`` (a duplicate is an error) and set ``cls.name``."""
+
+    def decorate(cls: A) -> A:
+        cls.name = name
+        return ALGORITHMS.register(name)(cls)
+
+    return decorate
+
+
+def create_algorithm(name: str) -> SearchAlgorithm:
+    """A fresh, not yet set up, algorithm by registered name; an unknown name lists the known ones."""
+    return ALGORITHMS.get(name)()
+
+
+def _unique_rows(rows: Iterable[np.ndarray]) -> list[np.ndarray]:
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for x in rows:
+        key = tuple(int(v) for v in x)
+        if key not in seen:
+            seen.add(key)
+            out.append(np.asarray(x, dtype=np.int64))
+    return out
+
+
+def random_vectors(space: BoundSpace, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` uniform random vectors, shape ``(n, n_var)``."""
+    return rng.integers(space.xl, space.xu + 1, size=(n, space.n_var), dtype=np.int64)
+
+
+def initial_batch(
+    space: BoundSpace,
+    initial: Sequence[np.ndarray],
+    size: int,
+    rng: np.random.Generator,
+    *,
+    exclude: Iterable[np.ndarray] = (),
+) -> np.ndarray:
+    """``initial`` (distinct, in order) topped up to ``size`` with distinct random vectors not in ``exclude``.
+
+    Fewer than ``size`` rows only when the space has fewer distinct points left; :func:`fill`
+    completes such a batch.
+    """
+    seen = {tuple(int(v) for v in x) for x in exclude}
+    rows = []
+    for x in initial:
+        key = tuple(int(v) for v in x)
+        if key not in seen:
+            seen.add(key)
+            rows.append(np.asarray(x, dtype=np.int64))
+    room = space.size - len(seen)
+    for _ in range(100):  # a few rounds suffice unless the space is nearly exhausted
+        if len(rows) >= size or room <= 0:
+            break
+        for x in random_vectors(space, 2 * (size - len(rows)), rng):
+            key = tuple(int(v) for v in x)
+            if key not in seen and len(rows) < size:
+                seen.add(key)
+                rows.append(x)
+                room -= 1
+    return np.array(rows, dtype=np.int64).reshape(len(rows), space.n_var)
+
+
+def fill(rows: np.ndarray, size: int, space: BoundSpace, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` completed to ``size`` with random vectors, repeats allowed (a space smaller than a batch)."""
+    if len(rows) >= size:
+        return rows
+    return np.concatenate([rows.reshape(len(rows), space.n_var), random_vectors(space, size - len(rows), rng)])

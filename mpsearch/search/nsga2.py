@@ -1,0 +1,99 @@
+"""NSGA-II (Deb et al., "A fast and elitist multiobjective genetic algorithm: NSGA-II", IEEE TEC 2002) from pymoo.
+
+pymoo 0.6.2 driven through its ask/tell interface over integer gene indices, with the integer
+operators its documentation recommends: IntegerRandomSampling-like start, SBX crossover and
+polynomial mutation on floats rounded back to integers, duplicates eliminated. Because the
+indices follow the bit order, SBX and PM make small steps in bit width more likely than big ones.
+
+pymoo never evaluates anything here: the problem only carries bounds, and its ``_evaluate``
+raises. A failed evaluation (an ``inf`` row) is told as infeasible (one inequality constraint
+violated) so that survival ranks it below every measured point without inventing objective values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, register_algorithm
+
+__all__ = ["PymooNSGA2"]
+
+
+def _problem(n_var: int, n_obj: int, xl: np.ndarray, xu: np.ndarray) -> Any:
+    from pymoo.core.problem import Problem
+
+    class _IndexProblem(Problem):
+        """Bounds only; objectives come from the study driver through tell()."""
+
+        def _evaluate(self, x: Any, out: Any, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("pymoo tried to evaluate the search problem; results must come through tell()")
+
+    # n_ieq_constr=1: "evaluation failed" is the one constraint (see the module docstring).
+    return _IndexProblem(n_var=n_var, n_obj=n_obj, n_ieq_constr=1, xl=xl, xu=xu, vtype=int)
+
+
+@register_algorithm("nsga2")
+class PymooNSGA2(SearchAlgorithm):
+    """NSGA-II (Deb et al. 2002), pymoo's implementation: one batch = one generation of offspring.
+
+    The first batch is the initial population: the given vectors, then distinct random ones
+    (seeded) up to ``population_size``. Later batches are ``population_size`` offspring, distinct
+    from each other and from the surviving population (a point discarded earlier may come back:
+    the driver's cache answers it); if duplicate elimination leaves fewer (a small or converged
+    space), the batch is topped up with distinct random vectors, and with repeats only when the
+    space has no distinct point left.
+    """
+
+    def _setup(self, initial: list[np.ndarray]) -> None:
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.termination import NoTermination
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+
+        space = self.space
+        # The start is an explicit array (pymoo accepts one as `sampling`) so the initial vectors
+        # lead; the top-up is seeded from `seed` like everything else (np.random.seed is ignored).
+        start = initial_batch(space, initial, self.population_size, np.random.default_rng(self.seed))
+        self._algorithm = NSGA2(
+            pop_size=self.population_size,
+            sampling=start,
+            crossover=SBX(vtype=float, repair=RoundingRepair()),
+            mutation=PM(vtype=float, repair=RoundingRepair()),
+            eliminate_duplicates=True,
+        )
+        problem = _problem(space.n_var, self.n_objectives, space.xl.astype(float), space.xu.astype(float))
+        # NSGA2.__init__ installs a default termination; the driver decides when to stop, so never.
+        self._algorithm.setup(problem, seed=self.seed, termination=NoTermination(), verbose=False)
+        self._batch: Any = None
+
+    def _ask(self) -> list[np.ndarray]:
+        from pymoo.core.population import Population
+
+        algorithm = self._algorithm
+        pop = algorithm.ask()
+        if pop is None:  # mating produced no new vector at all; pymoo flags termination, we go on
+            algorithm.termination.force_termination = False
+            pop = Population.empty()
+        X = np.array([np.asarray(ind.X).round() for ind in pop], dtype=np.int64).reshape(len(pop), self.space.n_var)
+        X = np.clip(X, self.space.xl, self.space.xu)  # SBX/PM respect bounds; clip guards against rounding drift
+        if len(X) < self.population_size:
+            current = list(X) + ([np.asarray(ind.X, dtype=np.int64) for ind in algorithm.pop] if algorithm.is_initialized else [])
+            extra = initial_batch(self.space, [], self.population_size - len(X), algorithm.random_state, exclude=current)
+            extra = fill(extra, self.population_size - len(X), self.space, algorithm.random_state)
+            pop = Population.merge(pop, Population.new(X=extra))
+            X = np.concatenate([X, extra])
+        pop.set("X", X)
+        self._batch = pop
+        return list(X)
+
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+        pop = self._batch
+        violation = failed.astype(float)[:, None]
+        pop.set("F", F)
+        pop.set("G", violation)
+        pop.set("CV", violation)  # set explicitly: pymoo caches CV once computed
+        self._algorithm.tell(infills=pop)
+        self._batch = None

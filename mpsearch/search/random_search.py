@@ -1,0 +1,32 @@
+"""Random search: the baseline every other algorithm must beat at the same budget."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, random_vectors, register_algorithm
+
+__all__ = ["RandomSearch"]
+
+
+@register_algorithm("random")
+class RandomSearch(SearchAlgorithm):
+    """Uniform random vectors from a seeded ``numpy`` Generator; results are ignored.
+
+    The first batch is the initial vectors topped up with distinct random ones; later batches
+    are ``population_size`` independent draws (a repeat of an earlier point is possible and the
+    driver's cache answers it).
+    """
+
+    def _setup(self, initial: list[np.ndarray]) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._initial = initial
+
+    def _ask(self) -> list[np.ndarray]:
+        if self.n_batches == 0:
+            start = initial_batch(self.space, self._initial, self.population_size, self._rng)
+            return list(fill(start, self.population_size, self.space, self._rng))
+        return list(random_vectors(self.space, self.population_size, self._rng))
+
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+        pass  # random search does not learn

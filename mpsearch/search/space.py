@@ -1,0 +1,481 @@
+"""Search spaces: which bit widths the search may give which layer, as versioned YAML data.
+
+A space (``search_spaces/<name>.yaml``) lists the weight and activation widths to choose from,
+which layers are searched, which are pinned and which share one width::
+
+    version: 1
+    description: ResNet-18 default space
+    weight_bits: [2, 3, 4, 5, 6, 8]
+    act_bits: [4, 5, 6, 8]
+    layers: all                      # or a list of names / "re:<regex>" patterns
+    pinned:                          # held fixed; "first"/"last" = first/last layer run
+      first: {weight_bits: 8, act_bits: 8}
+      last: {weight_bits: 8, act_bits: 8}
+    groups:                          # each entry: layers sharing one weight and one act width
+      - "re:layer1\\\\..*"
+
+A layer pattern is an exact fully qualified name, ``re:<regex>`` (matched against the whole
+name, as :func:`re.fullmatch`) or one of the keywords ``first``/``last``. Precedence: a pinned
+layer is fixed even when ``layers`` selects it; a layer neither selected nor pinned stays float32.
+A layer may not be pinned and grouped, nor be in two groups.
+
+:class:`SearchSpace` is the file, typed; :class:`BoundSpace` resolves it against one model's
+ordered layer names and encodes a policy as an integer vector (one index into the choices per
+:class:`Gene`), the form both pymoo and Optuna search over. Indices rather than categories so
+that crossover and mutation see the order of the bit widths (REFERENCE.md, API pitfalls).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import numpy as np
+import yaml
+
+from mpsearch.errors import UserError
+from mpsearch.policy import LayerPrecision
+
+if TYPE_CHECKING:  # optuna is imported lazily: binding a space must not pay for it
+    from optuna.distributions import IntDistribution
+
+__all__ = [
+    "SPACE_VERSION",
+    "SPACES_DIR",
+    "SearchSpace",
+    "BoundSpace",
+    "Gene",
+    "available_spaces",
+    "default_space_for",
+]
+
+SPACE_VERSION = 1
+# The repository's search_spaces/ folder (data, not code; next to the package in a checkout).
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_MIN_BITS, _MAX_BITS = 2, 8
+_KEYWORDS = ("first", "last")
+_FIELDS = ("version", "description", "weight_bits", "act_bits", "layers", "pinned", "groups")
+_FP32 = LayerPrecision(weight_bits=None, act_bits=None)
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _bits_order(bits: int | None) -> int:
+    return 32 if bits is None else bits  # null (float32) sorts as the widest choice
+
+
+def _check_choices(value: Any, where: str) -> tuple[int | None, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{where}: expected a list of bit widths like [2, 4, 8], got {value!r}")
+    if not value:
+        raise UserError(f"{where}: empty; list at least one bit width (2 to 8, or null for float32)")
+    for i, bits in enumerate(value):
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not _MIN_BITS <= bits <= _MAX_BITS):
+            raise UserError(
+                f"{where}[{i}]: bits must be an integer from {_MIN_BITS} to {_MAX_BITS} or null (float32), got {bits!r}"
+            )
+    if len(set(value)) != len(value):
+        raise UserError(f"{where}: lists a bit width twice ({list(value)}); list each once")
+    return tuple(sorted(value, key=_bits_order))  # index order = bit order, so neighbours are close widths
+
+
+def _check_pattern(pattern: Any, where: str) -> str:
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise UserError(f"{where}: expected a layer name, 're:<regex>', 'first' or 'last', got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise UserError(f"{where}: invalid regular expression {pattern[3:]!r} ({exc}); fix the pattern after 're:'") from None
+    return pattern
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A search space file, typed and validated; ``to_dict``/``from_dict`` are exact inverses.
+
+    ``layers`` is ``"all"`` or a tuple of patterns; ``pinned`` maps a pattern to the precision it
+    holds; each ``groups`` entry is a tuple of patterns whose layers share one width per operand.
+    Choices are kept sorted (``null`` = float32 last) so gene indices follow the bit order.
+    """
+
+    weight_bits: tuple[int | None, ...]
+    act_bits: tuple[int | None, ...]
+    layers: str | tuple[str, ...] = "all"
+    pinned: dict[str, LayerPrecision] = field(default_factory=dict)
+    groups: tuple[tuple[str, ...], ...] = ()
+    description: str = ""
+    version: int = SPACE_VERSION
+    # Where the space came from (file path or name), for error messages; not part of its identity.
+    source: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
+        if type(self.version) is not int or self.version != SPACE_VERSION:
+            raise UserError(f"space.version: this mpsearch reads version {SPACE_VERSION}, got {self.version!r}")
+        if not isinstance(self.description, str):
+            raise UserError(f"space.description: expected text, got {self.description!r}")
+        set_("weight_bits", _check_choices(self.weight_bits, "space.weight_bits"))
+        set_("act_bits", _check_choices(self.act_bits, "space.act_bits"))
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise UserError(f"space.layers: use `all` or a list of layer names / 're:<regex>' patterns, got {self.layers!r}")
+        elif isinstance(self.layers, (list, tuple)):
+            if not self.layers:
+                raise UserError("space.layers: empty list; use `all` or list layer names / 're:<regex>' patterns")
+            set_("layers", tuple(_check_pattern(p, f"space.layers[{i}]") for i, p in enumerate(self.layers)))
+        else:
+            raise UserError(f"space.layers: use `all` or a list of layer names / 're:<regex>' patterns, got {self.layers!r}")
+        if not isinstance(self.pinned, Mapping):
+            raise UserError(
+                f"space.pinned: expected a mapping of layer pattern -> {{weight_bits, act_bits}}, got {self.pinned!r}"
+            )
+        pinned: dict[str, LayerPrecision] = {}
+        for key, prec in self.pinned.items():
+            _check_pattern(key, f"space.pinned.{key}")
+            if not isinstance(prec, LayerPrecision):
+                raise UserError(f"space.pinned.{key}: expected {{weight_bits, act_bits}}, got {prec!r}")
+            pinned[key] = prec
+        set_("pinned", pinned)
+        if not isinstance(self.groups, (list, tuple)):
+            raise UserError(f"space.groups: expected a list of patterns (or lists of patterns), got {self.groups!r}")
+        groups = []
+        for i, group in enumerate(self.groups):
+            patterns = (group,) if isinstance(group, str) else group
+            if not isinstance(patterns, (list, tuple)) or not patterns:
+                raise UserError(f"space.groups[{i}]: expected a pattern or a non-empty list of patterns, got {group!r}")
+            single = isinstance(group, str)
+            groups.append(
+                tuple(_check_pattern(p, f"space.groups[{i}]" + ("" if single else f"[{j}]")) for j, p in enumerate(patterns))
+            )
+        set_("groups", tuple(groups))
+
+    # -- dict / YAML ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        defaults = asdict(LayerPrecision())
+        pinned = {}
+        for key, prec in self.pinned.items():
+            spec = asdict(prec)
+            # weight_bits/act_bits always; the quantizer options only where they differ, to stay readable
+            pinned[key] = {k: v for k, v in spec.items() if k in ("weight_bits", "act_bits") or v != defaults[k]}
+        return {
+            "version": self.version,
+            "description": self.description,
+            "weight_bits": list(self.weight_bits),
+            "act_bits": list(self.act_bits),
+            "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
+            "pinned": pinned,
+            "groups": [g[0] if len(g) == 1 else list(g) for g in self.groups],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str | None = None) -> SearchSpace:
+        if not isinstance(data, dict):
+            raise UserError(f"space: expected a mapping with the fields {list(_FIELDS)}, got {type(data).__name__}")
+        unknown = [k for k in data if k not in _FIELDS]
+        if unknown:
+            raise UserError(f"space.{unknown[0]}: unknown field; allowed fields are {list(_FIELDS)}")
+        if "version" not in data:
+            raise UserError(f"space.version: required (version: {SPACE_VERSION})")
+        for required in ("weight_bits", "act_bits"):
+            if required not in data:
+                raise UserError(f"space.{required}: required, a list of bit widths like [2, 4, 8]")
+        pinned = data.get("pinned") or {}
+        if not isinstance(pinned, dict):
+            raise UserError(f"space.pinned: expected a mapping of layer pattern -> {{weight_bits, act_bits}}, got {pinned!r}")
+        groups = data.get("groups") or []
+        if not isinstance(groups, list):
+            raise UserError(f"space.groups: expected a list of patterns (or lists of patterns), got {groups!r}")
+        layers = data.get("layers", "all")
+        description = data.get("description")
+        return cls(
+            version=data["version"],
+            description="" if description is None else description,
+            weight_bits=data["weight_bits"],
+            act_bits=data["act_bits"],
+            layers=tuple(layers) if isinstance(layers, list) else layers,
+            pinned={str(k): LayerPrecision.from_dict(v, f"space.pinned.{k}") for k, v in pinned.items()},
+            groups=tuple(tuple(g) if isinstance(g, list) else g for g in groups),
+            source=source,
+        )
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str | None = None) -> SearchSpace:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            raise UserError(f"space: not valid YAML ({getattr(exc, 'problem', None) or exc}{at})") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> SearchSpace:
+        """A YAML file, or a name from ``search_spaces/`` (``"resnet18"`` -> ``search_spaces/resnet18.yaml``)."""
+        text = str(path_or_name)
+        if isinstance(path_or_name, str) and _NAME.match(text) and not text.endswith((".yaml", ".yml")):
+            path = SPACES_DIR / f"{text}.yaml"
+            if not path.is_file():
+                raise UserError(
+                    f"unknown search space {text!r}; choose one of {', '.join(available_spaces())} or pass a path to a YAML file"
+                )
+        else:
+            path = Path(path_or_name)
+        try:
+            content = path.read_text()
+        except OSError as exc:
+            raise UserError(f"search space file {path}: cannot read it ({exc.strerror}); check the path") from None
+        except UnicodeDecodeError:
+            raise UserError(f"search space file {path}: not a text (YAML) file; pass a search space YAML") from None
+        try:
+            return cls.from_yaml(content, source=str(path))
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+
+
+def available_spaces() -> list[str]:
+    """Names of the spaces shipped in ``search_spaces/``."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def default_space_for(model_name: str) -> str:
+    """The shipped space for a model: ``resnet18``, ``deit_tiny`` (any DeiT/ViT) or ``default``."""
+    name = model_name.lower().split(".")[0]  # timm tags like "resnet18.a1_in1k" name the same network
+    if name == "resnet18":
+        return "resnet18"
+    if name.startswith(("deit", "vit")):  # same block structure: patch embed, qkv/proj/fc1/fc2, head
+        return "deit_tiny"
+    return "default"
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One free decision: the index into ``choices`` for one operand of one layer or group."""
+
+    name: str  # "w:layer1.0.conv1", "a:group0": the Optuna parameter name too
+    operand: str  # "weight" or "act"
+    choices: tuple[int | None, ...]
+    layers: tuple[str, ...]
+
+
+class BoundSpace:
+    """A :class:`SearchSpace` resolved against one model's quantizable layers (in execution order).
+
+    Genes come in execution order of the layer (or a group's first layer) they control, weight
+    before activation; an operand with a single choice is a constant, not a gene. Vectors are
+    integer indices into each gene's choices, bounded by ``xl`` (zeros) and ``xu``.
+    """
+
+    def __init__(self, space: SearchSpace, layers: Sequence[str], *, model: str | None = None) -> None:
+        self.space = space
+        self.layers: tuple[str, ...] = tuple(layers)
+        self._model = model
+        if not self.layers:
+            self._fail("space: the model has no quantizable layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("BoundSpace: the layer list names a layer twice")
+
+        # Pins first: they override `layers` (that is how "all but the ends" is written).
+        pins: dict[str, LayerPrecision] = {}
+        pinned_by: dict[str, str] = {}
+        for key, prec in space.pinned.items():
+            for name in self._resolve(key, f"space.pinned.{key}"):
+                if name in pins and pins[name] != prec:
+                    self._fail(
+                        f"space.pinned.{key}: layer {name!r} is also pinned by space.pinned.{pinned_by[name]} "
+                        "to other bits; keep one of the two"
+                    )
+                pins[name] = prec
+                pinned_by.setdefault(name, key)
+
+        if space.layers == "all":
+            selected = set(self.layers)
+        else:
+            selected = set()
+            for i, pattern in enumerate(space.layers):
+                selected.update(self._resolve(pattern, f"space.layers[{i}]"))
+        free = [n for n in self.layers if n in selected and n not in pins]
+
+        group_of: dict[str, int] = {}
+        for gi, patterns in enumerate(space.groups):
+            members: set[str] = set()
+            for j, pattern in enumerate(patterns):
+                where = f"space.groups[{gi}]" if len(patterns) == 1 else f"space.groups[{gi}][{j}]"
+                members.update(self._resolve(pattern, where))
+            for name in (n for n in self.layers if n in members):
+                if name in pins:
+                    self._fail(
+                        f"space.groups[{gi}]: layer {name!r} is pinned (space.pinned.{pinned_by[name]}) and grouped; "
+                        "a layer is either pinned or shares a width, remove it from one of them"
+                    )
+                if name not in selected:
+                    self._fail(
+                        f"space.groups[{gi}]: layer {name!r} is not searched (space.layers does not select it); "
+                        "add it to space.layers or narrow the group's pattern"
+                    )
+                if name in group_of:
+                    self._fail(
+                        f"space.groups[{gi}]: layer {name!r} is already in space.groups[{group_of[name]}]; "
+                        "a layer belongs to one group at most"
+                    )
+                group_of[name] = gi
+        if not free:
+            self._fail("space: every searched layer is pinned, nothing is left to search; unpin a layer or widen space.layers")
+
+        # Units (a layer, or a group at its first member's place) in execution order.
+        units: list[tuple[str, tuple[str, ...]]] = []
+        for name in free:
+            gi = group_of.get(name)
+            if gi is None:
+                units.append((name, (name,)))
+            elif all(unit != f"group{gi}" for unit, _ in units):
+                units.append((f"group{gi}", tuple(n for n in free if group_of.get(n) == gi)))
+        genes = []
+        for unit, members in units:
+            for operand, prefix, choices in (("weight", "w", space.weight_bits), ("act", "a", space.act_bits)):
+                if len(choices) > 1:
+                    genes.append(Gene(f"{prefix}:{unit}", operand, choices, members))
+        if not genes:
+            self._fail(
+                "space: nothing to search: weight_bits and act_bits offer one choice each; "
+                "list at least two widths in one of them"
+            )
+        if len({g.name for g in genes}) != len(genes):  # a layer literally named "group0" ...
+            raise ValueError("BoundSpace: two genes share a name; rename the group or layer")
+
+        self.genes: tuple[Gene, ...] = tuple(genes)
+        self.pinned: dict[str, LayerPrecision] = {n: pins[n] for n in self.layers if n in pins}
+        self.free_layers: tuple[str, ...] = tuple(free)
+        self.n_var = len(genes)
+        self.xl = np.zeros(self.n_var, dtype=np.int64)
+        self.xu = np.array([len(g.choices) - 1 for g in genes], dtype=np.int64)
+        self.xl.setflags(write=False)
+        self.xu.setflags(write=False)
+        self._constant = {
+            "weight": space.weight_bits[0] if len(space.weight_bits) == 1 else None,
+            "act": space.act_bits[0] if len(space.act_bits) == 1 else None,
+        }
+        self._gene_index = {g.name: k for k, g in enumerate(genes)}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _fail(self, message: str) -> NoReturn:
+        prefix = f"{self.space.source}: " if self.space.source else ""
+        raise UserError(prefix + message)
+
+    def _resolve(self, pattern: str, where: str) -> list[str]:
+        """Layers a pattern selects, in execution order; selecting none is the user's error."""
+        if pattern == "first":
+            return [self.layers[0]]
+        if pattern == "last":
+            return [self.layers[-1]]
+        how = f"`mpsearch layers --model {self._model or 'MODEL'}` lists them"
+        if pattern.startswith("re:"):
+            rx = re.compile(pattern[3:])
+            found = [n for n in self.layers if rx.fullmatch(n)]
+            if not found:
+                self._fail(f"{where}: pattern {pattern!r} matches no layer (the whole name must match); {how}")
+            return found
+        if pattern not in self.layers:
+            close = difflib.get_close_matches(pattern, self.layers, n=3)
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            named = "" if where.endswith(f".{pattern}") else f" {pattern!r}"
+            self._fail(f"{where}: no such layer{named}{hint}; {how}")
+        return [pattern]
+
+    def validate(self, x: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``x`` as an int64 vector; ``ValueError`` unless it has ``n_var`` integers within ``[xl, xu]``."""
+        arr = np.asarray(x)
+        if arr.shape != (self.n_var,):
+            raise ValueError(f"expected a vector of {self.n_var} gene indices, got shape {arr.shape}")
+        if arr.dtype.kind not in "iub":
+            if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                raise ValueError(f"gene indices must be integers, got {arr.tolist()}")
+        out = arr.astype(np.int64)
+        bad = np.flatnonzero((out < self.xl) | (out > self.xu))
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(f"gene {self.genes[k].name}: index {int(out[k])} is outside 0..{int(self.xu[k])}")
+        return out
+
+    # -- encoding -------------------------------------------------------------------------------
+    def decode(self, x: Sequence[int] | np.ndarray) -> dict[str, LayerPrecision]:
+        """Every quantizable layer -> its precision: pinned, chosen by ``x``, or float32."""
+        idx = self.validate(x)
+        chosen: dict[tuple[str, str], int | None] = {}
+        for gene, i in zip(self.genes, idx):
+            for layer in gene.layers:
+                chosen[gene.operand, layer] = gene.choices[i]
+        free = set(self.free_layers)
+        out: dict[str, LayerPrecision] = {}
+        for name in self.layers:
+            if name in self.pinned:
+                out[name] = self.pinned[name]
+            elif name in free:
+                out[name] = LayerPrecision(
+                    weight_bits=chosen.get(("weight", name), self._constant["weight"]),
+                    act_bits=chosen.get(("act", name), self._constant["act"]),
+                )
+            else:
+                out[name] = _FP32
+        return out
+
+    def encode(self, layers: Mapping[str, LayerPrecision]) -> np.ndarray | None:
+        """The vector whose :meth:`decode` equals ``layers`` (unlisted = float32), or ``None`` if none does.
+
+        ``Policy.layers`` fits directly; a policy is representable only if its pins, constants,
+        groups, float layers and quantizer options all agree with the space.
+        """
+        if any(name not in self.layers for name in layers):
+            return None
+        x = np.zeros(self.n_var, dtype=np.int64)
+        for k, gene in enumerate(self.genes):
+            values = {getattr(layers.get(n, _FP32), f"{gene.operand}_bits") for n in gene.layers}
+            if len(values) != 1 or next(iter(values)) not in gene.choices:
+                return None
+            x[k] = gene.choices.index(next(iter(values)))
+        wanted = {name: layers.get(name, _FP32) for name in self.layers}
+        return x if self.decode(x) == wanted else None
+
+    def uniform(self, weight_bits: int | None, act_bits: int | None) -> np.ndarray | None:
+        """Every free layer at ``weight_bits``/``act_bits`` (pins stay); ``None`` if either is no choice."""
+        if weight_bits not in self.space.weight_bits or act_bits not in self.space.act_bits:
+            return None
+        want = {"weight": weight_bits, "act": act_bits}
+        return np.array([g.choices.index(want[g.operand]) for g in self.genes], dtype=np.int64)
+
+    def params(self, x: Sequence[int] | np.ndarray) -> dict[str, int]:
+        """Optuna parameters for ``x``: ``{gene.name: index}``."""
+        return {g.name: int(i) for g, i in zip(self.genes, self.validate(x))}
+
+    def x_from_params(self, params: Mapping[str, Any]) -> np.ndarray:
+        """Inverse of :meth:`params`; ``ValueError`` on a missing or unknown parameter."""
+        missing = [g.name for g in self.genes if g.name not in params]
+        extra = [k for k in params if k not in self._gene_index]
+        if missing or extra:
+            raise ValueError(f"params do not fit this space: missing {missing[:3]}, unknown {extra[:3]}")
+        return self.validate([params[g.name] for g in self.genes])
+
+    def distributions(self) -> dict[str, IntDistribution]:
+        """One ``IntDistribution(0, len(choices) - 1)`` per gene: an index, so samplers see the order."""
+        from optuna.distributions import IntDistribution
+
+        return {g.name: IntDistribution(0, len(g.choices) - 1) for g in self.genes}
+
+    @property
+    def size(self) -> int:
+        """Number of distinct points (policies) in the space."""
+        return math.prod(len(g.choices) for g in self.genes)
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_var} genes over {len(self.free_layers)} searched layers "
+            f"({len(self.pinned)} pinned, {len(self.layers) - len(self.free_layers) - len(self.pinned)} float32), "
+            f"{float(self.size):.3g} policies"
+        )

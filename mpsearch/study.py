@@ -1,0 +1,374 @@
+"""Run a search study: every evaluation is a trial of one Optuna study; outputs under studies/<name>/.
+
+The driver owns the loop: the algorithm proposes a batch of integer vectors, the search space
+turns them into policies, the executor measures them (in order, on any number of workers), and
+each result is recorded as a trial of the study in its storage (SQLite by default) before the
+algorithm is told. Parallel workers never talk to the storage, so the study is the same for any
+number of workers. At the end the measured Pareto set is re-measured on the full validation split
+and on the test split (95 % CIs) and written with plots, tables, a report and one policy per point.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mpsearch.config import OBJECTIVES, QuantConfig, StudyConfig
+from mpsearch.errors import UserError
+
+__all__ = ["StudyResult", "optimize", "study_dir", "storage_url", "load_trials", "PARETO_FILE"]
+
+PARETO_FILE = "pareto.csv"
+UNIFORM_SHORTHANDS = ((8, 8), (6, 6), (4, 8), (4, 4), (2, 8))
+REF_POINT_PAD = 1.0  # hypervolume reference: error 1.0 and each relative cost 1.0 (the fp32 model)
+
+
+@dataclass
+class StudyResult:
+    name: str
+    out_dir: Path
+    trials: Any  # pandas.DataFrame
+    pareto: Any  # pandas.DataFrame
+    hypervolume: float
+    wall_s: float
+
+
+def study_dir(config: StudyConfig) -> Path:
+    return Path(config.out_root) / config.study_name
+
+
+def storage_url(config: StudyConfig) -> str:
+    if config.storage:
+        return config.storage
+    return f"sqlite:///{(study_dir(config) / 'study.db').resolve()}"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def _objective_vector(metrics: dict[str, float] | None, objectives: tuple[str, ...]) -> np.ndarray:
+    """What the algorithms minimise: 1 - accuracy and the relative costs; inf for failures."""
+    if metrics is None:
+        return np.full(len(objectives), np.inf)
+    out = []
+    for name in objectives:
+        direction, key = OBJECTIVES[name]
+        value = metrics[key]
+        out.append(1.0 - value if direction == "maximize" else value)
+    return np.asarray(out, dtype=float)
+
+
+def _study_values(metrics: dict[str, float], objectives: tuple[str, ...]) -> list[float]:
+    return [metrics[OBJECTIVES[name][1]] for name in objectives]
+
+
+def _versions() -> dict[str, str]:
+    import optuna
+    import pymoo
+    import timm
+    import torch
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except Exception:  # noqa: BLE001 - ray is optional for --workers 0
+        ray_version = "unavailable"
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+        "optuna": optuna.__version__, "pymoo": pymoo.__version__, "ray": ray_version, "numpy": np.__version__,
+    }
+
+
+def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> StudyResult:
+    """Run ``config``'s study to its budget and write every output; see the module docstring."""
+    import optuna
+    import torch
+    import yaml
+
+    from mpsearch.data import load_dataset
+    from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator
+    from mpsearch.machine import describe_machine
+    from mpsearch.policy import Policy
+    from mpsearch.runtime import EvalTask, WorkerSpec, create_executor, default_workers
+    from mpsearch.search.base import create_algorithm
+    from mpsearch.search.pareto import hypervolume, non_dominated
+    from mpsearch.search.space import BoundSpace, SearchSpace, default_space_for
+    from mpsearch.zoo import get_baseline
+
+    start = time.perf_counter()
+    name = config.study_name
+    out = study_dir(config)
+    algorithm = create_algorithm(config.algorithm)  # unknown names fail before any work
+    space_def = SearchSpace.load(config.space or default_space_for(config.model))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write study outputs to {out} ({exc.strerror}); choose a writable --out-root") from None
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = [OBJECTIVES[o][0] for o in config.objectives]
+    try:
+        study = optuna.create_study(study_name=name, storage=storage_url(config), directions=directions, load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
+        raise UserError(f"cannot open study storage {storage_url(config)!r} ({type(exc).__name__}); "
+                        "pass a valid Optuna storage URL with --storage") from None
+    if study.trials:
+        raise UserError(
+            f"study {name!r} already has {len(study.trials)} trials in {storage_url(config)}; "
+            "choose another --name, or delete the study to start over"
+        )
+    with warnings.catch_warnings():  # experimental since optuna 3.2, stable in practice
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(config.objectives))
+    study.set_user_attr("config", config.to_dict())
+
+    torch.set_num_threads(config.torch_threads)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, calibration_size=config.calibration_size,
+                        calibration_seed=config.seed)
+    baseline = get_baseline(config.model, data, seed=config.seed, checkpoint=config.checkpoint, log=log)
+    checkpoint = baseline.checkpoint
+    if checkpoint is None:  # hub weights: workers need a file
+        checkpoint = out / "baseline.pt"
+        torch.save(baseline.model.state_dict(), checkpoint)
+    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    profiles = (config.energy_profile,) + tuple(p for p in DEFAULT_PROFILES if p != config.energy_profile)
+    evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
+    evaluator.calibrate()
+    space = BoundSpace(space_def, evaluator.layer_names)
+
+    def to_policy(x: np.ndarray, **provenance: Any) -> Policy:
+        return Policy(model=config.model, dataset=data.info.name, layers=space.decode(x),
+                      checkpoint_sha256=baseline.sha256, provenance=provenance)
+
+    # -- initial population: uniform policies and sensitivity-guided (HAWQ-style) allocations --
+    initial: list[np.ndarray] = []
+    tags: list[str] = []
+    for w, a in UNIFORM_SHORTHANDS:
+        x = space.uniform(w, a)
+        if x is not None:
+            initial.append(x)
+            tags.append(f"uniform:w{w}a{a}")
+    if config.sensitivity != "none":
+        for x, tag in _sensitivity_seeds(config, evaluator, space, quant, log):
+            if not any(np.array_equal(x, y) for y in initial):
+                initial.append(x)
+                tags.append(tag)
+    if len(initial) > config.population_size:  # the first generation holds them; keep uniform ones first
+        log(f"keeping {config.population_size} of {len(initial)} seed policies (population size)")
+        initial, tags = initial[: config.population_size], tags[: config.population_size]
+    uniform_keys = {tuple(int(v) for v in x): t for x, t in zip(initial, tags) if t.startswith("uniform")}
+    seed_tags = {tuple(int(v) for v in x): t for x, t in zip(initial, tags)}
+
+    algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
+                    population_size=config.population_size)
+    workers = default_workers(config.torch_threads) if config.workers == -1 else config.workers
+    spec = WorkerSpec(model=config.model, dataset=config.dataset, checkpoint=str(checkpoint), data_dir=config.data_dir,
+                      calibration_size=config.calibration_size, seed=config.seed, quant=quant.to_dict(),
+                      profiles=profiles, torch_threads=config.torch_threads)
+    distributions = space.distributions()
+    done = 0
+    generation = 0
+    front_F = np.zeros((0, len(config.objectives)))
+    ref = np.full(len(config.objectives), REF_POINT_PAD)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.budget, desc=f"{name}", unit="eval", disable=not progress)
+    with create_executor(spec, workers, address=config.ray_address, evaluator=evaluator) as executor:
+        while done < config.budget:
+            xs = algorithm.ask()
+            batch = xs[: config.budget - done]
+            tasks = [
+                EvalTask(i, to_policy(x).to_dict(), split="val", limit=config.eval_images) for i, x in enumerate(batch)
+            ]
+            outcomes = executor.map(tasks)
+            F = np.zeros((len(batch), len(config.objectives)))
+            for x, outcome in zip(batch, outcomes):
+                key = tuple(int(v) for v in x)
+                attrs = {
+                    "method": seed_tags.get(key, config.algorithm) if generation == 0 else config.algorithm,
+                    "generation": generation, "policy": to_policy(x).summary(), "wall_s": outcome.wall_s,
+                    "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
+                    "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in space.decode(x).items()}),
+                    **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
+                }
+                if outcome.ok:
+                    trial = optuna.trial.create_trial(
+                        params=space.params(x), distributions=distributions,
+                        values=_study_values(outcome.metrics, config.objectives), user_attrs=attrs,
+                    )
+                    F[outcome.index] = _objective_vector(outcome.metrics, config.objectives)
+                else:
+                    attrs["error"] = outcome.error
+                    trial = optuna.trial.create_trial(
+                        params=space.params(x), distributions=distributions, user_attrs=attrs,
+                        state=optuna.trial.TrialState.FAIL,
+                    )
+                    F[outcome.index] = np.inf
+                study.add_trial(trial)
+            if len(batch) == len(xs):
+                algorithm.tell(list(batch), F)
+            done += len(batch)
+            generation += 1
+            finite = np.vstack([front_F, F[np.isfinite(F).all(axis=1)]])
+            front_F = finite[non_dominated(finite)] if len(finite) else finite
+            hv = hypervolume(front_F, ref)
+            bar.update(len(batch))
+            bar.set_postfix(front=len(front_F), hv=f"{hv:.4f}")
+    bar.close()
+    search_s = time.perf_counter() - start
+    trials = load_trials(study)
+    pareto = _remeasure_front(config, evaluator, space, trials, to_policy, out, log, progress)
+    hv = hypervolume(_front_matrix(trials, config.objectives), ref)
+    wall = time.perf_counter() - start
+
+    resolved = dict(config.to_dict(), storage=storage_url(config), workers=workers, study_name=name,
+                    space_resolved=space_def.to_dict())
+    _atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+    _atomic_write(out / "trials.csv", lambda p: trials.to_csv(p, index=False))
+    _atomic_write(out / "trials.parquet", lambda p: trials.to_parquet(p, index=False))
+    _atomic_write(out / PARETO_FILE, lambda p: pareto.to_csv(p, index=False))
+    from mpsearch.report import plot_front, write_report
+
+    plot_front(trials, pareto, config, out, uniform_trials=uniform_keys)
+    write_report(
+        out, config=config, trials=trials, pareto=pareto, hypervolume=hv, ref_point=ref.tolist(),
+        wall_s=wall, search_s=search_s, machine=describe_machine(), versions=_versions(), workers=workers,
+        storage=storage_url(config), baseline=baseline.meta, platform_=platform.platform(),
+    )
+    log(f"study {name}: {len(trials)} trials, front of {len(pareto)} points, hypervolume {hv:.4f}, "
+        f"{wall / 60:.1f} min; outputs in {out}")
+    return StudyResult(name, out, trials, pareto, hv, wall)
+
+
+def _sensitivity_seeds(config, evaluator, space, quant, log) -> list[tuple[np.ndarray, str]]:
+    """HAWQ-style weight allocations at a few average bit budgets, everything else at its top width.
+
+    The allocation (greedy on HAWQ-V2 scores, see :func:`mpsearch.sensitivity.hawq_allocation`)
+    covers the layers whose weight width is searched; pinned layers keep their pins.
+    """
+    from dataclasses import replace as with_fields
+
+    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, hawq_allocation
+
+    weight_genes = [g for g in space.genes if g.operand == "weight"]
+    free = [layer for g in weight_genes for layer in g.layers]
+    choices = sorted({b for g in weight_genes for b in g.choices if b is not None})
+    if not free or not choices:
+        return []
+    top = np.array([max(range(len(g.choices)), key=lambda i: g.choices[i] or 32) for g in space.genes])
+    reference = space.decode(top)
+    scfg = SensitivityConfig(estimator=config.sensitivity, bits=tuple(choices), seed=config.seed)
+    log(f"sensitivity ({config.sensitivity}) of {len(free)} searched layers ...")
+    df = compute_sensitivity(
+        evaluator.baseline.model, free, evaluator.data.calibration, scfg, quant=quant,
+        checkpoint_sha256=evaluator.baseline.sha256, qmodel=evaluator.qmodel,
+    )
+    params = {layer.name: layer.weight_params for layer in evaluator.cost_table.layers}
+    seeds = []
+    for budget in config.hawq_budgets:
+        if budget < choices[0]:
+            continue
+        alloc = hawq_allocation(df, free, params, budget, choices)
+        layers = dict(reference)
+        for name, bits in alloc.items():
+            layers[name] = with_fields(layers[name], weight_bits=bits)
+        x = space.encode(layers)
+        if x is not None:  # None when a group's layers got different widths
+            seeds.append((x, f"hawq:{budget:g}bit"))
+    return seeds
+
+
+def load_trials(study) -> Any:
+    """The study's trials as a DataFrame: number, state, params, values, every user attribute."""
+    import pandas as pd
+
+    rows = []
+    for t in study.trials:
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
+        for name, value in zip(study.metric_names or [], t.values or []):
+            row[f"value_{name}"] = value
+        row.update({f"attr_{k}": v for k, v in t.user_attrs.items()})
+        row.update({f"param_{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _front_matrix(trials, objectives: tuple[str, ...]) -> np.ndarray:
+    ok = trials[trials["state"] == "COMPLETE"]
+    if ok.empty:
+        return np.zeros((0, len(objectives)))
+    cols = []
+    for name in objectives:
+        values = ok[f"value_{name}"].to_numpy(dtype=float)
+        cols.append(1.0 - values if OBJECTIVES[name][0] == "maximize" else values)
+    return np.stack(cols, axis=1)
+
+
+def _remeasure_front(config, evaluator, space, trials, to_policy, out: Path, log, progress: bool):
+    """Re-measure the Pareto set (val subset) on the full validation split and on the test split."""
+    import pandas as pd
+
+    from mpsearch.search.pareto import non_dominated
+
+    ok = trials[trials["state"] == "COMPLETE"].reset_index(drop=True)
+    if ok.empty:
+        raise UserError("no trial produced a finite measurement; widen the search space (higher bit widths)")
+    F = _front_matrix(trials, config.objectives)
+    idx = non_dominated(F)
+    # The same policy may appear twice (algorithms re-propose); measure it once.
+    front = ok.iloc[idx].drop_duplicates(subset=[c for c in ok.columns if c.startswith("param_")])
+    policies_dir = out / "policies"
+    policies_dir.mkdir(exist_ok=True)
+    rows = []
+    log(f"re-measuring {len(front)} Pareto points on the full validation and test splits ...")
+    for _, row in front.iterrows():
+        params = {k[len("param_"):]: int(v) for k, v in row.items() if k.startswith("param_")}
+        x = space.x_from_params(params)
+        policy = to_policy(x)
+        val = evaluator.evaluate(policy, split="val", progress=progress)
+        test = evaluator.evaluate(policy, split="test", progress=progress)
+        metrics = {
+            "search_accuracy": float(row["value_accuracy"]),
+            "val_accuracy": val.accuracy, "val_ci95": list(val.accuracy_ci95),
+            "test_accuracy": test.accuracy, "test_ci95": list(test.accuracy_ci95),
+            "test_drop": test.drop, "test_drop_ci95": list(test.drop_ci95 or ()),
+            **{f"rel_{k}": v for k, v in test.costs.relative().items()},
+        }
+        trial_no = int(row["trial"])
+        stored = policy.with_provenance(
+            study=config.study_name, trial=trial_no, seed=config.seed, metrics=metrics,
+            quant={"weight_observer": config.weight_observer, "act_observer": config.act_observer,
+                   "calibration_size": config.calibration_size, "torch_threads": config.torch_threads},
+        )
+        stored.save(policies_dir / f"trial-{trial_no:04d}.json")
+        rows.append({
+            "trial": trial_no, "policy": policy.summary(), "method": row.get("attr_method", ""),
+            "search_accuracy": metrics["search_accuracy"],
+            "val_accuracy": val.accuracy, "val_ci_low": val.accuracy_ci95[0], "val_ci_high": val.accuracy_ci95[1],
+            "test_accuracy": test.accuracy, "test_ci_low": test.accuracy_ci95[0], "test_ci_high": test.accuracy_ci95[1],
+            "test_drop_pp": 100 * (test.drop or 0.0),
+            "fp32_test_accuracy": test.fp32_accuracy,
+            **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},
+            "policy_file": f"policies/trial-{trial_no:04d}.json",
+        })
+    pareto = pd.DataFrame(rows)
+    energy_col = f"rel_energy_{config.energy_profile}"
+    sort_col = energy_col if energy_col in pareto else pareto.columns[-2]
+    return pareto.sort_values(sort_col, kind="stable").reset_index(drop=True)
+
+

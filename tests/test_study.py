@@ -1,0 +1,102 @@
+"""End-to-end studies on a tiny model: outputs, the Optuna record, reproducibility, export."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+
+from mpsearch.config import StudyConfig
+from mpsearch.errors import UserError
+from mpsearch.export import pick_policy
+from mpsearch.policy import Policy
+from mpsearch.study import optimize, storage_url
+
+TINY = dict(model="test_resnet", dataset="digits", budget=16, population_size=8, eval_images=120,
+            calibration_size=256, hawq_budgets=(3.0, 5.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(digits_baseline):
+    return str(digits_baseline.checkpoint)
+
+
+def _run(tmp_path, name, checkpoint, **kw):
+    cfg = StudyConfig(name=name, out_root=str(tmp_path), checkpoint=checkpoint, **{**TINY, "workers": 0, **kw})
+    return cfg, optimize(cfg, progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_checkpoint):
+    return _run(tmp_path_factory.mktemp("studies"), "tiny", tiny_checkpoint)
+
+
+def test_study_writes_everything_and_records_every_trial(study):
+    cfg, result = study
+    out = result.out_dir
+    for name in ("config.yaml", "trials.csv", "trials.parquet", "pareto.csv", "front.png", "front.html", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    loaded = optuna.load_study(study_name="tiny", storage=storage_url(cfg))
+    assert len(loaded.trials) == 16
+    assert loaded.metric_names == ["accuracy", "energy"]
+    assert loaded.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    methods = [t.user_attrs["method"] for t in loaded.trials]
+    assert "uniform:w8a8" in methods and any(m.startswith("hawq:") for m in methods)
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert len(pareto) >= 1
+    assert ((pareto["test_ci_low"] <= pareto["test_accuracy"]) & (pareto["test_accuracy"] <= pareto["test_ci_high"])).all()
+    assert pareto["rel_energy_horowitz45nm"].is_monotonic_increasing
+    assert len(list((out / "policies").glob("*.json"))) == len(pareto)
+    assert result.hypervolume > 0
+    assert "hypervolume" in (out / "report.md").read_text()
+
+
+def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_checkpoint):
+    _, first = study
+    _, again = _run(tmp_path, "tiny-again", tiny_checkpoint)
+    _, ray2 = _run(tmp_path, "tiny-ray2", tiny_checkpoint, workers=2)
+    cols = [c for c in first.trials.columns if c.startswith(("param_", "value_"))]
+    pd.testing.assert_frame_equal(first.trials[cols], again.trials[cols])
+    pd.testing.assert_frame_equal(first.trials[cols], ray2.trials[cols])
+    assert first.pareto["trial"].tolist() == ray2.pareto["trial"].tolist()
+
+
+def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseline, digits):
+    from mpsearch.config import QuantConfig
+    from mpsearch.evaluate import Evaluator
+
+    _, result = study
+    for pick in ("knee", "max-accuracy", "min-energy"):
+        policy, why = pick_policy(result.out_dir, pick)
+        assert isinstance(policy, Policy) and "trial" in why
+    policy, _ = pick_policy(result.out_dir, "max-accuracy")
+    stored = policy.provenance["metrics"]
+    q = policy.provenance["quant"]
+    ev = Evaluator(digits_baseline, digits, quant=QuantConfig(weight_observer=q["weight_observer"],
+                                                              act_observer=q["act_observer"]))
+    assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == stored["test_accuracy"]
+    assert ev.evaluate(ev.resolve_policy(policy), split="val").accuracy == stored["val_accuracy"]
+    low, _ = pick_policy(result.out_dir, "energy<=0.5")
+    assert low.provenance["metrics"]["rel_energy:horowitz45nm"] <= 0.5
+    with pytest.raises(UserError, match="no Pareto point"):
+        pick_policy(result.out_dir, "energy<=0.0001")
+    with pytest.raises(UserError, match="use knee"):
+        pick_policy(result.out_dir, "best")
+    some = pick_policy(result.out_dir, "trial:5")[0]
+    assert some.provenance["trial"] == 5
+
+
+def test_an_existing_study_is_not_overwritten(study, tiny_checkpoint):
+    cfg, _ = study
+    with pytest.raises(UserError, match="already has 16 trials"):
+        optimize(cfg, progress=False, log=lambda m: None)
+
+
+def test_bad_study_settings(tmp_path):
+    with pytest.raises(UserError, match="study.objectives"):
+        StudyConfig(objectives=("energy", "accuracy"))
+    with pytest.raises(UserError, match="study.budget"):
+        StudyConfig(budget=0)
+    with pytest.raises(UserError, match="unknown search algorithm"):
+        optimize(StudyConfig(algorithm="annealing", out_root=str(tmp_path), **{k: v for k, v in TINY.items()}),
+                 progress=False, log=lambda m: None)
