@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mpsearch.errors import UserError
+from mpsearch.errors import UserError, read_user_file
 
 __all__ = [
     "POLICY_VERSION",
@@ -200,12 +200,7 @@ class Policy:
     @classmethod
     def load(cls, path: str | Path) -> Policy:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise UserError(f"policy file {path}: cannot read it ({exc.strerror}); check the path") from None
-        except UnicodeDecodeError:
-            raise UserError(f"policy file {path}: not a text (JSON) file; pass a policy JSON or a shorthand") from None
+        text = read_user_file(path, "policy file", "JSON")
         try:
             return cls.from_json(text)
         except UserError as exc:

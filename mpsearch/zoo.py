@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mpsearch.config import TrainRecipe, config_key
 from mpsearch.data import DatasetInfo, DataSplits, Split
-from mpsearch.errors import UserError
+from mpsearch.errors import UserError, read_user_file
 from mpsearch.machine import describe_machine
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
@@ -225,9 +225,9 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any]:
     if not meta_path.exists():
         return {}
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({type(exc).__name__}); fix or remove it") from None
+        meta = json.loads(read_user_file(meta_path, "checkpoint metadata", "JSON"))
+    except json.JSONDecodeError:
+        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON; fix or remove it") from None
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint metadata {meta_path} must be a JSON object; fix or remove it")
     return meta

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import yaml
 
-from mpsearch.errors import UserError
+from mpsearch.errors import UserError, read_user_file
 from mpsearch.policy import LayerPrecision
 
 if TYPE_CHECKING:  # optuna is imported lazily: binding a space must not pay for it
@@ -228,12 +228,7 @@ class SearchSpace:
                 )
         else:
             path = Path(path_or_name)
-        try:
-            content = path.read_text()
-        except OSError as exc:
-            raise UserError(f"search space file {path}: cannot read it ({exc.strerror}); check the path") from None
-        except UnicodeDecodeError:
-            raise UserError(f"search space file {path}: not a text (YAML) file; pass a search space YAML") from None
+        content = read_user_file(path, "search space file", "YAML")
         try:
             return cls.from_yaml(content, source=str(path))
         except UserError as exc:
