@@ -16,8 +16,11 @@ def _energy_col(config: StudyConfig) -> str:
     return "value_energy" if "energy" in config.objectives else f"value_{config.objectives[1]}"
 
 
-def plot_front(trials, pareto, config: StudyConfig, out: Path, *, uniform_trials: dict[tuple[int, ...], str]) -> None:
-    """front.png (matplotlib) and front.html (plotly): every trial, the front, the uniform policies."""
+def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
+    """front.png (matplotlib) and front.html (plotly): every trial, the front, the uniform policies.
+
+    Uniform policies are the trials whose ``method`` attribute starts with ``uniform``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -171,7 +171,6 @@ def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str],
     if len(initial) > config.population_size:  # the first generation holds them; keep uniform ones first
         log(f"keeping {config.population_size} of {len(initial)} seed policies (population size)")
         initial, tags = initial[: config.population_size], tags[: config.population_size]
-    uniform_keys = {tuple(int(v) for v in x): t for x, t in zip(initial, tags) if t.startswith("uniform")}
     seed_tags = {tuple(int(v) for v in x): t for x, t in zip(initial, tags)}
 
     algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
@@ -192,18 +191,17 @@ def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str],
         while done < config.budget:
             xs = algorithm.ask()
             batch = xs[: config.budget - done]
-            tasks = [
-                EvalTask(i, to_policy(x).to_dict(), split="val", limit=config.eval_images) for i, x in enumerate(batch)
-            ]
+            policies = [to_policy(x) for x in batch]  # decoded once per trial, used for the task and the record
+            tasks = [EvalTask(i, p.to_dict(), split="val", limit=config.eval_images) for i, p in enumerate(policies)]
             outcomes = executor.map(tasks)
             F = np.zeros((len(batch), len(config.objectives)))
-            for x, outcome in zip(batch, outcomes):
+            for x, policy, outcome in zip(batch, policies, outcomes):
                 key = tuple(int(v) for v in x)
                 attrs = {
                     "method": seed_tags.get(key, config.algorithm) if generation == 0 else config.algorithm,
-                    "generation": generation, "policy": to_policy(x).summary(), "wall_s": outcome.wall_s,
+                    "generation": generation, "policy": policy.summary(), "wall_s": outcome.wall_s,
                     "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
-                    "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in space.decode(x).items()}),
+                    "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in policy.layers.items()}),
                     **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
                 }
                 if outcome.ok:
@@ -244,7 +242,7 @@ def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str],
     _atomic_write(out / PARETO_FILE, lambda p: pareto.to_csv(p, index=False))
     from mpsearch.report import plot_front, write_report
 
-    plot_front(trials, pareto, config, out, uniform_trials=uniform_keys)
+    plot_front(trials, pareto, config, out)
     write_report(
         out, config=config, trials=trials, pareto=pareto, hypervolume=hv, ref_point=ref.tolist(),
         wall_s=wall, search_s=search_s, machine=describe_machine(), versions=_versions(), workers=workers,
