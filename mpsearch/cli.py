@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--space", default="", help="search space YAML path or name in search_spaces/ (default: by model family)")
     o.add_argument("--objectives", default="accuracy,energy", help="accuracy plus any of energy, size, bops (default accuracy,energy)")
     o.add_argument("--energy-profile", default="horowitz45nm", help="energy profile the search optimises (default horowitz45nm)")
-    o.add_argument("--eval-images", type=int, default=1000, help="validation images per trial (default 1000)")
+    o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 500)")
+    o.add_argument("--remeasure-points", type=int, default=None,
+                   help="re-measure at most N Pareto points on the full val and test splits, spread along the front (default 8; 0 = all)")
     o.add_argument("--workers", type=int, default=-1, help="Ray workers (default: one per core; 0 = in-process)")
     o.add_argument("--threads", type=int, default=1, help="torch threads per worker (fixed so results do not depend on --workers)")
     o.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
@@ -271,13 +273,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                         "and pass its file with --checkpoint")
     if args.pretrained:
         raise UserError("optimize --pretrained is not supported yet; save the hub model and pass --checkpoint")
+    optional = {"eval_images": args.eval_images, "remeasure_points": args.remeasure_points}  # None: the config's default
     config = StudyConfig(
         name=args.name, model=args.model, dataset=args.dataset, data_dir=args.data_dir, checkpoint=args.checkpoint,
         seed=args.seed, budget=args.budget, algorithm=args.algorithm, population_size=args.population, space=args.space,
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), energy_profile=args.energy_profile,
-        eval_images=args.eval_images, workers=args.workers, torch_threads=args.threads, ray_address=args.ray_address,
+        workers=args.workers, torch_threads=args.threads, ray_address=args.ray_address,
         storage=args.storage, calibration_size=args.calibration_size, weight_observer=args.weight_observer,
         act_observer=args.act_observer, sensitivity=args.sensitivity, out_root=args.out_root,
+        **{k: v for k, v in optional.items() if v is not None},
     )
     result = optimize(config, progress=not args.no_progress, log=_log)
     print(f"study {result.name}: {len(result.trials)} trials, {len(result.pareto)} Pareto points, "

@@ -197,12 +197,24 @@ class Evaluator:
         """Measure ``policy`` on ``split`` (its first ``limit`` images)."""
         start = time.perf_counter()
         mask = self.quantized_mask(policy, split, limit, progress)
+        ref = self.fp32_mask(split, limit, progress) if compare_fp32 else None
+        return self.summarize(policy, mask, split=split, fp32_mask=ref, start=start)
+
+    def summarize(
+        self,
+        policy: Policy,
+        mask: torch.Tensor,
+        *,
+        split: str,
+        fp32_mask: torch.Tensor | None = None,
+        start: float | None = None,
+    ) -> EvaluationResult:
+        """The result for a measured correctness ``mask`` (paired with ``fp32_mask`` when given)."""
         n, k = mask.numel(), int(mask.sum())
         fp32_acc = drop = drop_ci = None
-        if compare_fp32:
-            ref = self.fp32_mask(split, limit, progress)
-            fp32_acc = int(ref.sum()) / ref.numel()  # exact, like the quantized accuracy
-            drop, lo, hi = paired_difference_ci(ref, mask)
+        if fp32_mask is not None:
+            fp32_acc = int(fp32_mask.sum()) / fp32_mask.numel()  # exact, like the quantized accuracy
+            drop, lo, hi = paired_difference_ci(fp32_mask, mask)
             drop_ci = (lo, hi)
         return EvaluationResult(
             model=self.baseline.name,
@@ -217,5 +229,5 @@ class Evaluator:
             drop=drop,
             drop_ci95=drop_ci,
             costs=policy_costs(self.cost_table, policy, self.profiles),
-            wall_s=time.perf_counter() - start,
+            wall_s=time.perf_counter() - start if start is not None else 0.0,
         )

@@ -33,6 +33,9 @@ def pick_policy(folder: Path, pick: str) -> tuple[Policy, str]:
     from mpsearch.search.pareto import knee_point
 
     config = yaml.safe_load((folder / "config.yaml").read_text())
+    if not (folder / "pareto.csv").exists():
+        raise UserError(f"study {folder.name} has no pareto.csv (its front was never re-measured); "
+                        "run mpsearch optimize to the end for this study")
     pareto = pd.read_csv(folder / "pareto.csv")
     if pareto.empty:
         raise UserError(f"study {folder.name} has an empty Pareto set; nothing to export")

@@ -106,7 +106,9 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
         f"- algorithm **{config.algorithm}**, budget {config.budget} evaluations ({len(ok)} measured, {failed} failed), "
         f"population {config.population_size}, seed {config.seed}",
         f"- objectives: {', '.join(config.objectives)} (energy profile {config.energy_profile}); each trial measured on the "
-        f"first {config.eval_images} validation images; the Pareto set re-measured on the full validation and test splits",
+        f"first {config.eval_images} validation images; the Pareto set "
+        + (f"(at most {config.remeasure_points} points, spread along the front) " if config.remeasure_points else "")
+        + "re-measured on the full validation and test splits",
         f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point {ref_point}): "
         f"**{hypervolume:.4f}**",
         f"- wall time {wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "

@@ -14,6 +14,7 @@ import os
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class EvalTask:
     policy: dict[str, Any]  # Policy.to_dict()
     split: str = "val"
     limit: int | None = None
+    keep_mask: bool = False  # return which images were right (for paired comparisons in the driver)
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,21 @@ class EvalOutcome:
     wall_s: float
     error: str | None = None  # set when the policy could not be measured (e.g. NaN outputs)
     worker: str = ""
+    packed_mask: bytes | None = None  # np.packbits of the per-image correctness, when asked for
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def mask(self):
+        """The per-image correctness as a bool tensor (the task must have asked with ``keep_mask``)."""
+        import numpy as np
+        import torch
+
+        if self.packed_mask is None:
+            raise ValueError("this outcome carries no mask; submit the task with keep_mask=True")
+        bits = np.unpackbits(np.frombuffer(self.packed_mask, dtype=np.uint8), count=self.images)
+        return torch.from_numpy(bits.astype(bool))
 
 
 def build_evaluator(spec: WorkerSpec):
@@ -84,21 +97,26 @@ def build_evaluator(spec: WorkerSpec):
 
 def run_task(evaluator, task: EvalTask, worker: str = "") -> EvalOutcome:
     """Measure one policy; a failure of the policy (not of the code) becomes ``error``."""
+    import numpy as np
+
     from mpsearch.policy import Policy
 
     start = time.perf_counter()
     policy = Policy.from_dict(task.policy)
     try:
-        result = evaluator.evaluate(policy, split=task.split, limit=task.limit, compare_fp32=False)
+        mask = evaluator.quantized_mask(policy, split=task.split, limit=task.limit)
     except UserError as exc:  # e.g. NaN/inf outputs at very low bit widths
         return EvalOutcome(task.index, 0, 0, {}, time.perf_counter() - start, error=str(exc), worker=worker)
+    result = evaluator.summarize(policy, mask, split=task.split, start=start)
     costs = result.costs
     metrics = {"accuracy": result.accuracy, "size_bytes": costs.size_bytes, "bops": costs.bops}
     metrics.update({f"energy:{k}": v for k, v in costs.energy.items()})
     relative = costs.relative()
     metrics.update({f"rel_{k}": v for k, v in relative.items()})
     metrics["rel_energy"] = relative[f"energy:{evaluator.profiles[0]}"]  # the profile the search optimises
-    return EvalOutcome(task.index, result.correct, result.images, metrics, time.perf_counter() - start, worker=worker)
+    packed = np.packbits(mask.numpy()).tobytes() if task.keep_mask else None
+    return EvalOutcome(task.index, result.correct, result.images, metrics, time.perf_counter() - start, worker=worker,
+                       packed_mask=packed)
 
 
 class Executor(ABC):
@@ -107,7 +125,8 @@ class Executor(ABC):
     workers: int
 
     @abstractmethod
-    def map(self, tasks: list[EvalTask]) -> list[EvalOutcome]: ...
+    def map(self, tasks: list[EvalTask], on_done: Callable[[EvalOutcome], None] | None = None) -> list[EvalOutcome]:
+        """Run ``tasks``; ``on_done`` is called as each finishes (progress bars)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -130,8 +149,13 @@ class InProcessExecutor(Executor):
         self.evaluator = evaluator if evaluator is not None else build_evaluator(spec)
         torch.set_num_threads(spec.torch_threads)
 
-    def map(self, tasks: list[EvalTask]) -> list[EvalOutcome]:
-        return [run_task(self.evaluator, t, "local") for t in tasks]
+    def map(self, tasks: list[EvalTask], on_done: Callable[[EvalOutcome], None] | None = None) -> list[EvalOutcome]:
+        outcomes = []
+        for task in tasks:
+            outcomes.append(run_task(self.evaluator, task, "local"))
+            if on_done is not None:
+                on_done(outcomes[-1])
+        return outcomes
 
     def close(self) -> None:
         import torch
@@ -167,8 +191,14 @@ class RayExecutor(Executor):
         self.pool = ActorPool(self.actors)
         self.workers = workers
 
-    def map(self, tasks: list[EvalTask]) -> list[EvalOutcome]:
-        outcomes = list(self.pool.map(lambda actor, task: actor.run.remote(task), tasks))  # ordered
+    def map(self, tasks: list[EvalTask], on_done: Callable[[EvalOutcome], None] | None = None) -> list[EvalOutcome]:
+        # Unordered so that the progress callback fires as soon as any actor finishes; the
+        # result is put back in task order, so nothing downstream sees the finishing order.
+        outcomes = []
+        for outcome in self.pool.map_unordered(lambda actor, task: actor.run.remote(task), tasks):
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome)
         return sorted(outcomes, key=lambda o: o.index)
 
     def close(self) -> None:

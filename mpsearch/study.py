@@ -36,7 +36,7 @@ class StudyResult:
     name: str
     out_dir: Path
     trials: Any  # pandas.DataFrame
-    pareto: Any  # pandas.DataFrame
+    pareto: Any  # pandas.DataFrame; None when the front was not re-measured
     hypervolume: float
     wall_s: float
 
@@ -91,8 +91,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> StudyResult:
-    """Run ``config``'s study to its budget and write every output; see the module docstring."""
+def optimize(
+    config: StudyConfig, *, progress: bool = True, log: Callable[[str], None] = print, remeasure: bool = True
+) -> StudyResult:
+    """Run ``config``'s study to its budget and write every output; see the module docstring.
+
+    ``remeasure=False`` stops after the search (config, trials and the study itself are written;
+    no Pareto re-measurement, plots or report): benchmarks that compare search algorithms on the
+    search split use it.
+    """
     import optuna
     import torch
     import yaml
@@ -193,7 +200,7 @@ def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str],
             batch = xs[: config.budget - done]
             policies = [to_policy(x) for x in batch]  # decoded once per trial, used for the task and the record
             tasks = [EvalTask(i, p.to_dict(), split="val", limit=config.eval_images) for i, p in enumerate(policies)]
-            outcomes = executor.map(tasks)
+            outcomes = executor.map(tasks, on_done=lambda _: bar.update(1))
             F = np.zeros((len(batch), len(config.objectives)))
             for x, policy, outcome in zip(batch, policies, outcomes):
                 key = tuple(int(v) for v in x)
@@ -225,12 +232,11 @@ def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str],
             finite = np.vstack([front_F, F[np.isfinite(F).all(axis=1)]])
             front_F = finite[non_dominated(finite)] if len(finite) else finite
             hv = hypervolume(front_F, ref)
-            bar.update(len(batch))
             bar.set_postfix(front=len(front_F), hv=f"{hv:.4f}")
-    bar.close()
-    search_s = time.perf_counter() - start
-    trials = load_trials(study)
-    pareto = _remeasure_front(config, evaluator, space, trials, to_policy, out, log, progress)
+        bar.close()
+        search_s = time.perf_counter() - start
+        trials = load_trials(study)
+        pareto = _remeasure_front(config, evaluator, executor, space, trials, to_policy, out, log, progress) if remeasure else None
     hv = hypervolume(_front_matrix(trials, config.objectives), ref)
     wall = time.perf_counter() - start
 
@@ -239,6 +245,10 @@ def optimize(config: StudyConfig, *, progress: bool = True, log: Callable[[str],
     _atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(resolved, sort_keys=False)))
     _atomic_write(out / "trials.csv", lambda p: trials.to_csv(p, index=False))
     _atomic_write(out / "trials.parquet", lambda p: trials.to_parquet(p, index=False))
+    if pareto is None:
+        log(f"study {name}: {len(trials)} trials, hypervolume {hv:.4f} on the search split, {wall / 60:.1f} min; "
+            f"front not re-measured; outputs in {out}")
+        return StudyResult(name, out, trials, None, hv, wall)
     _atomic_write(out / PARETO_FILE, lambda p: pareto.to_csv(p, index=False))
     from mpsearch.report import plot_front, write_report
 
@@ -317,10 +327,17 @@ def _front_matrix(trials, objectives: tuple[str, ...]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def _remeasure_front(config, evaluator, space, trials, to_policy, out: Path, log, progress: bool):
-    """Re-measure the Pareto set (val subset) on the full validation split and on the test split."""
-    import pandas as pd
+def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out: Path, log, progress: bool):
+    """Re-measure the Pareto set (val subset) on the full validation split and on the test split.
 
+    The measurements run on the executor's workers like the trials do; each returns its
+    per-image correctness so the driver can pair every test measurement with one fp32 test pass.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from mpsearch.policy import uniform_policy
+    from mpsearch.runtime import EvalTask
     from mpsearch.search.pareto import non_dominated
 
     ok = trials[trials["state"] == "COMPLETE"].reset_index(drop=True)
@@ -330,16 +347,41 @@ def _remeasure_front(config, evaluator, space, trials, to_policy, out: Path, log
     idx = non_dominated(F)
     # The same policy may appear twice (algorithms re-propose); measure it once.
     front = ok.iloc[idx].drop_duplicates(subset=[c for c in ok.columns if c.startswith("param_")])
+    cost_col = f"value_{config.objectives[1]}"
+    front = front.sort_values([cost_col, "trial"], kind="stable")
+    found = len(front)
+    if 0 < config.remeasure_points < found:  # evenly spread by rank along the cost axis, both ends kept
+        keep = np.unique(np.round(np.linspace(0, found - 1, config.remeasure_points)).astype(int))
+        front = front.iloc[keep]
     policies_dir = out / "policies"
     policies_dir.mkdir(exist_ok=True)
-    rows = []
-    log(f"re-measuring {len(front)} Pareto points on the full validation and test splits ...")
+    points = []
     for _, row in front.iterrows():
         params = {k[len("param_"):]: int(v) for k, v in row.items() if k.startswith("param_")}
-        x = space.x_from_params(params)
-        policy = to_policy(x)
-        val = evaluator.evaluate(policy, split="val", progress=progress)
-        test = evaluator.evaluate(policy, split="test", progress=progress)
+        points.append((row, to_policy(space.x_from_params(params))))
+    fp32 = uniform_policy("fp32", model=evaluator.baseline.name, dataset=evaluator.data.info.name,
+                          layers=evaluator.layer_names, checkpoint_sha256=evaluator.baseline.sha256)
+    tasks = [EvalTask(0, fp32.to_dict(), split="test", keep_mask=True)]
+    for i, (_, policy) in enumerate(points):
+        tasks.append(EvalTask(1 + 2 * i, policy.to_dict(), split="test", keep_mask=True))
+        tasks.append(EvalTask(2 + 2 * i, policy.to_dict(), split="val", keep_mask=True))
+    shown = f"{len(points)} Pareto points" if len(points) == found else f"{len(points)} of {found} Pareto points (spread along the front)"
+    log(f"re-measuring {shown} on the full validation and test splits ...")
+    bar = tqdm(total=len(tasks), desc="re-measure front", unit="eval", disable=not progress)
+    outcomes = executor.map(tasks, on_done=lambda _: bar.update(1))
+    bar.close()
+    if not outcomes[0].ok:
+        raise RuntimeError(f"the fp32 model failed on the test split: {outcomes[0].error}")
+    fp32_test = outcomes[0].mask()
+    rows = []
+    for i, (row, policy) in enumerate(points):
+        test_out, val_out = outcomes[1 + 2 * i], outcomes[2 + 2 * i]
+        trial_no = int(row["trial"])
+        if not (test_out.ok and val_out.ok):
+            log(f"trial {trial_no} ({policy.summary()}) failed on a full split and is left out: {test_out.error or val_out.error}")
+            continue
+        val = evaluator.summarize(policy, val_out.mask(), split="val")
+        test = evaluator.summarize(policy, test_out.mask(), split="test", fp32_mask=fp32_test)
         metrics = {
             "search_accuracy": float(row["value_accuracy"]),
             "val_accuracy": val.accuracy, "val_ci95": list(val.accuracy_ci95),
@@ -347,7 +389,6 @@ def _remeasure_front(config, evaluator, space, trials, to_policy, out: Path, log
             "test_drop": test.drop, "test_drop_ci95": list(test.drop_ci95 or ()),
             **{f"rel_{k}": v for k, v in test.costs.relative().items()},
         }
-        trial_no = int(row["trial"])
         stored = policy.with_provenance(
             study=config.study_name, trial=trial_no, seed=config.seed, metrics=metrics,
             quant={"weight_observer": config.weight_observer, "act_observer": config.act_observer,

@@ -151,11 +151,15 @@ def train_model(
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     for epoch in range(recipe.epochs):
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}", disable=not progress, leave=True)
+        size = recipe.image_size(epoch, info.image_size)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs} @{size}px", disable=not progress, leave=True)
         seen = correct = 0
         loss_sum = 0.0
         for x, y in train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch):
-            x = _augment(x, recipe, fill, gen).contiguous(memory_format=memory_format)
+            x = _augment(x, recipe, fill, gen)
+            if size != x.shape[-1]:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = x.contiguous(memory_format=memory_format)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)

@@ -61,6 +61,25 @@ def test_unsigned_grid_uses_every_level_for_non_negative_inputs():
     assert torch.equal(fake_quantize(torch.tensor([0.0, 1.2, 2.2, 3.0]), qp), torch.tensor([0.0, 1.0, 2.0, 3.0]))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("symmetric,signed", [(True, True), (True, False), (False, False)])
+def test_evaluation_kernel_is_bit_identical_to_pytorchs(bits, symmetric, signed):
+    # The no-grad path (vectorized, into a reused buffer) must give exactly PyTorch's fake-quant
+    # values, including at rounding ties (x exactly halfway between two levels).
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 5, 7, 11, generator=g) * 2
+    qp = qparams_from_range(x.min() * 0.6, x.max() * 0.7, bits, symmetric=symmetric, signed=signed)
+    ties = (torch.arange(-40, 40) + 0.5) * qp.scale
+    for t in (x, ties):
+        ref = torch.fake_quantize_per_tensor_affine(t, float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax)
+        with torch.no_grad():
+            buffer = torch.full_like(t, float("nan"))
+            out = fake_quantize(t, qp, out=buffer)
+            assert out.data_ptr() == buffer.data_ptr()  # written in place into the buffer given
+            assert torch.equal(out, ref)
+            assert torch.equal(fake_quantize(t, qp, out=torch.empty(1)), ref)  # a mismatched buffer is not used
+
+
 def test_per_channel_weight_quantization_by_hand():
     w = torch.tensor([[0.5, -1.0], [0.02, 0.04]])
     qp, wq = quantize_weight(w, 2, per_channel=True, symmetric=True, observer="minmax")

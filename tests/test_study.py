@@ -5,11 +5,14 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
+from mpsearch.evaluate import Evaluator
 from mpsearch.export import pick_policy
 from mpsearch.policy import Policy
+from mpsearch.runtime import EvalTask, run_task
 from mpsearch.study import optimize, storage_url
 
 TINY = dict(model="test_resnet", dataset="digits", budget=16, population_size=8, eval_images=120,
@@ -58,7 +61,39 @@ def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_ch
     cols = [c for c in first.trials.columns if c.startswith(("param_", "value_"))]
     pd.testing.assert_frame_equal(first.trials[cols], again.trials[cols])
     pd.testing.assert_frame_equal(first.trials[cols], ray2.trials[cols])
-    assert first.pareto["trial"].tolist() == ray2.pareto["trial"].tolist()
+    # The front is re-measured on the workers: the same numbers whoever measured them.
+    remeasured = ["trial", "val_accuracy", "test_accuracy", "test_drop_pp", "test_ci_low", "test_ci_high"]
+    pd.testing.assert_frame_equal(first.pareto[remeasured], ray2.pareto[remeasured])
+
+
+def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(study, tmp_path, tiny_checkpoint):
+    _, full = study
+    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, remeasure_points=2)
+    assert len(full.pareto) > 2, "the tiny study's front should be wider than the cap"
+    # Same search (same seed), so the same front; the cap keeps its cheapest and costliest points.
+    assert capped.pareto["trial"].tolist() == [full.pareto["trial"].iloc[0], full.pareto["trial"].iloc[-1]]
+    pd.testing.assert_frame_equal(capped.pareto.drop(columns="policy_file"),
+                                  full.pareto.iloc[[0, -1]].reset_index(drop=True).drop(columns="policy_file"))
+
+
+def test_search_only_stops_before_the_front(tmp_path, tiny_checkpoint):
+    cfg = StudyConfig(name="search-only", out_root=str(tmp_path), checkpoint=tiny_checkpoint, **{**TINY, "workers": 0, "budget": 8})
+    result = optimize(cfg, progress=False, log=lambda m: None, remeasure=False)
+    assert result.pareto is None and len(result.trials) == 8 and result.hypervolume > 0
+    assert (result.out_dir / "trials.csv").exists() and not (result.out_dir / "pareto.csv").exists()
+    with pytest.raises(UserError, match="no pareto.csv"):
+        pick_policy(result.out_dir, "knee")
+
+
+def test_a_worker_returns_the_per_image_mask(digits_baseline, digits):
+    ev = Evaluator(digits_baseline, digits)
+    policy = ev.resolve_policy("w4a8")
+    outcome = run_task(ev, EvalTask(3, policy.to_dict(), split="test", keep_mask=True))
+    expected = ev.quantized_mask(policy, "test")
+    assert outcome.index == 3 and outcome.images == len(expected) == len(digits.test)
+    assert torch.equal(outcome.mask(), expected) and outcome.correct == int(expected.sum())
+    with pytest.raises(ValueError, match="keep_mask"):
+        run_task(ev, EvalTask(0, policy.to_dict())).mask()
 
 
 def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseline, digits):

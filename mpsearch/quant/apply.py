@@ -59,11 +59,13 @@ class QuantizedModel:
         if unknown:
             raise UserError(f"layer {unknown[0]!r} is not a quantizable Conv2d/Linear of this model")
         self.wrappers: dict[str, QuantWrapper] = {}
+        act_buffers: dict[tuple, torch.Tensor] = {}  # shared: see QuantWrapper.act_buffers
         for name in self.layer_names:
             parent_name, _, child = name.rpartition(".")
             parent = self.module.get_submodule(parent_name) if parent_name else self.module
             layer = getattr(parent, child)
             wrapper = wrapper_for(layer)(layer)  # type: ignore[misc]
+            wrapper.act_buffers = act_buffers
             setattr(parent, child, wrapper)
             self.wrappers[name] = wrapper
         self.act_stats: dict[str, ActivationStats] = {}

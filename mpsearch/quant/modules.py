@@ -32,6 +32,11 @@ class QuantWrapper(nn.Module):
         self.quantized_weight: torch.Tensor | None = None
         self.act_qparams: QParams | None = None
         self.stats: ActivationStats | None = None  # set only during calibration
+        # Output buffers for the input quantizer, keyed by shape, shared by every wrapper of a
+        # QuantizedModel (None: allocate per call). Reusing them spares the allocator a fresh,
+        # zero-filled multi-megabyte block per layer and batch; safe because a layer consumes its
+        # quantized input before the next layer runs. Only used without autograd.
+        self.act_buffers: dict[tuple, torch.Tensor] | None = None
 
     def set_quantizers(
         self, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None
@@ -50,7 +55,11 @@ class QuantWrapper(nn.Module):
         if self.stats is not None:
             self.stats.update(x)
         if self.act_qparams is not None:
-            x = fake_quantize(x, self.act_qparams)
+            if self.act_buffers is not None and not (torch.is_grad_enabled() and x.requires_grad):
+                key = (tuple(x.shape), x.dtype, x.stride())
+                x = self.act_buffers[key] = fake_quantize(x, self.act_qparams, out=self.act_buffers.get(key))
+            else:
+                x = fake_quantize(x, self.act_qparams)
         return self.compute(x, self.current_weight())
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

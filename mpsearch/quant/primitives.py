@@ -80,13 +80,26 @@ def qparams_from_range(
     return QParams(scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax, axis=axis)
 
 
-def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """Quantize and dequantize ``x`` (differentiable through the straight-through estimator)."""
+def fake_quantize(x: torch.Tensor, qp: QParams, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize and dequantize ``x`` (differentiable through the straight-through estimator).
+
+    ``out`` (per-tensor, without autograd only) is a tensor to write the result into when it
+    has ``x``'s shape, dtype and layout; a fresh one is allocated otherwise.
+    """
     if qp.axis is None:
-        # The float/int overload is ~1.6x faster on CPU than the tensor-qparams one (which also
-        # materialises a gradient mask) and computes the same values; activations are
-        # quantized on every forward pass, so this is the evaluation's hot path.
-        return torch.fake_quantize_per_tensor_affine(x, float(qp.scale), int(qp.zero_point), qp.qmin, qp.qmax)
+        scale, zero_point = float(qp.scale), int(qp.zero_point)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qp.qmin, qp.qmax)
+        # Evaluation's hot path: every quantized layer's input, every batch. PyTorch's CPU
+        # fake-quant kernel is scalar and also writes a gradient mask; these four vectorized
+        # passes (one allocation) run 2.3x faster and give bit-identical values: the same
+        # float32 ``x * (1/scale)``, half-to-even rounding, and clamping ``q`` to
+        # ``[qmin - z, qmax - z]`` is clamping ``q + z`` to ``[qmin, qmax]`` (integers are exact).
+        # (1/scale in float64 rounded to float32 equals the float32 division PyTorch does.)
+        if out is None or out.shape != x.shape or out.dtype != x.dtype or out.stride() != x.stride():
+            out = torch.empty_like(x)
+        torch.mul(x, torch.tensor(1.0 / scale, dtype=x.dtype), out=out).round_()
+        return out.clamp_(qp.qmin - zero_point, qp.qmax - zero_point).mul_(scale)
     return torch.fake_quantize_per_channel_affine(
         x, qp.scale.to(x.device), qp.zero_point.to(x.device), qp.axis, qp.qmin, qp.qmax
     )
