@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--space", default="", help="search space YAML path or name in search_spaces/ (default: by model family)")
     o.add_argument("--objectives", default="accuracy,energy", help="accuracy plus any of energy, size, bops (default accuracy,energy)")
     o.add_argument("--energy-profile", default="horowitz45nm", help="energy profile the search optimises (default horowitz45nm)")
-    o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 500)")
+    o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
     o.add_argument("--remeasure-points", type=int, default=None,
-                   help="re-measure at most N Pareto points on the full val and test splits, spread along the front (default 8; 0 = all)")
+                   help="re-measure at most N Pareto points on the full val and test splits, spread along the front (default 6; 0 = all)")
     o.add_argument("--workers", type=int, default=-1, help="Ray workers (default: one per core; 0 = in-process)")
     o.add_argument("--threads", type=int, default=1, help="torch threads per worker (fixed so results do not depend on --workers)")
     o.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")

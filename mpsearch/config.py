@@ -181,7 +181,7 @@ class StudyConfig:
     space: str = ""
     objectives: tuple[str, ...] = ("accuracy", "energy")
     energy_profile: str = "horowitz45nm"
-    eval_images: int = 500
+    eval_images: int = 400
     workers: int = -1
     torch_threads: int = 1
     ray_address: str | None = None
@@ -191,7 +191,7 @@ class StudyConfig:
     act_observer: str = "mse"
     sensitivity: str = "hessian"
     hawq_budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
-    remeasure_points: int = 8
+    remeasure_points: int = 6
     out_root: str = "studies"
 
     def __post_init__(self) -> None:

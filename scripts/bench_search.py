@@ -1,7 +1,7 @@
 """Search algorithms compared: hypervolume of each one's measured front, same budget, seed and
 reference point, and whether that front dominates the uniform policies.
 
-    python scripts/bench_search.py [--model resnet18] [--budget 200] [--seed 0] [--eval-images 500]
+    python scripts/bench_search.py [--model resnet18] [--budget 200] [--seed 0] [--eval-images 400]
                                    [--algorithms nsga2,optuna-nsga2,optuna-tpe,random] [--markdown FILE]
 
 Every algorithm runs a full `mpsearch optimize` search (same search space, same first population
@@ -54,13 +54,14 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--population", type=int, default=20)
-    ap.add_argument("--eval-images", type=int, default=500)
+    ap.add_argument("--eval-images", type=int, default=StudyConfig.eval_images, help="validation images per evaluation (the study default)")
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--algorithms", default="nsga2,optuna-nsga2,optuna-tpe,random")
     ap.add_argument("--out-root", default="studies/bench-search", help="where the benchmark's studies go (replaced)")
     ap.add_argument("--markdown", default=None, help="also write the result table to this Markdown file")
     args = ap.parse_args()
 
+    machine = describe_machine()  # before the studies pin this process to their per-worker threads
     rows = []
     for algorithm in args.algorithms.split(","):
         config = StudyConfig(
@@ -93,7 +94,7 @@ def main() -> None:
         marks = " | ".join("yes" if r["beaten"].get(u) else "no" for u in uniform_names)
         lines.append(f"| {r['algorithm']} | {r['hv']:.4f} | {r['front']} | {100 * r['best_accuracy']:.2f}% | {marks} | "
                      f"{r['wall_s'] / 60:.1f} min |")
-    lines += ["", f"Measured by `python scripts/bench_search.py` on {describe_machine()}."]
+    lines += ["", f"Measured by `python scripts/bench_search.py` on {machine}; each evaluation on a worker with one torch thread."]
     text = "\n".join(lines)
     print()
     print(text)

@@ -56,7 +56,8 @@ class QuantWrapper(nn.Module):
             self.stats.update(x)
         if self.act_qparams is not None:
             if self.act_buffers is not None and not (torch.is_grad_enabled() and x.requires_grad):
-                key = (tuple(x.shape), x.dtype, x.stride())
+                # Tensors made under inference_mode cannot be written outside it: separate buffers.
+                key = (tuple(x.shape), x.dtype, x.stride(), torch.is_inference_mode_enabled())
                 x = self.act_buffers[key] = fake_quantize(x, self.act_qparams, out=self.act_buffers.get(key))
             else:
                 x = fake_quantize(x, self.act_qparams)
