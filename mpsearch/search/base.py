@@ -151,8 +151,9 @@ def create_algorithm(name: str) -> SearchAlgorithm:
     return ALGORITHMS.get(name)()
 
 
-def _unique_rows(rows: Iterable[np.ndarray]) -> list[np.ndarray]:
-    seen: set[tuple[int, ...]] = set()
+def _unique_rows(rows: Iterable[np.ndarray], seen: set[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    """``rows`` without repeats, in order, as int64 arrays; ``seen`` (updated) holds keys to skip."""
+    seen = set() if seen is None else seen
     out = []
     for x in rows:
         key = tuple(int(v) for v in x)
@@ -181,12 +182,7 @@ def initial_batch(
     completes such a batch.
     """
     seen = {tuple(int(v) for v in x) for x in exclude}
-    rows = []
-    for x in initial:
-        key = tuple(int(v) for v in x)
-        if key not in seen:
-            seen.add(key)
-            rows.append(np.asarray(x, dtype=np.int64))
+    rows = _unique_rows(initial, seen)
     room = space.size - len(seen)
     for _ in range(100):  # a few rounds suffice unless the space is nearly exhausted
         if len(rows) >= size or room <= 0:
