@@ -30,7 +30,6 @@ import gzip
 import os
 import shutil
 import struct
-import tempfile
 import urllib.request
 import zlib
 from abc import ABC, abstractmethod
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from mpsearch.errors import UserError
+from mpsearch.files import atomic_write
 from mpsearch.paths import cache_root
 from mpsearch.registry import Registry
 
@@ -314,14 +314,8 @@ def _download_fashion_mnist(dest: Path) -> None:
     """Fetch the four files from FASHION_MNIST_URL into ``dest``, each written atomically."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in FASHION_MNIST_FILES:
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(FASHION_MNIST_URL + name, timeout=30) as src:
-                shutil.copyfileobj(src, out)
-            os.replace(tmp, dest / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with urllib.request.urlopen(FASHION_MNIST_URL + name, timeout=30) as src:
+            atomic_write(dest / name, lambda out: shutil.copyfileobj(src, out), binary=True, what="download")
 
 
 @_register("fashion-mnist")
@@ -339,7 +333,7 @@ def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool) -> _Loa
         folder = cache_root() / "data" / "fashion-mnist"
         try:
             _download_fashion_mnist(folder)
-        except (OSError, ValueError) as e:  # URLError is an OSError; a malformed URL a ValueError
+        except (OSError, ValueError, UserError) as e:  # URLError is an OSError, a bad URL a ValueError, a failed write a UserError
             raise UserError(
                 f"fashion-mnist not found in {where} and download from {FASHION_MNIST_URL} failed ({e}); {fix}"
             ) from e

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mpsearch.errors import UserError, read_user_file
+from mpsearch.files import atomic_write_text
 
 __all__ = [
     "POLICY_VERSION",
@@ -208,13 +209,7 @@ class Policy:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a reader never sees half a policy."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(self.to_json())
-            tmp.replace(path)
-        except OSError as exc:
-            raise UserError(f"cannot write policy {path}: {exc.strerror}; choose a writable file path") from None
+        atomic_write_text(path, self.to_json(), what="policy")
 
     def summary(self) -> str:
         """The bit widths in use, e.g. ``W4-8 A4-8`` for w4a4 with 8-bit ends, ``fp32`` for none."""

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from mpsearch.config import StudyConfig
+from mpsearch.files import atomic_write, atomic_write_text
 
 __all__ = ["plot_front", "write_report"]
 
@@ -50,10 +51,8 @@ def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = out / ".front.png.tmp"
-    fig.savefig(tmp, format="png")
+    atomic_write(out / "front.png", lambda f: fig.savefig(f, format="png"), binary=True, what="plot")
     plt.close(fig)
-    tmp.replace(out / "front.png")
 
     import plotly.graph_objects as go
 
@@ -72,9 +71,7 @@ def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
                                   text=[str(m).split(":")[1].upper() for m in uniform["attr_method"]],
                                   textposition="bottom right", marker={"symbol": "square", "size": 9}))
     fig2.update_layout(title=f"{config.model} on {config.dataset}", xaxis_title=x_label, yaxis_title="top-1 accuracy (%)")
-    tmp = out / ".front.html.tmp"
-    fig2.write_html(tmp, include_plotlyjs="inline")
-    tmp.replace(out / "front.html")
+    atomic_write_text(out / "front.html", fig2.to_html(include_plotlyjs="inline"), what="plot")
 
 
 def _markdown_table(df, columns: list[str], formats: dict[str, str]) -> str:
@@ -122,6 +119,4 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
         "Files: `trials.csv` / `trials.parquet` (every trial), `pareto.csv`, `policies/trial-NNNN.json`, "
         "`front.png`, `front.html`, `config.yaml`.",
     ]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "report.md")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n", what="report")

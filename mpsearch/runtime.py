@@ -164,12 +164,17 @@ class InProcessExecutor(Executor):
 
 
 class RayExecutor(Executor):
-    """A pool of Ray actors, each holding its own evaluator (model, data, weight cache)."""
+    """A pool of Ray actors, each holding its own evaluator (model, data, weight cache).
 
-    def __init__(self, spec: WorkerSpec, workers: int, *, address: str | None = None) -> None:
+    An actor that dies (killed, out of memory, crashed) is replaced by a fresh one and its task
+    is retried, up to ``max_retries`` times per task; after that the task comes back as a failed
+    outcome naming the cause, so the study records a failed trial and goes on. Results do not
+    depend on which actor measured them (fixed torch threads), so a retry gives the same numbers.
+    """
+
+    def __init__(self, spec: WorkerSpec, workers: int, *, address: str | None = None, max_retries: int = 2) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
-        from ray.util import ActorPool
 
         if workers < 1:
             raise UserError(f"--workers must be >= 1 for Ray (0 runs in-process), got {workers}")
@@ -185,17 +190,56 @@ class RayExecutor(Executor):
         import torch
 
         gpus = 1 if torch.cuda.is_available() and not address else 0
-        actor_cls = ray.remote(num_cpus=spec.torch_threads, num_gpus=gpus)(_EvalActor)
-        self.actors = [actor_cls.remote(spec, f"worker-{i}") for i in range(workers)]
+        self._actor_cls = ray.remote(num_cpus=spec.torch_threads, num_gpus=gpus, max_restarts=0)(_EvalActor)
+        self._spec = spec
+        self.max_retries = max_retries
+        self.replaced = 0  # actors replaced after dying (reported by the study)
+        self.actors = [self._start(i) for i in range(workers)]
         ray.get([a.ready.remote() for a in self.actors])  # surface start-up errors here, once
-        self.pool = ActorPool(self.actors)
         self.workers = workers
 
+    def _start(self, slot: int):
+        return self._actor_cls.remote(self._spec, f"worker-{slot}")
+
+    def _replace(self, slot: int) -> None:
+        import ray
+
+        try:
+            ray.kill(self.actors[slot])
+        except Exception:  # noqa: BLE001 - it is usually dead already
+            pass
+        self.actors[slot] = self._start(slot)
+        self.replaced += 1
+
     def map(self, tasks: list[EvalTask], on_done: Callable[[EvalOutcome], None] | None = None) -> list[EvalOutcome]:
-        # Unordered so that the progress callback fires as soon as any actor finishes; the
-        # result is put back in task order, so nothing downstream sees the finishing order.
-        outcomes = []
-        for outcome in self.pool.map_unordered(lambda actor, task: actor.run.remote(task), tasks):
+        # Results come as soon as any actor finishes (progress bars, in-order recording by the
+        # caller); the returned list is put back in task order.
+        import ray
+        from ray.exceptions import RayActorError  # ActorDiedError (killed, OOM, crash) and kin
+
+        queue = [(task, 0) for task in reversed(tasks)]  # a stack: pop() takes the first task
+        idle = list(range(len(self.actors)))
+        running: dict[Any, tuple[int, EvalTask, int]] = {}
+        outcomes: list[EvalOutcome] = []
+        while queue or running:
+            while queue and idle:
+                slot = idle.pop(0)
+                task, attempt = queue.pop()
+                running[self.actors[slot].run.remote(task)] = (slot, task, attempt)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            slot, task, attempt = running.pop(ready[0])
+            try:
+                outcome = ray.get(ready[0])
+            except RayActorError as exc:
+                self._replace(slot)
+                if attempt < self.max_retries:
+                    queue.append((task, attempt + 1))
+                    idle.append(slot)
+                    continue
+                cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                outcome = EvalOutcome(task.index, 0, 0, {}, 0.0, worker=f"worker-{slot}",
+                                      error=f"worker died {attempt + 1} times on this policy ({type(exc).__name__}: {cause[:200]})")
+            idle.append(slot)
             outcomes.append(outcome)
             if on_done is not None:
                 on_done(outcome)
@@ -205,7 +249,10 @@ class RayExecutor(Executor):
         import ray
 
         for actor in getattr(self, "actors", []):
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         self.actors = []
         if getattr(self, "_owns_ray", False) and ray.is_initialized():
             ray.shutdown()
@@ -230,6 +277,10 @@ class _EvalActor:
 
     def run(self, task: EvalTask) -> EvalOutcome:
         return run_task(self.evaluator, task, self.name)
+
+    def pid(self) -> int:
+        """The actor's process id (fault-injection tests kill it)."""
+        return os.getpid()
 
 
 def create_executor(spec: WorkerSpec, workers: int, *, address: str | None = None, evaluator=None) -> Executor:

@@ -6,10 +6,19 @@ each result is recorded as a trial of the study in its storage (SQLite by defaul
 algorithm is told. Parallel workers never talk to the storage, so the study is the same for any
 number of workers. At the end the measured Pareto set is re-measured on the full validation split
 and on the test split (95 % CIs) and written with plots, tables, a report and one policy per point.
+
+Resuming: running the same study again continues it. The algorithm is rebuilt by replaying the
+recorded generations through ask/tell (every algorithm is deterministic given its seed and what
+it was told), checked generation by generation against the digests in ``search_state.json``;
+recorded trials are reused, and only slots without a finished trial are evaluated. Trials are
+recorded in slot order as they finish, so a kill -9 at any moment loses at most the evaluations
+in flight, and the resumed study ends with the same trials, numbers included, as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -24,10 +33,15 @@ import numpy as np
 
 from mpsearch.config import OBJECTIVES, QuantConfig, StudyConfig
 from mpsearch.errors import UserError
+from mpsearch.files import atomic_write, atomic_write_text
 
-__all__ = ["StudyResult", "optimize", "study_dir", "storage_url", "load_trials", "PARETO_FILE"]
+__all__ = ["StudyResult", "optimize", "study_dir", "storage_url", "load_trials", "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS"]
 
 PARETO_FILE = "pareto.csv"
+CHECKPOINT_FILE = "search_state.json"
+# Settings a resumed study may change: they decide how much to run and where, not what a trial
+# measures. Every other field must match the study's stored config.
+RESUMABLE_FIELDS = ("budget", "workers", "ray_address", "remeasure_points", "data_dir", "out_root", "storage", "checkpoint")
 UNIFORM_SHORTHANDS = ((8, 8), (6, 6), (4, 8), (4, 4), (2, 8))
 REF_POINT_PAD = 1.0  # hypervolume reference: error 1.0 and each relative cost 1.0 (the fp32 model)
 
@@ -50,12 +64,6 @@ def storage_url(config: StudyConfig) -> str:
     if config.storage:
         return config.storage
     return f"sqlite:///{(study_dir(config) / 'study.db').resolve()}"
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def _objective_vector(metrics: dict[str, float] | None, objectives: tuple[str, ...]) -> np.ndarray:
@@ -102,23 +110,18 @@ def optimize(
     search split use it.
     """
     import optuna
-    import torch
-    import yaml
 
-    from mpsearch.data import load_dataset
-    from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator
-    from mpsearch.machine import describe_machine
-    from mpsearch.policy import Policy
-    from mpsearch.runtime import EvalTask, WorkerSpec, create_executor, default_workers
+    from mpsearch.locking import StudyLock
     from mpsearch.search.base import create_algorithm
-    from mpsearch.search.pareto import hypervolume, non_dominated
-    from mpsearch.search.space import BoundSpace, SearchSpace, default_space_for
-    from mpsearch.zoo import get_baseline
+    from mpsearch.search.space import SearchSpace, default_space_for
 
     start = time.perf_counter()
     name = config.study_name
     out = study_dir(config)
+    from mpsearch.zoo import resolve_model_name
+
     algorithm = create_algorithm(config.algorithm)  # unknown names fail before any work
+    resolve_model_name(config.model)
     space_def = SearchSpace.load(config.space or default_space_for(config.model))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -129,35 +132,60 @@ def optimize(
         raise UserError(f"cannot write study outputs to {out} ({exc.strerror}); choose a writable --out-root") from None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = [OBJECTIVES[o][0] for o in config.objectives]
+    lock = StudyLock(storage_url(config), name)
+    lock.acquire_file()  # before the storage is opened: a second driver stops here, the study untouched
     try:
-        study = optuna.create_study(study_name=name, storage=storage_url(config), directions=directions, load_if_exists=True)
-    except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
-        raise UserError(f"cannot open study storage {storage_url(config)!r} ({type(exc).__name__}); "
-                        "pass a valid Optuna storage URL with --storage") from None
-    if study.trials:
-        raise UserError(
-            f"study {name!r} already has {len(study.trials)} trials in {storage_url(config)}; "
-            "choose another --name, or delete the study to start over"
-        )
-    with warnings.catch_warnings():  # experimental since optuna 3.2, stable in practice
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(list(config.objectives))
-    study.set_user_attr("config", config.to_dict())
+        return _optimize_locked(config, lock, out, algorithm, space_def, start, progress=progress, log=log, remeasure=remeasure)
+    except KeyboardInterrupt:
+        log(f"interrupted: every finished trial of study {name!r} is recorded; run the same command again to resume it")
+        raise
+    finally:
+        lock.release()
+
+
+def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def, start: float, *, progress: bool,
+                     log: Callable[[str], None], remeasure: bool) -> StudyResult:
+    import optuna
+    import torch
+    import yaml
+
+    from mpsearch.data import load_dataset
+    from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator
+    from mpsearch.machine import describe_machine
+    from mpsearch.policy import Policy
+    from mpsearch.runtime import EvalTask, WorkerSpec, create_executor, default_workers
+    from mpsearch.search.pareto import hypervolume, non_dominated
+    from mpsearch.search.space import BoundSpace
+    from mpsearch.zoo import get_baseline
+
+    name = config.study_name
+    study, recorded = _existing_study(config, space_def)  # checks only: a refused run writes nothing
+    if study is not None:
+        lock.acquire_lease(study)
 
     torch.set_num_threads(config.torch_threads)
     data = load_dataset(config.dataset, data_dir=config.data_dir, calibration_size=config.calibration_size,
                         calibration_seed=config.seed)
     baseline = get_baseline(config.model, data, seed=config.seed, checkpoint=config.checkpoint, log=log)
+    known_sha = study.user_attrs.get("baseline_sha256") if study is not None else None
+    if recorded and known_sha and baseline.sha256 != known_sha:
+        raise UserError(f"study {name!r} was measured on a baseline with sha256 {known_sha[:12]}..., not {str(baseline.sha256)[:12]}... "
+                        "(--checkpoint); resume it with the same checkpoint, or start another study with --name")
+    if recorded:
+        log(f"resuming study {name!r}: {recorded} of {config.budget} trials recorded in {storage_url(config)}")
     checkpoint = baseline.checkpoint
     if checkpoint is None:  # hub weights: workers need a file
-        checkpoint = out / "baseline.pt"
-        torch.save(baseline.model.state_dict(), checkpoint)
+        checkpoint = atomic_write(out / "baseline.pt", lambda f: torch.save(baseline.model.state_dict(), f), binary=True,
+                                  what="baseline")
     quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
     profiles = (config.energy_profile,) + tuple(p for p in DEFAULT_PROFILES if p != config.energy_profile)
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     evaluator.calibrate()
     space = BoundSpace(space_def, evaluator.layer_names)
+    if study is None:
+        study = _create_study(config)
+        lock.acquire_lease(study)
+    _record_settings(study, config, space_def, baseline.sha256)
 
     def to_policy(x: np.ndarray, **provenance: Any) -> Policy:
         return Policy(model=config.model, dataset=data.info.name, layers=space.decode(x),
@@ -188,26 +216,38 @@ def optimize(
                       calibration_size=config.calibration_size, seed=config.seed, quant=quant.to_dict(),
                       profiles=profiles, torch_threads=config.torch_threads)
     distributions = space.distributions()
+    records = _records_by_slot(study)
+    checkpoint = _SearchCheckpoint(out / CHECKPOINT_FILE, fresh=not recorded, log=log)
     done = 0
     generation = 0
     front_F = np.zeros((0, len(config.objectives)))
     ref = np.full(len(config.objectives), REF_POINT_PAD)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.budget, desc=f"{name}", unit="eval", disable=not progress)
+    bar = tqdm(total=config.budget, desc=f"{name}", unit="eval", disable=not progress, initial=min(recorded, config.budget))
     with create_executor(spec, workers, address=config.ray_address, evaluator=evaluator) as executor:
         while done < config.budget:
             xs = algorithm.ask()
             batch = xs[: config.budget - done]
-            policies = [to_policy(x) for x in batch]  # decoded once per trial, used for the task and the record
-            tasks = [EvalTask(i, p.to_dict(), split="val", limit=config.eval_images) for i, p in enumerate(policies)]
-            outcomes = executor.map(tasks, on_done=lambda _: bar.update(1))
-            F = np.zeros((len(batch), len(config.objectives)))
-            for x, policy, outcome in zip(batch, policies, outcomes):
+            # Replay: a slot of this generation that the study already holds is reused, not re-run;
+            # its recorded policy must be the one the replayed search proposes.
+            stored = {slot: records.get((generation, slot)) for slot in range(len(batch))}
+            for slot, trial in stored.items():
+                if trial is not None and space.x_from_params(trial.params).tolist() != batch[slot].tolist():
+                    raise UserError(
+                        f"cannot resume study {name!r}: trial {trial.number} (generation {generation}, slot {slot}) holds "
+                        "another policy than the replayed search proposes (made by another mpsearch version or settings); "
+                        "start a new study with --name"
+                    )
+            todo = [slot for slot, trial in stored.items() if trial is None]
+            policies = {slot: to_policy(batch[slot]) for slot in todo}  # decoded once, for the task and the record
+
+            def record(slot: int, outcome, generation=generation, batch=batch, policies=policies) -> None:
+                x, policy = batch[slot], policies[slot]
                 key = tuple(int(v) for v in x)
                 attrs = {
                     "method": seed_tags.get(key, config.algorithm) if generation == 0 else config.algorithm,
-                    "generation": generation, "policy": policy.summary(), "wall_s": outcome.wall_s,
+                    "generation": generation, "slot": slot, "policy": policy.summary(), "wall_s": outcome.wall_s,
                     "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
                     "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in policy.layers.items()}),
                     **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
@@ -217,17 +257,26 @@ def optimize(
                         params=space.params(x), distributions=distributions,
                         values=_study_values(outcome.metrics, config.objectives), user_attrs=attrs,
                     )
-                    F[outcome.index] = _objective_vector(outcome.metrics, config.objectives)
                 else:
-                    attrs["error"] = outcome.error
                     trial = optuna.trial.create_trial(
-                        params=space.params(x), distributions=distributions, user_attrs=attrs,
+                        params=space.params(x), distributions=distributions, user_attrs={**attrs, "error": outcome.error},
                         state=optuna.trial.TrialState.FAIL,
                     )
-                    F[outcome.index] = np.inf
                 study.add_trial(trial)
+                bar.update(1)
+
+            recorder = _InOrderRecorder(todo, record)
+            tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=config.eval_images) for slot in todo]
+            outcomes = {o.index: o for o in executor.map(tasks, on_done=recorder.done)}
+            F = np.zeros((len(batch), len(config.objectives)))
+            for slot in range(len(batch)):
+                if stored[slot] is not None:
+                    F[slot] = _objective_from_trial(stored[slot], config.objectives)
+                else:
+                    F[slot] = _objective_vector(outcomes[slot].metrics if outcomes[slot].ok else None, config.objectives)
             if len(batch) == len(xs):
                 algorithm.tell(list(batch), F)
+                checkpoint.record(generation, algorithm.state(), name)
             done += len(batch)
             generation += 1
             finite = np.vstack([front_F, F[np.isfinite(F).all(axis=1)]])
@@ -235,6 +284,8 @@ def optimize(
             hv = hypervolume(front_F, ref)
             bar.set_postfix(front=len(front_F), hv=f"{hv:.4f}")
         bar.close()
+        if getattr(executor, "replaced", 0):
+            log(f"{executor.replaced} worker(s) died during the search and were replaced; their evaluations were retried")
         search_s = time.perf_counter() - start
         trials = load_trials(study)
         pareto = _remeasure_front(config, evaluator, executor, space, trials, to_policy, out, log, progress) if remeasure else None
@@ -243,14 +294,14 @@ def optimize(
 
     resolved = dict(config.to_dict(), storage=storage_url(config), workers=workers, study_name=name,
                     space_resolved=space_def.to_dict())
-    _atomic_write(out / "config.yaml", lambda p: p.write_text(yaml.safe_dump(resolved, sort_keys=False)))
-    _atomic_write(out / "trials.csv", lambda p: trials.to_csv(p, index=False))
-    _atomic_write(out / "trials.parquet", lambda p: trials.to_parquet(p, index=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), what="study config")
+    atomic_write(out / "trials.csv", lambda f: trials.to_csv(f, index=False), what="trial table")
+    atomic_write(out / "trials.parquet", lambda f: trials.to_parquet(f, index=False), binary=True, what="trial table")
     if pareto is None:
         log(f"study {name}: {len(trials)} trials, hypervolume {hv:.4f} on the search split, {wall / 60:.1f} min; "
             f"front not re-measured; outputs in {out}")
         return StudyResult(name, out, trials, None, hv, wall)
-    _atomic_write(out / PARETO_FILE, lambda p: pareto.to_csv(p, index=False))
+    atomic_write(out / PARETO_FILE, lambda f: pareto.to_csv(f, index=False), what="Pareto table")
     from mpsearch.report import plot_front, write_report
 
     plot_front(trials, pareto, config, out)
@@ -262,6 +313,167 @@ def optimize(
     log(f"study {name}: {len(trials)} trials, front of {len(pareto)} points, hypervolume {hv:.4f}, "
         f"{wall / 60:.1f} min; outputs in {out}")
     return StudyResult(name, out, trials, pareto, hv, wall)
+
+
+_FLAGS = {"population_size": "--population", "eval_images": "--eval-images", "torch_threads": "--threads",
+          "energy_profile": "--energy-profile", "calibration_size": "--calibration-size", "weight_observer": "--weight-observer",
+          "act_observer": "--act-observer", "hawq_budgets": "hawq_budgets (StudyConfig)"}
+
+
+def _config_conflict(stored: StudyConfig, config: StudyConfig) -> str | None:
+    """The first setting that differs between a study's stored config and this run, or None."""
+    old, new = stored.to_dict(), config.to_dict()
+    for key in new:
+        if key in RESUMABLE_FIELDS or key in ("name", "version") or old.get(key) == new[key]:
+            continue
+        flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+        return f"{flag} is {old.get(key)!r} in the study, {new[key]!r} now"
+    return None
+
+
+def _existing_study(config: StudyConfig, space_def) -> tuple[Any, int]:
+    """The study to resume and how many trials it holds, or ``(None, 0)`` for a new one.
+
+    Everything that could refuse a resume is checked here, before anything is written, so a
+    refused run leaves the study as it was. A study without trials counts as new.
+    """
+    import optuna
+
+    name, url = config.study_name, storage_url(config)
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:  # no such study in this storage
+        return None, 0
+    except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
+        raise UserError(f"cannot open study storage {url!r} ({type(exc).__name__}); pass a valid Optuna storage URL with --storage") from None
+    recorded = len(study.trials)
+    directions = [OBJECTIVES[o][0] for o in config.objectives]
+    if not recorded:
+        if [d.name.lower() for d in study.directions] != directions:
+            raise UserError(f"study {name!r} exists in {url} with other objectives; choose another --name")
+        return study, 0
+    stored = study.user_attrs.get("config")
+    try:
+        stored_config = StudyConfig.from_dict(stored) if isinstance(stored, dict) else None
+    except UserError:
+        stored_config = None
+    if stored_config is None:
+        raise UserError(f"study {name!r} in {url} holds {recorded} trials that mpsearch did not make (no readable config); "
+                        "choose another --name")
+    if not any("slot" in t.user_attrs for t in study.trials):
+        raise UserError(f"study {name!r} was made by an mpsearch without resume support (its trials carry no slot); "
+                        "start a new study with --name")
+    conflict = _config_conflict(stored_config, config)
+    if conflict is None and study.user_attrs.get("space", space_def.to_dict()) != space_def.to_dict():
+        conflict = f"the search space file {config.space or 'default'} changed"
+    if conflict:
+        raise UserError(f"study {name!r} exists with other settings ({conflict}); rerun with the study's settings to resume it "
+                        f"(only {', '.join('--' + f.replace('_', '-') for f in RESUMABLE_FIELDS)} may change), "
+                        "or start another study with --name")
+    if config.budget < recorded:
+        raise UserError(f"study {name!r} already holds {recorded} trials; pass --budget {recorded} or more to resume it")
+    return study, recorded
+
+
+def _create_study(config: StudyConfig) -> Any:
+    import optuna
+
+    directions = [OBJECTIVES[o][0] for o in config.objectives]
+    try:
+        return optuna.create_study(study_name=config.study_name, storage=storage_url(config), directions=directions,
+                                   load_if_exists=True)
+    except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
+        raise UserError(f"cannot open study storage {storage_url(config)!r} ({type(exc).__name__}); "
+                        "pass a valid Optuna storage URL with --storage") from None
+
+
+def _record_settings(study, config: StudyConfig, space_def, baseline_sha256: str | None) -> None:
+    """What a resume is checked against: the config, the resolved search space, the baseline's sha256."""
+    import optuna
+
+    with warnings.catch_warnings():  # experimental since optuna 3.2, stable in practice
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(config.objectives))
+    study.set_user_attr("config", config.to_dict())
+    study.set_user_attr("space", space_def.to_dict())
+    study.set_user_attr("baseline_sha256", baseline_sha256)
+
+
+def _records_by_slot(study) -> dict[tuple[int, int], Any]:
+    """The study's finished search trials keyed by (generation, slot in the generation's batch)."""
+    from optuna.trial import TrialState
+
+    out: dict[tuple[int, int], Any] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        attrs = trial.user_attrs
+        if "generation" in attrs and "slot" in attrs:
+            out.setdefault((int(attrs["generation"]), int(attrs["slot"])), trial)
+    return out
+
+
+def _objective_from_trial(trial, objectives: tuple[str, ...]) -> np.ndarray:
+    """What the algorithm was told for a recorded trial (the same floats: values are stored exactly)."""
+    if trial.state.name != "COMPLETE":
+        return np.full(len(objectives), np.inf)
+    return np.asarray([1.0 - v if OBJECTIVES[o][0] == "maximize" else v for o, v in zip(objectives, trial.values)], dtype=float)
+
+
+class _InOrderRecorder:
+    """Records outcomes in slot order, each as soon as every earlier slot is recorded.
+
+    Workers finish in any order; recording in slot order keeps trial numbers the same for any
+    number of workers and after a resume, and a kill loses at most the outcomes still waiting
+    for an earlier slot (they are re-run on resume).
+    """
+
+    def __init__(self, slots: list[int], record: Callable[[int, Any], None]) -> None:
+        self._order = list(slots)
+        self._next = 0
+        self._waiting: dict[int, Any] = {}
+        self._record = record
+
+    def done(self, outcome) -> None:
+        self._waiting[outcome.index] = outcome
+        while self._next < len(self._order) and self._order[self._next] in self._waiting:
+            slot = self._order[self._next]
+            self._record(slot, self._waiting.pop(slot))
+            self._next += 1
+
+
+class _SearchCheckpoint:
+    """``search_state.json``: after every generation, the digest of the algorithm's state (and the latest state).
+
+    A resumed study rebuilds its algorithm by replaying the recorded generations through ask/tell;
+    each replayed state must match the digest written when that generation first ran, else the
+    resume stops before running anything new. The file is data (JSON), written atomically.
+    """
+
+    def __init__(self, path: Path, *, fresh: bool, log: Callable[[str], None] = print) -> None:
+        self.path = path
+        self.digests: list[str] = []
+        if fresh or not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text())
+            digests = data["digests"]
+            if not (isinstance(digests, list) and all(isinstance(d, str) for d in digests)):
+                raise ValueError("digests")
+            self.digests = digests
+        except (OSError, ValueError, KeyError, TypeError):
+            log(f"warning: {path} is unreadable; the replay rewrites it")
+
+    def record(self, generation: int, state: dict[str, Any], study_name: str) -> None:
+        digest = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+        if generation < len(self.digests):
+            if self.digests[generation] != digest:
+                raise UserError(
+                    f"cannot resume study {study_name!r}: replaying generation {generation} gave another search state than "
+                    f"its checkpoint in {self.path} (another mpsearch, pymoo or optuna version?); start a new study with --name"
+                )
+            return
+        self.digests = self.digests[:generation] + [digest]
+        doc = {"version": 1, "study": study_name, "generation": generation, "digests": self.digests, "state": state}
+        atomic_write_text(self.path, json.dumps(doc), what="search checkpoint")
 
 
 def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> list[tuple[np.ndarray, str]]:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from mpsearch.config import TrainRecipe, config_key
 from mpsearch.data import DatasetInfo, DataSplits, Split
 from mpsearch.errors import UserError, read_user_file
+from mpsearch.files import atomic_write, atomic_write_text
 from mpsearch.machine import describe_machine
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
@@ -269,6 +270,7 @@ def get_baseline(
 ) -> Baseline:
     """The fp32 baseline: ``checkpoint``, else hub weights, else the cached or newly trained model."""
     recipe = recipe or TrainRecipe()
+    resolve_model_name(name)  # an unknown name fails before anything is announced or trained
     if checkpoint is not None:
         path = Path(checkpoint)
         model = create_model(name, data.info)
@@ -298,10 +300,7 @@ def get_baseline(
     _ready(model)
     val_mask, test_mask = correct_mask(model, data.val), correct_mask(model, data.test)
     val_acc, test_acc = int(val_mask.sum()) / len(val_mask), int(test_mask.sum()) / len(test_mask)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / ".model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f), binary=True, what="checkpoint")
     sha = sha256_file(path)
     meta = {
         "model": name,
@@ -318,8 +317,6 @@ def get_baseline(
         "machine": describe_machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tmp_meta = folder / ".meta.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    tmp_meta.replace(meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2), what="checkpoint metadata")
     log(f"Trained {name}: val {val_acc:.2%}, test {test_acc:.2%} in {wall / 60:.1f} min -> {path}")
     return Baseline(name, _ready(model), path, sha, meta)

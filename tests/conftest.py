@@ -69,3 +69,12 @@ def fmnist_baseline(fmnist_small):
 
     return get_baseline("test_resnet", fmnist_small, recipe=TrainRecipe(epochs=1), seed=0,
                         progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def cli_cmd() -> list[str]:
+    """How to start the ``mpsearch`` command in a subprocess (the installed script, else the module)."""
+    import sys
+
+    script = Path(sys.executable).with_name("mpsearch")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mpsearch.cli"]

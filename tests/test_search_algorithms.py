@@ -74,6 +74,24 @@ def test_registry():
 
 # -- the contract, for every registered algorithm ------------------------------------------------------
 @pytest.mark.parametrize("name", ALL)
+def test_contract_state_is_json_and_a_replay_reproduces_it(name):
+    """What resuming a study relies on: replaying the told results rebuilds the same state, and
+    different results give a different state."""
+    import json
+
+    fail = lambda gen, n: [1] if gen == 1 else []  # noqa: E731 - one failed evaluation in generation 1
+    _, first = run(name, generations=3, fail=fail)
+    state = first.state()
+    assert json.loads(json.dumps(state, allow_nan=False)) == state  # plain JSON data, no inf/NaN
+    assert state["algorithm"] == name and state["batches"] == 3
+    _, replayed = run(name, generations=3, fail=fail)
+    assert replayed.state() == state
+    _, other = run(name, generations=3, fail=lambda gen, n: [2] if gen == 1 else [])
+    if name != "random":  # random search ignores what it is told
+        assert other.state() != state
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_contract_batches(name):
     initial = [SPACE.uniform(8, 8), SPACE.uniform(4, 4), SPACE.uniform(8, 8)]  # a duplicate is dropped
     batches, algo = run(name, initial=initial)

@@ -121,10 +121,23 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
     assert some.provenance["trial"] == 5
 
 
-def test_an_existing_study_is_not_overwritten(study, tiny_checkpoint):
+def test_rerunning_a_finished_study_resumes_it_without_new_trials(study):
+    cfg, first = study
+    messages: list[str] = []
+    again = optimize(cfg, progress=False, log=messages.append)
+    assert any("resuming study 'tiny': 16 of 16 trials recorded" in m for m in messages)
+    pd.testing.assert_frame_equal(again.trials, first.trials)
+    pd.testing.assert_frame_equal(again.pareto, first.pareto)
+
+
+def test_a_larger_budget_extends_a_study_as_if_it_had_run_at_once(study, tmp_path, tiny_checkpoint):
+    from dataclasses import replace
+
     cfg, _ = study
-    with pytest.raises(UserError, match="already has 16 trials"):
-        optimize(cfg, progress=False, log=lambda m: None)
+    extended = optimize(replace(cfg, budget=24), progress=False, log=lambda m: None)
+    _, direct = _run(tmp_path, "tiny-24", tiny_checkpoint, budget=24)
+    cols = ["trial"] + [c for c in direct.trials.columns if c.startswith(("param_", "value_"))]
+    pd.testing.assert_frame_equal(extended.trials[cols], direct.trials[cols])
 
 
 def test_bad_study_settings(tmp_path):

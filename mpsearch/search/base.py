@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ __all__ = [
     "initial_batch",
     "random_vectors",
     "fill",
+    "json_floats",
 ]
 
 A = TypeVar("A", bound="type[SearchAlgorithm]")
@@ -120,6 +121,20 @@ class SearchAlgorithm(ABC):
         self._pending = None
         self.n_batches += 1
 
+    def state(self) -> dict[str, Any]:
+        """A JSON-able snapshot of everything the next :meth:`ask` depends on; call it after :meth:`tell`.
+
+        The study driver checkpoints it (as a digest) after every generation. A resumed study
+        rebuilds the algorithm by replaying its recorded generations through ask/tell, which the
+        determinism of every algorithm makes exact, and checks each replayed snapshot against the
+        checkpoint before it runs anything new.
+        """
+        return {"algorithm": self.name, "seed": self.seed, "batches": self.n_batches, **self._state()}
+
+    def _state(self) -> dict[str, Any]:
+        """Algorithm-specific part of :meth:`state` (population, random generator state ...)."""
+        return {}
+
     @abstractmethod
     def _setup(self, initial: list[np.ndarray]) -> None:
         """Build the algorithm's state; ``initial`` is validated and de-duplicated."""
@@ -201,3 +216,8 @@ def fill(rows: np.ndarray, size: int, space: BoundSpace, rng: np.random.Generato
     if len(rows) >= size:
         return rows
     return np.concatenate([rows.reshape(len(rows), space.n_var), random_vectors(space, size - len(rows), rng)])
+
+
+def json_floats(values: np.ndarray) -> list:
+    """A float array as nested lists with ``None`` for non-finite values (JSON has no inf)."""
+    return [json_floats(v) for v in values] if np.ndim(values) > 1 else [float(v) if np.isfinite(v) else None for v in values]

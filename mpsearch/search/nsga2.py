@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, register_algorithm
+from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, json_floats, register_algorithm
 
 __all__ = ["PymooNSGA2"]
 
@@ -88,6 +88,14 @@ class PymooNSGA2(SearchAlgorithm):
         pop.set("X", X)
         self._batch = pop
         return list(X)
+
+    def _state(self) -> dict[str, Any]:
+        algorithm = self._algorithm
+        pop = algorithm.pop if algorithm.is_initialized else []
+        X = np.array([np.asarray(ind.X, dtype=np.int64) for ind in pop]).reshape(len(pop), self.space.n_var)
+        F = np.array([np.asarray(ind.F, dtype=float) for ind in pop]).reshape(len(pop), self.n_objectives)
+        return {"population": X.tolist(), "objectives": json_floats(F), "n_gen": algorithm.n_gen,
+                "rng": algorithm.random_state.bit_generator.state}
 
     def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
         pop = self._batch

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, register_algorithm
+from mpsearch.search.base import SearchAlgorithm, json_floats, register_algorithm
 
 __all__ = ["OptunaNSGA2", "OptunaTPE"]
 
@@ -65,6 +65,13 @@ class _OptunaAlgorithm(SearchAlgorithm):
             if self.n_batches == 0:
                 self._adopt_initial(self._trials[: self._n_initial])
         return [self.space.x_from_params(t.params) for t in self._trials]
+
+    def _state(self) -> dict[str, Any]:
+        # The sampler's own random state is private to Optuna; what it samples from next is the
+        # record of its internal study, given here whole.
+        trials = self._study.get_trials(deepcopy=False)
+        return {"trials": [[t.state.name, self.space.x_from_params(t.params).tolist() if t.params else None,
+                            json_floats(np.asarray(t.values)) if t.values else None] for t in trials]}
 
     def _adopt_initial(self, trials: list[Any]) -> None:
         """Hook for samplers that must be told about enqueued trials (NSGA-II)."""

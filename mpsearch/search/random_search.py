@@ -28,5 +28,8 @@ class RandomSearch(SearchAlgorithm):
             return list(fill(start, self.population_size, self.space, self._rng))
         return list(random_vectors(self.space, self.population_size, self._rng))
 
+    def _state(self) -> dict:
+        return {"rng": self._rng.bit_generator.state}
+
     def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
         pass  # random search does not learn

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from torch import nn
 from mpsearch.config import QuantConfig
 from mpsearch.data import Split
 from mpsearch.errors import UserError
+from mpsearch.files import atomic_write
 from mpsearch.paths import cache_root
 from mpsearch.quant import QuantizedModel
 from mpsearch.sensitivity.base import (
@@ -65,15 +64,7 @@ def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
 
     A reader (or a concurrent worker computing the same entry) never sees half a file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: df.to_csv(f, index=False), what="sensitivity table")
 
 
 def compute_sensitivity(

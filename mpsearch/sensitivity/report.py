@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from mpsearch.errors import UserError
+from mpsearch.files import atomic_write
 from mpsearch.sensitivity.base import canonical_frame
 from mpsearch.sensitivity.compute import write_csv_atomic
 
@@ -71,16 +70,5 @@ def write_sensitivity(df: pd.DataFrame, out_dir: Path, title: str, *, stem: str 
     ax.grid(axis="y", which="major", alpha=0.3)
     ax.legend(title="weight bits", fontsize=8, ncols=min(len(bits), 6))
 
-    paths["png"].parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=paths["png"].parent, prefix=f".{paths['png'].name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, paths["png"])
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {paths['png']}: {exc.strerror}; choose a writable --out folder") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(paths["png"], lambda f: fig.savefig(f, format="png", dpi=120), binary=True, what="sensitivity plot")
     return paths

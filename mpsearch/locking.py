@@ -1,0 +1,143 @@
+"""One driver per study: a second ``mpsearch optimize`` on a running study stops with one line.
+
+A study's driver replays its search and appends trials in a fixed order; a second driver on the
+same study would append the same trials again. Two mechanisms, by storage:
+
+* SQLite (the default): an exclusive ``flock`` on a lock file next to the database file. It
+  covers every study in that file, because SQLite serializes writers and breaks on network file
+  systems; drivers that must run at the same time (one per seed, algorithm or model, on several
+  nodes) share a PostgreSQL or MySQL storage instead. The kernel drops the lock when its process
+  dies, so a study killed with ``kill -9`` resumes at once.
+* Server databases (PostgreSQL, MySQL): a lease in the study's user attributes, renewed by a
+  heartbeat thread every ``HEARTBEAT_S``. Another driver may take the study over only when the
+  lease is older than ``LEASE_S`` (its driver is gone).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mpsearch.errors import UserError
+
+__all__ = ["StudyLock", "check_lease", "sqlite_path", "LEASE_ATTR", "HEARTBEAT_S", "LEASE_S"]
+
+LEASE_ATTR = "mpsearch_driver"
+HEARTBEAT_S = 20.0
+LEASE_S = 90.0
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URL; None for other storages and in-memory SQLite."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex[:12]}
+
+
+class StudyLock:
+    """Held while a driver writes ``study_name`` in the storage at ``url``; a context manager.
+
+    :meth:`acquire_file` runs before the study is opened (SQLite); :meth:`acquire_lease` after
+    (other storages), since the lease lives in the study itself.
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        self.url = url
+        self.study_name = study_name
+        self.owner = _me()
+        self._fd: int | None = None
+        self._study: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- SQLite --------------------------------------------------------------------------------
+    def acquire_file(self) -> None:
+        db = sqlite_path(self.url)
+        if db is None:
+            return
+        lock_path = db.with_name(f".{db.name}.lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot create the lock file {lock_path} ({exc.strerror}); choose a writable --out-root or --storage") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(
+                f"study storage {db} is in use by another mpsearch driver ({holder or 'unknown'}); wait for it or stop it. "
+                "SQLite takes one driver at a time: to run several at once, give each --storage postgresql://... (see README)"
+            ) from None
+        os.ftruncate(fd, 0)
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.pwrite(fd, json.dumps({**self.owner, "study": self.study_name, "since": since}).encode(), 0)
+        self._fd = fd
+
+    # -- server databases ------------------------------------------------------------------------
+    def acquire_lease(self, study: Any) -> None:
+        if sqlite_path(self.url) is not None or self.url.startswith("sqlite"):
+            return
+        check_lease(study, self.study_name, self.owner)
+        self._study = study
+        self._renew()
+        self._thread = threading.Thread(target=self._heartbeat, name="mpsearch-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        self._study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._renew()
+            except Exception:  # noqa: BLE001 - a dropped connection must not kill the driver; the next beat retries
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._study is not None:
+            try:  # an expired lease tells the next driver it may start at once
+                self._study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": 0.0})
+            except Exception:  # noqa: BLE001 - best effort; the lease expires on its own
+                pass
+            self._study = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> StudyLock:
+        self.acquire_file()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def check_lease(study: Any, study_name: str, owner: dict[str, Any], now: float | None = None) -> None:
+    """Raise a UserError when another driver holds a live lease on ``study``."""
+    lease = study.user_attrs.get(LEASE_ATTR)
+    if not isinstance(lease, dict) or lease.get("id") == owner["id"]:
+        return
+    age = (time.time() if now is None else now) - float(lease.get("heartbeat", 0.0))
+    if age < LEASE_S:
+        raise UserError(
+            f"study {study_name!r} is being run by another driver (pid {lease.get('pid')} on {lease.get('host')}, "
+            f"heartbeat {age:.0f} s ago); one driver per study: wait for it, or if it is gone, retry in {LEASE_S - age:.0f} s"
+        )

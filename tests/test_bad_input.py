@@ -1,0 +1,168 @@
+"""Bad input, case by case: one line saying what is wrong and how to fix it, exit code 2, no
+traceback, and an existing study left exactly as it was.
+
+The cases run through ``mpsearch.cli.main`` in this process (fast); tests/test_cli.py runs a few
+of them through a real subprocess, and shows that ``--debug`` brings the traceback back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpsearch.cli import main
+
+EVAL = ["evaluate", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
+OPT = ["optimize", "--model", "test_resnet", "--dataset", "digits", "--budget", "6", "--population", "3",
+       "--eval-images", "60", "--workers", "0", "--sensitivity", "none", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, digits_baseline):
+    """Files for the cases, and one finished study (``kept``) that refused runs must not touch."""
+    root = tmp_path_factory.mktemp("bad-input")
+    ckpt = str(digits_baseline.checkpoint)
+    files = {
+        "ckpt": ckpt,
+        "root": str(root / "studies"),
+        "not_json": _write(root / "not_json.json", "{not json"),
+        "array": _write(root / "array.json", "[1, 2]"),
+        "binary": _write(root / "binary.json", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe"),
+        "unknown_layer": _policy(root, "unknown_layer", layers={"layer9.conv": {"weight_bits": 4, "act_bits": 4}}),
+        "bits9": _policy(root, "bits9", layers={"fc": {"weight_bits": 9, "act_bits": 8}}),
+        "act1": _policy(root, "act1", layers={"fc": {"weight_bits": 8, "act_bits": 1}}),
+        "other_model": _policy(root, "other_model", model="resnet50"),
+        "version": _policy(root, "version", version=99),
+        "granularity": _policy(root, "granularity", layers={"fc": {"weight_bits": 8, "act_bits": 8, "granularity": "per-pixel"}}),
+        "yaml_syntax": _write(root / "syntax.yaml", "version: 1\nweight_bits: [2, 4\n"),
+        "yaml_unknown_layer": _write(root / "unknown.yaml", "version: 1\nweight_bits: [4, 8]\nact_bits: [8]\nlayers: [nosuch.layer]\n"),
+        "yaml_empty": _write(root / "empty.yaml", "version: 1\nweight_bits: []\nact_bits: [8]\n"),
+        "yaml_bits": _write(root / "bits.yaml", "version: 1\nweight_bits: [4, 9]\nact_bits: [8]\n"),
+        "yaml_list": _write(root / "list.yaml", "- 1\n- 2\n"),
+        "yaml_field": _write(root / "field.yaml", "version: 1\nweight_bits: [4, 8]\nact_bits: [8]\nbudget: 3\n"),
+        "corrupt_ckpt": _write(root / "corrupt.pt", b"PK\x03\x04 this is not a zip archive" * 10),
+        "other_ckpt": _save(root / "other.pt", {"fc.weight": torch.zeros(3, 3)}),
+        "pickle_ckpt": _save(root / "code.pt", {"model": _Custom()}),
+        "a_file": _write(root / "a_file", "x"),
+        "space_ok": _write(root / "ok.yaml", "version: 1\nweight_bits: [4, 8]\nact_bits: [8]\n"),
+        # the same architecture with other weights: loads fine, but is not the study's baseline
+        "retrained_ckpt": _save(root / "retrained.pt", {k: v + 0.01 if v.is_floating_point() else v
+                                                        for k, v in torch.load(ckpt, weights_only=True).items()}),
+    }
+    assert main([*OPT, "--checkpoint", ckpt, "--out-root", files["root"], "--name", "kept"]) == 0
+    return files
+
+
+class _Custom:
+    """Not a tensor: a checkpoint holding it needs pickle's code execution to load."""
+
+
+def _write(path: Path, content) -> str:
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return str(path)
+
+
+def _save(path: Path, obj) -> str:
+    torch.save(obj, path)
+    return str(path)
+
+
+def _policy(root: Path, name: str, **fields) -> str:
+    doc = {"format": "mpsearch-policy", "version": 1, "model": "test_resnet", "dataset": "digits", "layers": {}}
+    return _write(root / f"{name}.json", json.dumps({**doc, **fields}))
+
+
+def _study_fingerprint(root: str, name: str) -> dict[str, str]:
+    """Every file of a study (its SQLite database included) by content hash."""
+    folder = Path(root) / name
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+# (id, argv with {placeholders} from ctx, what the one line must say)
+CASES = [
+    # policy files and shorthands
+    ("policy-not-json", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{not_json}"], "not valid JSON"),
+    ("policy-not-object", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{array}"], "JSON object"),
+    ("policy-binary", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{binary}"], "not a text"),
+    ("policy-unknown-layer", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{unknown_layer}"], "policy.layers.layer9.conv"),
+    ("policy-weight-bits", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{bits9}"], "weight_bits"),
+    ("policy-act-bits", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{act1}"], "act_bits"),
+    ("policy-other-model", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{other_model}"], "resnet50"),
+    ("policy-version", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{version}"], "version"),
+    ("policy-granularity", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{granularity}"], "granularity"),
+    ("policy-missing-file", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "/nonexistent/p.json"], "not a file or a shorthand"),
+    ("policy-bad-shorthand", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w9a9"], "from 2 to 8"),
+    # search spaces
+    ("space-yaml-syntax", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_syntax}"], "not valid YAML"),
+    ("space-unknown-layer", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_unknown_layer}"], "nosuch.layer"),
+    ("space-empty-choices", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_empty}"], "empty"),
+    ("space-bad-bits", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_bits}"], "9"),
+    ("space-not-mapping", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_list}"], "expected a mapping"),
+    ("space-unknown-field", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_field}"], "space.budget"),
+    ("space-missing-file", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "/nonexistent/space.yaml"], "space.yaml"),
+    # models and data
+    ("unknown-model", ["evaluate", "--model", "nosuchnet", "--dataset", "digits", "--policy", "w8a8"], "unknown model"),
+    ("unknown-dataset", ["evaluate", "--model", "test_resnet", "--dataset", "mnist-color", "--policy", "w8a8"], "unknown dataset"),
+    ("missing-data", ["evaluate", "--model", "test_resnet", "--dataset", "imagefolder:/nonexistent/images", "--policy", "w8a8"],
+     "/nonexistent/images"),
+    ("optimize-unknown-model", ["optimize", "--model", "nosuchnet", "--dataset", "digits", "--out-root", "{root}"], "unknown model"),
+    # checkpoints
+    ("checkpoint-corrupt", [*EVAL, "--checkpoint", "{corrupt_ckpt}", "--policy", "w8a8"], "not a readable PyTorch state dict"),
+    ("checkpoint-other-model", [*EVAL, "--checkpoint", "{other_ckpt}", "--policy", "w8a8"], "does not fit"),
+    ("checkpoint-with-code", [*EVAL, "--checkpoint", "{pickle_ckpt}", "--policy", "w8a8"], "not a readable PyTorch state dict"),
+    ("checkpoint-missing", [*EVAL, "--checkpoint", "/nonexistent/model.pt", "--policy", "w8a8"], "file not found"),
+    # flags
+    ("budget-zero", [*OPT, "--out-root", "{root}", "--budget", "0"], "study.budget"),
+    ("budget-not-a-number", [*OPT, "--out-root", "{root}", "--budget", "lots"], "invalid int value"),
+    ("workers-negative", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--workers", "-5"], "workers"),
+    ("objectives-order", [*OPT, "--out-root", "{root}", "--objectives", "energy,accuracy"], "study.objectives"),
+    ("unknown-algorithm", [*OPT, "--out-root", "{root}", "--algorithm", "annealing"], "unknown search algorithm"),
+    ("population-one", [*OPT, "--out-root", "{root}", "--population", "1"], "population_size"),
+    ("threads-zero", [*OPT, "--out-root", "{root}", "--threads", "0"], "torch_threads"),
+    ("eval-images-zero", [*OPT, "--out-root", "{root}", "--eval-images", "0"], "eval_images"),
+    ("limit-zero", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--limit", "0"], "--limit"),
+    ("split-train", [*EVAL, "--policy", "w8a8", "--split", "train"], "invalid choice"),
+    ("unknown-flag", [*EVAL, "--policy", "w8a8", "--frobnicate"], "unrecognized arguments"),
+    ("unknown-command", ["frobnicate"], "invalid choice"),
+    # storage, outputs and existing studies
+    ("storage-url", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--name", "s-url", "--storage", "notaurl://x"],
+     "storage"),
+    ("out-root-not-writable", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{a_file}/studies"], "writable"),
+    ("existing-study-other-seed", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--name", "kept", "--seed", "1"],
+     "--seed is 0 in the study, 1 now"),
+    ("existing-study-other-population", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--name", "kept", "--population", "4"],
+     "--population is 3 in the study, 4 now"),
+    ("existing-study-other-space", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--name", "kept", "--space", "{space_ok}"],
+     "--space is '' in the study"),
+    ("existing-study-smaller-budget", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--name", "kept", "--budget", "3"],
+     "--budget 6 or more"),
+    ("existing-study-other-checkpoint", [*OPT, "--checkpoint", "{retrained_ckpt}", "--out-root", "{root}", "--name", "kept"],
+     "measured on a baseline with sha256"),
+    ("export-unknown-study", ["export", "--study", "nope", "--out-root", "{root}", "-o", "{root}/p.json"], "no finished study"),
+    ("export-bad-pick", ["export", "--study", "kept", "--out-root", "{root}", "--pick", "best", "-o", "{root}/p.json"], "use knee"),
+    ("dashboard-unknown-study", ["dashboard", "--study", "nope", "--out-root", "{root}"], "no finished study"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_the_study_untouched(ctx, capsys, argv, message):
+    before = _study_fingerprint(ctx["root"], "kept")
+    try:
+        code = main([a.format(**ctx) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert _study_fingerprint(ctx["root"], "kept") == before
+
+
+def test_the_battery_is_at_least_thirty_cases():
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)

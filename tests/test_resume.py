@@ -1,0 +1,211 @@
+"""Reliability of a study: kill -9 and Ctrl-C at any moment, resume, dead Ray actors, one driver per study.
+
+The studies run in a subprocess as a user runs them; an uninterrupted run of the same study in
+this process is the reference every interrupted one must end up equal to.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mpsearch.config import StudyConfig
+from mpsearch.errors import UserError
+from mpsearch.study import optimize
+
+POP, BUDGET = 6, 24
+FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET), "--population", str(POP),
+         "--eval-images", "180", "--sensitivity", "none", "--no-progress"]
+SETTINGS = dict(model="test_resnet", dataset="digits", budget=BUDGET, population_size=POP, eval_images=180, sensitivity="none")
+SAME = ["trial", "state", "attr_generation", "attr_slot", "attr_method", "attr_correct"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits_baseline):
+    """The uninterrupted study, in this process with --workers 0."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = StudyConfig(name="ref", out_root=str(root), checkpoint=str(digits_baseline.checkpoint), workers=0, **SETTINGS)
+    return optimize(cfg, progress=False, log=lambda m: None)
+
+
+def _columns(trials: pd.DataFrame) -> list[str]:
+    return SAME + sorted(c for c in trials.columns if c.startswith(("param_", "value_")))
+
+
+def _assert_same_study(result_dir: Path, reference) -> None:
+    trials = pd.read_csv(result_dir / "trials.csv")
+    ref = pd.read_csv(reference.out_dir / "trials.csv")
+    pd.testing.assert_frame_equal(trials[_columns(ref)], ref[_columns(ref)])
+    pareto, ref_pareto = pd.read_csv(result_dir / "pareto.csv"), pd.read_csv(reference.out_dir / "pareto.csv")
+    pd.testing.assert_frame_equal(pareto, ref_pareto)
+
+
+def _finished(db: Path) -> int:
+    """Finished trials in the study database (0 while it does not exist yet)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'FAIL')").fetchone()[0]
+    except sqlite3.Error:  # the driver is creating the schema
+        return 0
+
+
+def _start(cli_cmd, root: Path, name: str, checkpoint: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", checkpoint, "--out-root", str(root), "--name", name, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_until(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the study ended before the kill point: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "kill point not reached in time"
+        time.sleep(0.005)
+
+
+def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, cli_cmd, digits_baseline, reference):
+    checkpoint = str(digits_baseline.checkpoint)
+    db = tmp_path / "s" / "study.db"
+
+    # 1. Ctrl-C in the middle of generation 0: a clean stop, one line that says how to resume.
+    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    _wait_until(proc, lambda: _finished(db) >= 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resume" in err and "Traceback" not in err, err
+    interrupted_at = _finished(db)
+    assert 0 < interrupted_at < BUDGET
+
+    # 2. kill -9 in the middle of a later generation: nothing gets a chance to clean up.
+    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    _wait_until(proc, lambda: _finished(db) >= POP + 3)
+    proc.kill()
+    proc.communicate(timeout=60)
+    killed_at = _finished(db)
+    assert killed_at % POP != 0, f"the kill should land mid-generation, it landed after trial {killed_at}"
+    assert killed_at < BUDGET
+
+    # 3. kill -9 after the last trial, while the front is re-measured and the outputs written.
+    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    _wait_until(proc, lambda: _finished(db) >= BUDGET)
+    proc.kill()
+    proc.communicate(timeout=60)
+
+    # 4. Resume to the end: the same trials (numbers, policies, measurements) and the same front.
+    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resuming study 's': {BUDGET} of {BUDGET} trials recorded" in err
+    _assert_same_study(tmp_path / "s", reference)
+    assert _finished(db) == BUDGET  # nothing duplicated
+
+
+def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_path, cli_cmd, digits_baseline, reference):
+    db = tmp_path / "r" / "study.db"
+    proc = _start(cli_cmd, tmp_path, "r", str(digits_baseline.checkpoint), "--workers", "2")
+    _wait_until(proc, lambda: _finished(db) >= 2, timeout=600)
+    actors = _actor_pids()
+    assert actors, "no Ray actor process found"
+    os.kill(actors[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "died during the search and were replaced" in err
+    _assert_same_study(tmp_path / "r", reference)
+
+
+def _actor_pids() -> list[int]:
+    """Processes of mpsearch's Ray actors (Ray titles them ``ray::_EvalActor...``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::_EvalActor"):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_path, digits_baseline, reference):
+    from mpsearch.locking import StudyLock
+    from mpsearch.study import storage_url
+
+    cfg = StudyConfig(name="busy", out_root=str(tmp_path), checkpoint=str(digits_baseline.checkpoint), workers=0, **SETTINGS)
+    with StudyLock(storage_url(cfg), cfg.study_name):  # another driver holds the study
+        with pytest.raises(UserError, match="in use by another mpsearch driver"):
+            optimize(cfg, progress=False, log=lambda m: None)
+        assert not (tmp_path / "busy" / "study.db").exists()
+    optimize(cfg, progress=False, log=lambda m: None)  # released: the study runs
+
+
+def test_a_lease_on_a_server_storage_blocks_a_second_driver_until_it_expires():
+    import optuna
+
+    from mpsearch.locking import LEASE_ATTR, LEASE_S, check_lease
+
+    study = optuna.create_study()
+    study.set_user_attr(LEASE_ATTR, {"host": "node1", "pid": 4242, "id": "other", "heartbeat": 1000.0})
+    me = {"host": "node2", "pid": 1, "id": "me"}
+    with pytest.raises(UserError, match="pid 4242 on node1"):
+        check_lease(study, "s", me, now=1000.0 + LEASE_S / 2)
+    check_lease(study, "s", me, now=1000.0 + LEASE_S + 1)  # the other driver is gone: take over
+    check_lease(study, "s", {"host": "node1", "pid": 4242, "id": "other"}, now=1000.0)  # a driver's own lease
+
+
+def test_a_policy_with_nan_outputs_is_a_failed_trial_and_the_study_goes_on(tmp_path, digits_baseline, monkeypatch):
+    import optuna
+
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.study import storage_url
+
+    real = Evaluator.quantized_mask
+
+    def nan_at_two_bits(self, policy, *args, **kwargs):
+        """The model really outputs NaN when any layer has 2-bit weights (as an overflow would)."""
+        if not any(p.weight_bits == 2 for p in policy.layers.values()):
+            return real(self, policy, *args, **kwargs)
+        hook = self.qmodel.module.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+        try:
+            return real(self, policy, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(Evaluator, "quantized_mask", nan_at_two_bits)
+    cfg = StudyConfig(name="nan", out_root=str(tmp_path), checkpoint=str(digits_baseline.checkpoint), workers=0, **SETTINGS)
+    result = optimize(cfg, progress=False, log=lambda m: None)
+    study = optuna.load_study(study_name="nan", storage=storage_url(cfg))
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(study.trials) == BUDGET and failed
+    assert all("NaN/inf" in t.user_attrs["error"] and "W2" in t.user_attrs["policy"] for t in failed)
+    assert all("W2" not in p for p in result.pareto["policy"])
+
+
+def test_a_replay_that_differs_from_the_checkpoint_refuses_to_resume(tmp_path, digits_baseline):
+    import json
+    from dataclasses import replace
+
+    import optuna
+
+    from mpsearch.study import CHECKPOINT_FILE, storage_url
+
+    cfg = StudyConfig(name="ck", out_root=str(tmp_path), checkpoint=str(digits_baseline.checkpoint), workers=0,
+                      **{**SETTINGS, "budget": 2 * POP})
+    optimize(cfg, progress=False, log=lambda m: None, remeasure=False)
+    path = tmp_path / "ck" / CHECKPOINT_FILE
+    doc = json.loads(path.read_text())
+    assert doc["generation"] == 1 and len(doc["digests"]) == 2 and doc["state"]["algorithm"] == "nsga2"
+    doc["digests"][0] = "0" * 64  # as if generation 0 had been run by a search that behaves differently
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="replaying generation 0 gave another search state"):
+        optimize(replace(cfg, budget=3 * POP), progress=False, log=lambda m: None)
+    assert len(optuna.load_study(study_name="ck", storage=storage_url(cfg)).trials) == 2 * POP  # nothing added
