@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration-size", type=int, default=None, help="calibration images drawn from train (default 512)")
     e.add_argument("--weight-observer", default=None, help="weight range observer: minmax (default), percentile, mse")
     e.add_argument("--act-observer", default=None, help="activation range observer: mse (default), percentile, minmax")
+    e.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround (see mpsearch.quant.ptq)")
     e.add_argument("--threads", type=int, default=None, help="torch threads (default: the policy's, else all cores)")
     e.add_argument("--profiles", default="horowitz45nm,seed-lab4", help="energy profiles (names or .toml paths), comma separated")
     e.add_argument("--save-policy", default=None, help="also write the resolved policy JSON here")
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calibration-size", type=int, default=512)
     o.add_argument("--weight-observer", default="minmax")
     o.add_argument("--act-observer", default="mse")
+    o.add_argument("--ptq", default="rtn", help="how weights are rounded: rtn (default), gptq, adaround")
 
     x = sub.add_parser("export", help="pick one policy of a finished study and write it as JSON")
     x.add_argument("--study", required=True, help="study name (a folder under --out-root)")
@@ -174,6 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mpsearch.evaluate import Evaluator
     from mpsearch.policy import Policy, parse_shorthand
     from mpsearch.quant import get_observer
+    from mpsearch.quant.ptq import get_ptq
 
     # Check every input before the (possibly long) baseline is loaded or trained.
     policy_arg: str | Policy = args.policy
@@ -186,6 +189,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     args.calibration_size = args.calibration_size or int(provenance.get("calibration_size", 512))
     args.weight_observer = args.weight_observer or str(provenance.get("weight_observer", "minmax"))
     args.act_observer = args.act_observer or str(provenance.get("act_observer", "mse"))
+    args.ptq = args.ptq or str(provenance.get("ptq", "rtn"))
     threads = args.threads or provenance.get("torch_threads")
     if threads is not None:
         if int(threads) < 1:
@@ -200,9 +204,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         load_profile(p)
     get_observer(args.weight_observer)
     get_observer(args.act_observer)
+    get_ptq(args.ptq)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
-    quant = QuantConfig(weight_observer=args.weight_observer, act_observer=args.act_observer, seed=args.seed)
+    quant = QuantConfig(weight_observer=args.weight_observer, act_observer=args.act_observer, seed=args.seed, ptq=args.ptq)
     data, baseline = _baseline(args, args.calibration_size)
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     policy = evaluator.resolve_policy(policy_arg)
@@ -280,7 +285,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), energy_profile=args.energy_profile,
         workers=args.workers, torch_threads=args.threads, ray_address=args.ray_address,
         storage=args.storage, calibration_size=args.calibration_size, weight_observer=args.weight_observer,
-        act_observer=args.act_observer, sensitivity=args.sensitivity, out_root=args.out_root,
+        act_observer=args.act_observer, ptq=args.ptq, sensitivity=args.sensitivity, out_root=args.out_root,
         **{k: v for k, v in optional.items() if v is not None},
     )
     result = optimize(config, progress=not args.no_progress, log=_log)

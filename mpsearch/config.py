@@ -129,12 +129,18 @@ class QuantConfig:
     act_samples: int = 2**16
     calibration_batch_size: int = 256
     seed: int = 0
+    # How weights are put on their grid (mpsearch.quant.ptq): rtn, gptq or adaround; the last two
+    # learn from ``ptq_columns`` sampled input columns per layer of the calibration split.
+    ptq: str = "rtn"
+    ptq_columns: int = 2048
 
     def __post_init__(self) -> None:
         # Observer names are checked against the registry by the quantizer that uses them
         # (config sits below quant in the import order).
         if self.act_samples < 16:
             raise UserError(f"quant.act_samples: must be >= 16, got {self.act_samples}")
+        if self.ptq_columns < 16:
+            raise UserError(f"quant.ptq_columns: must be >= 16, got {self.ptq_columns}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,6 +195,7 @@ class StudyConfig:
     calibration_size: int = 512
     weight_observer: str = "minmax"
     act_observer: str = "mse"
+    ptq: str = "rtn"
     sensitivity: str = "hessian"
     hawq_budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
     remeasure_points: int = 6

@@ -10,11 +10,14 @@ workers there are.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,35 +218,45 @@ class RayExecutor(Executor):
         # Results come as soon as any actor finishes (progress bars, in-order recording by the
         # caller); the returned list is put back in task order.
         import ray
-        from ray.exceptions import RayActorError  # ActorDiedError (killed, OOM, crash) and kin
 
         queue = [(task, 0) for task in reversed(tasks)]  # a stack: pop() takes the first task
         idle = list(range(len(self.actors)))
         running: dict[Any, tuple[int, EvalTask, int]] = {}
         outcomes: list[EvalOutcome] = []
-        while queue or running:
-            while queue and idle:
-                slot = idle.pop(0)
-                task, attempt = queue.pop()
-                running[self.actors[slot].run.remote(task)] = (slot, task, attempt)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            slot, task, attempt = running.pop(ready[0])
-            try:
-                outcome = ray.get(ready[0])
-            except RayActorError as exc:
-                self._replace(slot)
-                if attempt < self.max_retries:
-                    queue.append((task, attempt + 1))
-                    idle.append(slot)
-                    continue
-                cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                outcome = EvalOutcome(task.index, 0, 0, {}, 0.0, worker=f"worker-{slot}",
-                                      error=f"worker died {attempt + 1} times on this policy ({type(exc).__name__}: {cause[:200]})")
-            idle.append(slot)
-            outcomes.append(outcome)
-            if on_done is not None:
-                on_done(outcome)
+        with _deferred_interrupt() as interrupted:
+            while queue or running:
+                while queue and idle:
+                    slot = idle.pop(0)
+                    task, attempt = queue.pop()
+                    running[self.actors[slot].run.remote(task)] = (slot, task, attempt)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                if ready:
+                    self._collect(ready[0], running, queue, idle, outcomes, on_done)
         return sorted(outcomes, key=lambda o: o.index)
+
+    def _collect(self, ref, running, queue, idle, outcomes: list[EvalOutcome], on_done) -> None:
+        """Take one finished evaluation: its outcome, or a replaced actor and a retry."""
+        import ray
+        from ray.exceptions import RayActorError  # ActorDiedError (killed, OOM, crash) and kin
+
+        slot, task, attempt = running.pop(ref)
+        try:
+            outcome = ray.get(ref)
+        except RayActorError as exc:
+            self._replace(slot)
+            if attempt < self.max_retries:
+                queue.append((task, attempt + 1))
+                idle.append(slot)
+                return
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            outcome = EvalOutcome(task.index, 0, 0, {}, 0.0, worker=f"worker-{slot}",
+                                  error=f"worker died {attempt + 1} times on this policy ({type(exc).__name__}: {cause[:200]})")
+        idle.append(slot)
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
 
     def close(self) -> None:
         import ray
@@ -281,6 +294,31 @@ class _EvalActor:
     def pid(self) -> int:
         """The actor's process id (fault-injection tests kill it)."""
         return os.getpid()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """While waiting on Ray, Ctrl-C only sets an event that the wait loop turns into KeyboardInterrupt.
+
+    A SIGINT that lands inside Ray's own calls can be lost there; the event cannot. A second
+    Ctrl-C interrupts at once. Outside the main thread (where signals cannot be handled) nothing
+    changes.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def create_executor(spec: WorkerSpec, workers: int, *, address: str | None = None, evaluator=None) -> Executor:

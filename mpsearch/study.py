@@ -118,9 +118,11 @@ def optimize(
     start = time.perf_counter()
     name = config.study_name
     out = study_dir(config)
+    from mpsearch.quant.ptq import get_ptq
     from mpsearch.zoo import resolve_model_name
 
     algorithm = create_algorithm(config.algorithm)  # unknown names fail before any work
+    get_ptq(config.ptq)
     resolve_model_name(config.model)
     space_def = SearchSpace.load(config.space or default_space_for(config.model))
     try:
@@ -177,7 +179,8 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
     if checkpoint is None:  # hub weights: workers need a file
         checkpoint = atomic_write(out / "baseline.pt", lambda f: torch.save(baseline.model.state_dict(), f), binary=True,
                                   what="baseline")
-    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed,
+                        ptq=config.ptq)
     profiles = (config.energy_profile,) + tuple(p for p in DEFAULT_PROFILES if p != config.energy_profile)
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     evaluator.calibrate()
@@ -617,7 +620,7 @@ def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out:
         }
         stored = policy.with_provenance(
             study=config.study_name, trial=trial_no, seed=config.seed, metrics=metrics,
-            quant={"weight_observer": config.weight_observer, "act_observer": config.act_observer,
+            quant={"weight_observer": config.weight_observer, "act_observer": config.act_observer, "ptq": config.ptq,
                    "calibration_size": config.calibration_size, "torch_threads": config.torch_threads},
         )
         stored.save(policies_dir / f"trial-{trial_no:04d}.json")

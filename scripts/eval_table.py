@@ -1,6 +1,9 @@
 """Measured table of uniform policies: accuracy (test split, 95% CI), size, BOPs, energy.
 
-    python scripts/eval_table.py --model resnet18 --dataset fashion-mnist [--out docs/eval_table.md]
+    python scripts/eval_table.py --model resnet18 --dataset fashion-mnist [--ptq rtn] [--policies fp32,w8a8,...]
+                                 [--out docs/eval_table.md]
+
+``--ptq`` picks how weights are rounded (rtn, gptq, adaround: mpsearch.quant.ptq).
 
 Uses the cached baseline (trains it on first use). Every number is measured by running the
 quantized model, or computed by the cost model from the traced layer shapes.
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 from mpsearch import Evaluator, get_baseline, load_dataset
+from mpsearch.config import QuantConfig
 from mpsearch.machine import describe_machine
 
 POLICIES = ("fp32", "w8a8", "w6a6", "w4a8", "w4a4", "w2a8")
@@ -23,16 +27,18 @@ def main() -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--split", default="test", choices=("val", "test"))
+    ap.add_argument("--ptq", default="rtn", help="weight rounding: rtn (default), gptq, adaround")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated shorthands")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     args = ap.parse_args()
 
     start = time.perf_counter()
     data = load_dataset(args.dataset)
     baseline = get_baseline(args.model, data)
-    ev = Evaluator(baseline, data)
+    ev = Evaluator(baseline, data, quant=QuantConfig(ptq=args.ptq))
     ev.calibrate()
     rows = []
-    for shorthand in POLICIES:
+    for shorthand in [p.strip() for p in args.policies.split(",") if p.strip()]:
         r = ev.evaluate(ev.resolve_policy(shorthand), split=args.split, progress=True)
         rel = r.costs.relative()
         lo, hi = r.accuracy_ci95
@@ -45,13 +51,15 @@ def main() -> None:
         print(rows[-1], flush=True)
     header = (
         f"{args.model} on {args.dataset}, {args.split} split ({r.images} images); first and last layer at 8 bits "
-        f"in every quantized policy; weights per-channel symmetric (min-max), activations per-tensor (MSE-calibrated "
+        f"in every quantized policy; weights per-channel symmetric (min-max grid, {args.ptq} rounding), "
+        f"activations per-tensor (MSE-calibrated "
         f"on {len(data.calibration)} training images).\n\n"
         "| policy | accuracy (95% CI) | Δ vs FP32 (pp) | size (MiB) | GBOPs / image "
         "| energy µJ / image, horowitz45nm (saved) | energy saved, seed-lab4 |\n"
         "|---|---|---|---|---|---|---|\n"
     )
-    footer = f"\nMeasured by `python scripts/eval_table.py` in {time.perf_counter() - start:.0f} s on {describe_machine()}.\n"
+    flags = "" if args.ptq == "rtn" else f" --ptq {args.ptq} --policies {args.policies}"
+    footer = f"\nMeasured by `python scripts/eval_table.py{flags}` in {time.perf_counter() - start:.0f} s on {describe_machine()}.\n"
     text = header + "\n".join(rows) + "\n" + footer
     print("\n" + text)
     if args.out:

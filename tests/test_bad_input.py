@@ -125,6 +125,8 @@ CASES = [
     ("population-one", [*OPT, "--out-root", "{root}", "--population", "1"], "population_size"),
     ("threads-zero", [*OPT, "--out-root", "{root}", "--threads", "0"], "torch_threads"),
     ("eval-images-zero", [*OPT, "--out-root", "{root}", "--eval-images", "0"], "eval_images"),
+    ("unknown-ptq-method", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--ptq", "brecq2"], "unknown PTQ method"),
+    ("optimize-unknown-ptq-method", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--ptq", "brecq2"], "unknown PTQ method"),
     ("limit-zero", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--limit", "0"], "--limit"),
     ("split-train", [*EVAL, "--policy", "w8a8", "--split", "train"], "invalid choice"),
     ("unknown-flag", [*EVAL, "--policy", "w8a8", "--frobnicate"], "unrecognized arguments"),

@@ -148,3 +148,14 @@ def test_bad_study_settings(tmp_path):
     with pytest.raises(UserError, match="unknown search algorithm"):
         optimize(StudyConfig(algorithm="annealing", out_root=str(tmp_path), **{k: v for k, v in TINY.items()}),
                  progress=False, log=lambda m: None)
+
+
+def test_a_study_can_round_weights_with_gptq_and_exports_it(tmp_path, tiny_checkpoint):
+    cfg, result = _run(tmp_path, "tiny-gptq", tiny_checkpoint, budget=8, ptq="gptq", remeasure_points=1)
+    _, nearest = _run(tmp_path, "tiny-rtn", tiny_checkpoint, budget=8, remeasure_points=1)
+    # Same search space and first population; the 2-bit uniform policy is where rounding matters most.
+    def w2a8(trials):
+        return float(trials.loc[trials["attr_method"] == "uniform:w2a8", "value_accuracy"].iloc[0])
+    assert w2a8(result.trials) > w2a8(nearest.trials)
+    policy, _ = pick_policy(result.out_dir, "knee")
+    assert policy.provenance["quant"]["ptq"] == "gptq"

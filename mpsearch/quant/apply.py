@@ -22,6 +22,7 @@ from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.quant.modules import QuantWrapper, wrapper_for
 from mpsearch.quant.observers import ActivationStats, get_observer
 from mpsearch.quant.primitives import QParams, fake_quantize, qparams_from_range
+from mpsearch.quant.ptq import get_ptq, input_columns
 
 __all__ = ["QuantizedModel", "quantizable_layers", "quantize_weight", "apply_policy"]
 
@@ -69,6 +70,8 @@ class QuantizedModel:
             setattr(parent, child, wrapper)
             self.wrappers[name] = wrapper
         self.act_stats: dict[str, ActivationStats] = {}
+        self.rounding = get_ptq(self.config.ptq, seed=self.config.seed)
+        self.layer_columns: dict[str, torch.Tensor] = {}  # calibration inputs as columns, for PTQ methods
         self._weight_cache: dict[tuple, tuple[QParams, torch.Tensor]] = {}
         self._act_cache: dict[tuple, QParams] = {}
         self.policy: Policy | None = None
@@ -84,6 +87,12 @@ class QuantizedModel:
             self.wrappers[name].stats = stats
             self.act_stats[name] = stats
         self._act_cache.clear()
+        self._weight_cache.clear()
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
+        hooks = []
+        if self.rounding.needs_inputs:
+            for i, name in enumerate(self.layer_names):
+                hooks.append(self.wrappers[name].register_forward_pre_hook(self._capture(name, i, captured[name])))
         try:
             seen = 0
             for x in batches:
@@ -92,9 +101,41 @@ class QuantizedModel:
         finally:
             for w in self.wrappers.values():
                 w.stats = None
+            for h in hooks:
+                h.remove()
         if not seen:
             raise UserError("calibration got no data: the calibration split is empty")
+        self.layer_columns = {
+            name: self._sample_columns(captured[name], i) for i, name in enumerate(self.layer_names) if captured[name]
+        }
         self.policy = None
+
+    def _capture(self, name: str, index: int, store: list[torch.Tensor]):
+        """A pre-hook keeping ``ptq_columns`` random input columns of each calibration batch.
+
+        Sampling per batch keeps columns from every calibration image (neighbouring positions of a
+        few images would be nearly redundant) while holding only a few thousand columns per layer.
+        """
+        layer = self.wrappers[name].layer
+        gen = torch.Generator().manual_seed(self.config.seed * 1000 + index)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            columns = input_columns(layer, args[0].detach())
+            if columns.shape[1] > self.config.ptq_columns:
+                pick = torch.randperm(columns.shape[1], generator=gen)[: self.config.ptq_columns].sort().values
+                columns = columns[:, pick]
+            store.append(columns.clone())
+
+        return hook
+
+    def _sample_columns(self, inputs: list[torch.Tensor], index: int) -> torch.Tensor:
+        """``ptq_columns`` columns drawn evenly from every batch's sample (seeded)."""
+        columns = torch.cat(inputs, dim=1)
+        if columns.shape[1] > self.config.ptq_columns:
+            gen = torch.Generator().manual_seed(self.config.seed * 1000 + index + 500)
+            pick = torch.randperm(columns.shape[1], generator=gen)[: self.config.ptq_columns].sort().values
+            columns = columns[:, pick]
+        return columns.contiguous()
 
     @property
     def calibrated(self) -> bool:
@@ -104,15 +145,21 @@ class QuantizedModel:
     def _weight(self, name: str, spec: LayerPrecision) -> tuple[QParams, torch.Tensor] | None:
         if spec.weight_bits is None:
             return None
-        key = (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer)
+        key = (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq)
         if key not in self._weight_cache:
-            self._weight_cache[key] = quantize_weight(
-                self.wrappers[name].layer.weight,
+            layer = self.wrappers[name].layer
+            qp, nearest = quantize_weight(
+                layer.weight,
                 spec.weight_bits,
                 per_channel=spec.granularity == "per-channel",
                 symmetric=spec.symmetric,
                 observer=self.config.weight_observer,
             )
+            if self.rounding.needs_inputs:
+                if name not in self.layer_columns:
+                    raise RuntimeError(f"PTQ method {self.config.ptq!r} needs calibrate() first")
+                nearest = self.rounding.quantize(layer, qp, self.layer_columns[name])
+            self._weight_cache[key] = (qp, nearest)
         return self._weight_cache[key]
 
     def _activation(self, name: str, spec: LayerPrecision) -> QParams | None:
