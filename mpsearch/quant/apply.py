@@ -4,7 +4,8 @@
 quantizable layer, addressed by fully qualified name, with a wrapper from
 :mod:`mpsearch.quant.modules`. ``calibrate(batches)`` runs the calibration split through the
 float copy once and keeps per-layer input statistics. ``apply(policy)`` installs quantizers:
-weights are quantized once per (layer, bits, granularity, symmetry) and cached, activation
+weights are quantized (rounded by the configured PTQ method, :mod:`mpsearch.quant.ptq`) once per
+(layer, bits, granularity, symmetry) and cached, activation
 ranges once per (layer, bits, symmetry), so trying many policies costs only forward passes.
 """
 
@@ -148,7 +149,7 @@ class QuantizedModel:
         key = (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq)
         if key not in self._weight_cache:
             layer = self.wrappers[name].layer
-            qp, nearest = quantize_weight(
+            qp, quantized = quantize_weight(
                 layer.weight,
                 spec.weight_bits,
                 per_channel=spec.granularity == "per-channel",
@@ -158,8 +159,8 @@ class QuantizedModel:
             if self.rounding.needs_inputs:
                 if name not in self.layer_columns:
                     raise RuntimeError(f"PTQ method {self.config.ptq!r} needs calibrate() first")
-                nearest = self.rounding.quantize(layer, qp, self.layer_columns[name])
-            self._weight_cache[key] = (qp, nearest)
+                quantized = self.rounding.quantize(layer, qp, self.layer_columns[name])
+            self._weight_cache[key] = (qp, quantized)
         return self._weight_cache[key]
 
     def _activation(self, name: str, spec: LayerPrecision) -> QParams | None:
