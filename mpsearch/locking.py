@@ -89,7 +89,7 @@ class StudyLock:
 
     # -- server databases ------------------------------------------------------------------------
     def acquire_lease(self, study: Any) -> None:
-        if sqlite_path(self.url) is not None or self.url.startswith("sqlite"):
+        if self.url.startswith("sqlite"):  # the file lock covers it
             return
         check_lease(study, self.study_name, self.owner)
         self._study = study

@@ -348,7 +348,7 @@ def _existing_study(config: StudyConfig, space_def) -> tuple[Any, int]:
     except KeyError:  # no such study in this storage
         return None, 0
     except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
-        raise UserError(f"cannot open study storage {url!r} ({type(exc).__name__}); pass a valid Optuna storage URL with --storage") from None
+        raise _storage_error(url, exc) from None
     recorded = len(study.trials)
     directions = [OBJECTIVES[o][0] for o in config.objectives]
     if not recorded:
@@ -386,8 +386,11 @@ def _create_study(config: StudyConfig) -> Any:
         return optuna.create_study(study_name=config.study_name, storage=storage_url(config), directions=directions,
                                    load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
-        raise UserError(f"cannot open study storage {storage_url(config)!r} ({type(exc).__name__}); "
-                        "pass a valid Optuna storage URL with --storage") from None
+        raise _storage_error(storage_url(config), exc) from None
+
+
+def _storage_error(url: str, exc: Exception) -> UserError:
+    return UserError(f"cannot open study storage {url!r} ({type(exc).__name__}); pass a valid Optuna storage URL with --storage")
 
 
 def _record_settings(study, config: StudyConfig, space_def, baseline_sha256: str | None) -> None:

@@ -25,7 +25,7 @@ from mpsearch.quant.observers import ActivationStats, get_observer
 from mpsearch.quant.primitives import QParams, fake_quantize, qparams_from_range
 from mpsearch.quant.ptq import get_ptq, input_columns
 
-__all__ = ["QuantizedModel", "quantizable_layers", "quantize_weight", "apply_policy"]
+__all__ = ["QuantizedModel", "quantizable_layers", "quantize_weight", "weight_qparams", "apply_policy"]
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -33,18 +33,29 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if name and wrapper_for(m) is not None]
 
 
-def quantize_weight(
-    weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool, observer: str
-) -> tuple[QParams, torch.Tensor]:
-    """Quantize a weight tensor (output channels on axis 0); returns its qparams and the result."""
+def weight_qparams(weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool, observer: str) -> QParams:
+    """The grid of a weight tensor (output channels on axis 0) from ``observer``'s range."""
     rows = weight.detach().reshape(weight.shape[0], -1) if per_channel else weight.detach().reshape(1, -1)
     lo, hi = get_observer(observer)(rows, bits, True, symmetric)
     if per_channel:
-        qp = qparams_from_range(lo, hi, bits, symmetric=symmetric, signed=True, axis=0)
-    else:
-        qp = qparams_from_range(lo[0], hi[0], bits, symmetric=symmetric, signed=True)
+        return qparams_from_range(lo, hi, bits, symmetric=symmetric, signed=True, axis=0)
+    return qparams_from_range(lo[0], hi[0], bits, symmetric=symmetric, signed=True)
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool, observer: str
+) -> tuple[QParams, torch.Tensor]:
+    """Round-to-nearest quantization of a weight tensor; returns its qparams and the result."""
+    qp = weight_qparams(weight, bits, per_channel=per_channel, symmetric=symmetric, observer=observer)
     with torch.no_grad():
         return qp, fake_quantize(weight.detach(), qp)
+
+
+def _some_columns(columns: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` of the columns, drawn without replacement by ``gen`` and kept in order (all if fewer)."""
+    if columns.shape[1] <= n:
+        return columns
+    return columns[:, torch.randperm(columns.shape[1], generator=gen)[:n].sort().values]
 
 
 class QuantizedModel:
@@ -121,22 +132,14 @@ class QuantizedModel:
         gen = torch.Generator().manual_seed(self.config.seed * 1000 + index)
 
         def hook(module: nn.Module, args: tuple) -> None:
-            columns = input_columns(layer, args[0].detach())
-            if columns.shape[1] > self.config.ptq_columns:
-                pick = torch.randperm(columns.shape[1], generator=gen)[: self.config.ptq_columns].sort().values
-                columns = columns[:, pick]
-            store.append(columns.clone())
+            store.append(_some_columns(input_columns(layer, args[0].detach()), self.config.ptq_columns, gen).clone())
 
         return hook
 
     def _sample_columns(self, inputs: list[torch.Tensor], index: int) -> torch.Tensor:
         """``ptq_columns`` columns drawn evenly from every batch's sample (seeded)."""
-        columns = torch.cat(inputs, dim=1)
-        if columns.shape[1] > self.config.ptq_columns:
-            gen = torch.Generator().manual_seed(self.config.seed * 1000 + index + 500)
-            pick = torch.randperm(columns.shape[1], generator=gen)[: self.config.ptq_columns].sort().values
-            columns = columns[:, pick]
-        return columns.contiguous()
+        gen = torch.Generator().manual_seed(self.config.seed * 1000 + index + 500)
+        return _some_columns(torch.cat(inputs, dim=1), self.config.ptq_columns, gen).contiguous()
 
     @property
     def calibrated(self) -> bool:
@@ -149,18 +152,11 @@ class QuantizedModel:
         key = (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq)
         if key not in self._weight_cache:
             layer = self.wrappers[name].layer
-            qp, quantized = quantize_weight(
-                layer.weight,
-                spec.weight_bits,
-                per_channel=spec.granularity == "per-channel",
-                symmetric=spec.symmetric,
-                observer=self.config.weight_observer,
-            )
-            if self.rounding.needs_inputs:
-                if name not in self.layer_columns:
-                    raise RuntimeError(f"PTQ method {self.config.ptq!r} needs calibrate() first")
-                quantized = self.rounding.quantize(layer, qp, self.layer_columns[name])
-            self._weight_cache[key] = (qp, quantized)
+            qp = weight_qparams(layer.weight, spec.weight_bits, per_channel=spec.granularity == "per-channel",
+                                symmetric=spec.symmetric, observer=self.config.weight_observer)
+            if self.rounding.needs_inputs and name not in self.layer_columns:
+                raise RuntimeError(f"PTQ method {self.config.ptq!r} needs calibrate() first")
+            self._weight_cache[key] = (qp, self.rounding.quantize(layer, qp, self.layer_columns.get(name)))
         return self._weight_cache[key]
 
     def _activation(self, name: str, spec: LayerPrecision) -> QParams | None:
