@@ -420,8 +420,8 @@ def _records_by_slot(study) -> dict[tuple[int, int], Any]:
 def _objective_from_trial(trial, objectives: tuple[str, ...]) -> np.ndarray:
     """What the algorithm was told for a recorded trial (the same floats: values are stored exactly)."""
     if trial.state.name != "COMPLETE":
-        return np.full(len(objectives), np.inf)
-    return np.asarray([1.0 - v if OBJECTIVES[o][0] == "maximize" else v for o, v in zip(objectives, trial.values)], dtype=float)
+        return _objective_vector(None, objectives)
+    return _objective_vector({OBJECTIVES[o][1]: v for o, v in zip(objectives, trial.values)}, objectives)
 
 
 class _InOrderRecorder:
