@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -29,7 +30,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _add_baseline_flags(p: argparse.ArgumentParser) -> None:
+def _add_baseline_flags(p: argparse.ArgumentParser, *, recipe_overrides: bool = True) -> None:
     p.add_argument("--model", default="resnet18", help="timm model name or alias (resnet18, deit_tiny, test_resnet, ...)")
     p.add_argument("--dataset", default="fashion-mnist",
                    help="fashion-mnist (default), digits, cifar10, cifar100 or imagefolder:PATH")
@@ -39,10 +40,26 @@ def _add_baseline_flags(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="fp32 state dict to quantize instead of the cached/trained baseline")
     src.add_argument("--pretrained", action="store_true", help="use timm hub weights (needs internet)")
-    p.add_argument("--epochs", type=int, default=None, help="override the training recipe's epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override the training recipe's batch size")
-    p.add_argument("--lr", type=float, default=None, help="override the training recipe's peak learning rate")
+    if recipe_overrides:
+        p.add_argument("--epochs", type=int, default=None, help="override the training recipe's epochs")
+        p.add_argument("--batch-size", type=int, default=None, help="override the training recipe's batch size")
+        p.add_argument("--lr", type=float, default=None, help="override the training recipe's peak learning rate")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+    # None = "from the policy's provenance if it has one, else the default" (so an exported
+    # policy is re-measured with the settings it was measured with).
+    p.add_argument("--calibration-size", type=int, default=None, help="calibration images drawn from train (default 512)")
+    p.add_argument("--weight-observer", default=None, help="weight range observer: minmax (default), percentile, mse")
+    p.add_argument("--act-observer", default=None, help="activation range observer: mse (default), percentile, minmax")
+    p.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround (see mpsearch.quant.ptq)")
+    p.add_argument("--bias-correction", action="store_true", default=None,
+                   help="shift each quantized layer's bias by its mean output error on the calibration split")
+    p.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="SmoothQuant smoothing of layers quantized on both sides, strength ALPHA (default 0.5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the policy's, else all cores)")
+    p.add_argument("--profiles", default="horowitz45nm,seed-lab4", help="energy profiles (names or .toml paths), comma separated")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,16 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("val", "test"), default="val",
                    help="val (default; searches use it) or test (final reports)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
-    # None = "from the policy's provenance if it has one, else the default" (so an exported
-    # policy is re-measured with the settings it was measured with).
-    e.add_argument("--calibration-size", type=int, default=None, help="calibration images drawn from train (default 512)")
-    e.add_argument("--weight-observer", default=None, help="weight range observer: minmax (default), percentile, mse")
-    e.add_argument("--act-observer", default=None, help="activation range observer: mse (default), percentile, minmax")
-    e.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround (see mpsearch.quant.ptq)")
-    e.add_argument("--threads", type=int, default=None, help="torch threads (default: the policy's, else all cores)")
-    e.add_argument("--profiles", default="horowitz45nm,seed-lab4", help="energy profiles (names or .toml paths), comma separated")
+    _add_quant_flags(e)
     e.add_argument("--save-policy", default=None, help="also write the resolved policy JSON here")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    f = sub.add_parser("finetune", help="quantization-aware fine-tuning of a policy (LSQ + distillation from fp32)")
+    _add_baseline_flags(f, recipe_overrides=False)
+    f.add_argument("--policy", required=True, help="policy JSON file or shorthand (w4a4, w4a8, ...)")
+    _add_quant_flags(f)
+    f.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate of weights and step sizes (default 0.002)")
+    f.add_argument("--batch-size", type=int, default=None, help="training images per step (default 64)")
+    f.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 1)")
+    f.add_argument("--label-weight", type=float, default=None, help="weight of the cross-entropy with labels (default 0)")
+    f.add_argument("-o", "--output", default=None,
+                   help="fine-tuned policy JSON to write; the checkpoint goes beside it as .pt "
+                        "(default: <policy>.finetuned.json beside a policy file, studies/finetuned/ for a shorthand)")
+    f.add_argument("--json", action="store_true", help="print the measured metrics as one JSON object")
 
     ls = sub.add_parser("layers", help="list a model's quantizable layers with MACs and parameters")
     ls.add_argument("--model", default="resnet18")
@@ -102,6 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-observer", default="minmax")
     o.add_argument("--act-observer", default="mse")
     o.add_argument("--ptq", default="rtn", help="how weights are rounded: rtn (default), gptq, adaround")
+    o.add_argument("--bias-correction", action="store_true", help="bias correction after weight rounding (see evaluate)")
+    o.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="SmoothQuant smoothing, strength ALPHA (default 0.5; see evaluate)")
+    o.add_argument("--finetune-front", action="store_true",
+                   help="after the search, fine-tune each re-measured Pareto point (LSQ + distillation; see `finetune`)")
+    o.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps per Pareto point (default 300)")
+
+    ab = sub.add_parser("ablate", help="measured ablation of quantization choices over seeds: CSV + markdown table")
+    ab.add_argument("--model", default="resnet18", help="timm model name or alias")
+    ab.add_argument("--dataset", default="fashion-mnist")
+    ab.add_argument("--data-dir", default=None)
+    ab.add_argument("--checkpoint", default=None, help="fp32 state dict to use instead of the cached/trained baseline")
+    ab.add_argument("--variants", default="all",
+                    help="comma-separated variants or all: default, per-tensor-weights, symmetric-acts, act-minmax, "
+                         "act-percentile, weight-mse, bias-correction, adaround, gptq, gptq+qat")
+    ab.add_argument("--widths", default="w8a8,w6a6,w4a8,w4a4,w3a8,w2a8", help="uniform policies (shorthands), comma separated")
+    ab.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma separated (default 0,1,2)")
+    ab.add_argument("--split", choices=("val", "test"), default="test", help="split to measure on (default test)")
+    ab.add_argument("--limit", type=int, default=None, help="measure only the first N images of the split")
+    ab.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps of the QAT variant (default 300)")
+    ab.add_argument("--out", default=None, help="folder for ablation.csv and ablation.md (default studies/ablation-<model>); "
+                                                "an existing ablation.csv there is resumed")
+    ab.add_argument("--no-progress", action="store_true")
+
+    ol = sub.add_parser("outliers", help="per-layer activation outlier report and SmoothQuant smoothing factors")
+    _add_baseline_flags(ol)
+    ol.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
+    ol.add_argument("--calibration-size", type=int, default=512)
+    ol.add_argument("--out", default=None, help="also write the table as CSV here")
 
     x = sub.add_parser("export", help="pick one policy of a finished study and write it as JSON")
     x.add_argument("--study", required=True, help="study name (a folder under --out-root)")
@@ -129,6 +182,8 @@ def _recipe(args: argparse.Namespace):
 
     from mpsearch.config import TrainRecipe
 
+    if not hasattr(args, "epochs"):  # commands without recipe flags use the default recipe
+        return TrainRecipe()
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     return replace(TrainRecipe(), **overrides)
 
@@ -168,18 +223,21 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _policy_and_quant(args: argparse.Namespace):
+    """The policy argument and quantizer settings of evaluate/finetune, checked before any model loads.
+
+    Settings left unset come from the policy's provenance when it has one (so an exported policy
+    is re-measured with the settings it was measured with), else from the defaults.
+    """
     from pathlib import Path
 
     from mpsearch.config import QuantConfig
     from mpsearch.cost import load_profile
-    from mpsearch.evaluate import Evaluator
     from mpsearch.policy import Policy, parse_shorthand
     from mpsearch.quant import get_observer
     from mpsearch.quant.ptq import get_ptq
 
-    # Check every input before the (possibly long) baseline is loaded or trained.
-    policy_arg: str | Policy = args.policy
+    policy_arg = args.policy
     provenance: dict = {}
     if Path(args.policy).is_file():
         policy_arg = Policy.load(args.policy)
@@ -190,6 +248,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     args.weight_observer = args.weight_observer or str(provenance.get("weight_observer", "minmax"))
     args.act_observer = args.act_observer or str(provenance.get("act_observer", "mse"))
     args.ptq = args.ptq or str(provenance.get("ptq", "rtn"))
+    args.bias_correction = bool(args.bias_correction or provenance.get("bias_correction", False))
+    if args.smoothquant is None and provenance.get("smoothquant_alpha") is not None:
+        args.smoothquant = float(provenance["smoothquant_alpha"])
     threads = args.threads or provenance.get("torch_threads")
     if threads is not None:
         if int(threads) < 1:
@@ -205,12 +266,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     get_observer(args.weight_observer)
     get_observer(args.act_observer)
     get_ptq(args.ptq)
+    quant = QuantConfig(weight_observer=args.weight_observer, act_observer=args.act_observer, seed=args.seed, ptq=args.ptq,
+                        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant)
+    return policy_arg, quant, profiles
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.finetune import attach_finetuned
+
+    policy_arg, quant, profiles = _policy_and_quant(args)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
-    quant = QuantConfig(weight_observer=args.weight_observer, act_observer=args.act_observer, seed=args.seed, ptq=args.ptq)
     data, baseline = _baseline(args, args.calibration_size)
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     policy = evaluator.resolve_policy(policy_arg)
+    if attach_finetuned(evaluator, policy, Path(args.policy).parent):
+        _log(f"using the fine-tuned weights and quantizers of {policy.provenance['finetune']['checkpoint']}")
     if args.save_policy:
         policy.save(args.save_policy)
     evaluator.calibrate()
@@ -232,6 +306,119 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for name, value in c.energy.items():
         print(f"  energy     {value:,.4g} {c.energy_units[name]} per image [{name}]  ({rel['energy:' + name]:.1%} of fp32, "
               f"{1 - rel['energy:' + name]:.1%} saved)")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpsearch.config import FinetuneConfig
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.finetune import finetune, save_finetuned
+
+    policy_arg, quant, profiles = _policy_and_quant(args)
+    settings = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "temperature": args.temperature,
+                "label_weight": args.label_weight}
+    config = FinetuneConfig(seed=args.seed, **{k: v for k, v in settings.items() if v is not None})
+    if args.output:
+        output = Path(args.output)
+    elif Path(args.policy).is_file():
+        output = Path(args.policy).with_suffix(".finetuned.json")
+    else:
+        output = Path("studies") / "finetuned" / f"{args.model}-{args.policy.replace(':', '_')}.json"
+    if output.suffix != ".json":
+        raise UserError(f"--output {output}: name the policy file with a .json suffix")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    data, baseline = _baseline(args, args.calibration_size)
+    evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
+    policy = evaluator.resolve_policy(policy_arg)
+    if policy.provenance.get("finetune"):
+        raise UserError(f"policy {args.policy} is already fine-tuned; fine-tune the policy it came from")
+    if all(spec.is_float for spec in policy.layers.values()):
+        raise UserError("the policy quantizes no layer; there is nothing to fine-tune")
+    result = finetune(evaluator, policy, config, progress=not args.no_progress, log=_log)
+    checkpoint = output.with_suffix(".pt")
+    digest = save_finetuned(checkpoint, evaluator, policy)
+    tuned = policy.with_provenance(
+        finetune={"checkpoint": checkpoint.name, "sha256": digest, "config": config.to_dict(), "train_s": result.train_s},
+        metrics=result.metrics(),
+        quant={"weight_observer": quant.weight_observer, "act_observer": quant.act_observer, "ptq": quant.ptq,
+               "bias_correction": quant.bias_correction, "smoothquant_alpha": quant.smoothquant_alpha,
+               "calibration_size": args.calibration_size},
+    )
+    tuned.save(output)
+    if args.json:
+        print(json.dumps({"policy": str(output), "checkpoint": str(checkpoint), "train_s": result.train_s, **result.metrics()}))
+        return 0
+    print(f"{baseline.name} on {data.info.name}, policy {policy.summary()}: {config.steps} steps in {result.train_s / 60:.1f} min")
+    for split in result.after:
+        before, after = result.before[split], result.after[split]
+        print(f"  {split:<5} PTQ ({quant.ptq}) {before.accuracy:.2%} ({(before.drop or 0) * 100:+.2f} pp)  ->  "
+              f"QAT {after.accuracy:.2%} ({(after.drop or 0) * 100:+.2f} pp, fp32 {after.fp32_accuracy:.2%})")
+    print(f"wrote {output} and {checkpoint}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mpsearch.ablate import VARIANTS, run_ablation, summarize, write_markdown
+    from mpsearch.config import FinetuneConfig
+    from mpsearch.machine import describe_machine
+
+    seeds = _int_list(args.seeds, "--seeds")
+    variants = list(VARIANTS) if args.variants.strip() == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    widths = [w.strip().lower() for w in args.widths.split(",") if w.strip()]
+    if not variants or not widths:
+        raise UserError("--variants and --widths need at least one entry each")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.out or f"studies/ablation-{args.model}")
+    start = time.perf_counter()
+    table = run_ablation(model=args.model, dataset=args.dataset, variants=variants, widths=widths, seeds=seeds,
+                         split=args.split, limit=args.limit, data_dir=args.data_dir, checkpoint=args.checkpoint,
+                         finetune_config=FinetuneConfig(steps=args.finetune_steps), out_csv=out / "ablation.csv",
+                         progress=not args.no_progress, log=_log)
+    notes = [f"- model {args.model} on {args.dataset}; seeds {', '.join(map(str, seeds))}; "
+             f"{args.split} split{f' (first {args.limit} images)' if args.limit else ''}",
+             f"- machine: {describe_machine()}; this run {(time.perf_counter() - start) / 60:.1f} min",
+             f"- regenerate: `mpsearch ablate --model {args.model} --variants {','.join(variants)} --widths {','.join(widths)} "
+             f"--seeds {args.seeds}`"]
+    md = write_markdown(out / "ablation.md", table, widths=widths, split=args.split,
+                        title=f"Quantization ablation: {args.model} on {args.dataset}", notes=notes)
+    summary = summarize(table, args.split)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    _log(f"wrote {out / 'ablation.csv'} and {md}")
+    return 0
+
+
+def _cmd_outliers(args: argparse.Namespace) -> int:
+    from mpsearch.config import QuantConfig
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.files import atomic_write
+    from mpsearch.quant.smoothing import outlier_table
+
+    quant = QuantConfig(seed=args.seed, smoothquant_alpha=args.alpha)  # checks alpha before the model loads
+    data, baseline = _baseline(args, args.calibration_size)
+    evaluator = Evaluator(baseline, data, quant=quant)
+    evaluator.calibrate()
+    qmodel = evaluator.qmodel
+    table = outlier_table(qmodel.channel_absmax, {n: w.layer for n, w in qmodel.wrappers.items()
+                                                  if n in qmodel.smooth_scales}, args.alpha)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.out:
+        atomic_write(args.out, lambda f: table.to_csv(f, index=False), what="outlier report")
+        _log(f"wrote {args.out}")
     return 0
 
 
@@ -286,12 +473,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         workers=args.workers, torch_threads=args.threads, ray_address=args.ray_address,
         storage=args.storage, calibration_size=args.calibration_size, weight_observer=args.weight_observer,
         act_observer=args.act_observer, ptq=args.ptq, sensitivity=args.sensitivity, out_root=args.out_root,
+        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
+        finetune_front=args.finetune_front, finetune_steps=args.finetune_steps,
         **{k: v for k, v in optional.items() if v is not None},
     )
     result = optimize(config, progress=not args.no_progress, log=_log)
     print(f"study {result.name}: {len(result.trials)} trials, {len(result.pareto)} Pareto points, "
           f"hypervolume {result.hypervolume:.4f}, {result.wall_s / 60:.1f} min -> {result.out_dir}")
-    cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "rel_energy_" + args.energy_profile) if c in result.pareto]
+    cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "qat_test_accuracy", "qat_test_drop_pp",
+                        "rel_energy_" + args.energy_profile) if c in result.pareto]
     print(result.pareto[cols].to_string(index=False))
     return 0
 
@@ -355,7 +545,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
-    "train": _cmd_train, "evaluate": _cmd_evaluate, "layers": _cmd_layers, "profiles": _cmd_profiles,
+    "train": _cmd_train, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "ablate": _cmd_ablate, "outliers": _cmd_outliers, "layers": _cmd_layers, "profiles": _cmd_profiles,
     "optimize": _cmd_optimize, "export": _cmd_export, "dashboard": _cmd_dashboard, "sensitivity": _cmd_sensitivity,
 }
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from mpsearch.errors import UserError
 
-__all__ = ["TrainRecipe", "QuantConfig", "StudyConfig", "OBJECTIVES", "config_key", "config_from_dict"]
+__all__ = ["TrainRecipe", "QuantConfig", "FinetuneConfig", "StudyConfig", "OBJECTIVES", "config_key", "config_from_dict"]
 
 C = TypeVar("C")
 
@@ -133,6 +133,13 @@ class QuantConfig:
     # learn from ``ptq_columns`` sampled input columns per layer of the calibration split.
     ptq: str = "rtn"
     ptq_columns: int = 2048
+    # Bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+    # Correction", ICCV 2019, empirical variant): shift each quantized layer's bias by the mean
+    # output error (W - Wq) E[x] over the calibration split, after any PTQ rounding.
+    bias_correction: bool = False
+    # SmoothQuant migration strength alpha (mpsearch.quant.smoothing) for layers whose weights and
+    # inputs are both quantized; None: off.
+    smoothquant_alpha: float | None = None
 
     def __post_init__(self) -> None:
         # Observer names are checked against the registry by the quantizer that uses them
@@ -141,12 +148,60 @@ class QuantConfig:
             raise UserError(f"quant.act_samples: must be >= 16, got {self.act_samples}")
         if self.ptq_columns < 16:
             raise UserError(f"quant.ptq_columns: must be >= 16, got {self.ptq_columns}")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+            raise UserError(f"quant.smoothquant_alpha: a migration strength in [0, 1] or null (off), got {alpha!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        return config_from_dict(cls, data)
+
+    def key(self) -> str:
+        return config_key(self)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Quantization-aware fine-tuning of one policy: LSQ step sizes + distillation from fp32.
+
+    ``steps`` SGD-Nesterov steps of ``batch_size`` augmented training images, cosine-annealed
+    from ``lr`` (shared by weights, biases, batch-norm affines and step sizes: LSQ's gradient
+    scaling makes one rate fit all). The loss is the KL divergence to the fp32 model's outputs at
+    ``temperature`` (times T², Hinton et al. 2015) plus ``label_weight`` times cross-entropy with
+    the labels. Batch-norm statistics stay frozen (the quantized model is evaluated with them).
+    """
+
+    version: int = 1
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    temperature: float = 1.0
+    label_weight: float = 0.0
+    bf16: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"finetune.steps: must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise UserError(f"finetune.batch_size: must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"finetune.lr: must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise UserError(f"finetune.temperature: must be > 0, got {self.temperature}")
+        if self.label_weight < 0:
+            raise UserError(f"finetune.label_weight: must be >= 0, got {self.label_weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
         return config_from_dict(cls, data)
 
     def key(self) -> str:
@@ -196,10 +251,16 @@ class StudyConfig:
     weight_observer: str = "minmax"
     act_observer: str = "mse"
     ptq: str = "rtn"
+    bias_correction: bool = False
+    smoothquant_alpha: float | None = None
     sensitivity: str = "hessian"
     hawq_budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
     remeasure_points: int = 6
     out_root: str = "studies"
+    # Fine-tune every re-measured Pareto point with LSQ + distillation (mpsearch.finetune), after
+    # the search; ``finetune_steps`` steps each. The trials themselves stay post-training measured.
+    finetune_front: bool = False
+    finetune_steps: int = 300
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -208,6 +269,8 @@ class StudyConfig:
             raise UserError(f"study.population_size: must be >= 2, got {self.population_size}")
         if self.eval_images < 1:
             raise UserError(f"study.eval_images: must be >= 1, got {self.eval_images}")
+        if self.finetune_steps < 1:
+            raise UserError(f"study.finetune_steps: must be >= 1, got {self.finetune_steps}")
         if self.remeasure_points < 0:
             raise UserError(f"study.remeasure_points: 0 (every Pareto point) or a count, got {self.remeasure_points}")
         if self.torch_threads < 1:

@@ -95,5 +95,7 @@ def _policy_of_trial(folder: Path, config: dict, number: int) -> Policy:
         provenance={"study": config["study_name"], "trial": number, "seed": config["seed"],
                     "metrics": {"search_accuracy": float(row["value_accuracy"])},
                     "quant": {"weight_observer": config["weight_observer"], "act_observer": config["act_observer"],
+                              "ptq": config.get("ptq", "rtn"), "bias_correction": config.get("bias_correction", False),
+                              "smoothquant_alpha": config.get("smoothquant_alpha"),
                               "calibration_size": config["calibration_size"], "torch_threads": config["torch_threads"]}},
     )

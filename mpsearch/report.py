@@ -92,9 +92,10 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
     failed = int((trials["state"] == "FAIL").sum())
     energy_col = f"rel_energy_{config.energy_profile}"
     cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_drop_pp", "val_accuracy",
-            energy_col, "rel_size", "rel_bops"]
+            energy_col, "rel_size", "rel_bops", "qat_test_accuracy", "qat_test_drop_pp"]
     fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_drop_pp": "+.2f",
-           "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f"}
+           "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
+           "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f"}
     lines = [
         f"# Study {config.study_name}",
         "",

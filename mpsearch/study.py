@@ -41,7 +41,8 @@ PARETO_FILE = "pareto.csv"
 CHECKPOINT_FILE = "search_state.json"
 # Settings a resumed study may change: they decide how much to run and where, not what a trial
 # measures. Every other field must match the study's stored config.
-RESUMABLE_FIELDS = ("budget", "workers", "ray_address", "remeasure_points", "data_dir", "out_root", "storage", "checkpoint")
+RESUMABLE_FIELDS = ("budget", "workers", "ray_address", "remeasure_points", "data_dir", "out_root", "storage", "checkpoint",
+                    "finetune_front", "finetune_steps")
 UNIFORM_SHORTHANDS = ((8, 8), (6, 6), (4, 8), (4, 4), (2, 8))
 REF_POINT_PAD = 1.0  # hypervolume reference: error 1.0 and each relative cost 1.0 (the fp32 model)
 
@@ -180,7 +181,7 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
         checkpoint = atomic_write(out / "baseline.pt", lambda f: torch.save(baseline.model.state_dict(), f), binary=True,
                                   what="baseline")
     quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed,
-                        ptq=config.ptq)
+                        ptq=config.ptq, bias_correction=config.bias_correction, smoothquant_alpha=config.smoothquant_alpha)
     profiles = (config.energy_profile,) + tuple(p for p in DEFAULT_PROFILES if p != config.energy_profile)
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     evaluator.calibrate()
@@ -292,6 +293,8 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
         search_s = time.perf_counter() - start
         trials = load_trials(study)
         pareto = _remeasure_front(config, evaluator, executor, space, trials, to_policy, out, log, progress) if remeasure else None
+    if pareto is not None and config.finetune_front:
+        pareto = _finetune_front(config, baseline, data, quant, profiles, pareto, out, log, progress)
     hv = hypervolume(_front_matrix(trials, config.objectives), ref)
     wall = time.perf_counter() - start
 
@@ -559,6 +562,56 @@ def _front_matrix(trials, objectives: tuple[str, ...]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def _finetune_front(config, baseline, data, quant, profiles, pareto, out: Path, log, progress: bool):
+    """Fine-tune each re-measured Pareto point (LSQ + distillation) and add its measurements.
+
+    Each point gets a fresh quantized copy of the baseline, so points do not share weights; the
+    fine-tuned policy and checkpoint go next to the point's policy. A point already fine-tuned
+    with the same settings (a resumed study) is read back, not trained again.
+    """
+    import pandas as pd
+    import torch
+
+    from mpsearch.config import FinetuneConfig
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.finetune import finetune, save_finetuned
+    from mpsearch.policy import Policy
+
+    ft_config = FinetuneConfig(steps=config.finetune_steps, seed=config.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the workers are idle now: train on every core
+    rows = []
+    try:
+        for i, row in pareto.iterrows():
+            source = out / row["policy_file"]
+            target = source.with_name(source.stem + ".finetuned.json")
+            checkpoint = target.with_suffix(".pt")
+            policy = Policy.load(source)
+            tuned = Policy.load(target) if target.exists() else None
+            done = (tuned is not None and checkpoint.exists()
+                    and tuned.provenance.get("finetune", {}).get("config") == ft_config.to_dict()
+                    and tuned.provenance["finetune"].get("sha256") == hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+            if done:
+                metrics = tuned.provenance["metrics"]
+            else:
+                log(f"fine-tuning Pareto point {i + 1}/{len(pareto)}: trial {int(row['trial'])} ({policy.summary()}) ...")
+                evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
+                result = finetune(evaluator, policy, ft_config, progress=progress, log=log)
+                digest = save_finetuned(checkpoint, evaluator, policy)
+                metrics = result.metrics()
+                policy.with_provenance(
+                    finetune={"checkpoint": checkpoint.name, "sha256": digest, "config": ft_config.to_dict(),
+                              "train_s": result.train_s},
+                    metrics=metrics,
+                ).save(target)
+            rows.append({"qat_val_accuracy": metrics["val_accuracy"], "qat_test_accuracy": metrics["test_accuracy"],
+                         "qat_test_drop_pp": 100 * metrics["test_drop"],
+                         "qat_policy_file": str(target.relative_to(out))})
+    finally:
+        torch.set_num_threads(threads)
+    return pd.concat([pareto.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+
+
 def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out: Path, log, progress: bool):
     """Re-measure the Pareto set (val subset) on the full validation split and on the test split.
 
@@ -624,6 +677,7 @@ def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out:
         stored = policy.with_provenance(
             study=config.study_name, trial=trial_no, seed=config.seed, metrics=metrics,
             quant={"weight_observer": config.weight_observer, "act_observer": config.act_observer, "ptq": config.ptq,
+                   "bias_correction": config.bias_correction, "smoothquant_alpha": config.smoothquant_alpha,
                    "calibration_size": config.calibration_size, "torch_threads": config.torch_threads},
         )
         stored.save(policies_dir / f"trial-{trial_no:04d}.json")

@@ -36,7 +36,7 @@ from mpsearch.machine import describe_machine
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
 
-__all__ = ["MODEL_ALIASES", "Baseline", "create_model", "resolve_model_name", "train_model", "get_baseline", "sha256_file"]
+__all__ = ["MODEL_ALIASES", "Baseline", "augment", "create_model", "resolve_model_name", "train_model", "get_baseline", "sha256_file"]
 
 # Short names users type -> timm names.
 MODEL_ALIASES = {
@@ -111,7 +111,7 @@ def sha256_file(path: Path) -> str:
 
 
 # -- training -----------------------------------------------------------------------------------
-def _augment(x: torch.Tensor, recipe: TrainRecipe, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, recipe: TrainRecipe, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per-image random crop (zero-pixel padding) and horizontal flip, vectorized over the batch."""
     n, c, h, w = x.shape
     p = recipe.crop_padding
@@ -157,7 +157,7 @@ def train_model(
         seen = correct = 0
         loss_sum = 0.0
         for x, y in train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch):
-            x = _augment(x, recipe, fill, gen)
+            x = augment(x, recipe, fill, gen)
             if size != x.shape[-1]:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.contiguous(memory_format=memory_format)

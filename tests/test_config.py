@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from mpsearch.config import QuantConfig, TrainRecipe
+from mpsearch.config import FinetuneConfig, QuantConfig, TrainRecipe
 from mpsearch.errors import UserError
 
 
 @pytest.mark.parametrize("config", [TrainRecipe(), TrainRecipe(epochs=2, lr=0.3, hflip=False), QuantConfig(),
-                                    QuantConfig(weight_observer="mse", act_observer="percentile", seed=3)])
+                                    QuantConfig(weight_observer="mse", act_observer="percentile", seed=3),
+                                    FinetuneConfig(), FinetuneConfig(steps=50, temperature=2.0, label_weight=0.5)])
 def test_every_config_round_trips_through_json(config):
     restored = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
@@ -29,3 +30,5 @@ def test_keys_change_with_settings_and_configs_reject_bad_values():
     with pytest.raises(UserError, match=r"TrainRecipe.epochs: expected int, got '4'"):
         TrainRecipe.from_dict({"epochs": "4"})
     assert TrainRecipe.from_dict({"lr": 1}).lr == 1  # an int is a fine float
+    with pytest.raises(UserError, match="finetune.steps"):
+        FinetuneConfig(steps=0)

@@ -94,3 +94,32 @@ def test_the_quantizer_uses_the_configured_method_and_caches_it(calibrated, digi
     before = calibrated.cache_sizes()["weights"]
     calibrated.apply(policy)
     assert calibrated.cache_sizes()["weights"] == before  # switching back costs no re-quantization
+
+
+def test_bias_correction_cancels_the_mean_output_error(digits_baseline, digits):
+    from mpsearch.policy import uniform_policy
+
+    qm = QuantizedModel(digits_baseline.model, config=QuantConfig(bias_correction=True))
+    batches = [x for x, _ in digits.calibration.batches(128)]
+    name = next(n for n in qm.layer_names if isinstance(qm.wrappers[n].layer, torch.nn.Conv2d) and qm.wrappers[n].layer.padding != (0, 0))
+    seen = []
+    hook = qm.wrappers[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    qm.calibrate(batches)
+    hook.remove()
+    layer = qm.wrappers[name].layer
+    X = torch.cat([input_columns(layer, x) for x in seen], dim=1)  # every calibration column, padding included
+    assert torch.allclose(qm.mean_columns[name], X.mean(dim=1), atol=1e-5)
+
+    qm.apply(uniform_policy("w3:all", model="test_resnet", dataset="digits", layers=qm.layer_names))
+    wrapper = qm.wrappers[name]
+    W = layer.weight.detach().reshape(layer.out_channels, -1)
+    error = (W - wrapper.quantized_weight.reshape(W.shape)) @ X  # output error before the bias shift
+    shift = wrapper.quantized_bias - (layer.bias.detach() if layer.bias is not None else 0)
+    corrected = error - shift[:, None]
+    assert corrected.mean(dim=1).abs().max() < 1e-4 < error.mean(dim=1).abs().max()
+    assert corrected.pow(2).sum() < error.pow(2).sum()
+    # Off by default: the layer's own bias is used.
+    plain = QuantizedModel(digits_baseline.model)
+    plain.calibrate(batches)
+    plain.apply(uniform_policy("w3:all", model="test_resnet", dataset="digits", layers=plain.layer_names))
+    assert plain.wrappers[name].quantized_bias is None and not plain.mean_columns

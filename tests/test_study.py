@@ -159,3 +159,24 @@ def test_a_study_can_round_weights_with_gptq_and_exports_it(tmp_path, tiny_check
     assert w2a8(result.trials) > w2a8(nearest.trials)
     policy, _ = pick_policy(result.out_dir, "knee")
     assert policy.provenance["quant"]["ptq"] == "gptq"
+
+
+def test_finetune_front_adds_measured_qat_points(tmp_path, tiny_checkpoint, digits_baseline, digits):
+    from mpsearch.finetune import attach_finetuned
+
+    cfg, result = _run(tmp_path, "tiny-ft", tiny_checkpoint, remeasure_points=2, finetune_front=True, finetune_steps=10)
+    pareto = pd.read_csv(result.out_dir / "pareto.csv")
+    assert len(pareto) == 2 and pareto["qat_test_accuracy"].between(0, 1).all()
+    assert "qat_test_drop_pp" in (result.out_dir / "report.md").read_text()
+    # Each fine-tuned policy re-measures, from its checkpoint, to the accuracy the table reports.
+    for _, row in pareto.iterrows():
+        path = result.out_dir / row["qat_policy_file"]
+        policy = Policy.load(path)
+        ev = Evaluator(digits_baseline, digits)
+        assert attach_finetuned(ev, policy, path.parent)
+        ev.calibrate()
+        assert ev.evaluate(policy, split="test").accuracy == pytest.approx(row["qat_test_accuracy"], abs=1e-12)
+    # Resuming reads the fine-tuned points back instead of training them again.
+    stamp = {p: p.stat().st_mtime_ns for p in (result.out_dir / "policies").glob("*.pt")}
+    _run(tmp_path, "tiny-ft", tiny_checkpoint, remeasure_points=2, finetune_front=True, finetune_steps=10)
+    assert {p: p.stat().st_mtime_ns for p in (result.out_dir / "policies").glob("*.pt")} == stamp

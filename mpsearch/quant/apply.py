@@ -24,6 +24,7 @@ from mpsearch.quant.modules import QuantWrapper, wrapper_for
 from mpsearch.quant.observers import ActivationStats, get_observer
 from mpsearch.quant.primitives import QParams, fake_quantize, qparams_from_range
 from mpsearch.quant.ptq import get_ptq, input_columns
+from mpsearch.quant.smoothing import channel_absmax, input_divisor, scale_rows, smoothed_weight, smoothing_scales
 
 __all__ = ["QuantizedModel", "quantizable_layers", "quantize_weight", "weight_qparams", "apply_policy"]
 
@@ -58,6 +59,21 @@ def _some_columns(columns: torch.Tensor, n: int, gen: torch.Generator) -> torch.
     return columns[:, torch.randperm(columns.shape[1], generator=gen)[:n].sort().values]
 
 
+def _with_weight(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``layer`` computing with ``weight`` (the layer itself is not touched)."""
+    proxy = copy.copy(layer)
+    proxy._parameters = dict(layer._parameters)
+    proxy._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    return proxy
+
+
+def _corrected_bias(layer: nn.Module, quantized: torch.Tensor, mean_column: torch.Tensor) -> torch.Tensor:
+    """The bias that cancels the quantized weight's mean output error ``(W - Wq) E[x]`` on the calibration split."""
+    error = (layer.weight.detach() - quantized).reshape(quantized.shape[0], -1).double()
+    shift = (error @ mean_column.double()).float()
+    return shift if layer.bias is None else layer.bias.detach() + shift
+
+
 class QuantizedModel:
     """A quantizable copy of a model; see the module docstring."""
 
@@ -81,11 +97,22 @@ class QuantizedModel:
             wrapper.act_buffers = act_buffers
             setattr(parent, child, wrapper)
             self.wrappers[name] = wrapper
+        self.module.eval()  # the new wrappers too: eval mode uses the cached quantized weights
         self.act_stats: dict[str, ActivationStats] = {}
         self.rounding = get_ptq(self.config.ptq, seed=self.config.seed)
         self.layer_columns: dict[str, torch.Tensor] = {}  # calibration inputs as columns, for PTQ methods
+        self.mean_columns: dict[str, torch.Tensor] = {}  # E[column] over all calibration inputs (bias correction)
+        # SmoothQuant: per-input-channel max |x| and smoothing factors per layer, and the statistics
+        # of the smoothed inputs (used for layers a policy quantizes on both sides).
+        self.channel_absmax: dict[str, torch.Tensor] = {}
+        self.smooth_scales: dict[str, torch.Tensor] = {}
+        self.smoothed_stats: dict[str, ActivationStats] = {}
         self._weight_cache: dict[tuple, tuple[QParams, torch.Tensor]] = {}
+        self._bias_cache: dict[tuple, torch.Tensor] = {}  # same keys: bias-corrected biases
         self._act_cache: dict[tuple, QParams] = {}
+        # Quantizers learned by QAT, used instead of calibrated ones when a policy asks for the
+        # precision they were trained at: layer -> (precision, (weight qparams, weight), act qparams).
+        self._pinned: dict[str, tuple[LayerPrecision, tuple[QParams, torch.Tensor] | None, QParams | None]] = {}
         self.policy: Policy | None = None
 
     # -- calibration ---------------------------------------------------------------------------
@@ -94,17 +121,37 @@ class QuantizedModel:
         """Observe every wrapped layer's input on ``batches`` through the float model."""
         for w in self.wrappers.values():
             w.set_quantizers(None, None)
+            w.input_divisor = None
         for i, name in enumerate(self.layer_names):
             stats = ActivationStats(max_samples=self.config.act_samples, seed=self.config.seed + i)
             self.wrappers[name].stats = stats
             self.act_stats[name] = stats
         self._act_cache.clear()
         self._weight_cache.clear()
+        self._bias_cache.clear()
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
+        input_sums: dict[str, list] = {name: [0.0, 0] for name in self.layer_names}
+        self.channel_absmax, self.smooth_scales, self.smoothed_stats = {}, {}, {}
         hooks = []
+        if self.config.smoothquant_alpha is not None:
+            batches = list(batches)  # two passes: channel maxima decide the factors, then statistics
+            self.channel_absmax = self._channel_absmax(batches)
+            for i, name in enumerate(self.layer_names):
+                layer = self.wrappers[name].layer
+                if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+                    continue  # a grouped conv's weight columns are not its input channels
+                self.smooth_scales[name] = smoothing_scales(self.channel_absmax[name], layer.weight, self.config.smoothquant_alpha)
+                stats = ActivationStats(max_samples=self.config.act_samples, seed=self.config.seed + i)
+                self.smoothed_stats[name] = stats
+                divisor = input_divisor(layer, self.smooth_scales[name])
+                hooks.append(self.wrappers[name].register_forward_pre_hook(
+                    lambda m, a, stats=stats, divisor=divisor: stats.update(a[0] / divisor)))
         if self.rounding.needs_inputs:
             for i, name in enumerate(self.layer_names):
                 hooks.append(self.wrappers[name].register_forward_pre_hook(self._capture(name, i, captured[name])))
+        if self.config.bias_correction:
+            for name in self.layer_names:
+                hooks.append(self.wrappers[name].register_forward_pre_hook(self._sum_inputs(input_sums[name])))
         try:
             seen = 0
             for x in batches:
@@ -120,7 +167,48 @@ class QuantizedModel:
         self.layer_columns = {
             name: self._sample_columns(captured[name], i) for i, name in enumerate(self.layer_names) if captured[name]
         }
+        self.mean_columns = {}
+        for name, (total, count) in input_sums.items():
+            if count:
+                # Columns are linear in the input, so the mean column is the columns of the mean input.
+                layer = self.wrappers[name].layer
+                self.mean_columns[name] = input_columns(layer, (total / count).unsqueeze(0)).mean(dim=1)
         self.policy = None
+
+    def _channel_absmax(self, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-input-channel ``max |x|`` of every wrapped layer over ``batches`` (float model)."""
+        amax: dict[str, torch.Tensor] = {}
+
+        def hook_for(name: str, layer: nn.Module):
+            def hook(module: nn.Module, args: tuple) -> None:
+                m = channel_absmax(layer, args[0])
+                amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+
+            return hook
+
+        hooks = [self.wrappers[n].register_forward_pre_hook(hook_for(n, self.wrappers[n].layer)) for n in self.layer_names]
+        try:
+            for x in batches:
+                self.module(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return amax
+
+    def _smoothed(self, name: str, spec: LayerPrecision) -> bool:
+        """SmoothQuant applies where both the weight and the input of the layer are quantized."""
+        return name in self.smooth_scales and spec.weight_bits is not None and spec.act_bits is not None
+
+    @staticmethod
+    def _sum_inputs(acc: list):
+        """A pre-hook adding up a layer's inputs over the batch dimension (for their mean)."""
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            acc[0] = acc[0] + x.sum(dim=0)
+            acc[1] += x.shape[0]
+
+        return hook
 
     def _capture(self, name: str, index: int, store: list[torch.Tensor]):
         """A pre-hook keeping ``ptq_columns`` random input columns of each calibration batch.
@@ -146,27 +234,43 @@ class QuantizedModel:
         return bool(self.act_stats)
 
     # -- policies ------------------------------------------------------------------------------
+    def _weight_key(self, name: str, spec: LayerPrecision) -> tuple:
+        return (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq,
+                self.config.bias_correction, self._smoothed(name, spec))
+
     def _weight(self, name: str, spec: LayerPrecision) -> tuple[QParams, torch.Tensor] | None:
         if spec.weight_bits is None:
             return None
-        key = (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq)
+        key = self._weight_key(name, spec)
         if key not in self._weight_cache:
             layer = self.wrappers[name].layer
+            columns, mean = self.layer_columns.get(name), self.mean_columns.get(name)
+            if self._smoothed(name, spec):  # quantize W diag(s) against inputs x / s
+                s = self.smooth_scales[name]
+                layer = _with_weight(layer, smoothed_weight(layer.weight, s))
+                rows = scale_rows(layer, s)
+                columns = columns / rows[:, None] if columns is not None else None
+                mean = mean / rows if mean is not None else None
             qp = weight_qparams(layer.weight, spec.weight_bits, per_channel=spec.granularity == "per-channel",
                                 symmetric=spec.symmetric, observer=self.config.weight_observer)
-            if self.rounding.needs_inputs and name not in self.layer_columns:
+            if self.rounding.needs_inputs and columns is None:
                 raise RuntimeError(f"PTQ method {self.config.ptq!r} needs calibrate() first")
-            self._weight_cache[key] = (qp, self.rounding.quantize(layer, qp, self.layer_columns.get(name)))
+            self._weight_cache[key] = (qp, self.rounding.quantize(layer, qp, columns))
+            if self.config.bias_correction:
+                if mean is None:
+                    raise RuntimeError("bias correction needs calibrate() first")
+                self._bias_cache[key] = _corrected_bias(layer, self._weight_cache[key][1], mean)
         return self._weight_cache[key]
 
     def _activation(self, name: str, spec: LayerPrecision) -> QParams | None:
         if spec.act_bits is None:
             return None
-        key = (name, spec.act_bits, spec.act_symmetric, self.config.act_observer)
+        smoothed = self._smoothed(name, spec)
+        key = (name, spec.act_bits, spec.act_symmetric, self.config.act_observer, smoothed)
         if key not in self._act_cache:
             if name not in self.act_stats:
                 raise RuntimeError("activation quantization needs calibrate() first")
-            stats = self.act_stats[name]
+            stats = self.smoothed_stats[name] if smoothed else self.act_stats[name]
             # Post-ReLU inputs get the unsigned grid (one more bit of resolution than a signed one);
             # asymmetric quantizers always use the unsigned grid with a zero point (uint8-style).
             signed = spec.act_symmetric and not stats.non_negative
@@ -183,8 +287,55 @@ class QuantizedModel:
             raise UserError(f"policy.layers.{unknown[0]}: not a quantizable layer of this model")
         for name, wrapper in self.wrappers.items():
             spec = policy.precision(name)
-            wrapper.set_quantizers(self._weight(name, spec), self._activation(name, spec))
+            pinned = self._pinned.get(name)
+            if pinned is not None and pinned[0] == spec:
+                wrapper.set_quantizers(pinned[1], pinned[2])
+                wrapper.input_divisor = None
+            else:
+                weight = self._weight(name, spec)
+                bias = self._bias_cache.get(self._weight_key(name, spec)) if weight is not None else None
+                wrapper.set_quantizers(weight, self._activation(name, spec), bias)
+                smoothed = self._smoothed(name, spec)
+                wrapper.input_divisor = input_divisor(wrapper.layer, self.smooth_scales[name]) if smoothed else None
         self.policy = policy
+
+    def pin(
+        self, name: str, spec: LayerPrecision, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None
+    ) -> None:
+        """Use these quantizers for layer ``name`` whenever a policy gives it precision ``spec``."""
+        if name not in self.wrappers:
+            raise UserError(f"quantizers for {name!r}: not a quantizable layer of this model")
+        self._pinned[name] = (spec, weight, act)
+
+    def pinned(self) -> dict[str, tuple[LayerPrecision, tuple[QParams, torch.Tensor] | None, QParams | None]]:
+        return dict(self._pinned)
+
+    def float_state_dict(self) -> dict[str, torch.Tensor]:
+        """The float model's state under the original module names (no wrapper level)."""
+        rename = {f"{name}.layer.": f"{name}." for name in self.wrappers}
+        out = {}
+        for key, value in self.module.state_dict().items():
+            if "_quantizer." in key:
+                continue
+            for wrapped, plain in rename.items():
+                if key.startswith(wrapped):
+                    key = plain + key[len(wrapped):]
+                    break
+            out[key] = value.detach().clone()
+        return out
+
+    def load_float_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the float weights (e.g. by fine-tuned ones); quantized weights are recomputed."""
+        rename = {f"{name}.": f"{name}.layer." for name in self.wrappers}
+        wrapped_state = {}
+        for key, value in state.items():
+            for plain, wrapped in rename.items():
+                if key.startswith(plain) and key.count(".") == plain.count("."):
+                    key = wrapped + key[len(plain):]
+                    break
+            wrapped_state[key] = value
+        self.module.load_state_dict(wrapped_state, strict=True)
+        self.clear_weight_cache()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -192,6 +343,7 @@ class QuantizedModel:
     def clear_weight_cache(self) -> None:
         """Forget quantized weights: call after the float weights change (e.g. after training)."""
         self._weight_cache.clear()
+        self._bias_cache.clear()
         if self.policy is not None:
             self.apply(self.policy)
 

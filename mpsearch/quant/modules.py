@@ -5,7 +5,8 @@ A wrapper holds the original layer (parameters shared, nothing copied) and whate
 ``act_qparams`` for its input. With no quantizers it computes exactly what the layer computes.
 In eval mode the cached weight is used as is (switching policies re-quantizes nothing); in train
 mode the weight is fake-quantized on the fly so gradients flow through the straight-through
-estimator.
+estimator. Quantization-aware training (:mod:`mpsearch.quant.lsq`) sets ``weight_quantizer`` and
+``act_quantizer``, modules with learned step sizes that take precedence over the fixed qparams.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class QuantWrapper(nn.Module):
         self.layer = layer
         self.weight_qparams: QParams | None = None
         self.quantized_weight: torch.Tensor | None = None
+        # Bias to use with the cached quantized weight (bias correction shifts it); None: the layer's.
+        self.quantized_bias: torch.Tensor | None = None
         self.act_qparams: QParams | None = None
         self.stats: ActivationStats | None = None  # set only during calibration
         # Output buffers for the input quantizer, keyed by shape, shared by every wrapper of a
@@ -37,24 +40,45 @@ class QuantWrapper(nn.Module):
         # zero-filled multi-megabyte block per layer and batch; safe because a layer consumes its
         # quantized input before the next layer runs. Only used without autograd.
         self.act_buffers: dict[tuple, torch.Tensor] | None = None
+        # SmoothQuant: the input is divided by this (per input channel) and the weight was
+        # multiplied by it before quantization (mpsearch.quant.smoothing); None: no smoothing.
+        self.input_divisor: torch.Tensor | None = None
+        # Learned quantizers (QAT): modules mapping a tensor to its fake-quantized value.
+        self.weight_quantizer: nn.Module | None = None
+        self.act_quantizer: nn.Module | None = None
 
     def set_quantizers(
-        self, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None
+        self, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None, bias: torch.Tensor | None = None
     ) -> None:
         self.weight_qparams, self.quantized_weight = weight if weight is not None else (None, None)
+        self.quantized_bias = bias if weight is not None else None
         self.act_qparams = act
 
+    def current_bias(self) -> torch.Tensor | None:
+        if self.quantized_bias is not None and not self.training and self.weight_quantizer is None:
+            return self.quantized_bias
+        return self.layer.bias
+
     def current_weight(self) -> torch.Tensor:
+        if self.weight_quantizer is not None:
+            return self.weight_quantizer(self.layer.weight)
         if self.weight_qparams is None:
             return self.layer.weight
         if self.training or self.quantized_weight is None:
-            return fake_quantize(self.layer.weight, self.weight_qparams)
+            weight = self.layer.weight
+            if self.input_divisor is not None:  # smoothed: W diag(s) (the divisor broadcasts over W's input dim)
+                weight = weight * self.input_divisor
+            return fake_quantize(weight, self.weight_qparams)
         return self.quantized_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_divisor is not None:
+            x = x / self.input_divisor
         if self.stats is not None:
             self.stats.update(x)
-        if self.act_qparams is not None:
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        elif self.act_qparams is not None:
             if self.act_buffers is not None and not (torch.is_grad_enabled() and x.requires_grad):
                 # Tensors made under inference_mode cannot be written outside it: separate buffers.
                 key = (tuple(x.shape), x.dtype, x.stride(), torch.is_inference_mode_enabled())
@@ -95,10 +119,10 @@ def wrapper_for(module: nn.Module) -> type[QuantWrapper] | None:
 @register_wrapper(nn.Conv2d)
 class QuantConv2d(QuantWrapper):
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.current_bias())
 
 
 @register_wrapper(nn.Linear)
 class QuantLinear(QuantWrapper):
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.current_bias())

@@ -1,0 +1,51 @@
+"""The ablation runner: one measurement per (variant, width, seed), resumable, summarised over seeds."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mpsearch.ablate import VARIANTS, markdown_table, run_ablation, summarize
+from mpsearch.cli import main
+from mpsearch.config import QuantConfig
+from mpsearch.data import load_dataset
+from mpsearch.errors import UserError
+from mpsearch.evaluate import Evaluator
+from mpsearch.zoo import get_baseline
+
+
+def test_ablation_measures_resumes_and_summarizes(cache_dir, digits_baseline, tmp_path):
+    ckpt = str(digits_baseline.checkpoint)
+    kw = dict(model="test_resnet", dataset="digits", variants=["default", "per-tensor-weights"], widths=["w8a8", "w3a8"],
+              seeds=[0, 1], split="test", checkpoint=ckpt, calibration_size=256, out_csv=tmp_path / "a.csv",
+              progress=False, log=lambda m: None)
+    table = run_ablation(**kw)
+    assert len(table) == 8 and set(table["seed"]) == {0, 1}
+    # The default W3A8 cell is what evaluate measures with seed 1's calibration set.
+    data = load_dataset("digits", calibration_size=256, calibration_seed=1)
+    ev = Evaluator(get_baseline("test_resnet", data, checkpoint=ckpt, log=lambda m: None), data, quant=QuantConfig(seed=1))
+    direct = ev.evaluate(ev.resolve_policy("w3a8"), split="test")
+    row = table[(table["variant"] == "default") & (table["policy"] == "w3a8") & (table["seed"] == 1)].iloc[0]
+    assert row["accuracy"] == direct.accuracy and row["drop_pp"] == pytest.approx(100 * direct.drop)
+    # A rerun measures nothing new; more seeds add only their rows.
+    logs = []
+    again = run_ablation(**{**kw, "log": logs.append})
+    assert again.equals(table) and "8 measurements found, 0 to go" in logs[0]
+    summary = summarize(run_ablation(**{**kw, "seeds": [0, 1, 2]}))
+    cell = summary[(summary["variant"] == "per-tensor-weights") & (summary["policy"] == "w3a8")].iloc[0]
+    rows = pd.read_csv(tmp_path / "a.csv")
+    drops = rows[(rows["variant"] == "per-tensor-weights") & (rows["policy"] == "w3a8")]["drop_pp"]
+    assert len(rows) == 12 and cell["seeds"] == 3
+    assert cell["drop_pp_mean"] == pytest.approx(drops.mean()) and cell["drop_pp_std"] == pytest.approx(drops.std())
+    md = markdown_table(summary, ["w8a8", "w3a8"])
+    assert md.count("\n") == 3 and f"{cell['drop_pp_mean']:+.2f} ± {cell['drop_pp_std']:.2f}" in md
+
+
+def test_ablation_rejects_bad_input_before_measuring(tmp_path):
+    with pytest.raises(UserError, match="unknown ablation variant 'brecq2'"):
+        run_ablation(model="test_resnet", dataset="digits", variants=["brecq2"], out_csv=tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="not an ablation table"):
+        run_ablation(model="test_resnet", dataset="digits", variants=["default"], out_csv=tmp_path / "b.csv")
+    assert main(["ablate", "--model", "test_resnet", "--dataset", "digits", "--seeds", "x"]) == 2
+    assert set(VARIANTS) >= {"default", "gptq", "adaround", "gptq+qat", "bias-correction", "act-percentile"}
