@@ -58,6 +58,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("bias-correction", "weight calibration", "round-to-nearest plus bias correction (Nagel et al. 2019)",
             quant={"bias_correction": True}),
     Variant("adaround", "weight rounding", "AdaRound learned rounding (layer-wise)", quant={"ptq": "adaround"}),
+    Variant("brecq", "weight rounding", "BRECQ block reconstruction (from layer-wise AdaRound)", quant={"ptq": "brecq"}),
     Variant("gptq", "weight rounding", "GPTQ (Hessian-aware rounding with error feedback)", quant={"ptq": "gptq"}),
     Variant("gptq+qat", "training", "GPTQ, then LSQ step sizes + distillation from fp32 (mpsearch finetune)",
             quant={"ptq": "gptq"}, finetune=True),

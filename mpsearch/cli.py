@@ -53,7 +53,7 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-size", type=int, default=None, help="calibration images drawn from train (default 512)")
     p.add_argument("--weight-observer", default=None, help="weight range observer: minmax (default), percentile, mse")
     p.add_argument("--act-observer", default=None, help="activation range observer: mse (default), percentile, minmax")
-    p.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround (see mpsearch.quant.ptq)")
+    p.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround, brecq (see mpsearch.quant.ptq)")
     p.add_argument("--bias-correction", action="store_true", default=None,
                    help="shift each quantized layer's bias by its mean output error on the calibration split")
     p.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calibration-size", type=int, default=512)
     o.add_argument("--weight-observer", default="minmax")
     o.add_argument("--act-observer", default="mse")
-    o.add_argument("--ptq", default="rtn", help="how weights are rounded: rtn (default), gptq, adaround")
+    o.add_argument("--ptq", default="rtn", help="how weights are rounded: rtn (default), gptq, adaround, brecq")
     o.add_argument("--bias-correction", action="store_true", help="bias correction after weight rounding (see evaluate)")
     o.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
                    help="SmoothQuant smoothing, strength ALPHA (default 0.5; see evaluate)")
@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--dataset", default="fashion-mnist")
     ab.add_argument("--data-dir", default=None)
     ab.add_argument("--checkpoint", default=None, help="fp32 state dict to use instead of the cached/trained baseline")
-    ab.add_argument("--variants", default="all",
-                    help="comma-separated variants or all: default, per-tensor-weights, symmetric-acts, act-minmax, "
-                         "act-percentile, weight-mse, bias-correction, adaround, gptq, gptq+qat")
+    from mpsearch.ablate import VARIANTS  # light: configs only
+
+    ab.add_argument("--variants", default="all", help="comma-separated variants or all: " + ", ".join(VARIANTS))
     ab.add_argument("--widths", default="w8a8,w6a6,w4a8,w4a4,w3a8,w2a8", help="uniform policies (shorthands), comma separated")
     ab.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma separated (default 0,1,2)")
     ab.add_argument("--split", choices=("val", "test"), default="test", help="split to measure on (default test)")

@@ -133,6 +133,7 @@ class QuantConfig:
     # learn from ``ptq_columns`` sampled input columns per layer of the calibration split.
     ptq: str = "rtn"
     ptq_columns: int = 2048
+    block_images: int = 256  # calibration images whose block inputs block reconstruction (brecq) learns from
     # Bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
     # Correction", ICCV 2019, empirical variant): shift each quantized layer's bias by the mean
     # output error (W - Wq) E[x] over the calibration split, after any PTQ rounding.
@@ -148,6 +149,8 @@ class QuantConfig:
             raise UserError(f"quant.act_samples: must be >= 16, got {self.act_samples}")
         if self.ptq_columns < 16:
             raise UserError(f"quant.ptq_columns: must be >= 16, got {self.ptq_columns}")
+        if self.block_images < 1:
+            raise UserError(f"quant.block_images: must be >= 1, got {self.block_images}")
         alpha = self.smoothquant_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
             raise UserError(f"quant.smoothquant_alpha: a migration strength in [0, 1] or null (off), got {alpha!r}")
@@ -271,6 +274,8 @@ class StudyConfig:
             raise UserError(f"study.eval_images: must be >= 1, got {self.eval_images}")
         if self.finetune_steps < 1:
             raise UserError(f"study.finetune_steps: must be >= 1, got {self.finetune_steps}")
+        if self.finetune_front and self.smoothquant_alpha is not None:
+            raise UserError("study: --finetune-front cannot fine-tune SmoothQuant-smoothed models; drop one of the two")
         if self.remeasure_points < 0:
             raise UserError(f"study.remeasure_points: 0 (every Pareto point) or a count, got {self.remeasure_points}")
         if self.torch_threads < 1:

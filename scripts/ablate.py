@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--out", default="docs")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the CSV without measuring")
     args = ap.parse_args()
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
@@ -37,20 +38,29 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     start = time.perf_counter()
-    table = run_ablation(model=args.model, dataset=args.dataset, variants=variants, widths=widths, seeds=seeds,
-                         split="test", finetune_config=FinetuneConfig(steps=args.finetune_steps),
-                         out_csv=out / f"ablation_{args.model}.csv")
-    per_variant = table.groupby("variant")["wall_s"].sum().to_dict()
+    csv = out / f"ablation_{args.model}.csv"
+    if args.report_only:
+        import pandas as pd
+
+        table = pd.read_csv(csv)
+    else:
+        table = run_ablation(model=args.model, dataset=args.dataset, variants=variants, widths=widths, seeds=seeds,
+                             split="test", finetune_config=FinetuneConfig(steps=args.finetune_steps), out_csv=csv)
     notes = [
         f"- model {args.model} on {args.dataset}, test split; seeds {args.seeds}; QAT {args.finetune_steps} steps",
         f"- machine: {describe_machine()}",
-        f"- measurement time per variant (all cells, s): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(per_variant.items())),
         f"- this run: {(time.perf_counter() - start) / 60:.1f} min (cells found in the CSV are not re-measured)",
-        f"- regenerate: `python scripts/ablate.py --model {args.model} --variants {','.join(variants)} "
-        f"--widths {args.widths} --seeds {args.seeds}`",
     ]
-    path = write_markdown(out / f"ablation_{args.model}.md", table, widths=widths, split="test",
+    # One command per group of variants measured at the same widths (e.g. QAT only at W4A4).
+    groups: dict[tuple, list[str]] = {}
+    for variant in [v for v in VARIANTS if v in set(table["variant"])]:
+        measured = set(table[table["variant"] == variant]["policy"])
+        groups.setdefault(tuple(w for w in DEFAULT_WIDTHS + tuple(widths) if w in measured), []).append(variant)
+    for group_widths, names in groups.items():
+        notes.append(f"- regenerate: `python scripts/ablate.py --model {args.model} --variants {','.join(names)} "
+                     f"--widths {','.join(dict.fromkeys(group_widths))} --seeds {args.seeds}`")
+    all_widths = [w for w in dict.fromkeys(DEFAULT_WIDTHS + tuple(widths)) if w in set(table["policy"])]
+    path = write_markdown(out / f"ablation_{args.model}.md", table, widths=all_widths, split="test",
                           title=f"Quantization ablation: {args.model} on {args.dataset}", notes=notes)
     print(path.read_text())
 

@@ -17,6 +17,8 @@ import torch
 from mpsearch.cli import main
 
 EVAL = ["evaluate", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
+FT = ["finetune", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
+ABL = ["ablate", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
 OPT = ["optimize", "--model", "test_resnet", "--dataset", "digits", "--budget", "6", "--population", "3",
        "--eval-images", "60", "--workers", "0", "--sensitivity", "none", "--no-progress"]
 
@@ -48,6 +50,8 @@ def ctx(tmp_path_factory, digits_baseline):
         "other_ckpt": _save(root / "other.pt", {"fc.weight": torch.zeros(3, 3)}),
         "pickle_ckpt": _save(root / "code.pt", {"model": _Custom()}),
         "a_file": _write(root / "a_file", "x"),
+        "ft_missing": _policy(root, "ft_missing", provenance={"finetune": {"checkpoint": "nope.pt", "sha256": "0" * 64}}),
+        "ft_malformed": _policy(root, "ft_malformed", provenance={"finetune": {"checkpoint": 3}}),
         "space_ok": _write(root / "ok.yaml", "version: 1\nweight_bits: [4, 8]\nact_bits: [8]\n"),
         # the same architecture with other weights: loads fine, but is not the study's baseline
         "retrained_ckpt": _save(root / "retrained.pt", {k: v + 0.01 if v.is_floating_point() else v
@@ -148,6 +152,23 @@ CASES = [
     ("export-unknown-study", ["export", "--study", "nope", "--out-root", "{root}", "-o", "{root}/p.json"], "no finished study"),
     ("export-bad-pick", ["export", "--study", "kept", "--out-root", "{root}", "--pick", "best", "-o", "{root}/p.json"], "use knee"),
     ("dashboard-unknown-study", ["dashboard", "--study", "nope", "--out-root", "{root}"], "no finished study"),
+    # fine-tuning, ablation, SmoothQuant
+    ("finetune-steps-zero", [*FT, "--checkpoint", "{ckpt}", "--policy", "w4a4", "--steps", "0"], "finetune.steps"),
+    ("finetune-fp32-policy", [*FT, "--checkpoint", "{ckpt}", "--policy", "fp32", "-o", "{root}/f.json"], "nothing to fine-tune"),
+    ("finetune-output-suffix", [*FT, "--checkpoint", "{ckpt}", "--policy", "w4a4", "-o", "{root}/f.txt"], ".json suffix"),
+    ("finetune-with-smoothquant", [*FT, "--checkpoint", "{ckpt}", "--policy", "w4a4", "--smoothquant", "-o", "{root}/f.json"],
+     "SmoothQuant"),
+    ("evaluate-finetuned-checkpoint-missing", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{ft_missing}"], "nope.pt not found"),
+    ("evaluate-finetuned-provenance-malformed", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "{ft_malformed}"],
+     "provenance.finetune"),
+    ("smoothquant-alpha", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--smoothquant", "2"], "smoothquant_alpha"),
+    ("brecq-with-smoothquant", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--ptq", "brecq", "--smoothquant"],
+     "cannot be combined"),
+    ("ablate-unknown-variant", [*ABL, "--checkpoint", "{ckpt}", "--variants", "nope", "--out", "{root}/abl"],
+     "unknown ablation variant"),
+    ("ablate-bad-seeds", [*ABL, "--seeds", "a,b"], "--seeds must be"),
+    ("optimize-finetune-front-smoothquant", [*OPT, "--out-root", "{root}", "--finetune-front", "--smoothquant"], "SmoothQuant"),
+    ("outliers-alpha", ["outliers", "--model", "test_resnet", "--dataset", "digits", "--alpha", "-1"], "smoothquant_alpha"),
 ]
 
 

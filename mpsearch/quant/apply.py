@@ -74,6 +74,23 @@ def _corrected_bias(layer: nn.Module, quantized: torch.Tensor, mean_column: torc
     return shift if layer.bias is None else layer.bias.detach() + shift
 
 
+def _find_blocks(module: nn.Module, layer_names: list[str]) -> dict[str, list[str]]:
+    """Blocks for block reconstruction: the members of ``nn.Sequential`` containers (residual
+    stages of a ResNet, the ``blocks`` of a ViT) that hold quantizable layers, outermost first."""
+    blocks: dict[str, list[str]] = {}
+    for name, m in module.named_modules():
+        if not isinstance(m, nn.Sequential):
+            continue
+        for child_name, child in m.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, (QuantWrapper, nn.Sequential)) or any(full.startswith(b + ".") for b in blocks):
+                continue
+            inside = [n for n in layer_names if n.startswith(full + ".")]
+            if inside:
+                blocks[full] = inside
+    return blocks
+
+
 class QuantizedModel:
     """A quantizable copy of a model; see the module docstring."""
 
@@ -107,6 +124,12 @@ class QuantizedModel:
         self.channel_absmax: dict[str, torch.Tensor] = {}
         self.smooth_scales: dict[str, torch.Tensor] = {}
         self.smoothed_stats: dict[str, ActivationStats] = {}
+        # Block-level PTQ (BRECQ): block -> its quantizable layers, and the blocks' float inputs on
+        # (the first ``block_images``) calibration images.
+        self.blocks: dict[str, list[str]] = _find_blocks(self.module, self.layer_names) if self.rounding.block_level else {}
+        self.block_inputs: dict[str, torch.Tensor] = {}
+        if self.blocks and self.config.smoothquant_alpha is not None:
+            raise UserError(f"PTQ method {self.config.ptq!r} reconstructs blocks in float; it cannot be combined with SmoothQuant")
         self._weight_cache: dict[tuple, tuple[QParams, torch.Tensor]] = {}
         self._bias_cache: dict[tuple, torch.Tensor] = {}  # same keys: bias-corrected biases
         self._act_cache: dict[tuple, QParams] = {}
@@ -152,6 +175,11 @@ class QuantizedModel:
         if self.config.bias_correction:
             for name in self.layer_names:
                 hooks.append(self.wrappers[name].register_forward_pre_hook(self._sum_inputs(input_sums[name])))
+        block_inputs: dict[str, list[torch.Tensor]] = {block: [] for block in self.blocks}
+        for block, store in block_inputs.items():
+            hooks.append(self.module.get_submodule(block).register_forward_pre_hook(
+                lambda m, a, store=store: store.append(a[0].detach().clone())
+                if sum(len(t) for t in store) < self.config.block_images else None))
         try:
             seen = 0
             for x in batches:
@@ -167,6 +195,7 @@ class QuantizedModel:
         self.layer_columns = {
             name: self._sample_columns(captured[name], i) for i, name in enumerate(self.layer_names) if captured[name]
         }
+        self.block_inputs = {block: torch.cat(store)[: self.config.block_images] for block, store in block_inputs.items() if store}
         self.mean_columns = {}
         for name, (total, count) in input_sums.items():
             if count:
@@ -234,15 +263,17 @@ class QuantizedModel:
         return bool(self.act_stats)
 
     # -- policies ------------------------------------------------------------------------------
-    def _weight_key(self, name: str, spec: LayerPrecision) -> tuple:
+    def _weight_key(self, name: str, spec: LayerPrecision, context: tuple = ()) -> tuple:
         return (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq,
-                self.config.bias_correction, self._smoothed(name, spec))
+                self.config.bias_correction, self._smoothed(name, spec), context)
 
-    def _weight(self, name: str, spec: LayerPrecision) -> tuple[QParams, torch.Tensor] | None:
+    def _weight(self, name: str, spec: LayerPrecision, context: tuple = ()) -> tuple[QParams, torch.Tensor] | None:
         if spec.weight_bits is None:
             return None
-        key = self._weight_key(name, spec)
+        key = self._weight_key(name, spec, context)
         if key not in self._weight_cache:
+            if context:
+                raise RuntimeError(f"block of {name!r} not reconstructed for this policy")
             layer = self.wrappers[name].layer
             columns, mean = self.layer_columns.get(name), self.mean_columns.get(name)
             if self._smoothed(name, spec):  # quantize W diag(s) against inputs x / s
@@ -285,6 +316,7 @@ class QuantizedModel:
         unknown = [n for n in policy.layers if n not in self.wrappers]
         if unknown:
             raise UserError(f"policy.layers.{unknown[0]}: not a quantizable layer of this model")
+        contexts = self._reconstruct_blocks(policy) if self.blocks else {}
         for name, wrapper in self.wrappers.items():
             spec = policy.precision(name)
             pinned = self._pinned.get(name)
@@ -292,12 +324,47 @@ class QuantizedModel:
                 wrapper.set_quantizers(pinned[1], pinned[2])
                 wrapper.input_divisor = None
             else:
-                weight = self._weight(name, spec)
-                bias = self._bias_cache.get(self._weight_key(name, spec)) if weight is not None else None
+                context = contexts.get(name, ())
+                weight = self._weight(name, spec, context)
+                bias = self._bias_cache.get(self._weight_key(name, spec, context)) if weight is not None else None
                 wrapper.set_quantizers(weight, self._activation(name, spec), bias)
                 smoothed = self._smoothed(name, spec)
                 wrapper.input_divisor = input_divisor(wrapper.layer, self.smooth_scales[name]) if smoothed else None
         self.policy = policy
+
+    def _reconstruct_blocks(self, policy: Policy) -> dict[str, tuple]:
+        """Reconstruct (or find cached) every block's weights for ``policy``; returns each block layer's cache context.
+
+        A block's result depends on the weight precision of all its layers, so that tuple is the
+        context under which its layers' weights are cached.
+        """
+        contexts: dict[str, tuple] = {}
+        for block, layers in self.blocks.items():
+            specs = {n: policy.precision(n) for n in layers}
+            quantized = [n for n in layers if specs[n].weight_bits is not None and self._pinned.get(n, (None,))[0] != specs[n]]
+            if not quantized:
+                continue
+            context = ("block", block) + tuple((n, specs[n].weight_bits, specs[n].granularity, specs[n].symmetric) for n in quantized)
+            for n in quantized:
+                contexts[n] = context
+            if all(self._weight_key(n, specs[n], context) in self._weight_cache for n in quantized):
+                continue
+            if block not in self.block_inputs:
+                raise RuntimeError(f"PTQ method {self.config.ptq!r} needs calibrate() first")
+            grids = {n: weight_qparams(self.wrappers[n].layer.weight, specs[n].weight_bits,
+                                       per_channel=specs[n].granularity == "per-channel", symmetric=specs[n].symmetric,
+                                       observer=self.config.weight_observer) for n in quantized}
+            for n in layers:  # the block runs in float while its rounding is learned
+                self.wrappers[n].set_quantizers(None, None)
+                self.wrappers[n].input_divisor = None
+            weights = self.rounding.reconstruct_block(self.module.get_submodule(block), {n: self.wrappers[n] for n in layers},
+                                                      grids, self.block_inputs[block], self.layer_columns)
+            for n in quantized:
+                key = self._weight_key(n, specs[n], context)
+                self._weight_cache[key] = (grids[n], weights[n])
+                if self.config.bias_correction:
+                    self._bias_cache[key] = _corrected_bias(self.wrappers[n].layer, weights[n], self.mean_columns[n])
+        return contexts
 
     def pin(
         self, name: str, spec: LayerPrecision, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None

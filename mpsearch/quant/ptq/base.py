@@ -28,6 +28,10 @@ class WeightRounding(ABC):
 
     name: ClassVar[str]
     needs_inputs: ClassVar[bool] = True
+    # Block-level methods also implement ``reconstruct_block(block, wrappers, grids, inputs)``:
+    # the quantizer hands them each block's calibration inputs and uses :meth:`quantize` only for
+    # layers outside blocks (mpsearch.quant.ptq.brecq).
+    block_level: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
