@@ -197,7 +197,7 @@ def markdown_table(summary, widths: Sequence[str]) -> str:
                 continue
             r = hit.iloc[0]
             n = int(r["seeds"])
-            cells.append(f"{r['drop_pp_mean']:+.2f} ± {r['drop_pp_std']:.2f}" + ("" if n > 1 else " (1 seed)"))
+            cells.append(f"{r['drop_pp_mean']:+.2f} ± {r['drop_pp_std']:.2f}" if n > 1 else f"{r['drop_pp_mean']:+.2f} (1 seed)")
         lines.append(f"| {name} | {VARIANTS[name].factor} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

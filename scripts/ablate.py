@@ -5,15 +5,15 @@
 
 One factor at a time around the default quantizer, every cell measured on the test split against
 the fp32 model on the same images, mean ± std over calibration seeds (mpsearch.ablate). The CSV
-is resumed when present, so the run can be stopped and restarted. Costs on a 2-core CPU for
-ResNet-18: ~25 s per post-training cell, ~90 s per GPTQ cell, ~6 min per QAT cell, ~20 min per
-AdaRound cell.
+is resumed when present, so the run can be stopped and restarted; ``--report-only`` rewrites
+the markdown from it. Measured costs per cell on a 2-core AMD EPYC for ResNet-18 (a full pass over
+the 10,000 test images is most of it): ~60 s round-to-nearest, ~100 s GPTQ, ~9 min GPTQ + QAT;
+AdaRound (and BRECQ, which starts from it) ~20 min.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from mpsearch.ablate import DEFAULT_WIDTHS, VARIANTS, run_ablation, write_markdown
@@ -37,7 +37,6 @@ def main() -> None:
     widths = args.widths.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
-    start = time.perf_counter()
     csv = out / f"ablation_{args.model}.csv"
     if args.report_only:
         import pandas as pd
@@ -47,18 +46,25 @@ def main() -> None:
         table = run_ablation(model=args.model, dataset=args.dataset, variants=variants, widths=widths, seeds=seeds,
                              split="test", finetune_config=FinetuneConfig(steps=args.finetune_steps), out_csv=csv)
     notes = [
-        f"- model {args.model} on {args.dataset}, test split; seeds {args.seeds}; QAT {args.finetune_steps} steps",
+        f"- model {args.model} on {args.dataset}, test split; QAT {args.finetune_steps} steps",
         f"- machine: {describe_machine()}",
-        f"- this run: {(time.perf_counter() - start) / 60:.1f} min (cells found in the CSV are not re-measured)",
+        "- cells are resumed from the CSV, so the table may come from several runs; these commands measure it again:",
     ]
-    # One command per group of variants measured at the same widths (e.g. QAT only at W4A4).
-    groups: dict[tuple, list[str]] = {}
+    # The cells measured, as few commands as possible: per variant, which seeds each width has;
+    # variants with the same layout share a command.
+    layouts: dict[tuple, list[str]] = {}
     for variant in [v for v in VARIANTS if v in set(table["variant"])]:
-        measured = set(table[table["variant"] == variant]["policy"])
-        groups.setdefault(tuple(w for w in DEFAULT_WIDTHS + tuple(widths) if w in measured), []).append(variant)
-    for group_widths, names in groups.items():
-        notes.append(f"- regenerate: `python scripts/ablate.py --model {args.model} --variants {','.join(names)} "
-                     f"--widths {','.join(dict.fromkeys(group_widths))} --seeds {args.seeds}`")
+        rows = table[table["variant"] == variant]
+        by_seeds: dict[tuple, list[str]] = {}
+        for width in dict.fromkeys(DEFAULT_WIDTHS + tuple(rows["policy"])):
+            seeds = tuple(sorted(set(rows[rows["policy"] == width]["seed"])))
+            if seeds:
+                by_seeds.setdefault(seeds, []).append(width)
+        layouts.setdefault(tuple(sorted((k, tuple(v)) for k, v in by_seeds.items())), []).append(variant)
+    for layout, names in layouts.items():
+        for seeds, group_widths in layout:
+            notes.append(f"  `python scripts/ablate.py --model {args.model} --variants {','.join(names)} "
+                         f"--widths {','.join(group_widths)} --seeds {','.join(map(str, seeds))}`")
     all_widths = [w for w in dict.fromkeys(DEFAULT_WIDTHS + tuple(widths)) if w in set(table["policy"])]
     path = write_markdown(out / f"ablation_{args.model}.md", table, widths=all_widths, split="test",
                           title=f"Quantization ablation: {args.model} on {args.dataset}", notes=notes)

@@ -8,12 +8,13 @@ Here: the rectified-sigmoid rounding variables of AdaRound for every weight of t
 the block-output MSE over calibration images (fp32 block inputs and outputs), the same annealed
 regulariser, then hard rounding. With only hundreds of (not the paper's 20,000) noisy minibatch
 steps affordable on a CPU, learning from scratch loses to layer-wise AdaRound's exact full-batch
-objective, so the block starts from each layer's AdaRound rounding (held at h = 0.25 / 0.75, where
-gradients still flow) and is refined from there; of the refined, the layer-wise and the
-round-to-nearest rounding, the one with the smallest block-output error on the calibration images
-is kept. Activations stay in float during reconstruction
-(the paper's unweighted-MSE, weights-only setting; its Fisher weighting is left out). Layers
-outside any block (stem, classifier) get layer-wise AdaRound through :meth:`BRECQ.quantize`.
+objective, so the block starts from each layer's AdaRound rounding (held at h = 0.95 / 0.05,
+where gradients still flow) and is refined from there; of the refined, the layer-wise and the
+round-to-nearest rounding, the one with the smallest block-output error on the calibration
+images is kept. Activations stay in float during reconstruction (the paper's weights-only
+setting, with unweighted MSE instead of its Fisher weighting, and float instead of quantized
+block inputs). Layers outside any block (stem, classifier) get layer-wise AdaRound through
+:meth:`BRECQ.quantize`.
 
 The quantizer (:mod:`mpsearch.quant.apply`) finds the blocks, keeps their calibration inputs,
 and caches each block's result per bit widths of all its layers.
