@@ -81,7 +81,7 @@ def _train(evaluator: Evaluator, config: FinetuneConfig, progress: bool) -> None
     gen = torch.Generator().manual_seed(config.seed)
     recipe = TrainRecipe()  # the baseline's augmentation (crop + flip)
     fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
-    params = [p for p in qmodel.module.parameters()]
+    params = list(qmodel.module.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay)
@@ -101,7 +101,7 @@ def _train(evaluator: Evaluator, config: FinetuneConfig, progress: bool) -> None
                         target = teacher(x).float()
                     loss = _distillation_loss(qmodel.module(x).float(), target, y, config)
                 if not torch.isfinite(loss):
-                    raise UserError(f"fine-tuning diverged at step {step} (loss {float(loss)}); lower --lr")
+                    raise UserError(f"fine-tuning diverged at step {step} (loss {loss.item()}); lower --lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
