@@ -314,7 +314,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     from mpsearch.config import FinetuneConfig
     from mpsearch.evaluate import Evaluator
-    from mpsearch.finetune import finetune, save_finetuned
+    from mpsearch.finetune import finetune, write_finetuned
 
     policy_arg, quant, profiles = _policy_and_quant(args)
     settings = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "temperature": args.temperature,
@@ -337,16 +337,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if all(spec.is_float for spec in policy.layers.values()):
         raise UserError("the policy quantizes no layer; there is nothing to fine-tune")
     result = finetune(evaluator, policy, config, progress=not args.no_progress, log=_log)
+    write_finetuned(output, evaluator, result)
     checkpoint = output.with_suffix(".pt")
-    digest = save_finetuned(checkpoint, evaluator, policy)
-    tuned = policy.with_provenance(
-        finetune={"checkpoint": checkpoint.name, "sha256": digest, "config": config.to_dict(), "train_s": result.train_s},
-        metrics=result.metrics(),
-        quant={"weight_observer": quant.weight_observer, "act_observer": quant.act_observer, "ptq": quant.ptq,
-               "bias_correction": quant.bias_correction, "smoothquant_alpha": quant.smoothquant_alpha,
-               "calibration_size": args.calibration_size},
-    )
-    tuned.save(output)
     if args.json:
         print(json.dumps({"policy": str(output), "checkpoint": str(checkpoint), "train_s": result.train_s, **result.metrics()}))
         return 0
@@ -526,10 +518,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from mpsearch.evaluate import Evaluator
     from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, sensitivity_table, write_sensitivity
 
-    try:
-        bits = tuple(int(b) for b in args.bits.split(","))
-    except ValueError:
-        raise UserError(f"--bits must be comma-separated integers, got {args.bits!r}") from None
+    bits = _int_list(args.bits, "--bits")
     config = SensitivityConfig(estimator=args.estimator, bits=bits, seed=args.seed)
     data, baseline = _baseline(args)
     ev = Evaluator(baseline, data, quant=QuantConfig(seed=args.seed))

@@ -35,7 +35,7 @@ from mpsearch.quant.lsq import attach_learned_quantizers, freeze_learned_quantiz
 from mpsearch.quant.primitives import QParams, fake_quantize, integer_range
 from mpsearch.zoo import augment
 
-__all__ = ["FinetuneResult", "finetune", "save_finetuned", "load_finetuned", "attach_finetuned", "FORMAT"]
+__all__ = ["FinetuneResult", "finetune", "save_finetuned", "write_finetuned", "load_finetuned", "attach_finetuned", "FORMAT"]
 
 FORMAT = "mpsearch-finetuned"
 _VERSION = 1
@@ -199,6 +199,28 @@ def save_finetuned(path: str | Path, evaluator: Evaluator, policy: Policy) -> st
                "state_dict": qmodel.float_state_dict(), "quantizers": quantizers}
     atomic_write(path, lambda f: torch.save(payload, f), binary=True, what="fine-tuned checkpoint")
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_finetuned(path: str | Path, evaluator: Evaluator, result: FinetuneResult) -> Policy:
+    """Write the fine-tuned policy to ``path`` (JSON) and its checkpoint beside it (``.pt``).
+
+    The policy's provenance names the checkpoint and its sha256, the fine-tuning settings, the
+    measured metrics and the quantizer settings, so ``mpsearch evaluate`` re-measures it as is.
+    """
+    path = Path(path)
+    checkpoint = path.with_suffix(".pt")
+    digest = save_finetuned(checkpoint, evaluator, result.policy)
+    quant = evaluator.quant
+    tuned = result.policy.with_provenance(
+        finetune={"checkpoint": checkpoint.name, "sha256": digest, "config": result.config.to_dict(),
+                  "train_s": result.train_s},
+        metrics=result.metrics(),
+        quant={"weight_observer": quant.weight_observer, "act_observer": quant.act_observer, "ptq": quant.ptq,
+               "bias_correction": quant.bias_correction, "smoothquant_alpha": quant.smoothquant_alpha,
+               "calibration_size": len(evaluator.data.calibration)},
+    )
+    tuned.save(path)
+    return tuned
 
 
 def load_finetuned(path: str | Path) -> dict[str, Any]:

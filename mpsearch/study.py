@@ -574,7 +574,7 @@ def _finetune_front(config, baseline, data, quant, profiles, pareto, out: Path, 
 
     from mpsearch.config import FinetuneConfig
     from mpsearch.evaluate import Evaluator
-    from mpsearch.finetune import finetune, save_finetuned
+    from mpsearch.finetune import finetune, write_finetuned
     from mpsearch.policy import Policy
 
     ft_config = FinetuneConfig(steps=config.finetune_steps, seed=config.seed)
@@ -597,13 +597,7 @@ def _finetune_front(config, baseline, data, quant, profiles, pareto, out: Path, 
                 log(f"fine-tuning Pareto point {i + 1}/{len(pareto)}: trial {int(row['trial'])} ({policy.summary()}) ...")
                 evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
                 result = finetune(evaluator, policy, ft_config, progress=progress, log=log)
-                digest = save_finetuned(checkpoint, evaluator, policy)
-                metrics = result.metrics()
-                policy.with_provenance(
-                    finetune={"checkpoint": checkpoint.name, "sha256": digest, "config": ft_config.to_dict(),
-                              "train_s": result.train_s},
-                    metrics=metrics,
-                ).save(target)
+                metrics = write_finetuned(target, evaluator, result).provenance["metrics"]
             rows.append({"qat_val_accuracy": metrics["val_accuracy"], "qat_test_accuracy": metrics["test_accuracy"],
                          "qat_test_drop_pp": 100 * metrics["test_drop"],
                          "qat_policy_file": str(target.relative_to(out))})
