@@ -3,7 +3,8 @@
 Each :class:`Variant` changes one thing of the default quantizer (per-channel symmetric weights
 with min-max ranges, asymmetric activations with MSE ranges, round-to-nearest): weight
 granularity, activation symmetry, how ranges are calibrated, how weights are rounded (PTQ
-method), or whether the model is fine-tuned afterwards (QAT). Every (variant, uniform policy,
+method), how the q/k ranges of attention are chosen (vision transformers), or whether the model
+is fine-tuned afterwards (QAT). Every (variant, uniform policy,
 seed) is measured on the chosen split against the fp32 model on the same images. The seed draws
 the calibration images and every sample a method takes from them; the baseline stays the same
 model, so the spread is that of calibration, not of training.
@@ -24,9 +25,15 @@ from mpsearch.config import FinetuneConfig, QuantConfig
 from mpsearch.errors import UserError
 from mpsearch.files import atomic_write, atomic_write_text
 
-__all__ = ["Variant", "VARIANTS", "DEFAULT_WIDTHS", "run_ablation", "summarize", "markdown_table"]
+__all__ = [
+    "Variant", "VARIANTS", "DEFAULT_WIDTHS", "VIT_WIDTHS", "default_grid", "applicable_variants", "run_ablation",
+    "summarize", "markdown_table",
+]
 
 DEFAULT_WIDTHS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8")
+# Vision transformers: the widths at which ranking-aware calibration is compared with the standard
+# one (weights below 4 bits collapse a ViT under plain PTQ and say nothing about attention).
+VIT_WIDTHS = ("w8a8", "w6a6", "w4a8", "w4a4")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Variant:
     quant: dict[str, Any] = field(default_factory=dict)
     layer: dict[str, Any] = field(default_factory=dict)
     finetune: bool = False
+    needs_attention: bool = False  # only meaningful for models with attention (vision transformers)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -62,7 +70,29 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("gptq", "weight rounding", "GPTQ (Hessian-aware rounding with error feedback)", quant={"ptq": "gptq"}),
     Variant("gptq+qat", "training", "GPTQ, then LSQ step sizes + distillation from fp32 (mpsearch finetune)",
             quant={"ptq": "gptq"}, finetune=True),
+    Variant("ranking-aware", "attention calibration",
+            "ranking-aware q/k ranges for q·kᵀ (Liu et al. 2021) instead of the activation observer's",
+            quant={"attention_calibration": "ranking"}, needs_attention=True),
 )}
+
+
+def applicable_variants(model: str) -> list[str]:
+    """Every variant that means something for ``model`` (attention variants need a ViT)."""
+    from mpsearch.zoo import is_vision_transformer
+
+    vit = is_vision_transformer(model)
+    return [name for name, v in VARIANTS.items() if vit or not v.needs_attention]
+
+
+def default_grid(model: str) -> tuple[list[str], list[str]]:
+    """(variants, widths) an ablation of ``model`` runs unless told otherwise: for a vision
+    transformer standard vs ranking-aware attention calibration at :data:`VIT_WIDTHS`, for
+    other models every applicable variant at :data:`DEFAULT_WIDTHS`."""
+    from mpsearch.zoo import is_vision_transformer
+
+    if is_vision_transformer(model):
+        return ["default", "ranking-aware"], list(VIT_WIDTHS)
+    return applicable_variants(model), list(DEFAULT_WIDTHS)
 
 _COLUMNS = ["variant", "factor", "policy", "seed", "split", "images", "accuracy", "fp32_accuracy", "drop_pp", "wall_s"]
 
@@ -114,7 +144,11 @@ def run_ablation(
     if None in chosen:
         bad = variants[chosen.index(None)]
         raise UserError(f"unknown ablation variant {bad!r}; choose from {', '.join(VARIANTS)}")
+    from mpsearch.zoo import is_vision_transformer
+
     for v in chosen:  # fail on a missing observer / PTQ method before any model runs
+        if v.needs_attention and not is_vision_transformer(model):
+            raise UserError(f"ablation variant {v.name!r} needs a model with attention (a ViT/DeiT), not {model!r}; drop it")
         cfg = QuantConfig(**v.quant)
         get_observer(cfg.weight_observer), get_observer(cfg.act_observer), get_ptq(cfg.ptq)
     for w in widths:
@@ -147,7 +181,7 @@ def run_ablation(
                     evaluators[key] = ev
             else:
                 ev = evaluators[key]
-            policy = uniform_policy(width, model=baseline.name, dataset=data.info.name, layers=ev.layer_names,
+            policy = uniform_policy(width, model=baseline.name, dataset=data.info.name, layers=ev.policy_layers,
                                     checkpoint_sha256=baseline.sha256)
             if variant.layer:
                 policy = replace(policy, layers={n: replace(p, **variant.layer) for n, p in policy.layers.items()})

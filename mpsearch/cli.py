@@ -58,6 +58,9 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="shift each quantized layer's bias by its mean output error on the calibration split")
     p.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
                    help="SmoothQuant smoothing of layers quantized on both sides, strength ALPHA (default 0.5)")
+    p.add_argument("--attention-calibration", default=None, metavar="METHOD",
+                   help="how the ranges of q and k (inputs of attention's q.k^T) are chosen: observer (default, like "
+                        "every layer input) or ranking (ranking-aware, Liu et al. 2021)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the policy's, else all cores)")
     p.add_argument("--profiles", default="horowitz45nm,seed-lab4", help="energy profiles (names or .toml paths), comma separated")
 
@@ -121,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///studies/<name>/study.db)")
     o.add_argument("--name", default="", help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
     o.add_argument("--out-root", default="studies", help="folder holding studies/<name>/ (default studies)")
-    o.add_argument("--sensitivity", default="hessian", help="estimator seeding the first population: hessian, empirical, none")
+    o.add_argument("--sensitivity", default="hessian", help="estimator seeding the first population: hessian, empirical, "
+                                                                    "attention-ranking (ViTs), none")
     o.add_argument("--calibration-size", type=int, default=512)
     o.add_argument("--weight-observer", default="minmax")
     o.add_argument("--act-observer", default="mse")
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--bias-correction", action="store_true", help="bias correction after weight rounding (see evaluate)")
     o.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
                    help="SmoothQuant smoothing, strength ALPHA (default 0.5; see evaluate)")
+    o.add_argument("--attention-calibration", default=None, metavar="METHOD",
+                   help="q/k ranges of attention's q.k^T: observer (default) or ranking (ranking-aware; see evaluate)")
     o.add_argument("--finetune-front", action="store_true",
                    help="after the search, fine-tune each re-measured Pareto point (LSQ + distillation; see `finetune`)")
     o.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps per Pareto point (default 300)")
@@ -140,8 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--checkpoint", default=None, help="fp32 state dict to use instead of the cached/trained baseline")
     from mpsearch.ablate import VARIANTS  # light: configs only
 
-    ab.add_argument("--variants", default="all", help="comma-separated variants or all: " + ", ".join(VARIANTS))
-    ab.add_argument("--widths", default="w8a8,w6a6,w4a8,w4a4,w3a8,w2a8", help="uniform policies (shorthands), comma separated")
+    ab.add_argument("--variants", default=None,
+                    help="comma-separated variants, or all (every one that applies to the model): " + ", ".join(VARIANTS)
+                         + " (default: all; for ViTs default,ranking-aware)")
+    ab.add_argument("--widths", default=None, help="uniform policies (shorthands), comma separated "
+                                                   "(default w8a8,w6a6,w4a8,w4a4,w3a8,w2a8; for ViTs w8a8,w6a6,w4a8,w4a4)")
     ab.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma separated (default 0,1,2)")
     ab.add_argument("--split", choices=("val", "test"), default="test", help="split to measure on (default test)")
     ab.add_argument("--limit", type=int, default=None, help="measure only the first N images of the split")
@@ -171,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sensitivity", help="per-layer sensitivity: table, CSV and bar chart")
     _add_baseline_flags(s)
-    s.add_argument("--estimator", default="hessian", help="hessian (default) or empirical")
+    s.add_argument("--estimator", default="hessian", help="hessian (default), empirical or attention-ranking (ViTs)")
     s.add_argument("--bits", default="2,3,4,5,6,8", help="weight bit widths to score")
     s.add_argument("--out", default=None, help="folder for CSV and PNG (default studies/sensitivity-<model>)")
     return parser
@@ -180,12 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _recipe(args: argparse.Namespace):
     from dataclasses import replace
 
-    from mpsearch.config import TrainRecipe
+    from mpsearch.zoo import default_recipe
 
-    if not hasattr(args, "epochs"):  # commands without recipe flags use the default recipe
-        return TrainRecipe()
+    if not hasattr(args, "epochs"):  # commands without recipe flags use the model's default recipe
+        return default_recipe(args.model)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    return replace(TrainRecipe(), **overrides)
+    return replace(default_recipe(args.model), **overrides)
 
 
 def _baseline(args: argparse.Namespace, calibration_size: int = 512):
@@ -236,6 +245,7 @@ def _policy_and_quant(args: argparse.Namespace):
     from mpsearch.policy import Policy, parse_shorthand
     from mpsearch.quant import get_observer
     from mpsearch.quant.ptq import get_ptq
+    from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
 
     policy_arg = args.policy
     provenance: dict = {}
@@ -251,6 +261,7 @@ def _policy_and_quant(args: argparse.Namespace):
     args.bias_correction = bool(args.bias_correction or provenance.get("bias_correction", False))
     if args.smoothquant is None and provenance.get("smoothquant_alpha") is not None:
         args.smoothquant = float(provenance["smoothquant_alpha"])
+    args.attention_calibration = args.attention_calibration or str(provenance.get("attention_calibration", "observer"))
     threads = args.threads or provenance.get("torch_threads")
     if threads is not None:
         if int(threads) < 1:
@@ -266,8 +277,10 @@ def _policy_and_quant(args: argparse.Namespace):
     get_observer(args.weight_observer)
     get_observer(args.act_observer)
     get_ptq(args.ptq)
+    QK_CALIBRATIONS.get(args.attention_calibration)
     quant = QuantConfig(weight_observer=args.weight_observer, act_observer=args.act_observer, seed=args.seed, ptq=args.ptq,
-                        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant)
+                        bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
+                        attention_calibration=args.attention_calibration)
     return policy_arg, quant, profiles
 
 
@@ -364,13 +377,21 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mpsearch.ablate import VARIANTS, run_ablation, summarize, write_markdown
+    from mpsearch.ablate import applicable_variants, default_grid, run_ablation, summarize, write_markdown
     from mpsearch.config import FinetuneConfig
     from mpsearch.machine import describe_machine
+    from mpsearch.zoo import resolve_model_name
 
     seeds = _int_list(args.seeds, "--seeds")
-    variants = list(VARIANTS) if args.variants.strip() == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
-    widths = [w.strip().lower() for w in args.widths.split(",") if w.strip()]
+    resolve_model_name(args.model)
+    default_variants, default_widths = default_grid(args.model)
+    if args.variants is None:
+        variants = default_variants
+    elif args.variants.strip() == "all":
+        variants = applicable_variants(args.model)
+    else:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    widths = default_widths if args.widths is None else [w.strip().lower() for w in args.widths.split(",") if w.strip()]
     if not variants or not widths:
         raise UserError("--variants and --widths need at least one entry each")
     if args.limit is not None and args.limit < 1:
@@ -417,13 +438,13 @@ def _cmd_outliers(args: argparse.Namespace) -> int:
 def _cmd_layers(args: argparse.Namespace) -> int:
     from mpsearch.cost import count_costs
     from mpsearch.data import load_dataset
-    from mpsearch.quant import quantizable_layers
+    from mpsearch.quant import quantizable_layers, quantizable_matmuls
     from mpsearch.zoo import create_model
 
     data = load_dataset(args.dataset, data_dir=args.data_dir)
     model = create_model(args.model, data.info)
     table = count_costs(model, (data.info.in_chans, data.info.image_size, data.info.image_size))
-    names = set(quantizable_layers(model))
+    names = set(quantizable_layers(model)) | set(quantizable_matmuls(model))
     rows = [
         {"name": layer.name, "kind": layer.kind, "macs": layer.macs, "params": layer.weight_params,
          "quantizable": layer.name in names}
@@ -457,6 +478,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                         "and pass its file with --checkpoint")
     if args.pretrained:
         raise UserError("optimize --pretrained is not supported yet; save the hub model and pass --checkpoint")
+    if args.attention_calibration is not None:
+        from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
+
+        QK_CALIBRATIONS.get(args.attention_calibration)
     optional = {"eval_images": args.eval_images, "remeasure_points": args.remeasure_points}  # None: the config's default
     config = StudyConfig(
         name=args.name, model=args.model, dataset=args.dataset, data_dir=args.data_dir, checkpoint=args.checkpoint,
@@ -466,6 +491,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         storage=args.storage, calibration_size=args.calibration_size, weight_observer=args.weight_observer,
         act_observer=args.act_observer, ptq=args.ptq, sensitivity=args.sensitivity, out_root=args.out_root,
         bias_correction=args.bias_correction, smoothquant_alpha=args.smoothquant,
+        attention_calibration=args.attention_calibration or "observer",
         finetune_front=args.finetune_front, finetune_steps=args.finetune_steps,
         **{k: v for k, v in optional.items() if v is not None},
     )
@@ -534,7 +560,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
-    "train": _cmd_train, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "ablate": _cmd_ablate, "outliers": _cmd_outliers, "layers": _cmd_layers, "profiles": _cmd_profiles,
+    "train": _cmd_train, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "ablate": _cmd_ablate,
+    "outliers": _cmd_outliers, "layers": _cmd_layers, "profiles": _cmd_profiles,
     "optimize": _cmd_optimize, "export": _cmd_export, "dashboard": _cmd_dashboard, "sensitivity": _cmd_sensitivity,
 }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from mpsearch.errors import UserError
 
@@ -21,8 +21,17 @@ C = TypeVar("C")
 
 
 def config_key(config: Any) -> str:
-    """A stable hash of a config's JSON form (sha256 hex)."""
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
+    """A stable hash of a config's JSON form (sha256 hex).
+
+    Fields a class lists in ``KEY_OMITS_DEFAULTS`` (those added after caches keyed by it were
+    written) count only when they differ from their default, so an artifact cached before the
+    field existed keeps its key.
+    """
+    data = asdict(config)
+    for name, default in getattr(type(config), "KEY_OMITS_DEFAULTS", {}).items():
+        if data[name] == default:
+            del data[name]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
@@ -55,8 +64,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
 
 @dataclass(frozen=True)
 class TrainRecipe:
-    """How a baseline is trained: SGD + Nesterov, one-cycle LR, label smoothing, crop/flip,
-    progressive resizing.
+    """How a baseline is trained: SGD + Nesterov (or AdamW), one-cycle LR, label smoothing,
+    crop/flip, progressive resizing.
 
     ``image_scales`` is a per-epoch table of training image sizes as fractions of the native size,
     stretched over ``epochs`` (the first entry trains the first epoch, the last entry the last
@@ -80,8 +89,15 @@ class TrainRecipe:
     bf16: bool = True
     channels_last: bool = True
     image_scales: tuple[float, ...] = (0.64, 0.64, 0.64, 0.64, 0.86, 1.0)
+    # "sgd" (Nesterov, ``momentum``) or "adamw" (beta1 = ``momentum``; weight decay only on
+    # weight matrices and conv kernels, not on norms, biases, position embeddings or tokens).
+    optimizer: str = "sgd"
+
+    KEY_OMITS_DEFAULTS: ClassVar[dict[str, Any]] = {"optimizer": "sgd"}
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UserError(f"recipe.optimizer: must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1:
             raise UserError(f"recipe.epochs: must be >= 1, got {self.epochs}")
         if not self.image_scales or not all(isinstance(s, (int, float)) and 0 < s <= 1 for s in self.image_scales):
@@ -141,6 +157,13 @@ class QuantConfig:
     # SmoothQuant migration strength alpha (mpsearch.quant.smoothing) for layers whose weights and
     # inputs are both quantized; None: off.
     smoothquant_alpha: float | None = None
+    # How the ranges of q and k, the operands of attention's q·kᵀ, are chosen
+    # (mpsearch.quant.qk_calibration): "observer" (act_observer, like every layer input) or
+    # "ranking" (ranking-aware, Liu et al. 2021) from q/k of the first ``qk_images`` calibration images.
+    attention_calibration: str = "observer"
+    qk_images: int = 8
+
+    KEY_OMITS_DEFAULTS: ClassVar[dict[str, Any]] = {"attention_calibration": "observer", "qk_images": 8}
 
     def __post_init__(self) -> None:
         # Observer names are checked against the registry by the quantizer that uses them
@@ -151,6 +174,8 @@ class QuantConfig:
             raise UserError(f"quant.ptq_columns: must be >= 16, got {self.ptq_columns}")
         if self.block_images < 1:
             raise UserError(f"quant.block_images: must be >= 1, got {self.block_images}")
+        if self.qk_images < 1:
+            raise UserError(f"quant.qk_images: must be >= 1, got {self.qk_images}")
         alpha = self.smoothquant_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
             raise UserError(f"quant.smoothquant_alpha: a migration strength in [0, 1] or null (off), got {alpha!r}")
@@ -256,6 +281,7 @@ class StudyConfig:
     ptq: str = "rtn"
     bias_correction: bool = False
     smoothquant_alpha: float | None = None
+    attention_calibration: str = "observer"  # QuantConfig.attention_calibration
     sensitivity: str = "hessian"
     hawq_budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
     remeasure_points: int = 6

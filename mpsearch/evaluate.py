@@ -20,7 +20,7 @@ from mpsearch.data import DataSplits
 from mpsearch.errors import UserError
 from mpsearch.metrics import correct_mask, paired_difference_ci, wilson_interval
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
-from mpsearch.quant import QuantizedModel, quantizable_layers
+from mpsearch.quant import QuantizedModel, quantizable_layers, quantizable_matmuls
 from mpsearch.zoo import Baseline
 
 __all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs"]
@@ -110,7 +110,7 @@ class Evaluator:
         self.cost_table = count_costs(baseline.model, (info.in_chans, info.image_size, info.image_size))
         # Quantize the layers that run, in execution order (the traced order), so "first" and
         # "last" layer mean what they say for any architecture.
-        wrappable = set(quantizable_layers(baseline.model))
+        wrappable = set(quantizable_layers(baseline.model)) | set(quantizable_matmuls(baseline.model))
         executed = [name for name in self.cost_table.names if name in wrappable]
         self.qmodel = QuantizedModel(baseline.model, config=self.quant, layers=executed)
         self._fp32_masks: dict[tuple[str, int], torch.Tensor] = {}
@@ -118,7 +118,13 @@ class Evaluator:
 
     @property
     def layer_names(self) -> list[str]:
+        """The layers with weights (what sensitivity scores), in execution order."""
         return self.qmodel.layer_names
+
+    @property
+    def policy_layers(self) -> list[str]:
+        """Every layer a policy can address (attention matmuls included), in execution order."""
+        return self.qmodel.policy_layers
 
     def calibrate(self) -> float:
         """Observe activations on the calibration split (once); returns seconds spent."""
@@ -137,7 +143,7 @@ class Evaluator:
                 spec,
                 model=self.baseline.name,
                 dataset=self.data.info.name,
-                layers=self.layer_names,
+                layers=self.policy_layers,
                 checkpoint_sha256=self.baseline.sha256,
             )
         else:
@@ -147,7 +153,7 @@ class Evaluator:
                     f"policy {str(spec)!r} is neither a shorthand (w8a8, w4a8, w4a4, fp32, ...) nor an existing file"
                 )
             policy = Policy.load(path)
-        policy.validate_for(model=self.baseline.name, layers=self.layer_names, checkpoint_sha256=self.baseline.sha256)
+        policy.validate_for(model=self.baseline.name, layers=self.policy_layers, checkpoint_sha256=self.baseline.sha256)
         if policy.dataset != self.data.info.name:
             raise UserError(
                 f"policy.dataset: policy was made on {policy.dataset!r}, this run uses {self.data.info.name!r}; "

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mpsearch.errors import UserError
-from mpsearch.policy import LayerPrecision, Policy
+from mpsearch.policy import Policy, precision_for
 
 __all__ = ["pick_policy"]
 
@@ -88,7 +88,7 @@ def _policy_of_trial(folder: Path, config: dict, number: int) -> Policy:
     row = hit.iloc[0]
     if row["state"] != "COMPLETE":
         raise UserError(f"--pick trial:{number}: that trial failed ({row.get('attr_error', '?')}); pick another")
-    layers = {name: LayerPrecision(w, a) for name, (w, a) in json.loads(row["attr_layers"]).items()}
+    layers = {name: precision_for(name, w, a) for name, (w, a) in json.loads(row["attr_layers"]).items()}
     reference = Policy.load(next((folder / "policies").glob("*.json")))  # same model, data set, checkpoint
     return Policy(
         model=reference.model, dataset=reference.dataset, layers=layers, checkpoint_sha256=reference.checkpoint_sha256,
@@ -97,5 +97,6 @@ def _policy_of_trial(folder: Path, config: dict, number: int) -> Policy:
                     "quant": {"weight_observer": config["weight_observer"], "act_observer": config["act_observer"],
                               "ptq": config.get("ptq", "rtn"), "bias_correction": config.get("bias_correction", False),
                               "smoothquant_alpha": config.get("smoothquant_alpha"),
+                              "attention_calibration": config.get("attention_calibration", "observer"),
                               "calibration_size": config["calibration_size"], "torch_threads": config["torch_threads"]}},
     )

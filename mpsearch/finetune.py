@@ -217,7 +217,7 @@ def write_finetuned(path: str | Path, evaluator: Evaluator, result: FinetuneResu
         metrics=result.metrics(),
         quant={"weight_observer": quant.weight_observer, "act_observer": quant.act_observer, "ptq": quant.ptq,
                "bias_correction": quant.bias_correction, "smoothquant_alpha": quant.smoothquant_alpha,
-               "calibration_size": len(evaluator.data.calibration)},
+               "attention_calibration": quant.attention_calibration, "calibration_size": len(evaluator.data.calibration)},
     )
     tuned.save(path)
     return tuned

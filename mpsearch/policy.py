@@ -8,7 +8,10 @@ A policy is a versioned JSON document::
                           "symmetric": true, "act_symmetric": false}, ...},
      "provenance": {"study": ..., "trial": ..., "seed": ..., "metrics": {...}}}
 
-Layers are keyed by the module's fully qualified name (``layer1.0.conv1``). ``null`` bits mean
+Layers are keyed by the module's fully qualified name (``layer1.0.conv1``). A vision
+transformer's attention matmuls are layers too, named ``<attention>.matmul_qk`` (q·kᵀ) and
+``<attention>.matmul_av`` (softmax·v): their ``act_bits`` quantize the first operand (q, the
+attention probabilities), their ``weight_bits`` the second (k, v), both per tensor. ``null`` bits mean
 "off": that operand stays float32. A quantizable layer that the policy does not list stays
 float32 too; a listed layer the model does not have is an error. Loading validates everything and
 names the offending field in one line.
@@ -33,6 +36,10 @@ __all__ = [
     "uniform_policy",
     "parse_shorthand",
     "is_shorthand",
+    "MATMUL_QK",
+    "MATMUL_AV",
+    "is_matmul",
+    "precision_for",
 ]
 
 POLICY_VERSION = 1
@@ -43,6 +50,21 @@ _SHORTHAND = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+))?(?P<all>:all)?$|^(?P<fp32>
 # The convention of LSQ, HAWQ-V3 and most PTQ papers: the first and last layers stay at 8 bits in
 # "W4A4" results (the research project quantized them too and paid for it). `:all` opts out.
 _ENDS_BITS = 8
+# Attention matmuls are addressed as "<attention module>.<suffix>".
+MATMUL_QK = "matmul_qk"
+MATMUL_AV = "matmul_av"
+
+
+def is_matmul(name: str) -> bool:
+    """Whether policy layer ``name`` is an attention matmul (its operands are both activations)."""
+    return name.rpartition(".")[2] in (MATMUL_QK, MATMUL_AV)
+
+
+def precision_for(name: str, weight_bits: int | None, act_bits: int | None) -> LayerPrecision:
+    """The default quantizer options at these widths for layer ``name`` (per tensor for a matmul)."""
+    if is_matmul(name):
+        return LayerPrecision(weight_bits=weight_bits, act_bits=act_bits, granularity="per-tensor")
+    return LayerPrecision(weight_bits=weight_bits, act_bits=act_bits)
 
 
 def _check_bits(value: Any, where: str) -> int | None:
@@ -253,6 +275,8 @@ def uniform_policy(
 
     Unless the shorthand ends in ``:all``, the first and last layers are held at 8 bits
     (never lowered below what was asked, and never raised above it for weights-only policies).
+    Both operands of an attention matmul are activations, so a matmul runs at the activation
+    width on both sides (``w4a8`` -> 8/8) and stays float32 in weights-only policies.
     """
     w, a, keep_ends = parse_shorthand(shorthand)
     specs: dict[str, LayerPrecision] = {}
@@ -260,6 +284,10 @@ def uniform_policy(
         return Policy(model=model, dataset=dataset, layers={}, checkpoint_sha256=checkpoint_sha256,
                       provenance={"shorthand": shorthand})
     for i, name in enumerate(layers):
+        if is_matmul(name):
+            if a is not None:
+                specs[name] = precision_for(name, a, a)
+            continue
         lw, la = w, a
         if keep_ends and i in (0, len(layers) - 1):
             lw = max(lw, _ENDS_BITS) if lw is not None else None

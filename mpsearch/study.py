@@ -181,11 +181,12 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
         checkpoint = atomic_write(out / "baseline.pt", lambda f: torch.save(baseline.model.state_dict(), f), binary=True,
                                   what="baseline")
     quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed,
-                        ptq=config.ptq, bias_correction=config.bias_correction, smoothquant_alpha=config.smoothquant_alpha)
+                        ptq=config.ptq, bias_correction=config.bias_correction, smoothquant_alpha=config.smoothquant_alpha,
+                        attention_calibration=config.attention_calibration)
     profiles = (config.energy_profile,) + tuple(p for p in DEFAULT_PROFILES if p != config.energy_profile)
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     evaluator.calibrate()
-    space = BoundSpace(space_def, evaluator.layer_names)
+    space = BoundSpace(space_def, evaluator.policy_layers)
     if study is None:
         study = _create_study(config)
         lock.acquire_lease(study)
@@ -639,7 +640,7 @@ def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out:
         params = {k[len("param_"):]: int(v) for k, v in row.items() if k.startswith("param_")}
         points.append((row, to_policy(space.x_from_params(params))))
     fp32 = uniform_policy("fp32", model=evaluator.baseline.name, dataset=evaluator.data.info.name,
-                          layers=evaluator.layer_names, checkpoint_sha256=evaluator.baseline.sha256)
+                          layers=evaluator.policy_layers, checkpoint_sha256=evaluator.baseline.sha256)
     tasks = [EvalTask(0, fp32.to_dict(), split="test", keep_mask=True)]
     for i, (_, policy) in enumerate(points):
         tasks.append(EvalTask(1 + 2 * i, policy.to_dict(), split="test", keep_mask=True))
@@ -672,6 +673,7 @@ def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out:
             study=config.study_name, trial=trial_no, seed=config.seed, metrics=metrics,
             quant={"weight_observer": config.weight_observer, "act_observer": config.act_observer, "ptq": config.ptq,
                    "bias_correction": config.bias_correction, "smoothquant_alpha": config.smoothquant_alpha,
+                   "attention_calibration": config.attention_calibration,
                    "calibration_size": config.calibration_size, "torch_threads": config.torch_threads},
         )
         stored.save(policies_dir / f"trial-{trial_no:04d}.json")

@@ -51,6 +51,17 @@ def digits_baseline(digits, digits_recipe):
 
 
 @pytest.fixture(scope="session")
+def digits_vit_baseline(digits):
+    """timm's test_vit trained on digits with the AdamW ViT recipe, shortened (~10 s; ~88 % val)."""
+    from mpsearch.zoo import VIT_RECIPE, get_baseline
+
+    # No crop: shifting 8x8 digits by a pixel is too strong for a ViT this small to learn quickly.
+    recipe = replace(VIT_RECIPE, epochs=20, batch_size=64, crop_padding=0, hflip=False, label_smoothing=0.0,
+                     bf16=False, channels_last=False)
+    return get_baseline("test_vit", digits, recipe=recipe, seed=0, progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def fmnist_small(cache_dir):
     """Fashion-MNIST with the first 12800 training images (train on fewer, measure on many)."""
     from mpsearch.data import DEBIAN_FASHION_MNIST_DIR, load_dataset

@@ -49,3 +49,24 @@ def test_ablation_rejects_bad_input_before_measuring(tmp_path):
         run_ablation(model="test_resnet", dataset="digits", variants=["default"], out_csv=tmp_path / "b.csv")
     assert main(["ablate", "--model", "test_resnet", "--dataset", "digits", "--seeds", "x"]) == 2
     assert set(VARIANTS) >= {"default", "gptq", "adaround", "gptq+qat", "bias-correction", "act-percentile"}
+
+
+def test_the_grid_depends_on_the_model(tmp_path):
+    from mpsearch.ablate import VIT_WIDTHS, applicable_variants, default_grid
+
+    assert default_grid("deit_tiny") == (["default", "ranking-aware"], list(VIT_WIDTHS))
+    variants, widths = default_grid("resnet18")
+    assert "ranking-aware" not in variants and "gptq" in variants and "w2a8" in widths
+    assert "ranking-aware" in applicable_variants("test_vit")
+    with pytest.raises(UserError, match="'ranking-aware' needs a model with attention"):
+        run_ablation(model="test_resnet", dataset="digits", variants=["ranking-aware"], out_csv=tmp_path / "a.csv")
+
+
+def test_ranking_aware_ablation_on_a_vit(digits_vit_baseline, tmp_path):
+    """Standard vs ranking-aware attention calibration, measured on a small ViT, two seeds."""
+    table = run_ablation(model="test_vit", dataset="digits", variants=["default", "ranking-aware"], widths=["w8a6"],
+                         seeds=[0, 1], split="val", checkpoint=str(digits_vit_baseline.checkpoint),
+                         calibration_size=128, out_csv=tmp_path / "vit.csv", progress=False, log=lambda m: None)
+    assert len(table) == 4 and set(table["variant"]) == {"default", "ranking-aware"}
+    assert (table["fp32_accuracy"] > 0.8).all()
+    assert (table["drop_pp"] > -10).all()  # W8A6, 6-bit attention matmuls included, keeps this ViT working

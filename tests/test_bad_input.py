@@ -53,6 +53,7 @@ def ctx(tmp_path_factory, digits_baseline):
         "ft_missing": _policy(root, "ft_missing", provenance={"finetune": {"checkpoint": "nope.pt", "sha256": "0" * 64}}),
         "ft_malformed": _policy(root, "ft_malformed", provenance={"finetune": {"checkpoint": 3}}),
         "space_ok": _write(root / "ok.yaml", "version: 1\nweight_bits: [4, 8]\nact_bits: [8]\n"),
+        "yaml_matmul_bits": _write(root / "matmul.yaml", "version: 1\nweight_bits: [4, 8]\nact_bits: [8]\nmatmul_bits: [1, 8]\n"),
         # the same architecture with other weights: loads fine, but is not the study's baseline
         "retrained_ckpt": _save(root / "retrained.pt", {k: v + 0.01 if v.is_floating_point() else v
                                                         for k, v in torch.load(ckpt, weights_only=True).items()}),
@@ -169,6 +170,19 @@ CASES = [
     ("ablate-bad-seeds", [*ABL, "--seeds", "a,b"], "--seeds must be"),
     ("optimize-finetune-front-smoothquant", [*OPT, "--out-root", "{root}", "--finetune-front", "--smoothquant"], "SmoothQuant"),
     ("outliers-alpha", ["outliers", "--model", "test_resnet", "--dataset", "digits", "--alpha", "-1"], "smoothquant_alpha"),
+    # attention (vision transformers)
+    ("attention-calibration-unknown", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--attention-calibration", "ranks"],
+     "unknown attention calibration method 'ranks'"),
+    ("optimize-attention-calibration-unknown",
+     [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--attention-calibration", "ranks"],
+     "unknown attention calibration method 'ranks'"),
+    ("ablate-attention-variant-on-a-cnn", [*ABL, "--checkpoint", "{ckpt}", "--variants", "ranking-aware", "--out", "{root}/abl"],
+     "needs a model with attention"),
+    ("sensitivity-attention-ranking-on-a-cnn", ["sensitivity", "--model", "test_resnet", "--dataset", "digits", "--checkpoint",
+                                                "{ckpt}", "--estimator", "attention-ranking", "--out", "{root}/sens"],
+     "needs a model with attention"),
+    ("space-matmul-bits", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_matmul_bits}"],
+     "space.matmul_bits[0]"),
 ]
 
 

@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from mpsearch.errors import UserError
+from mpsearch.policy import MATMUL_AV, MATMUL_QK
 
 __all__ = ["CostTable", "LayerCost", "count_costs"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # isinstance, so timm's Conv2dSame etc. count too
-MATMUL_QK = "matmul_qk"
-MATMUL_AV = "matmul_av"
 
 
 @dataclass(frozen=True)

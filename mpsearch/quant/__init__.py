@@ -1,6 +1,6 @@
 """Fake quantization: primitives, observers, layer wrappers and the code that applies a policy."""
 
-from mpsearch.quant.apply import QuantizedModel, apply_policy, quantizable_layers, quantize_weight
+from mpsearch.quant.apply import QuantizedModel, apply_policy, quantizable_layers, quantizable_matmuls, quantize_weight
 from mpsearch.quant.observers import OBSERVERS, ActivationStats, get_observer, register_observer
 from mpsearch.quant.primitives import QParams, fake_quantize, integer_range, qparams_from_range
 
@@ -8,6 +8,7 @@ __all__ = [
     "QuantizedModel",
     "apply_policy",
     "quantizable_layers",
+    "quantizable_matmuls",
     "quantize_weight",
     "OBSERVERS",
     "ActivationStats",

@@ -7,31 +7,46 @@ float copy once and keeps per-layer input statistics. ``apply(policy)`` installs
 weights are quantized (rounded by the configured PTQ method, :mod:`mpsearch.quant.ptq`) once per
 (layer, bits, granularity, symmetry) and cached, activation
 ranges once per (layer, bits, symmetry), so trying many policies costs only forward passes.
+
+Vision transformers' timm ``Attention`` modules are swapped for
+:class:`~mpsearch.quant.attention.QuantAttention`, whose two matmuls are policy layers too
+(``<attention>.matmul_qk``, ``<attention>.matmul_av``); their operands are calibrated like layer
+inputs, q and k optionally ranking-aware (:mod:`mpsearch.quant.qk_calibration`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError
-from mpsearch.policy import LayerPrecision, Policy
+from mpsearch.policy import MATMUL_AV, MATMUL_QK, LayerPrecision, Policy, is_matmul
+from mpsearch.quant.attention import MatmulQuantizer, attention_modules, swap_attention
 from mpsearch.quant.modules import QuantWrapper, wrapper_for
 from mpsearch.quant.observers import ActivationStats, get_observer
 from mpsearch.quant.primitives import QParams, fake_quantize, qparams_from_range
 from mpsearch.quant.ptq import get_ptq, input_columns
+from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
 from mpsearch.quant.smoothing import channel_absmax, input_divisor, scale_rows, smoothed_weight, smoothing_scales
 
-__all__ = ["QuantizedModel", "quantizable_layers", "quantize_weight", "weight_qparams", "apply_policy"]
+__all__ = [
+    "QuantizedModel", "quantizable_layers", "quantizable_matmuls", "quantize_weight", "weight_qparams", "apply_policy",
+]
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Fully qualified names of every layer a wrapper exists for, in registration order."""
+    """Fully qualified names of every layer with weights a wrapper exists for, in registration order."""
     return [name for name, m in model.named_modules() if name and wrapper_for(m) is not None]
+
+
+def quantizable_matmuls(model: nn.Module) -> list[str]:
+    """Policy names of the attention matmuls mpsearch can quantize (q·kᵀ, then softmax·v, per module)."""
+    return [f"{name}.{suffix}" for name in attention_modules(model) for suffix in (MATMUL_QK, MATMUL_AV)]
 
 
 def weight_qparams(weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool, observer: str) -> QParams:
@@ -98,12 +113,26 @@ class QuantizedModel:
         self.config = config or QuantConfig()
         get_observer(self.config.weight_observer)
         get_observer(self.config.act_observer)
+        QK_CALIBRATIONS.get(self.config.attention_calibration)
         self.module = copy.deepcopy(model).eval()
+        swap_attention(self.module)
         available = quantizable_layers(self.module)
-        self.layer_names = list(layers) if layers is not None else available
-        unknown = [n for n in self.layer_names if n not in available]
+        matmuls = quantizable_matmuls(self.module)
+        if layers is None:  # registration order, which puts each attention's matmuls between qkv and proj
+            allowed = set(available) | set(matmuls)
+            layers = [name for name, _ in self.module.named_modules() if name in allowed]
+        unknown = [n for n in layers if n not in available and n not in matmuls]
         if unknown:
-            raise UserError(f"layer {unknown[0]!r} is not a quantizable Conv2d/Linear of this model")
+            raise UserError(f"layer {unknown[0]!r} is not a quantizable Conv2d/Linear or attention matmul of this model")
+        # Every layer a policy can address, in the order given (execution order, for an Evaluator);
+        # ``layer_names`` are those with weights, ``matmul_names`` the attention matmuls.
+        self.policy_layers: list[str] = list(layers)
+        self.layer_names = [n for n in layers if not is_matmul(n)]
+        self.matmul_names = [n for n in layers if is_matmul(n)]
+        self.matmuls: dict[str, MatmulQuantizer] = {n: self.module.get_submodule(n) for n in self.matmul_names}  # type: ignore[misc]
+        self.qk_calibration = QK_CALIBRATIONS.get(self.config.attention_calibration)()
+        self.matmul_stats: dict[str, tuple[ActivationStats, ActivationStats]] = {}
+        self.qk_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # matmul_qk -> (q, k) samples
         self.wrappers: dict[str, QuantWrapper] = {}
         act_buffers: dict[tuple, torch.Tensor] = {}  # shared: see QuantWrapper.act_buffers
         for name in self.layer_names:
@@ -132,7 +161,7 @@ class QuantizedModel:
             raise UserError(f"PTQ method {self.config.ptq!r} reconstructs blocks in float; it cannot be combined with SmoothQuant")
         self._weight_cache: dict[tuple, tuple[QParams, torch.Tensor]] = {}
         self._bias_cache: dict[tuple, torch.Tensor] = {}  # same keys: bias-corrected biases
-        self._act_cache: dict[tuple, QParams] = {}
+        self._act_cache: dict[tuple, Any] = {}  # QParams per layer input, (QParams, QParams) per matmul
         # Quantizers learned by QAT, used instead of calibrated ones when a policy asks for the
         # precision they were trained at: layer -> (precision, (weight qparams, weight), act qparams).
         self._pinned: dict[str, tuple[LayerPrecision, tuple[QParams, torch.Tensor] | None, QParams | None]] = {}
@@ -149,6 +178,17 @@ class QuantizedModel:
             stats = ActivationStats(max_samples=self.config.act_samples, seed=self.config.seed + i)
             self.wrappers[name].stats = stats
             self.act_stats[name] = stats
+        self.matmul_stats = {}
+        qk_samples: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for i, name in enumerate(self.matmul_names):
+            seed = self.config.seed + 10_000 + 2 * i
+            pair = (ActivationStats(max_samples=self.config.act_samples, seed=seed),
+                    ActivationStats(max_samples=self.config.act_samples, seed=seed + 1))
+            self.matmuls[name].set_quantizers(None, None)
+            self.matmuls[name].stats = self.matmul_stats[name] = pair
+            if self.qk_calibration.needs_samples and name.endswith("." + MATMUL_QK):
+                store = qk_samples[name] = []
+                self.matmuls[name].hooks.append(self._keep_qk(store))
         self._act_cache.clear()
         self._weight_cache.clear()
         self._bias_cache.clear()
@@ -188,10 +228,17 @@ class QuantizedModel:
         finally:
             for w in self.wrappers.values():
                 w.stats = None
+            for m in self.matmuls.values():
+                m.stats = None
+                m.hooks.clear()
             for h in hooks:
                 h.remove()
         if not seen:
             raise UserError("calibration got no data: the calibration split is empty")
+        self.qk_samples = {
+            name: (torch.cat([q for q, _ in store])[: self.config.qk_images], torch.cat([k for _, k in store])[: self.config.qk_images])
+            for name, store in qk_samples.items() if store
+        }
         self.layer_columns = {
             name: self._sample_columns(captured[name], i) for i, name in enumerate(self.layer_names) if captured[name]
         }
@@ -227,6 +274,15 @@ class QuantizedModel:
     def _smoothed(self, name: str, spec: LayerPrecision) -> bool:
         """SmoothQuant applies where both the weight and the input of the layer are quantized."""
         return name in self.smooth_scales and spec.weight_bits is not None and spec.act_bits is not None
+
+    def _keep_qk(self, store: list[tuple[torch.Tensor, torch.Tensor]]):
+        """A matmul hook keeping q and k of the first ``qk_images`` calibration images."""
+
+        def hook(q: torch.Tensor, k: torch.Tensor) -> None:
+            if sum(len(a) for a, _ in store) < self.config.qk_images:
+                store.append((q.detach().clone(), k.detach().clone()))
+
+        return hook
 
     @staticmethod
     def _sum_inputs(acc: list):
@@ -311,11 +367,43 @@ class QuantizedModel:
             )
         return self._act_cache[key]
 
+    def _range_qparams(self, stats: ActivationStats, bits: int, symmetric: bool) -> QParams:
+        """A per-tensor grid for observed values: unsigned when they are never negative
+        (post-ReLU, softmax), always unsigned with a zero point when asymmetric."""
+        signed = symmetric and not stats.non_negative
+        lo, hi = get_observer(self.config.act_observer)(stats.values(), bits, signed, symmetric)
+        return qparams_from_range(lo[0], hi[0], bits, symmetric=symmetric, signed=signed)
+
+    def _matmul(self, name: str, spec: LayerPrecision) -> tuple[QParams | None, QParams | None]:
+        """The qparams of a matmul's (first, second) operand: (q or probabilities, k or v)."""
+        if spec.is_float:
+            return None, None
+        if spec.granularity != "per-tensor":
+            raise UserError(f"policy.layers.{name}.granularity: attention matmul operands are quantized per tensor; "
+                            "set \"per-tensor\"")
+        ranking = name.endswith("." + MATMUL_QK) and self.qk_calibration.name != "observer"
+        key = ("matmul", name, spec.act_bits, spec.weight_bits, spec.act_symmetric, spec.symmetric,
+               self.config.act_observer, self.qk_calibration.name if ranking else None)
+        if key not in self._act_cache:
+            if name not in self.matmul_stats:
+                raise RuntimeError("matmul quantization needs calibrate() first")
+            first_stats, second_stats = self.matmul_stats[name]
+            first = self._range_qparams(first_stats, spec.act_bits, spec.act_symmetric) if spec.act_bits else None
+            second = self._range_qparams(second_stats, spec.weight_bits, spec.symmetric) if spec.weight_bits else None
+            if ranking and first is not None and second is not None:
+                q, k = self.qk_samples.get(name, (None, None))
+                first, second = self.qk_calibration.choose(q, k, first, second)
+            self._act_cache[key] = (first, second)
+        return self._act_cache[key]
+
     def apply(self, policy: Policy) -> None:
         """Install ``policy``'s quantizers (cached where seen before); unlisted layers run fp32."""
-        unknown = [n for n in policy.layers if n not in self.wrappers]
+        unknown = [n for n in policy.layers if n not in self.wrappers and n not in self.matmuls]
         if unknown:
             raise UserError(f"policy.layers.{unknown[0]}: not a quantizable layer of this model")
+        matmul_qparams = {name: self._matmul(name, policy.precision(name)) for name in self.matmul_names}
+        for matmul in self.matmuls.values():  # float while blocks are reconstructed below
+            matmul.set_quantizers(None, None)
         contexts = self._reconstruct_blocks(policy) if self.blocks else {}
         for name, wrapper in self.wrappers.items():
             spec = policy.precision(name)
@@ -330,6 +418,8 @@ class QuantizedModel:
                 wrapper.set_quantizers(weight, self._activation(name, spec), bias)
                 smoothed = self._smoothed(name, spec)
                 wrapper.input_divisor = input_divisor(wrapper.layer, self.smooth_scales[name]) if smoothed else None
+        for name, (first, second) in matmul_qparams.items():
+            self.matmuls[name].set_quantizers(first, second)
         self.policy = policy
 
     def _reconstruct_blocks(self, policy: Policy) -> dict[str, tuple]:

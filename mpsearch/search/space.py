@@ -13,6 +13,13 @@ which layers are searched, which are pinned and which share one width::
       last: {weight_bits: 8, act_bits: 8}
     groups:                          # each entry: layers sharing one weight and one act width
       - "re:layer1\\\\..*"
+    matmul_bits: [4, 6, 8]           # optional: attention matmuls (ViTs), one width per matmul
+
+Attention matmuls (``<attention>.matmul_qk``, ``<attention>.matmul_av``; see
+:mod:`mpsearch.policy`) are layers like the others, but both of their operands are activations,
+so each gets one gene choosing from ``matmul_bits`` (both operands at that width, per tensor).
+Without ``matmul_bits`` they are not searched and stay float32 unless pinned. A group holds
+matmuls only or layers with weights only.
 
 A layer pattern is an exact fully qualified name, ``re:<regex>`` (matched against the whole
 name, as :func:`re.fullmatch`) or one of the keywords ``first``/``last``. Precedence: a pinned
@@ -32,6 +39,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -39,7 +47,7 @@ import numpy as np
 import yaml
 
 from mpsearch.errors import UserError, read_user_file
-from mpsearch.policy import LayerPrecision
+from mpsearch.policy import LayerPrecision, is_matmul, precision_for
 
 if TYPE_CHECKING:  # optuna is imported lazily: binding a space must not pay for it
     from optuna.distributions import IntDistribution
@@ -59,7 +67,7 @@ SPACE_VERSION = 1
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 _MIN_BITS, _MAX_BITS = 2, 8
 _KEYWORDS = ("first", "last")
-_FIELDS = ("version", "description", "weight_bits", "act_bits", "layers", "pinned", "groups")
+_FIELDS = ("version", "description", "weight_bits", "act_bits", "layers", "pinned", "groups", "matmul_bits")
 _FP32 = LayerPrecision(weight_bits=None, act_bits=None)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -109,6 +117,7 @@ class SearchSpace:
     pinned: dict[str, LayerPrecision] = field(default_factory=dict)
     groups: tuple[tuple[str, ...], ...] = ()
     description: str = ""
+    matmul_bits: tuple[int | None, ...] = ()  # empty: attention matmuls are not searched
     version: int = SPACE_VERSION
     # Where the space came from (file path or name), for error messages; not part of its identity.
     source: str | None = field(default=None, compare=False, repr=False)
@@ -121,6 +130,12 @@ class SearchSpace:
             raise UserError(f"space.description: expected text, got {self.description!r}")
         set_("weight_bits", _check_choices(self.weight_bits, "space.weight_bits"))
         set_("act_bits", _check_choices(self.act_bits, "space.act_bits"))
+        if self.matmul_bits:
+            set_("matmul_bits", _check_choices(self.matmul_bits, "space.matmul_bits"))
+        elif not isinstance(self.matmul_bits, (list, tuple)):
+            raise UserError(f"space.matmul_bits: expected a list of bit widths like [4, 8], got {self.matmul_bits!r}")
+        else:
+            set_("matmul_bits", ())
         if isinstance(self.layers, str):
             if self.layers != "all":
                 raise UserError(f"space.layers: use `all` or a list of layer names / 're:<regex>' patterns, got {self.layers!r}")
@@ -170,6 +185,8 @@ class SearchSpace:
             "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
             "pinned": pinned,
             "groups": [g[0] if len(g) == 1 else list(g) for g in self.groups],
+            # only when set, so spaces without matmuls read (and are recorded in studies) as before
+            **({"matmul_bits": list(self.matmul_bits)} if self.matmul_bits else {}),
         }
 
     def to_yaml(self) -> str:
@@ -203,6 +220,7 @@ class SearchSpace:
             layers=tuple(layers) if isinstance(layers, list) else layers,
             pinned={str(k): LayerPrecision.from_dict(v, f"space.pinned.{k}") for k, v in pinned.items()},
             groups=tuple(tuple(g) if isinstance(g, list) else g for g in groups),
+            matmul_bits=data.get("matmul_bits") or (),
             source=source,
         )
 
@@ -254,8 +272,8 @@ def default_space_for(model_name: str) -> str:
 class Gene:
     """One free decision: the index into ``choices`` for one operand of one layer or group."""
 
-    name: str  # "w:layer1.0.conv1", "a:group0": the Optuna parameter name too
-    operand: str  # "weight" or "act"
+    name: str  # "w:layer1.0.conv1", "a:group0", "m:blocks.0.attn.matmul_qk": the Optuna parameter name too
+    operand: str  # "weight", "act" or "matmul" (both operands of an attention matmul)
     choices: tuple[int | None, ...]
     layers: tuple[str, ...]
 
@@ -287,7 +305,9 @@ class BoundSpace:
                         f"space.pinned.{key}: layer {name!r} is also pinned by space.pinned.{pinned_by[name]} "
                         "to other bits; keep one of the two"
                     )
-                pins[name] = prec
+                # A matmul's operands are quantized per tensor (mpsearch.policy); "first: {...}" pins
+                # written with the default (per-channel) options mean exactly that.
+                pins[name] = dataclass_replace(prec, granularity="per-tensor") if is_matmul(name) else prec
                 pinned_by.setdefault(name, key)
 
         if space.layers == "all":
@@ -296,7 +316,8 @@ class BoundSpace:
             selected = set()
             for i, pattern in enumerate(space.layers):
                 selected.update(self._resolve(pattern, f"space.layers[{i}]"))
-        free = [n for n in self.layers if n in selected and n not in pins]
+        # Matmuls are searched only when the space offers widths for them.
+        free = [n for n in self.layers if n in selected and n not in pins and (space.matmul_bits or not is_matmul(n))]
 
         group_of: dict[str, int] = {}
         for gi, patterns in enumerate(space.groups):
@@ -314,6 +335,11 @@ class BoundSpace:
                     self._fail(
                         f"space.groups[{gi}]: layer {name!r} is not searched (space.layers does not select it); "
                         "add it to space.layers or narrow the group's pattern"
+                    )
+                if is_matmul(name) and not space.matmul_bits:
+                    self._fail(
+                        f"space.groups[{gi}]: layer {name!r} is an attention matmul, which the space does not search; "
+                        "add matmul_bits or narrow the group's pattern"
                     )
                 if name in group_of:
                     self._fail(
@@ -334,12 +360,20 @@ class BoundSpace:
                 units.append((f"group{gi}", tuple(n for n in free if group_of.get(n) == gi)))
         genes = []
         for unit, members in units:
-            for operand, prefix, choices in (("weight", "w", space.weight_bits), ("act", "a", space.act_bits)):
+            kinds = {is_matmul(n) for n in members}
+            if len(kinds) > 1:
+                self._fail(f"space.groups[{unit[len('group'):]}]: mixes attention matmuls with layers that have weights; "
+                           "a group holds one kind")
+            if kinds == {True}:
+                operands = (("matmul", "m", space.matmul_bits),)
+            else:
+                operands = (("weight", "w", space.weight_bits), ("act", "a", space.act_bits))
+            for operand, prefix, choices in operands:
                 if len(choices) > 1:
                     genes.append(Gene(f"{prefix}:{unit}", operand, choices, members))
         if not genes:
             self._fail(
-                "space: nothing to search: weight_bits and act_bits offer one choice each; "
+                "space: nothing to search: weight_bits and act_bits (and matmul_bits) offer one choice each; "
                 "list at least two widths in one of them"
             )
         if len({g.name for g in genes}) != len(genes):  # a layer literally named "group0" ...
@@ -356,6 +390,7 @@ class BoundSpace:
         self._constant = {
             "weight": space.weight_bits[0] if len(space.weight_bits) == 1 else None,
             "act": space.act_bits[0] if len(space.act_bits) == 1 else None,
+            "matmul": space.matmul_bits[0] if len(space.matmul_bits) == 1 else None,
         }
         self._gene_index = {g.name: k for k, g in enumerate(genes)}
 
@@ -412,6 +447,9 @@ class BoundSpace:
         for name in self.layers:
             if name in self.pinned:
                 out[name] = self.pinned[name]
+            elif name in free and is_matmul(name):
+                bits = chosen.get(("matmul", name), self._constant["matmul"])
+                out[name] = precision_for(name, bits, bits)
             elif name in free:
                 out[name] = LayerPrecision(
                     weight_bits=chosen.get(("weight", name), self._constant["weight"]),
@@ -431,7 +469,8 @@ class BoundSpace:
             return None
         x = np.zeros(self.n_var, dtype=np.int64)
         for k, gene in enumerate(self.genes):
-            values = {getattr(layers.get(n, _FP32), f"{gene.operand}_bits") for n in gene.layers}
+            operand = "act" if gene.operand == "matmul" else gene.operand  # decode checks weight_bits == act_bits
+            values = {getattr(layers.get(n, _FP32), f"{operand}_bits") for n in gene.layers}
             if len(values) != 1 or next(iter(values)) not in gene.choices:
                 return None
             x[k] = gene.choices.index(next(iter(values)))
@@ -439,10 +478,13 @@ class BoundSpace:
         return x if self.decode(x) == wanted else None
 
     def uniform(self, weight_bits: int | None, act_bits: int | None) -> np.ndarray | None:
-        """Every free layer at ``weight_bits``/``act_bits`` (pins stay); ``None`` if either is no choice."""
+        """Every free layer at ``weight_bits``/``act_bits``, matmuls at ``act_bits`` (both their
+        operands are activations; pins stay); ``None`` if a width is no choice."""
         if weight_bits not in self.space.weight_bits or act_bits not in self.space.act_bits:
             return None
-        want = {"weight": weight_bits, "act": act_bits}
+        if any(g.operand == "matmul" for g in self.genes) and act_bits not in self.space.matmul_bits:
+            return None
+        want = {"weight": weight_bits, "act": act_bits, "matmul": act_bits}
         return np.array([g.choices.index(want[g.operand]) for g in self.genes], dtype=np.int64)
 
     def params(self, x: Sequence[int] | np.ndarray) -> dict[str, int]:

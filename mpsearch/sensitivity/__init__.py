@@ -15,6 +15,7 @@ quantized. Results are cached per checkpoint under ``cache_root()/sensitivity``.
 from __future__ import annotations
 
 from mpsearch.sensitivity.allocation import allocation_policy, hawq_allocation, mean_bits
+from mpsearch.sensitivity.attention_ranking import AttentionRankingEstimator, kendall_tau_rows
 from mpsearch.sensitivity.base import (
     ESTIMATORS,
     METRICS,
@@ -38,6 +39,8 @@ __all__ = [
     "SensitivityEstimator",
     "HessianEstimator",
     "EmpiricalEstimator",
+    "AttentionRankingEstimator",
+    "kendall_tau_rows",
     "TraceEstimate",
     "hutchinson_trace",
     "calibration_batches",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 from mpsearch.config import QuantConfig, config_from_dict, config_key
 from mpsearch.data import Split
 from mpsearch.errors import UserError
+from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.quant import QuantizedModel, quantizable_layers, quantize_weight
 from mpsearch.quant.primitives import MAX_BITS, MIN_BITS
 from mpsearch.registry import Registry
@@ -35,6 +38,9 @@ __all__ = [
     "calibration_batches",
     "canonical_frame",
     "layer_weights",
+    "probe_model",
+    "probe_policy",
+    "probing",
     "weight_errors",
 ]
 
@@ -115,6 +121,9 @@ class SensitivityEstimator(ABC):
     mode) and must give the same frame for the same inputs and ``config.seed``.
     """
 
+    # Whether the estimator only works on models with attention modules (vision transformers).
+    needs_attention: ClassVar[bool] = False
+
     @abstractmethod
     def estimate(
         self,
@@ -133,6 +142,46 @@ class SensitivityEstimator(ABC):
         (e.g. the evaluator's) that an estimator may reuse instead of building its own; its
         installed policy is restored afterwards.
         """
+
+
+def probe_policy(layers: dict[str, LayerPrecision]) -> Policy:
+    """An internal policy for estimators that quantize a layer or two; model and data set are
+    labels only (such a policy is never saved or validated)."""
+    return Policy(model="sensitivity", dataset="calibration", layers=layers)
+
+
+def probe_model(model: nn.Module, layers: list[str], quant: QuantConfig, qmodel: QuantizedModel | None) -> QuantizedModel:
+    """The :class:`QuantizedModel` an estimator quantizes single layers in: ``qmodel`` when
+    given (checked to wrap ``layers`` with ``quant``'s weight observer), else a fresh one. Only
+    weights are quantized, so it need not be calibrated."""
+    if qmodel is None:
+        return QuantizedModel(model, config=quant, layers=layers)
+    missing = [n for n in layers if n not in qmodel.wrappers]
+    if missing:
+        raise UserError(f"layer {missing[0]!r} is not wrapped by the QuantizedModel passed in")
+    if qmodel.config.weight_observer != quant.weight_observer:
+        raise UserError(
+            f"the QuantizedModel passed in uses weight observer {qmodel.config.weight_observer!r}, "
+            f"the sensitivity run asks for {quant.weight_observer!r}; pass the same QuantConfig"
+        )
+    return qmodel
+
+
+@contextmanager
+def probing(qm: QuantizedModel) -> Iterator[QuantizedModel]:
+    """Eval mode while an estimator probes ``qm``; afterwards its policy and train/eval mode are
+    back (no policy recorded if it had none: every layer float, as after ``calibrate()``)."""
+    previous, was_training = qm.policy, qm.module.training
+    qm.module.eval()
+    try:
+        yield qm
+    finally:
+        if previous is not None:
+            qm.apply(previous)
+        else:
+            qm.apply(probe_policy({}))
+            qm.policy = None
+        qm.module.train(was_training)
 
 
 def calibration_batches(calibration: Split, config: SensitivityConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:

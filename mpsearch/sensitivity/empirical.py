@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from mpsearch.config import QuantConfig
 from mpsearch.data import Split
-from mpsearch.errors import UserError
-from mpsearch.policy import LayerPrecision, Policy
+from mpsearch.policy import LayerPrecision
 from mpsearch.quant import QuantizedModel
 from mpsearch.sensitivity.base import (
     ESTIMATORS,
@@ -33,17 +32,15 @@ from mpsearch.sensitivity.base import (
     SensitivityEstimator,
     calibration_batches,
     layer_weights,
+    probe_model,
+    probe_policy,
+    probing,
     weight_errors,
 )
 
 __all__ = ["EmpiricalEstimator"]
 
 _METRIC_COLUMN = {"kl": "kl", "loss": "loss_increase"}
-
-
-def _policy(layers: dict[str, LayerPrecision]) -> Policy:
-    # Internal single-layer policies; model/dataset are labels only (never saved or validated).
-    return Policy(model="sensitivity", dataset="calibration", layers=layers)
 
 
 @ESTIMATORS.register("empirical")
@@ -68,62 +65,39 @@ class EmpiricalEstimator(SensitivityEstimator):
     ) -> pd.DataFrame:
         weights = layer_weights(model, layers)
         errors = weight_errors(model, layers, config.bits, observer=quant.weight_observer)
-        if qmodel is None:
-            qm = QuantizedModel(model, config=quant, layers=layers)
-        else:
-            missing = [n for n in layers if n not in qmodel.wrappers]
-            if missing:
-                raise UserError(f"layer {missing[0]!r} is not wrapped by the QuantizedModel passed in")
-            if qmodel.config.weight_observer != quant.weight_observer:
-                raise UserError(
-                    f"the QuantizedModel passed in uses weight observer {qmodel.config.weight_observer!r}, "
-                    f"the sensitivity run asks for {quant.weight_observer!r}; pass the same QuantConfig"
-                )
-            qm = qmodel
+        qm = probe_model(model, layers, quant, qmodel)
         device = next(iter(weights.values())).device
         batches = [(x.to(device), y.to(device)) for x, y in calibration_batches(calibration, config)]
-        previous, was_training = qm.policy, qm.module.training
-        qm.module.eval()
         rows = []
         bar = tqdm(total=len(layers) * len(config.bits), desc="empirical sensitivity", unit="run",
                    disable=not progress, leave=False)
-        try:
-            with torch.no_grad():
-                qm.apply(_policy({}))
-                # float64 log-probabilities: at 8 bits the KL is ~1e-6, below float32's resolution
-                # of log p differences.
-                reference = [F.log_softmax(qm(x).double(), dim=1) for x, _ in batches]
-                ref_loss = self._mean_ce(reference, batches)
-                for name in layers:
-                    for b in config.bits:
-                        qm.apply(_policy({name: LayerPrecision(weight_bits=b, act_bits=None)}))
-                        logq = [F.log_softmax(qm(x).double(), dim=1) for x, _ in batches]
-                        if config.metric == "kl":
-                            kl = torch.cat([(p.exp() * (p - q)).sum(dim=1) for p, q in zip(reference, logq)])
-                            # Each image's KL is >= 0; a tiny negative value is rounding.
-                            value = float(kl.clamp(min=0).mean())
-                            score = value
-                        else:
-                            value = self._mean_ce(logq, batches) - ref_loss
-                            score = max(value, 0.0)
-                        rows.append({
-                            "layer": name,
-                            "bits": b,
-                            "score": score,
-                            _METRIC_COLUMN[config.metric]: value,
-                            "weight_error": errors[(name, b)],
-                            "params": weights[name].numel(),
-                        })
-                        bar.update(1)
-        finally:
-            bar.close()
-            if previous is not None:
-                qm.apply(previous)
-            else:
-                # Back to the state after calibrate(): every layer float, no policy recorded.
-                qm.apply(_policy({}))
-                qm.policy = None
-            qm.module.train(was_training)
+        with bar, probing(qm), torch.no_grad():
+            qm.apply(probe_policy({}))
+            # float64 log-probabilities: at 8 bits the KL is ~1e-6, below float32's resolution
+            # of log p differences.
+            reference = [F.log_softmax(qm(x).double(), dim=1) for x, _ in batches]
+            ref_loss = self._mean_ce(reference, batches)
+            for name in layers:
+                for b in config.bits:
+                    qm.apply(probe_policy({name: LayerPrecision(weight_bits=b, act_bits=None)}))
+                    logq = [F.log_softmax(qm(x).double(), dim=1) for x, _ in batches]
+                    if config.metric == "kl":
+                        kl = torch.cat([(p.exp() * (p - q)).sum(dim=1) for p, q in zip(reference, logq)])
+                        # Each image's KL is >= 0; a tiny negative value is rounding.
+                        value = float(kl.clamp(min=0).mean())
+                        score = value
+                    else:
+                        value = self._mean_ce(logq, batches) - ref_loss
+                        score = max(value, 0.0)
+                    rows.append({
+                        "layer": name,
+                        "bits": b,
+                        "score": score,
+                        _METRIC_COLUMN[config.metric]: value,
+                        "weight_error": errors[(name, b)],
+                        "params": weights[name].numel(),
+                    })
+                    bar.update(1)
         return pd.DataFrame(rows)
 
     @staticmethod

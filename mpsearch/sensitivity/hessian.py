@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from mpsearch.config import QuantConfig
@@ -176,7 +177,13 @@ class HessianEstimator(SensitivityEstimator):
 
         def batch_loss(x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
             # Sum over the batch / all images: the closures add up to the mean loss over all batches.
-            return lambda: F.cross_entropy(work(x), y, reduction="sum") / images
+            # Attention through the math kernel: the fused CPU kernels have no double backward,
+            # which Hessian-vector products need (vision transformers).
+            def loss() -> torch.Tensor:
+                with sdpa_kernel(SDPBackend.MATH):
+                    return F.cross_entropy(work(x), y, reduction="sum") / images
+
+            return loss
 
         closures = [batch_loss(x.to(device), y.to(device)) for x, y in batches]
         est = hutchinson_trace(

@@ -10,8 +10,8 @@ pays for each (layer, bits) once.
 """
 
 from mpsearch.quant.ptq.adaround import AdaRound
-from mpsearch.quant.ptq.brecq import BRECQ
 from mpsearch.quant.ptq.base import PTQ_METHODS, WeightRounding, get_ptq, input_columns, register_ptq, rtn_weight
+from mpsearch.quant.ptq.brecq import BRECQ
 from mpsearch.quant.ptq.gptq import GPTQ
 from mpsearch.quant.ptq.rtn import RoundToNearest
 
