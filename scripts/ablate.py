@@ -52,7 +52,8 @@ def main() -> None:
         table = run_ablation(model=args.model, dataset=args.dataset, variants=variants, widths=widths, seeds=seeds,
                              split="test", finetune_config=FinetuneConfig(steps=args.finetune_steps), out_csv=csv)
     notes = [
-        f"- model {args.model} on {args.dataset}, test split; QAT {args.finetune_steps} steps",
+        f"- model {args.model} on {args.dataset}, test split"
+        + (f"; QAT {args.finetune_steps} steps" if any(VARIANTS[v].finetune for v in set(table["variant"])) else ""),
         f"- machine: {describe_machine()}",
         "- cells are resumed from the CSV, so the table may come from several runs; these commands measure it again:",
     ]

@@ -180,3 +180,22 @@ def test_finetune_front_adds_measured_qat_points(tmp_path, tiny_checkpoint, digi
     stamp = {p: p.stat().st_mtime_ns for p in (result.out_dir / "policies").glob("*.pt")}
     _run(tmp_path, "tiny-ft", tiny_checkpoint, remeasure_points=2, finetune_front=True, finetune_steps=10)
     assert {p: p.stat().st_mtime_ns for p in (result.out_dir / "policies").glob("*.pt")} == stamp
+
+
+def test_a_vit_study_searches_attention_matmuls_and_exports_them(tmp_path, digits_vit_baseline, digits):
+    """ViT end to end: matmul genes in the trials, ranking-aware calibration recorded, export re-measures."""
+    from mpsearch.config import QuantConfig
+    from mpsearch.policy import is_matmul
+
+    cfg, result = _run(tmp_path, "vit", str(digits_vit_baseline.checkpoint), model="test_vit", budget=10,
+                       population_size=5, remeasure_points=2, attention_calibration="ranking", space="deit_tiny")
+    matmul_params = [c for c in result.trials.columns if c.startswith("param_m:")]
+    assert len(matmul_params) == 2 * len(digits_vit_baseline.model.blocks)
+    assert result.trials["value_accuracy"].max() > 0.5
+    policy, _ = pick_policy(result.out_dir, "max-accuracy")
+    matmuls = {n: p for n, p in policy.layers.items() if is_matmul(n)}
+    assert matmuls and all(p.granularity == "per-tensor" and p.weight_bits == p.act_bits for p in matmuls.values())
+    q = policy.provenance["quant"]
+    assert q["attention_calibration"] == "ranking"
+    ev = Evaluator(digits_vit_baseline, digits, quant=QuantConfig(attention_calibration=q["attention_calibration"]))
+    assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == policy.provenance["metrics"]["test_accuracy"]

@@ -358,18 +358,15 @@ class QuantizedModel:
             if name not in self.act_stats:
                 raise RuntimeError("activation quantization needs calibrate() first")
             stats = self.smoothed_stats[name] if smoothed else self.act_stats[name]
-            # Post-ReLU inputs get the unsigned grid (one more bit of resolution than a signed one);
-            # asymmetric quantizers always use the unsigned grid with a zero point (uint8-style).
-            signed = spec.act_symmetric and not stats.non_negative
-            lo, hi = get_observer(self.config.act_observer)(stats.values(), spec.act_bits, signed, spec.act_symmetric)
-            self._act_cache[key] = qparams_from_range(
-                lo[0], hi[0], spec.act_bits, symmetric=spec.act_symmetric, signed=signed
-            )
+            self._act_cache[key] = self._range_qparams(stats, spec.act_bits, spec.act_symmetric)
         return self._act_cache[key]
 
     def _range_qparams(self, stats: ActivationStats, bits: int, symmetric: bool) -> QParams:
-        """A per-tensor grid for observed values: unsigned when they are never negative
-        (post-ReLU, softmax), always unsigned with a zero point when asymmetric."""
+        """A per-tensor grid for observed values from the activation observer's range.
+
+        Values that are never negative (post-ReLU inputs, softmax probabilities) get the unsigned
+        grid, one more bit of resolution than a signed one; asymmetric quantizers always use the
+        unsigned grid with a zero point (uint8-style)."""
         signed = symmetric and not stats.non_negative
         lo, hi = get_observer(self.config.act_observer)(stats.values(), bits, signed, symmetric)
         return qparams_from_range(lo[0], hi[0], bits, symmetric=symmetric, signed=signed)
@@ -381,18 +378,17 @@ class QuantizedModel:
         if spec.granularity != "per-tensor":
             raise UserError(f"policy.layers.{name}.granularity: attention matmul operands are quantized per tensor; "
                             "set \"per-tensor\"")
-        ranking = name.endswith("." + MATMUL_QK) and self.qk_calibration.name != "observer"
+        qk = name.endswith("." + MATMUL_QK)  # q·kᵀ: its ranges come from the q/k calibration method
         key = ("matmul", name, spec.act_bits, spec.weight_bits, spec.act_symmetric, spec.symmetric,
-               self.config.act_observer, self.qk_calibration.name if ranking else None)
+               self.config.act_observer, self.qk_calibration.name if qk else None)
         if key not in self._act_cache:
             if name not in self.matmul_stats:
                 raise RuntimeError("matmul quantization needs calibrate() first")
             first_stats, second_stats = self.matmul_stats[name]
             first = self._range_qparams(first_stats, spec.act_bits, spec.act_symmetric) if spec.act_bits else None
             second = self._range_qparams(second_stats, spec.weight_bits, spec.symmetric) if spec.weight_bits else None
-            if ranking and first is not None and second is not None:
-                q, k = self.qk_samples.get(name, (None, None))
-                first, second = self.qk_calibration.choose(q, k, first, second)
+            if qk and first is not None and second is not None:
+                first, second = self.qk_calibration.choose(*self.qk_samples.get(name, (None, None)), first, second)
             self._act_cache[key] = (first, second)
         return self._act_cache[key]
 
