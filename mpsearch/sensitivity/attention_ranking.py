@@ -6,8 +6,9 @@ attends to (the premise of ranking-aware calibration, Liu et al., NeurIPS 2021).
 and bit width ``b`` only that layer's weight is quantized to ``b`` bits (per-channel
 symmetric, inputs float, like the empirical estimator), the calibration batches run, and every
 attention module's probability map is compared with the fp32 one row by row with Kendall's τ
-(τ-b over all key pairs of a row). The score is ``1 - mean τ`` over modules, heads, queries and
-images: 0 when no row changes order, up to 2 when every row is reversed.
+(τ-b over all key pairs of a row), on up to 512 (head, query) rows per module and calibration
+batch, drawn once with ``config.seed``. The score is ``1 - mean τ`` over modules and rows: 0 when
+no row changes order, up to 2 when every row is reversed.
 
 A layer after the last attention module (the last block's MLP, the head) reorders no attention
 map and scores 0: rank those with ``hessian`` or ``empirical``. Needs a model with timm
@@ -42,6 +43,10 @@ from mpsearch.sensitivity.base import (
 __all__ = ["AttentionRankingEstimator", "kendall_tau_rows"]
 
 _ROWS_PER_CHUNK = 1024  # rows compared at once: 1024 x N x N pair signs (10 MB at N = 50)
+# Query rows compared per attention module and calibration batch, drawn once (seeded) and reused
+# for every probe: comparing all of them (B x heads x N rows, each N^2 pairs) would cost several
+# times the forward pass, and a few hundred rows already pin the mean tau to ~1e-3.
+_ROWS_PER_MAP = 512
 
 
 def _pair_signs(rows: torch.Tensor, rel_tol: float) -> torch.Tensor:
@@ -107,14 +112,24 @@ class AttentionRankingEstimator(SensitivityEstimator):
         device = next(iter(weights.values())).device
         batches = [x.to(device) for x, _ in calibration_batches(calibration, config)]
 
+        picked: dict[tuple[int, int], torch.Tensor] = {}  # (batch, module) -> the query rows compared
+        gen = torch.Generator().manual_seed(config.seed)
+
         def attention_maps() -> list[list[torch.Tensor]]:
-            """Per batch, every attention module's probabilities (B, heads, N, N), in module order."""
+            """Per batch, every attention module's probability rows (the sampled queries), in module order."""
             maps = []
-            for x in batches:
+            for i, x in enumerate(batches):
                 for m in attentions:
                     m.record = []
                 qm(x)
-                maps.append([m.record[0] for m in attentions])
+                rows_of = []
+                for j, m in enumerate(attentions):
+                    probs = m.record[0].reshape(-1, m.record[0].shape[-1])
+                    if (i, j) not in picked:
+                        count = min(_ROWS_PER_MAP, probs.shape[0])
+                        picked[i, j] = torch.randperm(probs.shape[0], generator=gen)[:count].sort().values
+                    rows_of.append(probs[picked[i, j]])
+                maps.append(rows_of)
             for m in attentions:
                 m.record = None
             return maps
