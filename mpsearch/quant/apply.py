@@ -113,7 +113,7 @@ class QuantizedModel:
         self.config = config or QuantConfig()
         get_observer(self.config.weight_observer)
         get_observer(self.config.act_observer)
-        QK_CALIBRATIONS.get(self.config.attention_calibration)
+        self.qk_calibration = QK_CALIBRATIONS.get(self.config.attention_calibration)()
         self.module = copy.deepcopy(model).eval()
         swap_attention(self.module)
         available = quantizable_layers(self.module)
@@ -130,7 +130,6 @@ class QuantizedModel:
         self.layer_names = [n for n in layers if not is_matmul(n)]
         self.matmul_names = [n for n in layers if is_matmul(n)]
         self.matmuls: dict[str, MatmulQuantizer] = {n: self.module.get_submodule(n) for n in self.matmul_names}  # type: ignore[misc]
-        self.qk_calibration = QK_CALIBRATIONS.get(self.config.attention_calibration)()
         self.matmul_stats: dict[str, tuple[ActivationStats, ActivationStats]] = {}
         self.qk_samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # matmul_qk -> (q, k) samples
         self.wrappers: dict[str, QuantWrapper] = {}
