@@ -47,6 +47,45 @@ def _add_baseline_flags(p: argparse.ArgumentParser, *, recipe_overrides: bool = 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    """The settings of a search study, shared by optimize and compare."""
+    _add_baseline_flags(p)
+    p.add_argument("--seeds", default=None, help="run one study per seed, comma separated (e.g. 0,1,2), and report mean +- std")
+    p.add_argument("--multi-fidelity", action="store_true",
+                   help="measure candidates on a quarter of --eval-images first and promote those not surely dominated "
+                        "(same as NAME+mf for every population search); the budget counts full evaluations")
+    p.add_argument("--multi-fidelity-images", type=int, default=None, help="images of the first rung (default 100)")
+    p.add_argument("--budget", type=int, default=200,
+                   help="full evaluations per method, default 200 (a multi-fidelity candidate counts the images it used)")
+    p.add_argument("--population", type=int, default=20, help="population / batch size per generation (default 20)")
+    p.add_argument("--space", default="", help="search space YAML path or name in search_spaces/ (default: by model family)")
+    p.add_argument("--objectives", default="accuracy,energy", help="accuracy plus any of energy, size, bops (default accuracy,energy)")
+    p.add_argument("--energy-profile", default="horowitz45nm", help="energy profile the search optimises (default horowitz45nm)")
+    p.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
+    p.add_argument("--remeasure-points", type=int, default=None,
+                   help="re-measure at most N Pareto points on the full val and test splits, spread along the front (default 6; 0 = all)")
+    p.add_argument("--workers", type=int, default=-1, help="Ray workers (default: one per core; 0 = in-process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (fixed so results do not depend on --workers)")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///studies/<name>/study.db)")
+    p.add_argument("--name", default="", help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
+    p.add_argument("--out-root", default="studies", help="folder holding studies/<name>/ (default studies)")
+    p.add_argument("--sensitivity", default="hessian", help="estimator seeding the first population: hessian, empirical, "
+                                                                    "attention-ranking (ViTs), none")
+    p.add_argument("--calibration-size", type=int, default=512)
+    p.add_argument("--weight-observer", default="minmax")
+    p.add_argument("--act-observer", default="mse")
+    p.add_argument("--ptq", default="rtn", help="how weights are rounded: rtn (default), gptq, adaround, brecq")
+    p.add_argument("--bias-correction", action="store_true", help="bias correction after weight rounding (see evaluate)")
+    p.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="SmoothQuant smoothing, strength ALPHA (default 0.5; see evaluate)")
+    p.add_argument("--attention-calibration", default=None, metavar="METHOD",
+                   help="q/k ranges of attention's q.k^T: observer (default) or ranking (ranking-aware; see evaluate)")
+    p.add_argument("--finetune-front", action="store_true",
+                   help="after the search, fine-tune each re-measured Pareto point (LSQ + distillation; see `finetune`)")
+    p.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps per Pareto point (default 300)")
+
+
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     # None = "from the policy's provenance if it has one, else the default" (so an exported
     # policy is re-measured with the settings it was measured with).
@@ -108,36 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("profiles", help="list the energy profiles")
 
     o = sub.add_parser("optimize", help="search per-layer bit widths: a measured accuracy-energy Pareto set")
-    _add_baseline_flags(o)
-    o.add_argument("--budget", type=int, default=200, help="number of real evaluations (trials), default 200")
-    o.add_argument("--algorithm", default="nsga2", help="nsga2 (pymoo, default), optuna-nsga2, optuna-tpe, random")
-    o.add_argument("--population", type=int, default=20, help="population / batch size per generation (default 20)")
-    o.add_argument("--space", default="", help="search space YAML path or name in search_spaces/ (default: by model family)")
-    o.add_argument("--objectives", default="accuracy,energy", help="accuracy plus any of energy, size, bops (default accuracy,energy)")
-    o.add_argument("--energy-profile", default="horowitz45nm", help="energy profile the search optimises (default horowitz45nm)")
-    o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
-    o.add_argument("--remeasure-points", type=int, default=None,
-                   help="re-measure at most N Pareto points on the full val and test splits, spread along the front (default 6; 0 = all)")
-    o.add_argument("--workers", type=int, default=-1, help="Ray workers (default: one per core; 0 = in-process)")
-    o.add_argument("--threads", type=int, default=1, help="torch threads per worker (fixed so results do not depend on --workers)")
-    o.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
-    o.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///studies/<name>/study.db)")
-    o.add_argument("--name", default="", help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
-    o.add_argument("--out-root", default="studies", help="folder holding studies/<name>/ (default studies)")
-    o.add_argument("--sensitivity", default="hessian", help="estimator seeding the first population: hessian, empirical, "
-                                                                    "attention-ranking (ViTs), none")
-    o.add_argument("--calibration-size", type=int, default=512)
-    o.add_argument("--weight-observer", default="minmax")
-    o.add_argument("--act-observer", default="mse")
-    o.add_argument("--ptq", default="rtn", help="how weights are rounded: rtn (default), gptq, adaround, brecq")
-    o.add_argument("--bias-correction", action="store_true", help="bias correction after weight rounding (see evaluate)")
-    o.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
-                   help="SmoothQuant smoothing, strength ALPHA (default 0.5; see evaluate)")
-    o.add_argument("--attention-calibration", default=None, metavar="METHOD",
-                   help="q/k ranges of attention's q.k^T: observer (default) or ranking (ranking-aware; see evaluate)")
-    o.add_argument("--finetune-front", action="store_true",
-                   help="after the search, fine-tune each re-measured Pareto point (LSQ + distillation; see `finetune`)")
-    o.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps per Pareto point (default 300)")
+    o.add_argument("--algorithm", default="nsga2",
+                   help="nsga2 (pymoo, default), optuna-nsga2, optuna-tpe, random, ilp (HAWQ-V3 integer program), greedy "
+                        "(AIMET-style bit lowering); NAME+mf measures candidates with multi-fidelity promotions; "
+                        "several, comma separated, run one after the other into one study (see compare)")
+    _add_study_flags(o)
+    c = sub.add_parser("compare", help="several search methods and baselines on one study: hypervolume per method, one plot")
+    c.add_argument("--algorithms", default="nsga2+mf,random,ilp,greedy",
+                   help="methods, comma separated (default nsga2+mf,random,ilp,greedy; see optimize --algorithm)")
+    _add_study_flags(c)
 
     ab = sub.add_parser("ablate", help="measured ablation of quantization choices over seeds: CSV + markdown table")
     ab.add_argument("--model", default="resnet18", help="timm model name or alias")
@@ -469,23 +487,37 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_optimize(args: argparse.Namespace) -> int:
+def _study_configs(args: argparse.Namespace, methods: str) -> list:
+    """One StudyConfig per seed (``--seeds``, else ``--seed``) from the shared study flags."""
     from mpsearch.config import StudyConfig
-    from mpsearch.study import optimize
+    from mpsearch.study import MF_SUFFIX, parse_methods
 
     if args.epochs or args.batch_size or args.lr:
-        raise UserError("optimize uses the default baseline recipe; train another with `mpsearch train --epochs ...` "
+        raise UserError(f"{args.command} uses the default baseline recipe; train another with `mpsearch train --epochs ...` "
                         "and pass its file with --checkpoint")
     if args.pretrained:
-        raise UserError("optimize --pretrained is not supported yet; save the hub model and pass --checkpoint")
+        raise UserError(f"{args.command} --pretrained is not supported yet; save the hub model and pass --checkpoint")
     if args.attention_calibration is not None:
         from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
 
         QK_CALIBRATIONS.get(args.attention_calibration)
-    optional = {"eval_images": args.eval_images, "remeasure_points": args.remeasure_points}  # None: the config's default
-    config = StudyConfig(
-        name=args.name, model=args.model, dataset=args.dataset, data_dir=args.data_dir, checkpoint=args.checkpoint,
-        seed=args.seed, budget=args.budget, algorithm=args.algorithm, population_size=args.population, space=args.space,
+    parsed = parse_methods(methods)
+    if args.multi_fidelity:
+        population = [m for m in parsed if m.multi_fidelity or _is_population_search(m.algorithm)]
+        if not population:
+            raise UserError("--multi-fidelity applies to population searches (nsga2, optuna-nsga2, optuna-tpe, random); "
+                            f"{methods} has none")
+        methods = ",".join(m.name if m.multi_fidelity or m not in population else m.name + MF_SUFFIX for m in parsed)
+        parse_methods(methods)  # e.g. nsga2 and nsga2+mf both listed
+    seeds = [args.seed] if args.seeds is None else list(_int_list(args.seeds, "--seeds"))
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {args.seeds!r}: each seed once, e.g. 0,1,2")
+    optional = {"eval_images": args.eval_images, "remeasure_points": args.remeasure_points,
+                "multi_fidelity_images": args.multi_fidelity_images}  # None: the config's default
+    return [StudyConfig(
+        name=(f"{args.name}-s{seed}" if args.name and len(seeds) > 1 else args.name), model=args.model, dataset=args.dataset,
+        data_dir=args.data_dir, checkpoint=args.checkpoint, seed=seed, budget=args.budget, algorithm=methods,
+        population_size=args.population, space=args.space,
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), energy_profile=args.energy_profile,
         workers=args.workers, torch_threads=args.threads, ray_address=args.ray_address,
         storage=args.storage, calibration_size=args.calibration_size, weight_observer=args.weight_observer,
@@ -494,13 +526,67 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         attention_calibration=args.attention_calibration or "observer",
         finetune_front=args.finetune_front, finetune_steps=args.finetune_steps,
         **{k: v for k, v in optional.items() if v is not None},
-    )
-    result = optimize(config, progress=not args.no_progress, log=_log)
-    print(f"study {result.name}: {len(result.trials)} trials, {len(result.pareto)} Pareto points, "
-          f"hypervolume {result.hypervolume:.4f}, {result.wall_s / 60:.1f} min -> {result.out_dir}")
-    cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "qat_test_accuracy", "qat_test_drop_pp",
-                        "rel_energy_" + args.energy_profile) if c in result.pareto]
-    print(result.pareto[cols].to_string(index=False))
+    ) for seed in seeds]
+
+
+def _is_population_search(algorithm: str) -> bool:
+    from mpsearch.search.base import ALGORITHMS
+
+    return ALGORITHMS.get(algorithm).fixed_batch
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    import statistics
+
+    spread = f" +- {format(statistics.stdev(values), fmt)}" if len(values) > 1 else ""
+    return format(statistics.fmean(values), fmt) + spread
+
+
+def _run_studies(args: argparse.Namespace, methods: str) -> list:
+    from mpsearch.study import optimize
+
+    results = []
+    for config in _study_configs(args, methods):
+        results.append(optimize(config, progress=not args.no_progress, log=_log))
+        r = results[-1]
+        print(f"study {r.name}: {len(r.trials)} trials, {len(r.pareto)} Pareto points, "
+              f"hypervolume {r.hypervolume:.4f}, {r.wall_s / 60:.1f} min -> {r.out_dir}")
+    return results
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from mpsearch.export import pick_policy
+
+    results = _run_studies(args, args.algorithm)
+    cost = "rel_energy_" + args.energy_profile
+    for r in results:
+        cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "qat_test_accuracy", "qat_test_drop_pp", cost)
+                if c in r.pareto]
+        print(r.pareto[cols].to_string(index=False))
+    if len(results) > 1:  # one study per seed: how much the answer depends on the seed
+        knees = [pick_policy(r.out_dir, "knee")[0].provenance["metrics"] for r in results]
+        print(f"over {len(results)} seeds: hypervolume {_mean_std([r.hypervolume for r in results], '.4f')}; knee policy: "
+              f"test accuracy {_mean_std([100 * k['test_accuracy'] for k in knees], '.2f')} %, "
+              f"drop {_mean_std([100 * k['test_drop'] for k in knees], '.2f')} pp, "
+              f"energy {_mean_std([100 * k.get(f'rel_energy:{args.energy_profile}', float('nan')) for k in knees], '.1f')} % of fp32")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mpsearch.compare import method_scores
+    from mpsearch.study import REF_POINT_PAD
+
+    results = _run_studies(args, args.algorithms)
+    per_method: dict[str, list[float]] = {}
+    for r in results:
+        scores = method_scores(r.trials, tuple(o.strip() for o in args.objectives.split(",")), REF_POINT_PAD)
+        print((r.out_dir / "compare.md").read_text())
+        for _, row in scores.iterrows():
+            per_method.setdefault(row["method"], []).append(float(row["hypervolume"]))
+    if len(results) > 1:
+        print(f"hypervolume over {len(results)} seeds (mean +- std):")
+        for method, values in per_method.items():
+            print(f"  {method:16s} {_mean_std(values, '.4f')}")
     return 0
 
 
@@ -562,7 +648,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "train": _cmd_train, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "ablate": _cmd_ablate,
     "outliers": _cmd_outliers, "layers": _cmd_layers, "profiles": _cmd_profiles,
-    "optimize": _cmd_optimize, "export": _cmd_export, "dashboard": _cmd_dashboard, "sensitivity": _cmd_sensitivity,
+    "optimize": _cmd_optimize, "compare": _cmd_compare, "export": _cmd_export, "dashboard": _cmd_dashboard, "sensitivity": _cmd_sensitivity,
 }
 
 

@@ -20,6 +20,7 @@ from mpsearch.data import DataSplits
 from mpsearch.errors import UserError
 from mpsearch.metrics import correct_mask, paired_difference_ci, wilson_interval
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
+from mpsearch.prefix_cache import PrefixCache
 from mpsearch.quant import QuantizedModel, quantizable_layers, quantizable_matmuls
 from mpsearch.zoo import Baseline
 
@@ -98,6 +99,7 @@ class Evaluator:
         quant: QuantConfig | None = None,
         profiles: tuple[str, ...] = DEFAULT_PROFILES,
         batch_size: int = 256,
+        prefix_cache: bool = True,
     ) -> None:
         self.baseline = baseline
         self.data = data
@@ -113,6 +115,9 @@ class Evaluator:
         wrappable = set(quantizable_layers(baseline.model)) | set(quantizable_matmuls(baseline.model))
         executed = [name for name in self.cost_table.names if name in wrappable]
         self.qmodel = QuantizedModel(baseline.model, config=self.quant, layers=executed)
+        # Layer inputs of an identically quantized prefix are reused between evaluations (see
+        # mpsearch.prefix_cache); not with block reconstruction, whose weights depend on neighbours.
+        self.prefix_cache = PrefixCache(self.qmodel.module, self.qmodel.policy_layers) if prefix_cache else None
         self._fp32_masks: dict[tuple[str, int], torch.Tensor] = {}
         self._calibration_s: float | None = None
 
@@ -161,10 +166,12 @@ class Evaluator:
             )
         return policy
 
-    def _split(self, split: str, limit: int | None):
+    def _split(self, split: str, limit: int | None, start: int = 0):
         if limit is not None and limit < 1:
             raise UserError(f"limit must be >= 1 image, got {limit}")
         part = self.data.split(split).subset(limit)
+        if start:  # images start..limit: a multi-fidelity promotion measures only the images it adds
+            part = part.select(torch.arange(start, len(part)))
         if len(part) == 0:
             raise UserError(f"the {split} split of {self.data.info.name} is empty; nothing to evaluate")
         return part
@@ -179,13 +186,28 @@ class Evaluator:
         return self._fp32_masks[key]
 
     def quantized_mask(
-        self, policy: Policy, split: str = "val", limit: int | None = None, progress: bool = False
+        self, policy: Policy, split: str = "val", limit: int | None = None, progress: bool = False, start: int = 0
     ) -> torch.Tensor:
+        """Per-image correctness of ``policy`` on images ``start`` to ``limit`` of ``split``."""
         self.calibrate()
         self.qmodel.apply(policy)
+        part = self._split(split, limit, start)
+        cache = self.prefix_cache
+        if cache is not None and not self.qmodel.blocks and not progress:
+            batches = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in part.batches(self.batch_size))
+            with torch.inference_mode():
+                first = next(iter(part.batches(min(self.batch_size, 32))))[0].contiguous(memory_format=torch.channels_last)
+                if cache.check(first):
+                    out = []
+                    for logits, y in cache.logits((split, start, limit), policy.precision, batches):
+                        if not torch.isfinite(logits).all():
+                            raise UserError(f"policy {policy.summary()}: the model produced NaN/inf outputs; "
+                                            "raise the bit widths of the offending layers")
+                        out.append(logits.argmax(dim=1) == y)
+                    return torch.cat(out)
         try:
             return correct_mask(
-                self.qmodel.module, self._split(split, limit), batch_size=self.batch_size,
+                self.qmodel.module, part, batch_size=self.batch_size,
                 progress=policy.summary() if progress else None,
             )
         except FloatingPointError as exc:

@@ -79,7 +79,7 @@ def _train(evaluator: Evaluator, config: FinetuneConfig, progress: bool) -> None
     info = evaluator.data.info
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    recipe = TrainRecipe()  # the baseline's augmentation (crop + flip)
+    recipe = TrainRecipe(crop_padding=2, hflip=True)  # crop + flip: a few hundred steps on a fixed subset would overfit
     fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
     params = list(qmodel.module.parameters())
     for p in params:

@@ -61,6 +61,21 @@ def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> t
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def bootstrap_ci(mask: torch.Tensor, *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the accuracy of a correctness mask (images resampled
+    with replacement, ``resamples`` times, from a seeded generator: the same mask gives the
+    same interval)."""
+    n = mask.numel()
+    if n == 0:
+        raise ValueError("bootstrap_ci needs a non-empty correctness mask")
+    gen = torch.Generator().manual_seed(seed)
+    values = mask.float()
+    means = torch.stack([values[torch.randint(0, n, (n,), generator=gen)].mean() for _ in range(resamples)])
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype))
+    return float(low), float(high)
+
+
 def paired_difference_ci(a: torch.Tensor, b: torch.Tensor, z: float = 1.959963984540054) -> tuple[float, float, float]:
     """Accuracy difference ``mean(b) - mean(a)`` on the same images, with a 95 % CI.
 

@@ -85,15 +85,29 @@ def _markdown_table(df, columns: list[str], formats: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
+    if not proxies:
+        return []
+    lines = ["## Sensitivity proxies against measurements", "",
+             "Kendall tau-b between each proxy's predicted ordering of the measured trials (minus the summed per-layer "
+             "scores of their weight widths: less perturbation, higher predicted accuracy) and their measured accuracy "
+             "(full search fidelity); 1 = the proxy orders the trials exactly as measured.", "",
+             "| proxy | Kendall tau | p-value | trials |", "|---|---|---|---|"]
+    lines += [f"| {name} | {tau:.3f} | {p:.2g} | {n} |" for name, (tau, p, n) in proxies.items()]
+    return lines + [""]
+
+
 def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume: float, ref_point: list[float],
                  wall_s: float, search_s: float, machine: str, versions: dict[str, str], workers: int, storage: str,
-                 baseline: dict[str, Any], platform_: str) -> None:
+                 baseline: dict[str, Any], platform_: str, proxies: dict[str, tuple[float, float, int]] | None = None) -> None:
     ok = trials[trials["state"] == "COMPLETE"]
     failed = int((trials["state"] == "FAIL").sum())
     energy_col = f"rel_energy_{config.energy_profile}"
-    cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_drop_pp", "val_accuracy",
+    cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_boot_low", "test_boot_high",
+            "test_drop_pp", "val_accuracy",
             energy_col, "rel_size", "rel_bops", "qat_test_accuracy", "qat_test_drop_pp"]
-    fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_drop_pp": "+.2f",
+    fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_boot_low": ".4f", "test_boot_high": ".4f",
+           "test_drop_pp": "+.2f",
            "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
            "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f"}
     lines = [
@@ -113,10 +127,11 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
         f"{config.torch_threads} torch thread(s); machine: {machine}; {platform_}",
         f"- storage: `{storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
-        "## Pareto set (test split, 95% Wilson CI; drop vs fp32 paired on the same images)",
+        "## Pareto set (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the same images)",
         "",
         _markdown_table(pareto, [c for c in cols if c in pareto.columns], fmt),
         "",
+        *_proxy_lines(proxies or {}),
         "Files: `trials.csv` / `trials.parquet` (every trial), `pareto.csv`, `policies/trial-NNNN.json`, "
         "`front.png`, `front.html`, `config.yaml`.",
     ]

@@ -52,6 +52,7 @@ class EvalTask:
     split: str = "val"
     limit: int | None = None
     keep_mask: bool = False  # return which images were right (for paired comparisons in the driver)
+    start: int = 0  # measure images start..limit only (multi-fidelity promotions add images)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def run_task(evaluator, task: EvalTask, worker: str = "") -> EvalOutcome:
     start = time.perf_counter()
     policy = Policy.from_dict(task.policy)
     try:
-        mask = evaluator.quantized_mask(policy, split=task.split, limit=task.limit)
+        mask = evaluator.quantized_mask(policy, split=task.split, limit=task.limit, start=task.start)
     except UserError as exc:  # e.g. NaN/inf outputs at very low bit widths
         return EvalOutcome(task.index, 0, 0, {}, time.perf_counter() - start, error=str(exc), worker=worker)
     result = evaluator.summarize(policy, mask, split=task.split, start=start)

@@ -35,7 +35,7 @@ from mpsearch.config import OBJECTIVES, QuantConfig, StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.files import atomic_write, atomic_write_text
 
-__all__ = ["StudyResult", "optimize", "study_dir", "storage_url", "load_trials", "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS"]
+__all__ = ["Method", "StudyResult", "full_fidelity", "optimize", "parse_methods", "study_dir", "storage_url", "load_trials", "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS"]
 
 PARETO_FILE = "pareto.csv"
 CHECKPOINT_FILE = "search_state.json"
@@ -45,6 +45,7 @@ RESUMABLE_FIELDS = ("budget", "workers", "ray_address", "remeasure_points", "dat
                     "finetune_front", "finetune_steps")
 UNIFORM_SHORTHANDS = ((8, 8), (6, 6), (4, 8), (4, 4), (2, 8))
 REF_POINT_PAD = 1.0  # hypervolume reference: error 1.0 and each relative cost 1.0 (the fp32 model)
+MF_SUFFIX = "+mf"  # "nsga2+mf": the method measures candidates with multi-fidelity promotions
 
 
 @dataclass
@@ -55,6 +56,37 @@ class StudyResult:
     pareto: Any  # pandas.DataFrame; None when the front was not re-measured
     hypervolume: float
     wall_s: float
+
+
+@dataclass(frozen=True)
+class Method:
+    """One search method of a study: a registered algorithm, optionally with multi-fidelity
+    evaluation (``nsga2+mf``). Its ``name`` tags the trials it ran (user attribute ``run``)."""
+
+    name: str
+    algorithm: str
+    multi_fidelity: bool
+
+
+def parse_methods(spec: str) -> list[Method]:
+    """``--algorithm`` text (``nsga2``, ``nsga2+mf``, or several comma-separated) as methods.
+
+    Several methods run one after the other into the same study, each with the full budget and
+    the same first population, their trials tagged by method.
+    """
+    from mpsearch.search.base import ALGORITHMS
+
+    methods: list[Method] = []
+    for part in (p.strip() for p in spec.split(",")):
+        algorithm, mf = (part[: -len(MF_SUFFIX)], True) if part.endswith(MF_SUFFIX) else (part, False)
+        cls = ALGORITHMS.get(algorithm)  # unknown: one line listing the registered names
+        if mf and not cls.fixed_batch:
+            raise UserError(f"--algorithm {part}: multi-fidelity applies to population searches "
+                            f"(nsga2, optuna-nsga2, optuna-tpe, random), not to the {algorithm} plan")
+        if any(m.name == part for m in methods):
+            raise UserError(f"--algorithm lists {part!r} twice; name each method once")
+        methods.append(Method(part, algorithm, mf))
+    return methods
 
 
 def study_dir(config: StudyConfig) -> Path:
@@ -113,7 +145,6 @@ def optimize(
     import optuna
 
     from mpsearch.locking import StudyLock
-    from mpsearch.search.base import create_algorithm
     from mpsearch.search.space import SearchSpace, default_space_for
 
     start = time.perf_counter()
@@ -122,7 +153,7 @@ def optimize(
     from mpsearch.quant.ptq import get_ptq
     from mpsearch.zoo import resolve_model_name
 
-    algorithm = create_algorithm(config.algorithm)  # unknown names fail before any work
+    methods = parse_methods(config.algorithm)  # unknown names fail before any work
     get_ptq(config.ptq)
     resolve_model_name(config.model)
     space_def = SearchSpace.load(config.space or default_space_for(config.model))
@@ -138,7 +169,7 @@ def optimize(
     lock = StudyLock(storage_url(config), name)
     lock.acquire_file()  # before the storage is opened: a second driver stops here, the study untouched
     try:
-        return _optimize_locked(config, lock, out, algorithm, space_def, start, progress=progress, log=log, remeasure=remeasure)
+        return _optimize_locked(config, lock, out, methods, space_def, start, progress=progress, log=log, remeasure=remeasure)
     except KeyboardInterrupt:
         log(f"interrupted: every finished trial of study {name!r} is recorded; run the same command again to resume it")
         raise
@@ -146,18 +177,19 @@ def optimize(
         lock.release()
 
 
-def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def, start: float, *, progress: bool,
+def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method], space_def, start: float, *, progress: bool,
                      log: Callable[[str], None], remeasure: bool) -> StudyResult:
     import optuna
     import torch
     import yaml
 
     from mpsearch.data import load_dataset
-    from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator
+    from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator, policy_costs
     from mpsearch.machine import describe_machine
     from mpsearch.policy import Policy
-    from mpsearch.runtime import EvalTask, WorkerSpec, create_executor, default_workers
-    from mpsearch.search.pareto import hypervolume, non_dominated
+    from mpsearch.runtime import WorkerSpec, create_executor, default_workers
+    from mpsearch.search.base import SearchContext, create_algorithm
+    from mpsearch.search.pareto import hypervolume
     from mpsearch.search.space import BoundSpace
     from mpsearch.zoo import get_baseline
 
@@ -204,8 +236,10 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
         if x is not None:
             initial.append(x)
             tags.append(f"uniform:w{w}a{a}")
+    weight_scores = None
     if config.sensitivity != "none":
-        for x, tag in _sensitivity_seeds(config, evaluator, space, quant, log, progress):
+        seeds, weight_scores = _sensitivity_seeds(config, evaluator, space, quant, log, progress)
+        for x, tag in seeds:
             if not any(np.array_equal(x, y) for y in initial):
                 initial.append(x)
                 tags.append(tag)
@@ -214,84 +248,33 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
         initial, tags = initial[: config.population_size], tags[: config.population_size]
     seed_tags = {tuple(int(v) for v in x): t for x, t in zip(initial, tags)}
 
-    algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
-                    population_size=config.population_size)
+    def costs_of(x: np.ndarray) -> np.ndarray:
+        """The cost objectives of ``x`` (computed, exact): what planning algorithms budget with."""
+        metrics = {f"rel_{k}": v for k, v in policy_costs(evaluator.cost_table, to_policy(x), profiles).relative().items()}
+        metrics["rel_energy"] = metrics[f"rel_energy:{profiles[0]}"]
+        return _objective_vector({"accuracy": 1.0, **metrics}, config.objectives)[1:]
+
     workers = default_workers(config.torch_threads) if config.workers == -1 else config.workers
     spec = WorkerSpec(model=config.model, dataset=config.dataset, checkpoint=str(checkpoint), data_dir=config.data_dir,
                       calibration_size=config.calibration_size, seed=config.seed, quant=quant.to_dict(),
                       profiles=profiles, torch_threads=config.torch_threads)
-    distributions = space.distributions()
-    records = _records_by_slot(study)
-    checkpoint = _SearchCheckpoint(out / CHECKPOINT_FILE, fresh=not recorded, log=log)
-    done = 0
-    generation = 0
-    front_F = np.zeros((0, len(config.objectives)))
-    ref = np.full(len(config.objectives), REF_POINT_PAD)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.budget, desc=f"{name}", unit="eval", disable=not progress, initial=min(recorded, config.budget))
+    records = _records_by_slot(study, default_run=methods[0].name)
     with create_executor(spec, workers, address=config.ray_address, evaluator=evaluator) as executor:
-        while done < config.budget:
-            xs = algorithm.ask()
-            batch = xs[: config.budget - done]
-            # Replay: a slot of this generation that the study already holds is reused, not re-run;
-            # its recorded policy must be the one the replayed search proposes.
-            stored = {slot: records.get((generation, slot)) for slot in range(len(batch))}
-            for slot, trial in stored.items():
-                if trial is not None and space.x_from_params(trial.params).tolist() != batch[slot].tolist():
-                    raise UserError(
-                        f"cannot resume study {name!r}: trial {trial.number} (generation {generation}, slot {slot}) holds "
-                        "another policy than the replayed search proposes (made by another mpsearch version or settings); "
-                        "start a new study with --name"
-                    )
-            todo = [slot for slot, trial in stored.items() if trial is None]
-            policies = {slot: to_policy(batch[slot]) for slot in todo}  # decoded once, for the task and the record
-
-            def record(slot: int, outcome, generation=generation, batch=batch, policies=policies) -> None:
-                x, policy = batch[slot], policies[slot]
-                key = tuple(int(v) for v in x)
-                attrs = {
-                    "method": seed_tags.get(key, config.algorithm) if generation == 0 else config.algorithm,
-                    "generation": generation, "slot": slot, "policy": policy.summary(), "wall_s": outcome.wall_s,
-                    "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
-                    "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in policy.layers.items()}),
-                    **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
-                }
-                if outcome.ok:
-                    trial = optuna.trial.create_trial(
-                        params=space.params(x), distributions=distributions,
-                        values=_study_values(outcome.metrics, config.objectives), user_attrs=attrs,
-                    )
-                else:
-                    trial = optuna.trial.create_trial(
-                        params=space.params(x), distributions=distributions, user_attrs={**attrs, "error": outcome.error},
-                        state=optuna.trial.TrialState.FAIL,
-                    )
-                study.add_trial(trial)
-                bar.update(1)
-
-            recorder = _InOrderRecorder(todo, record)
-            tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=config.eval_images) for slot in todo]
-            outcomes = {o.index: o for o in executor.map(tasks, on_done=recorder.done)}
-            F = np.zeros((len(batch), len(config.objectives)))
-            for slot in range(len(batch)):
-                if stored[slot] is not None:
-                    F[slot] = _objective_from_trial(stored[slot], config.objectives)
-                else:
-                    F[slot] = _objective_vector(outcomes[slot].metrics if outcomes[slot].ok else None, config.objectives)
-            if len(batch) == len(xs):
-                algorithm.tell(list(batch), F)
-                checkpoint.record(generation, algorithm.state(), name)
-            done += len(batch)
-            generation += 1
-            finite = np.vstack([front_F, F[np.isfinite(F).all(axis=1)]])
-            front_F = finite[non_dominated(finite)] if len(finite) else finite
-            hv = hypervolume(front_F, ref)
-            bar.set_postfix(front=len(front_F), hv=f"{hv:.4f}")
-        bar.close()
+        for method in methods:
+            algorithm = create_algorithm(method.algorithm)
+            context = SearchContext(costs_of, weight_scores, config.budget) if algorithm.needs_context else None
+            if algorithm.needs_context and weight_scores is None:
+                raise UserError(f"--algorithm {method.algorithm} allocates bits from sensitivity scores; "
+                                "use --sensitivity hessian (or empirical), not none")
+            algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
+                            population_size=config.population_size, context=context)
+            _search_run(method, algorithm, config=config, study=study, space=space, executor=executor, to_policy=to_policy,
+                        records=records, seed_tags=seed_tags, out=out, single=len(methods) == 1, progress=progress, log=log,
+                        full=min(config.eval_images, len(data.val)))
         if getattr(executor, "replaced", 0):
             log(f"{executor.replaced} worker(s) died during the search and were replaced; their evaluations were retried")
         search_s = time.perf_counter() - start
+        ref = np.full(len(config.objectives), REF_POINT_PAD)
         trials = load_trials(study)
         pareto = _remeasure_front(config, evaluator, executor, space, trials, to_policy, out, log, progress) if remeasure else None
     if pareto is not None and config.finetune_front:
@@ -304,22 +287,176 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, algorithm, space_def,
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), what="study config")
     atomic_write(out / "trials.csv", lambda f: trials.to_csv(f, index=False), what="trial table")
     atomic_write(out / "trials.parquet", lambda f: trials.to_parquet(f, index=False), binary=True, what="trial table")
+    if len(methods) > 1:
+        from mpsearch.compare import write_comparison
+
+        write_comparison(out, trials, config, machine=describe_machine())
     if pareto is None:
         log(f"study {name}: {len(trials)} trials, hypervolume {hv:.4f} on the search split, {wall / 60:.1f} min; "
             f"front not re-measured; outputs in {out}")
         return StudyResult(name, out, trials, None, hv, wall)
     atomic_write(out / PARETO_FILE, lambda f: pareto.to_csv(f, index=False), what="Pareto table")
+    from mpsearch.compare import proxy_kendall
     from mpsearch.report import plot_front, write_report
 
     plot_front(trials, pareto, config, out)
+    proxy = {config.sensitivity: proxy_kendall(full_fidelity(trials), weight_scores)} if weight_scores else {}
     write_report(
-        out, config=config, trials=trials, pareto=pareto, hypervolume=hv, ref_point=ref.tolist(),
+        out, config=config, trials=trials, pareto=pareto, hypervolume=hv, ref_point=ref.tolist(), proxies=proxy,
         wall_s=wall, search_s=search_s, machine=describe_machine(), versions=_versions(), workers=workers,
         storage=storage_url(config), baseline=baseline.meta, platform_=platform.platform(),
     )
     log(f"study {name}: {len(trials)} trials, front of {len(pareto)} points, hypervolume {hv:.4f}, "
         f"{wall / 60:.1f} min; outputs in {out}")
     return StudyResult(name, out, trials, pareto, hv, wall)
+
+
+def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space, executor, to_policy, records, seed_tags,
+                out: Path, single: bool, progress: bool, log: Callable[[str], None], full: int) -> None:
+    """Run one method to its budget (counted in full evaluations of ``full`` images) and record its trials.
+
+    Without multi-fidelity every candidate is measured on ``eval_images`` validation images and
+    recorded as soon as every earlier slot is. With it, a generation's candidates climb the
+    rungs of :func:`mpsearch.fidelity.rungs` (promotions: :class:`mpsearch.fidelity.Archive`) and
+    are recorded when the generation is done, each with the images it was measured on.
+    """
+    import optuna
+    from tqdm.auto import tqdm
+
+    from mpsearch.fidelity import Archive, pack_mask, rungs, unpack_mask
+    from mpsearch.runtime import EvalTask
+    from mpsearch.search.pareto import hypervolume, non_dominated
+
+    sizes = rungs(min(config.multi_fidelity_images, full), full) if method.multi_fidelity else [full]
+    distributions = space.distributions()
+    state_file = out / (CHECKPOINT_FILE if single else f"search_state.{method.name.replace('+', '-')}.json")
+    checkpoint = _SearchCheckpoint(state_file, fresh=not any(key[0] == method.name for key in records), log=log)
+    archive = Archive()
+    ref = np.full(len(config.objectives), REF_POINT_PAD)
+    front_F = np.zeros((0, len(config.objectives)))
+    spent = 0.0  # full-evaluation equivalents
+    generation = 0
+    label = config.study_name if single else f"{config.study_name} [{method.name}]"
+    bar = tqdm(total=config.budget, desc=label, unit="eval", disable=not progress)
+    while config.budget - spent > 1e-9 and not algorithm.exhausted:
+        xs = algorithm.ask()
+        affordable = int((config.budget - spent) * full / sizes[0] + 1e-9)  # every candidate pays the first rung
+        batch = xs[:affordable]
+        if not batch:
+            break
+        stored = {slot: records.get((method.name, generation, slot)) for slot in range(len(batch))}
+        for slot, trial in stored.items():
+            if trial is not None and space.x_from_params(trial.params).tolist() != batch[slot].tolist():
+                raise UserError(
+                    f"cannot resume study {config.study_name!r}: trial {trial.number} ({method.name}, generation {generation}, "
+                    f"slot {slot}) holds another policy than the replayed search proposes (made by another mpsearch version or "
+                    "settings); start a new study with --name"
+                )
+        todo = [slot for slot, trial in stored.items() if trial is None]
+        policies = {slot: to_policy(batch[slot]) for slot in todo}  # decoded once, for the task and the record
+
+        def record(slot: int, outcome, mask=None, generation=generation, batch=batch, policies=policies) -> None:
+            x, policy = batch[slot], policies[slot]
+            key = tuple(int(v) for v in x)
+            attrs = {
+                "method": seed_tags.get(key, method.name) if generation == 0 else method.name, "run": method.name,
+                "generation": generation, "slot": slot, "policy": policy.summary(), "wall_s": outcome.wall_s,
+                "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
+                "fidelity": outcome.images / full if outcome.ok else 1.0,
+                "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in policy.layers.items()}),
+                **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
+            }
+            if mask is not None:
+                attrs["mask"] = pack_mask(mask)
+            if outcome.ok:
+                trial = optuna.trial.create_trial(params=space.params(x), distributions=distributions,
+                                                  values=_study_values(outcome.metrics, config.objectives), user_attrs=attrs)
+            else:
+                trial = optuna.trial.create_trial(params=space.params(x), distributions=distributions,
+                                                  user_attrs={**attrs, "error": outcome.error}, state=optuna.trial.TrialState.FAIL)
+            study.add_trial(trial)
+            records[method.name, generation, slot] = trial
+
+        if method.multi_fidelity:
+            outcomes, masks = _climb_rungs(todo, policies, sizes, executor, archive, config, budget_left=config.budget - spent,
+                                           on_images=lambda n: bar.update(n / full), full=full)
+            for slot in todo:
+                record(slot, outcomes[slot], masks.get(slot))
+        else:
+            recorder = _InOrderRecorder(todo, lambda slot, outcome: (record(slot, outcome), bar.update(1)))
+            tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=full) for slot in todo]
+            outcomes = {o.index: o for o in executor.map(tasks, on_done=recorder.done)}
+        F = np.zeros((len(batch), len(config.objectives)))
+        for slot in range(len(batch)):
+            trial = records[method.name, generation, slot]
+            F[slot] = _objective_from_trial(trial, config.objectives)
+            fidelity = float(trial.user_attrs.get("fidelity", 1.0))  # failures count as a full evaluation
+            spent += fidelity
+            if slot not in todo:
+                bar.update(fidelity)
+            if method.multi_fidelity and trial.state.name == "COMPLETE" and fidelity >= 1.0:
+                archive.add(F[slot][1:], unpack_mask(trial.user_attrs["mask"], full))
+        if len(batch) == len(xs):
+            algorithm.tell(list(batch), F)
+            checkpoint.record(generation, algorithm.state(), config.study_name)
+        generation += 1
+        full_F = np.array([F[s] for s in range(len(batch))
+                           if float(records[method.name, generation - 1, s].user_attrs.get("fidelity", 1.0)) >= 1.0])
+        finite = np.vstack([front_F, full_F[np.isfinite(full_F).all(axis=1)]]) if len(full_F) else front_F
+        front_F = finite[non_dominated(finite)] if len(finite) else finite
+        bar.set_postfix(front=len(front_F), hv=f"{hypervolume(front_F, ref):.4f}")
+    bar.close()
+
+
+def _climb_rungs(todo: list[int], policies, sizes: list[int], executor, archive, config: StudyConfig, *, budget_left: float,
+                 on_images: Callable[[int], None], full: int) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Measure ``todo``'s candidates rung by rung; (final outcome, per-image mask) per slot.
+
+    Every candidate pays the first rung; promotions are taken in slot order while the budget
+    lasts. A final outcome carries the accuracy over every image the candidate was measured on.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from mpsearch.runtime import EvalTask
+
+    budget_left -= len(todo) * sizes[0] / full
+    outcomes: dict[int, Any] = {}
+    masks: dict[int, Any] = {}
+    walls: dict[int, float] = dict.fromkeys(todo, 0.0)
+    active = list(todo)
+    for r, size in enumerate(sizes):
+        first = sizes[r - 1] if r else 0
+        tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=size, start=first, keep_mask=True) for slot in active]
+        for outcome in executor.map(tasks, on_done=lambda o, n=size - first: on_images(n)):
+            slot = outcome.index
+            walls[slot] += outcome.wall_s
+            if not outcome.ok:
+                outcomes[slot] = outcome
+                masks.pop(slot, None)
+                continue
+            mask = outcome.mask() if slot not in masks else torch.cat([masks[slot], outcome.mask()])
+            masks[slot] = mask
+            metrics = dict(outcome.metrics, accuracy=float(mask.float().mean()))
+            outcomes[slot] = replace(outcome, metrics=metrics, images=len(mask), correct=int(mask.sum()),
+                                     wall_s=walls[slot], packed_mask=None)
+        if r == len(sizes) - 1:
+            break
+        step = (sizes[r + 1] - size) / full
+        promoted = []
+        for slot in active:
+            if not outcomes[slot].ok:
+                continue
+            costs = _objective_vector(outcomes[slot].metrics, config.objectives)[1:]
+            if archive.surely_dominated(costs, masks[slot]) or budget_left < step - 1e-9:
+                continue
+            budget_left -= step
+            promoted.append(slot)
+        active = promoted
+        if not active:
+            break
+    return outcomes, masks
 
 
 _FLAGS = {"population_size": "--population", "eval_images": "--eval-images", "torch_threads": "--threads",
@@ -377,8 +514,13 @@ def _existing_study(config: StudyConfig, space_def) -> tuple[Any, int]:
         raise UserError(f"study {name!r} exists with other settings ({conflict}); rerun with the study's settings to resume it "
                         f"(only {', '.join('--' + f.replace('_', '-') for f in RESUMABLE_FIELDS)} may change), "
                         "or start another study with --name")
-    if config.budget < recorded:
-        raise UserError(f"study {name!r} already holds {recorded} trials; pass --budget {recorded} or more to resume it")
+    used: dict[str, float] = {}  # full-evaluation equivalents per method
+    for t in study.trials:
+        run = str(t.user_attrs.get("run", config.algorithm))
+        used[run] = used.get(run, 0.0) + float(t.user_attrs.get("fidelity", 1.0))
+    most = max(used.values(), default=0.0)
+    if config.budget < most - 1e-9:
+        raise UserError(f"study {name!r} already used {most:g} evaluations; pass --budget {int(np.ceil(most - 1e-9))} or more to resume it")
     return study, recorded
 
 
@@ -409,15 +551,16 @@ def _record_settings(study, config: StudyConfig, space_def, baseline_sha256: str
     study.set_user_attr("baseline_sha256", baseline_sha256)
 
 
-def _records_by_slot(study) -> dict[tuple[int, int], Any]:
-    """The study's finished search trials keyed by (generation, slot in the generation's batch)."""
+def _records_by_slot(study, default_run: str) -> dict[tuple[str, int, int], Any]:
+    """The study's finished search trials keyed by (method, generation, slot in the generation's
+    batch); trials of studies made before methods were tagged belong to ``default_run``."""
     from optuna.trial import TrialState
 
-    out: dict[tuple[int, int], Any] = {}
+    out: dict[tuple[str, int, int], Any] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         attrs = trial.user_attrs
         if "generation" in attrs and "slot" in attrs:
-            out.setdefault((int(attrs["generation"]), int(attrs["slot"])), trial)
+            out.setdefault((str(attrs.get("run", default_run)), int(attrs["generation"]), int(attrs["slot"])), trial)
     return out
 
 
@@ -486,8 +629,9 @@ class _SearchCheckpoint:
         atomic_write_text(self.path, json.dumps(doc), what="search checkpoint")
 
 
-def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> list[tuple[np.ndarray, str]]:
-    """HAWQ-style weight allocations at a few average bit budgets, everything else at its top width.
+def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> tuple[list[tuple[np.ndarray, str]], dict | None]:
+    """HAWQ-style weight allocations at a few average bit budgets, everything else at its top
+    width, and the scores they came from ({(layer, bits): score}; planning algorithms use them).
 
     The allocation (greedy on HAWQ-V2 scores, see :func:`mpsearch.sensitivity.hawq_allocation`)
     covers the layers whose weight width is searched; pinned layers keep their pins.
@@ -500,7 +644,7 @@ def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> 
     free = [layer for g in weight_genes for layer in g.layers]
     choices = sorted({b for g in weight_genes for b in g.choices if b is not None})
     if not free or not choices:
-        return []
+        return [], None
     top = np.array([max(range(len(g.choices)), key=lambda i: g.choices[i] or 32) for g in space.genes])
     reference = space.decode(top)
     # Seeding needs a ranking of layers, not precise traces: 2 batches and at most 16 Hutchinson
@@ -534,7 +678,8 @@ def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> 
         x = space.encode(layers)
         if x is not None:  # None when a group's layers got different widths
             seeds.append((x, f"hawq:{budget:g}bit"))
-    return seeds
+    scores = {(str(n), int(b)): float(v) for n, b, v in df[["layer", "bits", "score"]].itertuples(index=False)}
+    return seeds, scores
 
 
 def load_trials(study) -> Any:
@@ -552,8 +697,17 @@ def load_trials(study) -> Any:
     return pd.DataFrame(rows)
 
 
-def _front_matrix(trials, objectives: tuple[str, ...]) -> np.ndarray:
+def full_fidelity(trials) -> Any:
+    """The completed trials measured on the whole search subset (multi-fidelity runs also record
+    candidates that stopped at a lower rung: noisier, and surely dominated when they stopped)."""
     ok = trials[trials["state"] == "COMPLETE"]
+    if "attr_fidelity" in ok:
+        ok = ok[ok["attr_fidelity"].isna() | (ok["attr_fidelity"].astype(float) >= 1.0)]
+    return ok
+
+
+def _front_matrix(trials, objectives: tuple[str, ...]) -> np.ndarray:
+    ok = full_fidelity(trials)
     if ok.empty:
         return np.zeros((0, len(objectives)))
     cols = []
@@ -616,11 +770,12 @@ def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out:
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from mpsearch.metrics import bootstrap_ci
     from mpsearch.policy import uniform_policy
     from mpsearch.runtime import EvalTask
     from mpsearch.search.pareto import non_dominated
 
-    ok = trials[trials["state"] == "COMPLETE"].reset_index(drop=True)
+    ok = full_fidelity(trials).reset_index(drop=True)
     if ok.empty:
         raise UserError("no trial produced a finite measurement; widen the search space (higher bit widths)")
     F = _front_matrix(trials, config.objectives)
@@ -682,6 +837,7 @@ def _remeasure_front(config, evaluator, executor, space, trials, to_policy, out:
             "search_accuracy": metrics["search_accuracy"],
             "val_accuracy": val.accuracy, "val_ci_low": val.accuracy_ci95[0], "val_ci_high": val.accuracy_ci95[1],
             "test_accuracy": test.accuracy, "test_ci_low": test.accuracy_ci95[0], "test_ci_high": test.accuracy_ci95[1],
+            **dict(zip(("test_boot_low", "test_boot_high"), bootstrap_ci(test_out.mask(), seed=config.seed))),
             "test_drop_pp": 100 * (test.drop or 0.0),
             "fp32_test_accuracy": test.fp32_accuracy,
             **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},

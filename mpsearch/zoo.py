@@ -179,13 +179,18 @@ def train_model(
     *,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Train ``model`` in place with ``recipe`` (SGD-Nesterov or AdamW, one-cycle LR, label smoothing)."""
+    """Train ``model`` in place with ``recipe`` (SGD-Nesterov or AdamW, one-cycle LR, label smoothing).
+
+    Batches and augmentation come from the CPU with the same seeds on every ``device``; the model
+    trains on ``device`` (bf16 autocast there too) and comes back on the CPU."""
+    device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format).train()
+    model.to(device=device, memory_format=memory_format).train()
     opt = _optimizer(model, recipe)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -195,14 +200,17 @@ def train_model(
     for epoch in range(recipe.epochs):
         size = recipe.image_size(epoch, info.image_size)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs} @{size}px", disable=not progress, leave=True)
-        seen = correct = 0
-        loss_sum = 0.0
-        for x, y in train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch):
+        seen = 0
+        # Running sums stay on the device: reading them every step would stall a GPU's queue.
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        for step, (x, y) in enumerate(train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch)):
             x = augment(x, recipe, fill, gen)
             if size != x.shape[-1]:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = x.contiguous(memory_format=memory_format)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -210,12 +218,13 @@ def train_model(
             opt.step()
             sched.step()
             seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach() * len(y)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if step % 10 == 0 or seen == len(train):
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
         bar.close()
-    model.to(memory_format=torch.contiguous_format).eval()
+    model.to(device="cpu", memory_format=torch.contiguous_format).eval()
     return model
 
 

@@ -1,50 +1,100 @@
-"""Search algorithms compared: hypervolume of each one's measured front, same budget, seed and
-reference point, and whether that front dominates the uniform policies.
+"""Does a search beat a rule? Every method on one study per seed, scored on what it measured.
 
-    python scripts/bench_search.py [--model resnet18] [--budget 200] [--seed 0] [--eval-images 400]
-                                   [--algorithms nsga2,optuna-nsga2,optuna-tpe,random] [--markdown FILE]
+    python scripts/bench_search.py [--model resnet18] [--budget 200] [--seeds 0,1,2]
+                                   [--methods nsga2+mf,random,ilp,greedy] [--markdown FILE] [--plot FILE]
 
-Every algorithm runs a full `mpsearch optimize` search (same search space, same first population
-of uniform and sensitivity-guided policies, same validation subset, every candidate measured)
-and is scored on what it measured: the hypervolume of its non-dominated set of
-(1 - accuracy, relative energy) against the reference point (1, 1), i.e. 0 % accuracy at fp32
-energy. The uniform policies are measured in every study, so "dominates" is strict: another
-policy of the front is at least as accurate and at most as costly, and better in one of the two.
-The Pareto re-measurement on full splits is skipped here (it does not depend on the algorithm).
+Per seed, one study (`mpsearch compare`) runs every method with the same budget (full evaluations
+on the search subset; a multi-fidelity candidate counts the images it used), the same first
+population of uniform and sensitivity-guided policies, and the same validation subset. Each
+method is scored by the hypervolume of its measured front (1 - accuracy, relative energy)
+against the reference point (1, 1), i.e. 0 % accuracy at fp32 energy, and by whether that front
+strictly dominates every uniform policy. The Pareto re-measurement on the full splits is
+skipped (it does not depend on the method). Then, on the first seed's study:
+
+- proxy validation: Kendall tau between each sensitivity proxy's predicted ordering of the
+  measured trials and their measured accuracy;
+- the evaluation-cost ratio of the activation-prefix cache: the nsga2+mf trials re-measured in
+  the order they ran (one torch thread, like a worker), with the cache over without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
+from mpsearch.compare import method_scores, plot_methods, proxy_kendall
 from mpsearch.config import StudyConfig
+from mpsearch.fidelity import rungs
 from mpsearch.machine import describe_machine
-from mpsearch.search.pareto import dominates, hypervolume, non_dominated
-from mpsearch.study import REF_POINT_PAD, optimize, study_dir
+from mpsearch.study import REF_POINT_PAD, full_fidelity, optimize, study_dir
 
 
-def score(trials, objectives: tuple[str, ...]) -> dict:
-    """Hypervolume and uniform-policy dominance of one study's measured trials."""
-    ok = trials[trials["state"] == "COMPLETE"]
-    F = np.stack([1.0 - ok["value_accuracy"].to_numpy(dtype=float)]
-                 + [ok[f"value_{o}"].to_numpy(dtype=float) for o in objectives[1:]], axis=1)
-    front = F[non_dominated(F)]
-    methods = ok["attr_method"].astype(str).to_numpy()
-    uniform = {m.split(":", 1)[1].upper(): F[i] for i, m in enumerate(methods) if m.startswith("uniform:")}
-    beaten = {name: bool(any(dominates(f, u) for f in front)) for name, u in uniform.items()}
-    best = ok.loc[ok["value_accuracy"].idxmax()]
-    return {
-        "hv": hypervolume(front, np.full(len(objectives), REF_POINT_PAD)),
-        "front": len(front),
-        "beaten": beaten,
-        "best_accuracy": float(best["value_accuracy"]),
-        "trials": len(trials),
-    }
+def mean_std(values: list[float], fmt: str = ".4f") -> str:
+    spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):{fmt}}{spread}"
+
+
+def proxy_table(config: StudyConfig, trials) -> list[tuple[str, float, float, int]]:
+    """Kendall tau of the hessian and empirical proxies over the study's full-fidelity trials."""
+    import torch
+
+    from mpsearch.config import QuantConfig
+    from mpsearch.data import load_dataset
+    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity
+    from mpsearch.zoo import get_baseline
+
+    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
+    baseline = get_baseline(config.model, data, seed=config.seed, log=lambda m: None)
+    # the searched layers in gene order, as the study asked for them (so the study's Hessian comes from the cache)
+    layers = [c[len("param_w:"):] for c in trials.columns if c.startswith("param_w:")]
+    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    ok = full_fidelity(trials)
+    rows = []
+    torch.set_num_threads(2)
+    for estimator, extra in (("hessian", {"batches": 2, "max_probes": 16}), ("empirical", {})):
+        scfg = SensitivityConfig(estimator=estimator, bits=(2, 3, 4, 5, 6, 8), seed=config.seed, **extra)
+        df = compute_sensitivity(baseline.model, layers, data.calibration, scfg, quant=quant,
+                                 checkpoint_sha256=baseline.sha256, progress=False)
+        scores = {(str(n), int(b)): float(s) for n, b, s in df[["layer", "bits", "score"]].itertuples(index=False)}
+        rows.append((estimator, *proxy_kendall(ok, scores)))
+    return rows
+
+
+def cache_ratio(config: StudyConfig, trials, limit: int) -> tuple[float, float, int, float]:
+    """(seconds with the cache, seconds without, policies, stages reused / stages in all)."""
+    import torch
+
+    from mpsearch.config import QuantConfig
+    from mpsearch.data import load_dataset
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.policy import LayerPrecision, Policy
+    from mpsearch.zoo import get_baseline
+
+    torch.set_num_threads(config.torch_threads)
+    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
+    baseline = get_baseline(config.model, data, seed=config.seed, log=lambda m: None)
+    run = trials[trials["attr_run"] == trials["attr_run"].iloc[0]].head(limit)
+    policies = [Policy(model=config.model, dataset=data.info.name, checkpoint_sha256=baseline.sha256,
+                       layers={n: LayerPrecision(w, a) for n, (w, a) in json.loads(row["attr_layers"]).items()})
+                for _, row in run.iterrows()]
+    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    seconds = {}
+    for cached in (False, True):
+        ev = Evaluator(baseline, data, quant=quant, prefix_cache=cached)
+        ev.calibrate()
+        for p in policies:  # weights quantized outside the timed region: both runs see a warm weight cache
+            ev.qmodel.apply(p)
+        start = time.perf_counter()
+        for p, (_, row) in zip(policies, run.iterrows()):
+            ev.quantized_mask(p, "val", limit=int(row["attr_images"]))
+        seconds[cached] = time.perf_counter() - start
+        if cached:
+            reuse = ev.prefix_cache.stages_reused / max(1, ev.prefix_cache.stages_reused + ev.prefix_cache.stages_run)
+    return seconds[True], seconds[False], len(policies), reuse
 
 
 def main() -> None:
@@ -52,54 +102,93 @@ def main() -> None:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--budget", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default="nsga2+mf,random,ilp,greedy")
     ap.add_argument("--population", type=int, default=20)
-    ap.add_argument("--eval-images", type=int, default=StudyConfig.eval_images, help="validation images per evaluation (the study default)")
+    ap.add_argument("--eval-images", type=int, default=StudyConfig.eval_images)
     ap.add_argument("--workers", type=int, default=-1)
-    ap.add_argument("--algorithms", default="nsga2,optuna-nsga2,optuna-tpe,random")
+    ap.add_argument("--cache-policies", type=int, default=60, help="policies re-measured for the prefix-cache ratio")
     ap.add_argument("--out-root", default="studies/bench-search", help="where the benchmark's studies go (replaced)")
-    ap.add_argument("--markdown", default=None, help="also write the result table to this Markdown file")
+    ap.add_argument("--markdown", default=None, help="also write the result tables to this Markdown file")
+    ap.add_argument("--plot", default=None, help="also write the first seed's fronts to this PNG")
     args = ap.parse_args()
 
     machine = describe_machine()  # before the studies pin this process to their per-worker threads
-    rows = []
-    for algorithm in args.algorithms.split(","):
-        config = StudyConfig(
-            name=f"{args.model}-{algorithm}-b{args.budget}-s{args.seed}", model=args.model, dataset=args.dataset,
-            seed=args.seed, budget=args.budget, algorithm=algorithm, population_size=args.population,
-            eval_images=args.eval_images, workers=args.workers, out_root=args.out_root,
-        )
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    per_seed = []
+    studies = []
+    for seed in seeds:
+        config = StudyConfig(name=f"bench-{args.model}-b{args.budget}-s{seed}", model=args.model, dataset=args.dataset,
+                             seed=seed, budget=args.budget, algorithm=args.methods, population_size=args.population,
+                             eval_images=args.eval_images, workers=args.workers, out_root=args.out_root)
         folder = study_dir(config)
         if folder.exists():  # the benchmark owns its folder: always a fresh study
             shutil.rmtree(folder)
         start = time.perf_counter()
         result = optimize(config, remeasure=False, log=lambda m: None)
-        rows.append({"algorithm": algorithm, "wall_s": time.perf_counter() - start,
-                     **score(result.trials, config.objectives)})
-        r = rows[-1]
-        print(f"{algorithm:13s} hypervolume {r['hv']:.4f}  front {r['front']:3d}  "
-              f"dominates {sum(r['beaten'].values())}/{len(r['beaten'])} uniform  ({r['wall_s'] / 60:.1f} min)", flush=True)
+        scores = method_scores(result.trials, config.objectives, REF_POINT_PAD).set_index("method")
+        per_seed.append(scores)
+        studies.append((config, result.trials))
+        print(f"seed {seed} ({(time.perf_counter() - start) / 60:.1f} min): " + ", ".join(
+            f"{m} {scores.loc[m, 'hypervolume']:.4f}" for m in methods), flush=True)
 
-    uniform_names = list(rows[0]["beaten"]) if rows else []
+    uniform_cols = [c for c in per_seed[0].columns if c.startswith("dominates_")]
+    random_hv = [s.loc["random", "hypervolume"] for s in per_seed] if "random" in methods else None
     lines = [
-        f"{args.model} on {args.dataset}: budget {args.budget} evaluations, seed {args.seed}, population {args.population}, "
-        f"first {args.eval_images} validation images per evaluation; objectives 1 - accuracy and relative energy "
-        f"(horowitz45nm), reference point ({REF_POINT_PAD:g}, {REF_POINT_PAD:g}).",
+        f"{args.model} on {args.dataset}: budget {args.budget} full evaluations per method ({args.eval_images} validation "
+        f"images each; multi-fidelity rungs {'/'.join(map(str, rungs(min(StudyConfig.multi_fidelity_images, args.eval_images), args.eval_images)))}), population {args.population}, seeds {args.seeds}; objectives "
+        f"1 - accuracy and relative energy (horowitz45nm), hypervolume reference point ({REF_POINT_PAD:g}, {REF_POINT_PAD:g}). "
+        "Mean ± std over seeds.",
         "",
-        "| algorithm | hypervolume | front size | best accuracy | " + " | ".join(f"dominates {u}" for u in uniform_names)
-        + " | wall time |",
-        "|---|---|---|---|" + "---|" * len(uniform_names) + "---|",
+        "| method | hypervolume | vs random | front size | candidates measured | evaluations used | best accuracy | "
+        "front dominates every uniform policy | evaluation time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        marks = " | ".join("yes" if r["beaten"].get(u) else "no" for u in uniform_names)
-        lines.append(f"| {r['algorithm']} | {r['hv']:.4f} | {r['front']} | {100 * r['best_accuracy']:.2f}% | {marks} | "
-                     f"{r['wall_s'] / 60:.1f} min |")
-    lines += ["", f"Measured by `python scripts/bench_search.py` on {machine}; each evaluation on a worker with one torch thread."]
+    for m in methods:
+        hv = [s.loc[m, "hypervolume"] for s in per_seed]
+        ratio = mean_std([h / r for h, r in zip(hv, random_hv)], ".3f") if random_hv else "-"
+        beats = sum(all(bool(s.loc[m, c]) for c in uniform_cols) for s in per_seed)
+        wall = [float(t[t["attr_run"] == m]["attr_wall_s"].sum()) / 60 for _, t in studies]
+        lines.append(
+            f"| {m} | {mean_std(hv)} | {ratio} | {mean_std([float(s.loc[m, 'front']) for s in per_seed], '.1f')} | "
+            f"{mean_std([float(s.loc[m, 'candidates']) for s in per_seed], '.0f')} | "
+            f"{mean_std([float(s.loc[m, 'evaluations']) for s in per_seed], '.0f')} | "
+            f"{mean_std([100 * float(s.loc[m, 'best_accuracy']) for s in per_seed], '.2f')}% | {beats}/{len(per_seed)} seeds | "
+            f"{mean_std(wall, '.1f')} min |")
+    lead = methods[0]
+    checks = []
+    if random_hv:
+        ratios = [s.loc[lead, "hypervolume"] / s.loc["random", "hypervolume"] for s in per_seed]
+        checks.append(f"HV({lead}) / HV(random): {mean_std(ratios, '.3f')} (target >= 1.03): "
+                      f"{'met' if statistics.fmean(ratios) >= 1.03 else 'NOT met'}")
+    if "ilp" in methods:
+        ahead = [s.loc[lead, "hypervolume"] >= s.loc["ilp", "hypervolume"] for s in per_seed]
+        checks.append(f"HV({lead}) >= HV(ilp) on {sum(ahead)}/{len(ahead)} seeds")
+    dominated = [all(bool(s.loc[lead, c]) for c in uniform_cols) for s in per_seed]
+    checks.append(f"{lead}'s front dominates every uniform policy ({', '.join(c.split('_', 1)[1] for c in uniform_cols)}) "
+                  f"on {sum(dominated)}/{len(dominated)} seeds")
+
+    config0, trials0 = studies[0]
+    with_cache, without, n, reuse = cache_ratio(config0, trials0, args.cache_policies)
+    checks.append(f"evaluation-cost ratio with the activation-prefix cache: {with_cache / without:.3f} "
+                  f"({with_cache:.1f} s vs {without:.1f} s for the first {n} {trials0['attr_run'].iloc[0]} trials of seed {seeds[0]}, "
+                  f"in the order they ran, one torch thread; {100 * reuse:.0f} % of stage passes reused)")
+    proxies = proxy_table(config0, trials0)
+    lines += ["", *[f"- {c}" for c in checks], "",
+              f"Sensitivity proxies against the {len(full_fidelity(trials0))} full-fidelity trials of seed {seeds[0]} "
+              "(Kendall tau-b between minus the summed per-layer weight scores and measured accuracy):", "",
+              "| proxy | Kendall tau | p-value | trials |", "|---|---|---|---|",
+              *[f"| {name} | {tau:.3f} | {p:.2g} | {k} |" for name, tau, p, k in proxies],
+              "", f"Measured by `python scripts/bench_search.py` on {machine}; each evaluation on a worker with one torch thread."]
     text = "\n".join(lines)
     print()
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    if args.plot:
+        plot_methods(trials0, config0, Path(args.plot),
+                     title=f"{args.model} on {args.dataset}: measured fronts, budget {args.budget}, seed {seeds[0]}")
 
 
 if __name__ == "__main__":

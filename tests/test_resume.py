@@ -174,7 +174,8 @@ def test_a_policy_with_nan_outputs_is_a_failed_trial_and_the_study_goes_on(tmp_p
         """The model really outputs NaN when any layer has 2-bit weights (as an overflow would)."""
         if not any(p.weight_bits == 2 for p in policy.layers.values()):
             return real(self, policy, *args, **kwargs)
-        hook = self.qmodel.module.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+        last = self.qmodel.module.get_submodule(self.qmodel.policy_layers[-1])  # the classifier: every forward path runs it
+        hook = last.register_forward_hook(lambda module, inputs, output: output * float("nan"))
         try:
             return real(self, policy, *args, **kwargs)
         finally:

@@ -1,4 +1,4 @@
-"""The search-algorithm contract, shared by every registered algorithm, and the Pareto tools."""
+"""The search-algorithm contracts (population searches; planning algorithms) and the Pareto tools."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from mpsearch.errors import UserError
 from mpsearch.policy import LayerPrecision
 from mpsearch.search import ALGORITHMS, create_algorithm
-from mpsearch.search.base import SearchAlgorithm
+from mpsearch.search.base import SearchAlgorithm, SearchContext
 from mpsearch.search.pareto import dominates, hypervolume, knee_point, non_dominated
 from mpsearch.search.space import BoundSpace, SearchSpace
 
@@ -61,12 +61,16 @@ def run(
     return batches, algo
 
 
-ALL = ALGORITHMS.names()
+# Population searches propose full batches forever; planning algorithms (ilp, greedy) propose a
+# finite plan from a SearchContext and have their own contract below.
+ALL = [n for n in ALGORITHMS.names() if ALGORITHMS.get(n).fixed_batch]
+PLANNERS = [n for n in ALGORITHMS.names() if n not in ALL]
 
 
 def test_registry():
     assert set(ALL) >= {"nsga2", "optuna-nsga2", "optuna-tpe", "random"}
-    for name in ALL:
+    assert set(PLANNERS) >= {"ilp", "greedy"}
+    for name in ALL + PLANNERS:
         assert create_algorithm(name).name == name
     with pytest.raises(UserError, match=r"unknown search algorithm 'nsga3'; choose one of nsga2, "):
         create_algorithm("nsga3")
@@ -156,6 +160,84 @@ def test_contract_protocol_errors(name):
     algo.tell(xs, objectives(xs))
     with pytest.raises(RuntimeError, match="ask"):
         algo.tell(xs, objectives(xs))
+
+
+# -- the planning contract ------------------------------------------------------------------------------
+def _context(budget: int = 40) -> SearchContext:
+    def costs(x):
+        return objectives([x])[0][:1]  # the energy of the toy problem
+
+    # Hessian-like scores: the accuracy the toy problem loses at each weight width
+    scores = {(name, b): float(SENS[i, 0] * np.exp(-(b - 1.0) / 2.0))
+              for i, name in enumerate(SPACE.free_layers) for b in (2, 3, 4, 5, 6, 8)}
+    return SearchContext(costs=costs, weight_scores=scores, budget=budget)
+
+
+def plan(name: str, *, seed: int = 0, initial=(), budget: int = 40, fail=None) -> tuple[list[list[np.ndarray]], SearchAlgorithm]:
+    """Drive a planner to exhaustion like the study driver does; returns every batch asked."""
+    algo = create_algorithm(name)
+    algo.setup(SPACE, n_objectives=2, seed=seed, initial=list(initial), population_size=POP, context=_context(budget))
+    batches = []
+    while not algo.exhausted:
+        xs = algo.ask()
+        F = objectives(xs)
+        if fail is not None:
+            F[fail(len(batches), len(xs))] = np.inf
+        algo.tell(xs, F)
+        batches.append(xs)
+    return batches, algo
+
+
+@pytest.mark.parametrize("name", PLANNERS)
+def test_planner_contract_budget_batches_and_initial_first(name):
+    initial = [SPACE.uniform(8, 8), SPACE.uniform(4, 4), SPACE.uniform(8, 8)]
+    batches, algo = plan(name, initial=initial, budget=30)
+    proposed = [x for xs in batches for x in xs]
+    assert 4 <= len(proposed) <= 30
+    assert np.array_equal(proposed[0], initial[0]) and np.array_equal(proposed[1], initial[1])
+    assert len({tuple(x) for x in proposed}) == len(proposed)  # a plan never proposes a policy twice
+    assert all(1 <= len(xs) <= POP for xs in batches)
+    for x in proposed:
+        assert x.dtype == np.int64 and x.shape == (SPACE.n_var,) and np.all(x >= SPACE.xl) and np.all(x <= SPACE.xu)
+    with pytest.raises(RuntimeError, match="used up"):
+        algo.ask()
+
+
+@pytest.mark.parametrize("name", PLANNERS)
+def test_planner_contract_deterministic_json_state_and_failures(name):
+    import json
+
+    fail = lambda gen, n: [0] if gen == 1 else []  # noqa: E731
+    a, first = plan(name, fail=fail)
+    b, again = plan(name, fail=fail)
+    assert all(np.array_equal(x, y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)) and len(a) == len(b)
+    assert json.loads(json.dumps(first.state(), allow_nan=False)) == first.state() == again.state()
+    everything_fails, _ = plan(name, fail=lambda gen, n: np.ones(n, dtype=bool))
+    assert everything_fails  # still a valid plan
+
+
+@pytest.mark.parametrize("name", PLANNERS)
+def test_planner_contract_front_beats_its_start(name):
+    batches, _ = plan(name, budget=40)
+    proposed = [x for xs in batches for x in xs]
+    hv = hypervolume(objectives(proposed), REF)
+    assert hv > hypervolume(objectives(proposed[:1]), REF)
+    assert len(non_dominated(objectives(proposed))) >= 3  # a plan spreads along the energy axis
+
+
+@pytest.mark.parametrize("name", PLANNERS)
+def test_planner_contract_protocol_errors(name):
+    algo = create_algorithm(name)
+    with pytest.raises(RuntimeError, match="setup"):
+        algo.ask()
+    with pytest.raises(ValueError, match="SearchContext"):
+        algo.setup(SPACE, n_objectives=2, seed=0, population_size=POP)
+    algo.setup(SPACE, n_objectives=2, seed=0, population_size=POP, context=_context())
+    xs = algo.ask()
+    with pytest.raises(RuntimeError, match="tell"):
+        algo.ask()
+    with pytest.raises(ValueError, match="same order"):
+        algo.tell(xs[::-1], objectives(xs[::-1]))
 
 
 LEARNERS = ("nsga2", "optuna-nsga2", "optuna-tpe")

@@ -13,7 +13,7 @@ when an algorithm is set up.
 from __future__ import annotations
 
 # Importing the algorithm modules registers them (their heavy imports are deferred to setup()).
-from mpsearch.search import nsga2, optuna_samplers, random_search  # noqa: F401
+from mpsearch.search import nsga2, optuna_samplers, planning, random_search  # noqa: F401
 from mpsearch.search.base import ALGORITHMS, SearchAlgorithm, create_algorithm, register_algorithm
 from mpsearch.search.pareto import dominates, hypervolume, knee_point, non_dominated
 from mpsearch.search.space import BoundSpace, Gene, SearchSpace, available_spaces, default_space_for

@@ -9,12 +9,18 @@ so a study resumes by replaying its record.
 
 New algorithms subclass :class:`SearchAlgorithm`, implement ``_setup``/``_ask``/``_tell`` and
 register with :func:`register_algorithm`; the shared contract test then covers them.
+
+Planning algorithms (the HAWQ-V3 ILP, the greedy bit lowering) build a finite list of policies
+from sensitivity scores and exact costs rather than breeding a population. They declare
+``needs_context`` (the driver passes a :class:`SearchContext`), may ask for smaller batches
+(``fixed_batch = False``) and say when their plan is used up (:attr:`~SearchAlgorithm.exhausted`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -24,6 +30,7 @@ from mpsearch.search.space import BoundSpace
 
 __all__ = [
     "SearchAlgorithm",
+    "SearchContext",
     "ALGORITHMS",
     "register_algorithm",
     "create_algorithm",
@@ -34,6 +41,23 @@ __all__ = [
 ]
 
 A = TypeVar("A", bound="type[SearchAlgorithm]")
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What planning algorithms know beyond the space: exact costs and per-layer sensitivity.
+
+    ``costs(x)`` returns the cost objectives of vector ``x`` (relative energy, size ...: the
+    objectives after accuracy, in order); they are computed, not measured, and exact.
+    ``weight_scores`` maps (layer, weight bits) to the sensitivity score of quantizing that
+    layer's weights to that width (HAWQ's perturbation: Hessian trace x squared weight error);
+    ``None`` when the study computed no sensitivity. ``budget`` is how many evaluations the
+    algorithm may propose in all, initial vectors included.
+    """
+
+    costs: Callable[[np.ndarray], np.ndarray]
+    weight_scores: Mapping[tuple[str, int], float] | None
+    budget: int
 
 
 class SearchAlgorithm(ABC):
@@ -47,6 +71,8 @@ class SearchAlgorithm(ABC):
     """
 
     name: ClassVar[str]
+    needs_context: ClassVar[bool] = False  # setup() requires a SearchContext
+    fixed_batch: ClassVar[bool] = True  # every batch holds exactly population_size vectors
 
     def __init__(self) -> None:
         self._space: BoundSpace | None = None
@@ -67,8 +93,11 @@ class SearchAlgorithm(ABC):
         seed: int,
         initial: Sequence[np.ndarray] = (),
         population_size: int = 20,
+        context: SearchContext | None = None,
     ) -> None:
         """Start a fresh search over ``space``; ``initial`` vectors (uniform, sensitivity-guided) come first."""
+        if self.needs_context and context is None:
+            raise ValueError(f"{type(self).__name__} plans from sensitivity and costs: pass a SearchContext")
         if isinstance(n_objectives, bool) or not isinstance(n_objectives, int) or n_objectives < 1:
             raise ValueError(f"n_objectives must be a positive integer, got {n_objectives!r}")
         if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
@@ -87,15 +116,25 @@ class SearchAlgorithm(ABC):
         self.population_size = population_size
         self._pending = None
         self.n_batches = 0
+        self.context = context
         self._setup(unique)
+
+    @property
+    def exhausted(self) -> bool:
+        """True when the algorithm has nothing left to propose (planning algorithms); the driver stops."""
+        return False
 
     def ask(self) -> list[np.ndarray]:
         """The next batch of int64 vectors within ``[xl, xu]``; tell its results before asking again."""
         space = self.space
         if self._pending is not None:
             raise RuntimeError(f"{type(self).__name__}: tell() the results of the last batch before asking again")
+        if self.exhausted:
+            raise RuntimeError(f"{type(self).__name__}: its plan is used up; check exhausted before ask()")
         xs = self._ask()
-        if len(xs) != self.population_size:
+        if not self.fixed_batch and 1 <= len(xs) <= self.population_size:
+            pass
+        elif len(xs) != self.population_size:
             raise RuntimeError(f"{type(self).__name__} proposed {len(xs)} vectors, not population_size={self.population_size}")
         batch = []
         for x in xs:

@@ -1,0 +1,148 @@
+"""Methods compared on one study: each method's measured front, its hypervolume, what it cost.
+
+Every method of a study (``mpsearch compare``, or ``optimize --algorithm a,b``) tags its trials
+with its name (user attribute ``run``). A method is scored only on what it measured at full
+search fidelity: the hypervolume of its non-dominated (1 - accuracy, costs) points against one
+reference point shared by all methods, the evaluations it used (full-evaluation equivalents),
+and whether its front strictly dominates each uniform policy it measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpsearch.config import OBJECTIVES, StudyConfig
+from mpsearch.files import atomic_write, atomic_write_text
+
+__all__ = ["method_scores", "plot_methods", "comparison_markdown", "objective_matrix", "proxy_kendall", "write_comparison"]
+
+
+def objective_matrix(rows, objectives: tuple[str, ...]) -> np.ndarray:
+    """The minimised objectives of trial rows: 1 - accuracy, then the relative costs."""
+    cols = []
+    for name in objectives:
+        values = rows[f"value_{name}"].to_numpy(dtype=float)
+        cols.append(1.0 - values if OBJECTIVES[name][0] == "maximize" else values)
+    return np.stack(cols, axis=1) if len(rows) else np.zeros((0, len(objectives)))
+
+
+def _runs(trials) -> list[str]:
+    if "attr_run" not in trials:
+        return []
+    return list(dict.fromkeys(trials["attr_run"].dropna().astype(str)))
+
+
+def method_scores(trials, objectives: tuple[str, ...], ref_point: float = 1.0) -> Any:
+    """One row per method: hypervolume, front size, evaluations used, best accuracy, uniform dominance."""
+    import pandas as pd
+
+    from mpsearch.search.pareto import dominates, hypervolume, non_dominated
+    from mpsearch.study import full_fidelity
+
+    rows = []
+    for run in _runs(trials):
+        mine = trials[trials["attr_run"].astype(str) == run]
+        ok = full_fidelity(mine)
+        F = objective_matrix(ok, objectives)
+        front = F[non_dominated(F)] if len(F) else F
+        methods = ok["attr_method"].astype(str).to_numpy()
+        uniform = {m.split(":", 1)[1].upper(): F[i] for i, m in enumerate(methods) if m.startswith("uniform:")}
+        used = mine["attr_fidelity"].fillna(1.0).astype(float).sum() if "attr_fidelity" in mine else float(len(mine))
+        rows.append({
+            "method": run,
+            "hypervolume": hypervolume(front, np.full(len(objectives), ref_point)),
+            "front": len(front),
+            "candidates": len(mine),
+            "evaluations": float(used),
+            "best_accuracy": float(ok["value_accuracy"].max()) if len(ok) else float("nan"),
+            **{f"dominates_{name}": bool(any(dominates(f, u) for f in front)) for name, u in uniform.items()},
+        })
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(scores, *, caption: str) -> str:
+    """The per-method table as Markdown."""
+    uniform = [c for c in scores.columns if c.startswith("dominates_")]
+    head = ["method", "hypervolume", "front size", "candidates", "evaluations", "best accuracy"] + [
+        f"dominates {c.split('_', 1)[1]}" for c in uniform]
+    lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in scores.iterrows():
+        marks = ["yes" if r[c] else "no" for c in uniform]
+        lines.append(f"| {r['method']} | {r['hypervolume']:.4f} | {r['front']} | {r['candidates']} | {r['evaluations']:.0f} | "
+                     f"{100 * r['best_accuracy']:.2f}% | " + " | ".join(marks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(trials, config: StudyConfig, path: Path, *, title: str | None = None) -> None:
+    """One plot, every method's measured front as a staircase (search split, full fidelity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mpsearch.search.pareto import non_dominated
+    from mpsearch.study import full_fidelity
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for run in _runs(trials):
+        ok = full_fidelity(trials[trials["attr_run"].astype(str) == run])
+        F = objective_matrix(ok, config.objectives)
+        if not len(F):
+            continue
+        front = F[non_dominated(F)]
+        front = front[np.argsort(front[:, 1], kind="stable")]
+        ax.step(front[:, 1], 100 * (1 - front[:, 0]), where="post", marker="o", ms=3, label=f"{run} ({len(front)} points)")
+    uniform = full_fidelity(trials)
+    uniform = uniform[uniform["attr_method"].astype(str).str.startswith("uniform:")].drop_duplicates("attr_method")
+    for _, row in uniform.iterrows():
+        x, y = row[f"value_{config.objectives[1]}"], 100 * row["value_accuracy"]
+        ax.scatter(x, y, marker="s", s=36, edgecolor="black", facecolor="none", zorder=5)
+        ax.annotate(str(row["attr_method"]).split(":")[1].upper(), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel(f"{config.objectives[1]} relative to fp32" + (f" ({config.energy_profile})" if config.objectives[1] == "energy" else ""))
+    ax.set_ylabel("top-1 accuracy on the search subset (%)")
+    ax.set_title(title or f"{config.model} on {config.dataset}: budget {config.budget}, seed {config.seed}", fontsize=9)
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True, what="plot")
+    plt.close(fig)
+
+
+def write_comparison(out: Path, trials, config: StudyConfig, *, machine: str) -> Any:
+    """compare.md and compare.png in the study folder; returns the score table."""
+    from mpsearch.study import REF_POINT_PAD
+
+    scores = method_scores(trials, config.objectives, REF_POINT_PAD)
+    caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {config.budget} full evaluations per method "
+               f"({config.eval_images} validation images each), objectives 1 - accuracy and {', '.join(config.objectives[1:])} "
+               f"relative to fp32, hypervolume reference point ({', '.join(['1'] * len(config.objectives))}). Measured on {machine}.")
+    atomic_write_text(out / "compare.md", comparison_markdown(scores, caption=caption), what="comparison table")
+    plot_methods(trials, config, out / "compare.png")
+    return scores
+
+
+def proxy_kendall(trials, scores: dict[tuple[str, int], float]) -> tuple[float, float, int]:
+    """Kendall tau-b (and its p-value, and the number of trials) between a sensitivity proxy's
+    prediction for each trial (minus the summed scores of its layers' weight widths; float
+    layers score 0) and the trial's measured accuracy."""
+    import json
+
+    from scipy.stats import kendalltau
+
+    predicted, measured = [], []
+    for _, row in trials.iterrows():
+        layers = json.loads(row["attr_layers"])
+        total = 0.0
+        for name, (weight_bits, _) in layers.items():
+            if weight_bits is not None and (name, int(weight_bits)) in scores:
+                total += scores[name, int(weight_bits)]
+        predicted.append(-total)
+        measured.append(float(row["value_accuracy"]))
+    if len(measured) < 3:
+        return float("nan"), float("nan"), len(measured)
+    result = kendalltau(predicted, measured)
+    return float(result.statistic), float(result.pvalue), len(measured)

@@ -1,0 +1,247 @@
+"""Rule-based baselines measured in the same study as the search: HAWQ-V3's integer linear program
+and AIMET-style greedy bit lowering.
+
+Both reason over *units*: a weight gene together with the activation genes of the same layers.
+A unit's options are its weight widths; the layer inputs follow the weight width (the smallest
+activation choice at or above it, the widest for float weights), as in HAWQ-V3, where a layer's
+weights and inputs share one precision. Genes outside every unit (activation genes of layers
+whose weights are pinned, attention matmuls) stay at their widest choice. Unit costs are exact:
+energy, size and BOPs add up over layers and units cover disjoint layers, so a unit's cost is the
+change of the vector's cost when only its genes move away from the all-widest vector.
+
+- ``ilp`` (Yao et al., HAWQ-V3, ICML 2021): minimise the summed Hessian perturbation
+  (:class:`SearchContext` ``weight_scores``) subject to the first cost objective (energy) staying
+  under a budget, at evenly spaced budgets between the cheapest and the widest policy; one
+  ``scipy.optimize.milp`` solve per budget; every distinct solution is measured.
+- ``greedy`` (AIMET's automatic mixed precision): measure each unit's accuracy drop at its
+  lower widths with everything else at the widest (phase 1), then walk from the widest policy
+  lowering, one step at a time, the unit whose next width costs the least measured accuracy per
+  unit of energy saved; the policies along the walk are measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpsearch.search.base import SearchAlgorithm, register_algorithm
+from mpsearch.search.space import BoundSpace
+
+__all__ = ["Unit", "plan_units", "IntegerLinearProgram", "GreedyLowering"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A weight gene and the activation genes that follow its width; ``settings[k]`` is the
+    (gene index -> choice index) assignment of the unit's ``k``-th weight width (widest last)."""
+
+    weight_gene: int
+    layers: tuple[str, ...]
+    bits: tuple[int | None, ...]  # the weight width of each option, narrowest first
+    settings: tuple[dict[int, int], ...]
+
+
+def _order(bits: int | None) -> int:
+    return 33 if bits is None else bits  # float (None) is the widest
+
+
+def plan_units(space: BoundSpace) -> tuple[list[Unit], np.ndarray]:
+    """The space's units and the all-widest vector they move away from."""
+    widest = np.array([max(range(len(g.choices)), key=lambda i: _order(g.choices[i])) for g in space.genes], dtype=np.int64)
+    units = []
+    for k, gene in enumerate(space.genes):
+        if gene.operand != "weight":
+            continue
+        followers = [j for j, g in enumerate(space.genes) if g.operand == "act" and set(g.layers) <= set(gene.layers)]
+        options = sorted(range(len(gene.choices)), key=lambda i: _order(gene.choices[i]))
+        settings = []
+        for i in options:
+            bits = gene.choices[i]
+            setting = {k: i}
+            for j in followers:
+                acts = space.genes[j].choices
+                fits = [c for c in range(len(acts)) if bits is not None and acts[c] is not None and acts[c] >= bits]
+                setting[j] = min(fits, key=lambda c: acts[c]) if fits else int(widest[j])
+            settings.append(setting)
+        units.append(Unit(k, gene.layers, tuple(gene.choices[i] for i in options), tuple(settings)))
+    return units, widest
+
+
+def _apply(x: np.ndarray, unit: Unit, option: int) -> np.ndarray:
+    y = x.copy()
+    for j, c in unit.settings[option].items():
+        y[j] = c
+    return y
+
+
+class _Planner(SearchAlgorithm):
+    """A finite plan: the initial vectors, then :meth:`_plan`'s, each proposed once."""
+
+    needs_context = True
+    fixed_batch = False
+
+    def _setup(self, initial: list[np.ndarray]) -> None:
+        self._units, self._widest = plan_units(self.space)
+        if not self._units:
+            raise ValueError(f"{self.name}: the search space has no weight gene to allocate")
+        self._queue = list(initial)
+        self._seen = {tuple(int(v) for v in x) for x in initial}
+
+    def _push(self, xs: list[np.ndarray], limit: int) -> None:
+        """Queue up to ``limit`` of ``xs`` not proposed before, evenly spread over ``xs`` when fewer fit."""
+        fresh = []
+        for x in xs:
+            key = tuple(int(v) for v in x)
+            if key not in self._seen:
+                self._seen.add(key)
+                fresh.append(x)
+        if len(fresh) > limit > 0:
+            keep = np.unique(np.round(np.linspace(0, len(fresh) - 1, limit)).astype(int))
+            fresh = [fresh[i] for i in keep]
+        self._queue += fresh[: max(limit, 0)]
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._queue
+
+    def _ask(self) -> list[np.ndarray]:
+        batch, self._queue = self._queue[: self.population_size], self._queue[self.population_size :]
+        return batch
+
+    def _unit_costs(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Cost objectives of the widest vector and, per unit, the change each option makes."""
+        base = np.asarray(self.context.costs(self._widest), dtype=float)
+        deltas = [np.array([np.asarray(self.context.costs(_apply(self._widest, u, o)), dtype=float) - base
+                            for o in range(len(u.bits))]) for u in self._units]
+        return base, deltas
+
+    def _state(self) -> dict:
+        return {"queued": [x.tolist() for x in self._queue]}
+
+
+@register_algorithm("ilp")
+class IntegerLinearProgram(_Planner):
+    """HAWQ-V3's ILP on Hessian scores at evenly spaced energy budgets (see the module doc)."""
+
+    def _setup(self, initial: list[np.ndarray]) -> None:
+        super()._setup(initial)
+        scores = self.context.weight_scores
+        if scores is None:
+            raise ValueError("ilp needs Hessian sensitivity scores: run the study with --sensitivity hessian")
+        self._push(self._solve_all(scores), self.context.budget - len(initial))
+
+    def _perturbation(self, unit: Unit, scores) -> np.ndarray:
+        out = []
+        for bits in unit.bits:
+            if bits is None:
+                out.append(0.0)
+                continue
+            missing = [layer for layer in unit.layers if (layer, bits) not in scores]
+            if missing:
+                raise ValueError(f"ilp: no sensitivity score for {missing[0]} at {bits} bits")
+            out.append(sum(scores[layer, bits] for layer in unit.layers))
+        return np.asarray(out)
+
+    def _solve_all(self, scores) -> list[np.ndarray]:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        base, deltas = self._unit_costs()
+        sizes = [len(u.bits) for u in self._units]
+        n = sum(sizes)
+        c = np.concatenate([self._perturbation(u, scores) for u in self._units])
+        cost = np.concatenate([d[:, 0] for d in deltas])  # the first cost objective: energy
+        one_hot = np.zeros((len(self._units), n))
+        start = 0
+        for i, size in enumerate(sizes):
+            one_hot[i, start : start + size] = 1
+            start += size
+        cheapest = base[0] + sum(float(d[:, 0].min()) for d in deltas)
+        budgets = np.linspace(base[0], cheapest, max(self.context.budget, 2))  # widest first
+        plans = []
+        for limit in budgets:
+            res = milp(
+                c, integrality=np.ones(n), bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit - base[0] + 1e-12)],
+            )
+            if res.x is None:  # infeasible only through rounding at the cheapest end
+                continue
+            x = self._widest.copy()
+            start = 0
+            for unit, size in zip(self._units, sizes):
+                x = _apply(x, unit, int(np.argmax(res.x[start : start + size])))
+                start += size
+            plans.append(x)
+        return plans
+
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+        pass  # the plan does not depend on measurements
+
+
+@register_algorithm("greedy")
+class GreedyLowering(_Planner):
+    """AIMET-style: measured per-unit drops, then sensitivity-ordered bit lowering (see the module doc)."""
+
+    def _setup(self, initial: list[np.ndarray]) -> None:
+        super()._setup(initial)
+        room = self.context.budget - len(initial)
+        lower = sum(len(u.bits) - 1 for u in self._units)
+        # Phase 1 measures every lower width if that leaves half the budget for the walk, else
+        # only each unit's narrowest width (drops in between are interpolated linearly in bits).
+        self._every_width = lower + 1 <= room // 2
+        self._probes = [self._widest.copy()]
+        for u in self._units:
+            options = range(len(u.bits) - 1) if self._every_width else [0]
+            self._probes += [_apply(self._widest, u, o) for o in options]
+        self._phase = 1
+        self._results: dict[tuple[int, ...], float] = {}
+        self._push(self._probes, len(self._probes))  # a probe equal to an initial vector is measured once
+
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+        for x, f in zip(xs, F):
+            self._results[tuple(int(v) for v in x)] = float(f[0])  # error (1 - accuracy); inf if failed
+        if not self._queue and self._phase == 1:  # phase 1 measured: plan the walk
+            self._phase = 2
+            self._push(self._walk(), self.context.budget - len(self._seen))
+
+    def _drops(self, unit: Unit) -> np.ndarray:
+        """Measured accuracy drop of each option of ``unit`` (widest = 0), made monotone in width."""
+        ref = self._results[tuple(int(v) for v in self._widest)]
+        widths = np.array([_order(b) for b in unit.bits], dtype=float)
+        measured = {}
+        for o in range(len(unit.bits) - 1):
+            key = tuple(int(v) for v in _apply(self._widest, unit, o))
+            if key in self._results:
+                measured[o] = self._results[key] - ref
+        measured[len(unit.bits) - 1] = 0.0
+        known = sorted(measured)
+        drops = np.interp(widths, widths[known], [measured[o] for o in known])
+        drops = np.where(np.isfinite(drops), drops, 1.0)  # a failed probe: as bad as chance
+        return np.maximum.accumulate(drops[::-1])[::-1]  # narrower never looks better than wider
+
+    def _walk(self) -> list[np.ndarray]:
+        base, deltas = self._unit_costs()
+        drops = [self._drops(u) for u in self._units]
+        option = [len(u.bits) - 1 for u in self._units]
+        x = self._widest.copy()
+        path = []
+        while True:
+            best = None
+            for i, unit in enumerate(self._units):
+                o = option[i]
+                if o == 0:
+                    continue
+                saved = deltas[i][o, 0] - deltas[i][o - 1, 0]
+                ratio = (drops[i][o - 1] - drops[i][o]) / saved if saved > 0 else np.inf
+                if best is None or ratio < best[0]:  # strict: ties keep the earlier unit
+                    best = (ratio, i)
+            if best is None:
+                break
+            i = best[1]
+            option[i] -= 1
+            x = _apply(x, self._units[i], option[i])
+            path.append(x)
+        return path
+
+    def _state(self) -> dict:
+        return {**super()._state(), "phase": self._phase, "measured": len(self._results)}

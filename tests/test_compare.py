@@ -1,0 +1,218 @@
+"""Baselines in the study (ILP, greedy), multi-fidelity promotions, the prefix cache, compare."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from mpsearch.compare import method_scores
+from mpsearch.config import StudyConfig
+from mpsearch.errors import UserError
+from mpsearch.evaluate import Evaluator
+from mpsearch.fidelity import Archive, pack_mask, rungs, unpack_mask
+from mpsearch.policy import LayerPrecision, Policy
+from mpsearch.search.base import SearchContext, create_algorithm
+from mpsearch.search.planning import plan_units
+from mpsearch.search.space import BoundSpace, SearchSpace
+from mpsearch.study import optimize, parse_methods, storage_url
+
+LAYERS = ["a", "b", "c"]
+PARAMS = {"a": 100, "b": 1000, "c": 10}
+
+
+def _toy():
+    space = BoundSpace(SearchSpace.from_dict({"version": 1, "weight_bits": [2, 4, 8], "act_bits": [4, 8], "layers": "all"}), LAYERS)
+
+    def costs(x):
+        d = space.decode(x)
+        return np.array([sum(PARAMS[n] * d[n].weight_bits * d[n].act_bits for n in LAYERS) / (64 * 1110)])
+
+    scale = {"a": 5.0, "b": 0.1, "c": 1.0}
+    scores = {(n, b): PARAMS[n] * {2: 1.0, 4: 0.1, 8: 0.001}[b] * scale[n] for n in LAYERS for b in (2, 4, 8)}
+    return space, costs, scores
+
+
+def _drain(alg, evaluate):
+    proposed = []
+    while not alg.exhausted:
+        xs = alg.ask()
+        proposed += xs
+        alg.tell(xs, np.array([evaluate(x) for x in xs]))
+    return proposed
+
+
+def test_units_tie_layer_inputs_to_the_weight_width():
+    space, _, _ = _toy()
+    units, widest = plan_units(space)
+    assert [u.bits for u in units] == [(2, 4, 8)] * 3
+    # weight 2 or 4 -> inputs at 4 bits (the narrowest choice >= the weight width), weight 8 -> 8
+    decoded = [space.decode(_with(widest, u, o))["a"] for u in units[:1] for o in range(3)]
+    assert [(p.weight_bits, p.act_bits) for p in decoded] == [(2, 4), (4, 4), (8, 8)]
+
+
+def _with(x, unit, option):
+    y = x.copy()
+    for j, c in unit.settings[option].items():
+        y[j] = c
+    return y
+
+
+def test_ilp_solutions_are_the_brute_force_optimum_at_their_energy():
+    space, costs, scores = _toy()
+    alg = create_algorithm("ilp")
+    alg.setup(space, n_objectives=2, seed=0, population_size=4, context=SearchContext(costs, scores, 10))
+    plans = _drain(alg, lambda x: [0.1, costs(x)[0]])
+    units, widest = plan_units(space)
+    every = [_with(_with(_with(widest, units[0], i), units[1], j), units[2], k) for i, j, k in itertools.product(range(3), repeat=3)]
+
+    def perturbation(x):
+        d = space.decode(x)
+        return sum(scores[n, d[n].weight_bits] for n in LAYERS)
+
+    assert len(plans) >= 4
+    for x in plans:
+        # no policy of the unit model is at most as costly and strictly less perturbed
+        better = [y for y in every if costs(y)[0] <= costs(x)[0] + 1e-12 and perturbation(y) < perturbation(x) - 1e-9]
+        assert not better
+    energies = [costs(x)[0] for x in plans]
+    assert energies == sorted(energies, reverse=True)  # budgets walk from the widest to the cheapest
+    assert min(energies) == pytest.approx(min(costs(y)[0] for y in every))
+
+
+def test_greedy_lowers_the_least_harmful_unit_first_by_measured_drop():
+    space, costs, _ = _toy()
+    units, widest = plan_units(space)
+    # measured error: layer "b" costs the most accuracy per unit of energy saved
+    harm = {"a": 0.001, "b": 0.2, "c": 0.0001}
+
+    def measure(x):
+        d = space.decode(x)
+        return [0.05 + sum(harm[n] * (8 - d[n].weight_bits) / 6 for n in LAYERS), costs(x)[0]]
+
+    alg = create_algorithm("greedy")
+    alg.setup(space, n_objectives=2, seed=0, population_size=3, context=SearchContext(costs, None, 30))
+    proposed = _drain(alg, measure)
+    assert len(proposed) <= 30
+    # phase 1 (every lower width fits in half the budget): the widest policy and 2 lower widths per unit
+    phase1 = proposed[:7]
+    assert sum(int((x != widest).any()) for x in phase1) == 6
+    walk = proposed[7:]  # walk steps equal to a phase-1 probe are not measured twice
+    assert walk and len({tuple(x) for x in proposed}) == len(proposed)
+    energies = [costs(x)[0] for x in walk]
+    assert energies == sorted(energies, reverse=True)
+    for x in walk:  # the fragile, costly layer goes down only after the robust ones are at their narrowest
+        d = space.decode(x)
+        assert d["b"].weight_bits == 8 or (d["a"].weight_bits == 2 and d["c"].weight_bits == 2)
+    assert space.decode(walk[-1])["b"].weight_bits == 2
+
+
+def test_planners_need_a_context_and_refuse_multi_fidelity():
+    space, _, _ = _toy()
+    with pytest.raises(ValueError, match="SearchContext"):
+        create_algorithm("ilp").setup(space, n_objectives=2, seed=0)
+    with pytest.raises(UserError, match="population searches"):
+        parse_methods("ilp+mf")
+    with pytest.raises(UserError, match="twice"):
+        parse_methods("nsga2,nsga2")
+    assert [(m.algorithm, m.multi_fidelity) for m in parse_methods("nsga2+mf,random")] == [("nsga2", True), ("random", False)]
+
+
+def test_rungs_masks_and_paired_domination():
+    assert rungs(100, 400) == [100, 200, 400]
+    assert rungs(100, 300) == [100, 200, 300]
+    assert rungs(500, 400) == [400]
+    mask = torch.rand(203, generator=torch.Generator().manual_seed(0)) > 0.3
+    assert torch.equal(unpack_mask(pack_mask(mask), 203), mask)
+    archive = Archive()
+    strong = torch.ones(400, dtype=torch.bool)
+    archive.add([0.5], strong)
+    weak = torch.ones(100, dtype=torch.bool)
+    weak[:20] = False  # 20 images worse on the same images
+    assert archive.surely_dominated([0.6], weak)  # costs more and is surely less accurate
+    assert not archive.surely_dominated([0.4], weak)  # cheaper: not dominated whatever its accuracy
+    close = torch.ones(100, dtype=torch.bool)
+    close[:1] = False  # one image: within the interval
+    assert not archive.surely_dominated([0.6], close)
+
+
+def test_prefix_cache_gives_identical_masks_and_reuses_the_shared_prefix(digits, digits_baseline):
+    cached = Evaluator(digits_baseline, digits)
+    plain = Evaluator(digits_baseline, digits, prefix_cache=False)
+    layers = cached.policy_layers
+    gen = torch.Generator().manual_seed(0)
+    policies = []
+    base = {n: LayerPrecision(8, 8) for n in layers}
+    for k in range(6):
+        layers_k = dict(base)
+        changed = layers[-1 - (k % 3)]  # late layers change: the early prefix is shared
+        layers_k[changed] = LayerPrecision(int(torch.randint(2, 5, (1,), generator=gen)), 4)
+        policies.append(Policy(model=digits_baseline.name, dataset=digits.info.name, layers=layers_k))
+    for policy in policies:
+        assert torch.equal(cached.quantized_mask(policy, "val", limit=150), plain.quantized_mask(policy, "val", limit=150))
+    cache = cached.prefix_cache
+    assert cache.usable
+    assert cache.stages_reused > cache.stages_run / 2  # most stages came from the cache
+
+
+def test_prefix_cache_turns_itself_off_for_a_vit(digits, digits_vit_baseline):
+    ev = Evaluator(digits_vit_baseline, digits)
+    plain = Evaluator(digits_vit_baseline, digits, prefix_cache=False)
+    policy = ev.resolve_policy("w8a8")
+    assert torch.equal(ev.quantized_mask(policy, "val", limit=64), plain.quantized_mask(policy, "val", limit=64))
+    assert ev.prefix_cache.usable is False
+
+
+TINY = dict(model="test_resnet", dataset="digits", budget=24, population_size=6, eval_images=120, multi_fidelity_images=30,
+            calibration_size=256, hawq_budgets=(3.0, 5.0), workers=0)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, digits_baseline):
+    cfg = StudyConfig(name="cmp", out_root=str(tmp_path_factory.mktemp("cmp")), checkpoint=str(digits_baseline.checkpoint),
+                      algorithm="nsga2+mf,random,ilp,greedy", **TINY)
+    return cfg, optimize(cfg, progress=False, log=lambda m: None)
+
+
+def test_compare_runs_every_method_into_one_study_within_its_budget(compared):
+    cfg, result = compared
+    trials = result.trials
+    assert set(trials["attr_run"]) == {"nsga2+mf", "random", "ilp", "greedy"}
+    used = trials.groupby("attr_run")["attr_fidelity"].sum()
+    assert (used <= cfg.budget + 1e-9).all()
+    mf = trials[trials["attr_run"] == "nsga2+mf"]
+    assert (mf["attr_fidelity"] < 1).any(), "some candidates should stop at a lower rung"
+    assert len(mf) > cfg.budget  # the same budget bought more candidates
+    assert set(mf["attr_images"]) <= {30, 60, 120}
+    assert (trials[trials["attr_run"] != "nsga2+mf"]["attr_fidelity"] == 1).all()
+    scores = method_scores(trials, cfg.objectives)
+    assert list(scores["method"]) == ["nsga2+mf", "random", "ilp", "greedy"]
+    assert (scores["hypervolume"] > 0).all() and (scores["evaluations"] <= cfg.budget + 1e-9).all()
+    assert "dominates_W8A8" in scores
+    assert (result.out_dir / "compare.png").stat().st_size > 0
+    assert "| ilp |" in (result.out_dir / "compare.md").read_text()
+
+
+def test_a_promoted_candidate_is_measured_on_the_added_images_only(compared, digits, digits_baseline):
+    cfg, result = compared
+    trials = result.trials
+    full = trials[(trials["attr_run"] == "nsga2+mf") & (trials["attr_images"] == 120)].iloc[0]
+    ev = Evaluator(digits_baseline, digits)
+    ev.calibrate()
+    layers = {n: LayerPrecision(w, a) for n, (w, a) in __import__("json").loads(full["attr_layers"]).items()}
+    policy = Policy(model=cfg.model, dataset=digits.info.name, layers=layers)
+    mask = ev.quantized_mask(policy, "val", limit=120)
+    assert float(mask.float().mean()) == pytest.approx(full["value_accuracy"])
+
+
+def test_compare_study_resumes_without_new_trials(compared):
+    cfg, result = compared
+    again = optimize(cfg, progress=False, log=lambda m: None)
+    assert len(again.trials) == len(result.trials)
+    assert len(optuna.load_study(study_name="cmp", storage=storage_url(cfg)).trials) == len(result.trials)
+    cols = [c for c in result.trials.columns if c.startswith(("param_", "value_"))]
+    pd.testing.assert_frame_equal(result.trials[cols], again.trials[cols])
