@@ -154,6 +154,12 @@ def optimize(
     from mpsearch.zoo import resolve_model_name
 
     methods = parse_methods(config.algorithm)  # unknown names fail before any work
+    from mpsearch.search.base import ALGORITHMS
+
+    planners = [m.name for m in methods if ALGORITHMS.get(m.algorithm).needs_context]
+    if planners and config.sensitivity == "none":
+        raise UserError(f"--algorithm {planners[0]} allocates bits from sensitivity scores; "
+                        "use --sensitivity hessian (or empirical), not none")
     get_ptq(config.ptq)
     resolve_model_name(config.model)
     space_def = SearchSpace.load(config.space or default_space_for(config.model))
@@ -263,9 +269,6 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
         for method in methods:
             algorithm = create_algorithm(method.algorithm)
             context = SearchContext(costs_of, weight_scores, config.budget) if algorithm.needs_context else None
-            if algorithm.needs_context and weight_scores is None:
-                raise UserError(f"--algorithm {method.algorithm} allocates bits from sensitivity scores; "
-                                "use --sensitivity hessian (or empirical), not none")
             algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
                             population_size=config.population_size, context=context)
             _search_run(method, algorithm, config=config, study=study, space=space, executor=executor, to_policy=to_policy,

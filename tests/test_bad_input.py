@@ -183,6 +183,21 @@ CASES = [
      "needs a model with attention"),
     ("space-matmul-bits", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--space", "{yaml_matmul_bits}"],
      "space.matmul_bits[0]"),
+    # methods, multi-fidelity, seeds, compare
+    ("optimize-multi-fidelity-planner", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--algorithm", "ilp+mf"],
+     "multi-fidelity applies to population searches"),
+    ("optimize-method-twice", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--algorithm", "random,random"],
+     "lists 'random' twice"),
+    ("optimize-ilp-without-sensitivity", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--algorithm", "ilp"],
+     "use --sensitivity hessian"),
+    ("optimize-multi-fidelity-flag-planners-only", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--algorithm",
+                                                    "greedy", "--multi-fidelity"], "--multi-fidelity applies to population searches"),
+    ("optimize-bad-seeds", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--seeds", "0,x"], "--seeds must be"),
+    ("optimize-repeated-seeds", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--seeds", "1,1"], "each seed once"),
+    ("optimize-multi-fidelity-images", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--multi-fidelity",
+                                        "--multi-fidelity-images", "0"], "study.multi_fidelity_images"),
+    ("compare-unknown-method", ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", "{ckpt}",
+                                "--out-root", "{root}", "--algorithms", "nsga2+mf,nsga3"], "unknown search algorithm 'nsga3'"),
 ]
 
 

@@ -216,3 +216,18 @@ def test_compare_study_resumes_without_new_trials(compared):
     assert len(optuna.load_study(study_name="cmp", storage=storage_url(cfg)).trials) == len(result.trials)
     cols = [c for c in result.trials.columns if c.startswith(("param_", "value_"))]
     pd.testing.assert_frame_equal(result.trials[cols], again.trials[cols])
+
+
+def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, capsys):
+    from mpsearch.cli import main
+
+    args = ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(digits_baseline.checkpoint),
+            "--budget", "8", "--population", "4", "--eval-images", "60", "--workers", "0", "--remeasure-points", "1",
+            "--calibration-size", "128", "--algorithms", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
+            "--out-root", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "hypervolume over 2 seeds" in out and out.count("| ilp |") == 2
+    for seed in (0, 1):
+        assert (tmp_path / f"cli-cmp-s{seed}" / "compare.md").exists()
+        assert "Kendall" in (tmp_path / f"cli-cmp-s{seed}" / "report.md").read_text()
