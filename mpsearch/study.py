@@ -35,7 +35,10 @@ from mpsearch.config import OBJECTIVES, QuantConfig, StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.files import atomic_write, atomic_write_text
 
-__all__ = ["Method", "StudyResult", "full_fidelity", "optimize", "parse_methods", "study_dir", "storage_url", "load_trials", "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS"]
+__all__ = [
+    "Method", "StudyResult", "full_fidelity", "optimize", "parse_methods", "study_dir", "storage_url", "load_trials",
+    "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS",
+]
 
 PARETO_FILE = "pareto.csv"
 CHECKPOINT_FILE = "search_state.json"
@@ -145,6 +148,7 @@ def optimize(
     import optuna
 
     from mpsearch.locking import StudyLock
+    from mpsearch.search.base import ALGORITHMS
     from mpsearch.search.space import SearchSpace, default_space_for
 
     start = time.perf_counter()
@@ -154,8 +158,6 @@ def optimize(
     from mpsearch.zoo import resolve_model_name
 
     methods = parse_methods(config.algorithm)  # unknown names fail before any work
-    from mpsearch.search.base import ALGORITHMS
-
     planners = [m.name for m in methods if ALGORITHMS.get(m.algorithm).needs_context]
     if planners and config.sensitivity == "none":
         raise UserError(f"--algorithm {planners[0]} allocates bits from sensitivity scores; "
@@ -185,7 +187,6 @@ def optimize(
 
 def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method], space_def, start: float, *, progress: bool,
                      log: Callable[[str], None], remeasure: bool) -> StudyResult:
-    import optuna
     import torch
     import yaml
 

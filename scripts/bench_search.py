@@ -135,9 +135,10 @@ def main() -> None:
 
     uniform_cols = [c for c in per_seed[0].columns if c.startswith("dominates_")]
     random_hv = [s.loc["random", "hypervolume"] for s in per_seed] if "random" in methods else None
+    ladder = "/".join(map(str, rungs(min(StudyConfig.multi_fidelity_images, args.eval_images), args.eval_images)))
     lines = [
         f"{args.model} on {args.dataset}: budget {args.budget} full evaluations per method ({args.eval_images} validation "
-        f"images each; multi-fidelity rungs {'/'.join(map(str, rungs(min(StudyConfig.multi_fidelity_images, args.eval_images), args.eval_images)))}), population {args.population}, seeds {args.seeds}; objectives "
+        f"images each; multi-fidelity rungs {ladder}), population {args.population}, seeds {args.seeds}; objectives "
         f"1 - accuracy and relative energy (horowitz45nm), hypervolume reference point ({REF_POINT_PAD:g}, {REF_POINT_PAD:g}). "
         "Mean ± std over seeds.",
         "",

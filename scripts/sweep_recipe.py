@@ -83,7 +83,7 @@ CANDIDATES: dict[str, dict] = {
     "r20_bs256_lr0.4": {"image_scales": px(20, 20, 20, 20, 24, 28), "batch_size": 256, "lr": 0.4},
 }
 
-ROUND_2 = [name for name in CANDIDATES if name.startswith(("r20_lr0.3", "r20_lr0.4", "r20_wd1e-3", "r20_lr0.2_", "base_lr", "e7_16_lr", "e5_", "r20_bs256_lr0.4"))]
+ROUND_2 = list(CANDIDATES)[list(CANDIDATES).index("r20_lr0.3"):]  # everything from the round-2 comment on
 
 
 def recipe_for(name: str) -> TrainRecipe:

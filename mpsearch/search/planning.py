@@ -76,7 +76,7 @@ def _apply(x: np.ndarray, unit: Unit, option: int) -> np.ndarray:
 
 
 class _Planner(SearchAlgorithm):
-    """A finite plan: the initial vectors, then :meth:`_plan`'s, each proposed once."""
+    """A finite plan: the initial vectors, then the planned ones, each proposed once."""
 
     needs_context = True
     fixed_batch = False
@@ -90,16 +90,18 @@ class _Planner(SearchAlgorithm):
 
     def _push(self, xs: list[np.ndarray], limit: int) -> None:
         """Queue up to ``limit`` of ``xs`` not proposed before, evenly spread over ``xs`` when fewer fit."""
-        fresh = []
+        fresh, keys = [], set()
         for x in xs:
             key = tuple(int(v) for v in x)
-            if key not in self._seen:
-                self._seen.add(key)
+            if key not in self._seen and key not in keys:
+                keys.add(key)
                 fresh.append(x)
         if len(fresh) > limit > 0:
             keep = np.unique(np.round(np.linspace(0, len(fresh) - 1, limit)).astype(int))
             fresh = [fresh[i] for i in keep]
-        self._queue += fresh[: max(limit, 0)]
+        fresh = fresh[: max(limit, 0)]
+        self._seen.update(tuple(int(v) for v in x) for x in fresh)
+        self._queue += fresh
 
     @property
     def exhausted(self) -> bool:
