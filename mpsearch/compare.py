@@ -35,8 +35,10 @@ def _runs(trials) -> list[str]:
     return list(dict.fromkeys(trials["attr_run"].dropna().astype(str)))
 
 
-def method_scores(trials, objectives: tuple[str, ...], ref_point: float = 1.0) -> Any:
-    """One row per method: hypervolume, front size, evaluations used, best accuracy, uniform dominance."""
+def method_scores(trials, objectives: tuple[str, ...], ref_point: float | np.ndarray = 1.0) -> Any:
+    """One row per method: hypervolume, front size, evaluations used, best accuracy, uniform dominance.
+
+    ``ref_point`` is the hypervolume reference: one number for every objective, or one per objective."""
     import pandas as pd
 
     from mpsearch.search.pareto import dominates, hypervolume, non_dominated
@@ -53,7 +55,7 @@ def method_scores(trials, objectives: tuple[str, ...], ref_point: float = 1.0) -
         used = mine["attr_fidelity"].fillna(1.0).astype(float).sum() if "attr_fidelity" in mine else float(len(mine))
         rows.append({
             "method": run,
-            "hypervolume": hypervolume(front, np.full(len(objectives), ref_point)),
+            "hypervolume": hypervolume(front, np.broadcast_to(np.asarray(ref_point, dtype=float), (len(objectives),))),
             "front": len(front),
             "candidates": len(mine),
             "evaluations": float(used),

@@ -193,6 +193,10 @@ def test_compare_runs_every_method_into_one_study_within_its_budget(compared):
     assert list(scores["method"]) == ["nsga2+mf", "random", "ilp", "greedy"]
     assert (scores["hypervolume"] > 0).all() and (scores["evaluations"] <= cfg.budget + 1e-9).all()
     assert "dominates_W8A8" in scores
+    same = method_scores(trials, cfg.objectives, np.array([1.0, 1.0]))  # one reference value per objective
+    assert same["hypervolume"].tolist() == scores["hypervolume"].tolist()
+    tighter = method_scores(trials, cfg.objectives, np.array([0.5, 0.5]))
+    assert (tighter["hypervolume"] < scores["hypervolume"]).all()
     assert (result.out_dir / "compare.png").stat().st_size > 0
     assert "| ilp |" in (result.out_dir / "compare.md").read_text()
 
