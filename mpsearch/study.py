@@ -711,14 +711,10 @@ def full_fidelity(trials) -> Any:
 
 
 def _front_matrix(trials, objectives: tuple[str, ...]) -> np.ndarray:
-    ok = full_fidelity(trials)
-    if ok.empty:
-        return np.zeros((0, len(objectives)))
-    cols = []
-    for name in objectives:
-        values = ok[f"value_{name}"].to_numpy(dtype=float)
-        cols.append(1.0 - values if OBJECTIVES[name][0] == "maximize" else values)
-    return np.stack(cols, axis=1)
+    """The minimised objectives of the study's full-fidelity trials."""
+    from mpsearch.compare import objective_matrix
+
+    return objective_matrix(full_fidelity(trials), objectives)
 
 
 def _finetune_front(config, baseline, data, quant, profiles, pareto, out: Path, log, progress: bool):
