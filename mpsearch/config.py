@@ -15,7 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 from mpsearch.errors import UserError
 
-__all__ = ["TrainRecipe", "QuantConfig", "FinetuneConfig", "StudyConfig", "OBJECTIVES", "config_key", "config_from_dict"]
+__all__ = ["TrainRecipe", "QuantConfig", "FinetuneConfig", "StudyConfig", "OBJECTIVES", "ENERGY_UNDER", "objective_spec",
+           "objective_profiles", "config_key", "config_from_dict"]
 
 C = TypeVar("C")
 
@@ -248,6 +249,26 @@ OBJECTIVES = {
     "size": ("minimize", "rel_size"),
     "bops": ("minimize", "rel_bops"),
 }
+# "energy@PROFILE": relative energy under another profile than ``energy_profile``, e.g. a profile
+# fitted to measured kernels (``mpsearch calibrate-energy``) searched beside the analytical one.
+ENERGY_UNDER = "energy@"
+
+
+def objective_spec(name: str) -> tuple[str, str]:
+    """(direction, metric key) of an objective name (see :data:`OBJECTIVES`, :data:`ENERGY_UNDER`)."""
+    if name.startswith(ENERGY_UNDER) and len(name) > len(ENERGY_UNDER):
+        return "minimize", "rel_energy:" + name[len(ENERGY_UNDER):]
+    return OBJECTIVES[name]
+
+
+def objective_profiles(objectives: tuple[str, ...]) -> tuple[str, ...]:
+    """The energy profiles that ``energy@PROFILE`` objectives name."""
+    return tuple(o[len(ENERGY_UNDER):] for o in objectives if o.startswith(ENERGY_UNDER))
+
+
+def _profile_name_ok(name: str) -> bool:
+    """A profile *name* (studies record profiles by name so that every worker finds them)."""
+    return bool(name) and not name.endswith(".toml") and all(c.isalnum() or c in "-_." for c in name)
 
 
 @dataclass(frozen=True)
@@ -289,7 +310,10 @@ class StudyConfig:
     smoothquant_alpha: float | None = None
     attention_calibration: str = "observer"  # QuantConfig.attention_calibration
     sensitivity: str = "hessian"
-    hawq_budgets: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
+    # The first generation of population searches (not random search, not planners) carries the
+    # HAWQ-V3 ILP's solutions at this many evenly spaced energy budgets; 0 starts them from the
+    # uniform policies and random vectors only.
+    ilp_seeds: int = 12
     remeasure_points: int = 6
     out_root: str = "studies"
     # Fine-tune every re-measured Pareto point with LSQ + distillation (mpsearch.finetune), after
@@ -304,6 +328,8 @@ class StudyConfig:
             raise UserError(f"study.population_size: must be >= 2, got {self.population_size}")
         if self.eval_images < 1:
             raise UserError(f"study.eval_images: must be >= 1, got {self.eval_images}")
+        if self.ilp_seeds < 0:
+            raise UserError(f"study.ilp_seeds: must be >= 0 (0: no sensitivity seeds), got {self.ilp_seeds}")
         if self.multi_fidelity_images < 1:
             raise UserError(f"study.multi_fidelity_images: must be >= 1, got {self.multi_fidelity_images}")
         if self.finetune_steps < 1:
@@ -316,11 +342,16 @@ class StudyConfig:
             raise UserError(f"study.torch_threads: must be >= 1, got {self.torch_threads}")
         if self.workers < -1:
             raise UserError(f"study.workers: -1 (all cores), 0 (in-process) or a count, got {self.workers}")
-        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        unknown = [o for o in self.objectives
+                   if o not in OBJECTIVES and not (o.startswith(ENERGY_UNDER) and _profile_name_ok(o[len(ENERGY_UNDER):]))]
         if unknown or len(self.objectives) < 2 or self.objectives[0] != "accuracy" or len(set(self.objectives)) != len(self.objectives):
             raise UserError(
-                f"study.objectives: accuracy first, then one or more of energy, size, bops (no repeats); got {list(self.objectives)}"
+                "study.objectives: accuracy first, then one or more of energy, size, bops, energy@PROFILE "
+                f"(no repeats); got {list(self.objectives)}"
             )
+        if not _profile_name_ok(self.energy_profile):
+            raise UserError(f"study.energy_profile: a profile name (see `mpsearch profiles`), got {self.energy_profile!r}; "
+                            "`mpsearch calibrate-energy` installs a fitted profile under its name")
         if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
             raise UserError(f"study.name: letters, digits, '-', '_' and '.' only, got {self.name!r}")
 

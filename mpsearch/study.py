@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mpsearch.config import OBJECTIVES, QuantConfig, StudyConfig
+from mpsearch.config import QuantConfig, StudyConfig, objective_profiles, objective_spec
 from mpsearch.errors import UserError
 from mpsearch.files import atomic_write, atomic_write_text
 
@@ -108,14 +108,14 @@ def _objective_vector(metrics: dict[str, float] | None, objectives: tuple[str, .
         return np.full(len(objectives), np.inf)
     out = []
     for name in objectives:
-        direction, key = OBJECTIVES[name]
+        direction, key = objective_spec(name)
         value = metrics[key]
         out.append(1.0 - value if direction == "maximize" else value)
     return np.asarray(out, dtype=float)
 
 
 def _study_values(metrics: dict[str, float], objectives: tuple[str, ...]) -> list[float]:
-    return [metrics[OBJECTIVES[name][1]] for name in objectives]
+    return [metrics[objective_spec(name)[1]] for name in objectives]
 
 
 def _versions() -> dict[str, str]:
@@ -222,7 +222,7 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
     quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed,
                         ptq=config.ptq, bias_correction=config.bias_correction, smoothquant_alpha=config.smoothquant_alpha,
                         attention_calibration=config.attention_calibration)
-    profiles = (config.energy_profile,) + tuple(p for p in DEFAULT_PROFILES if p != config.energy_profile)
+    profiles = tuple(dict.fromkeys((config.energy_profile, *objective_profiles(config.objectives), *DEFAULT_PROFILES)))
     evaluator = Evaluator(baseline, data, quant=quant, profiles=profiles)
     evaluator.calibrate()
     space = BoundSpace(space_def, evaluator.policy_layers)
@@ -235,31 +235,35 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
         return Policy(model=config.model, dataset=data.info.name, layers=space.decode(x),
                       checkpoint_sha256=baseline.sha256, provenance=provenance)
 
-    # -- initial population: uniform policies and sensitivity-guided (HAWQ-style) allocations --
-    initial: list[np.ndarray] = []
-    tags: list[str] = []
-    for w, a in UNIFORM_SHORTHANDS:
-        x = space.uniform(w, a)
-        if x is not None:
-            initial.append(x)
-            tags.append(f"uniform:w{w}a{a}")
-    weight_scores = None
-    if config.sensitivity != "none":
-        seeds, weight_scores = _sensitivity_seeds(config, evaluator, space, quant, log, progress)
-        for x, tag in seeds:
-            if not any(np.array_equal(x, y) for y in initial):
-                initial.append(x)
-                tags.append(tag)
-    if len(initial) > config.population_size:  # the first generation holds them; keep uniform ones first
-        log(f"keeping {config.population_size} of {len(initial)} seed policies (population size)")
-        initial, tags = initial[: config.population_size], tags[: config.population_size]
-    seed_tags = {tuple(int(v) for v in x): t for x, t in zip(initial, tags)}
-
     def costs_of(x: np.ndarray) -> np.ndarray:
         """The cost objectives of ``x`` (computed, exact): what planning algorithms budget with."""
         metrics = {f"rel_{k}": v for k, v in policy_costs(evaluator.cost_table, to_policy(x), profiles).relative().items()}
         metrics["rel_energy"] = metrics[f"rel_energy:{profiles[0]}"]
         return _objective_vector({"accuracy": 1.0, **metrics}, config.objectives)[1:]
+
+    # -- initial vectors: the uniform policies for every method; for the population searches also
+    # the HAWQ-V3 ILP's solutions at evenly spaced budgets (sensitivity seeds the search) --
+    uniform: list[np.ndarray] = []
+    tags: list[str] = []
+    for w, a in UNIFORM_SHORTHANDS:
+        x = space.uniform(w, a)
+        if x is not None and not any(np.array_equal(x, y) for y in uniform):
+            uniform.append(x)
+            tags.append(f"uniform:w{w}a{a}")
+    weight_scores = None
+    seeded = list(uniform)
+    if config.sensitivity != "none":
+        weight_scores = _weight_scores(config, evaluator, space, quant, log, progress)
+        if config.ilp_seeds:
+            for x, tag in _ilp_seeds(space, SearchContext(costs_of, weight_scores, config.budget), config.ilp_seeds):
+                if not any(np.array_equal(x, y) for y in seeded):
+                    seeded.append(x)
+                    tags.append(tag)
+    if len(seeded) > config.population_size:  # the first generation holds them; keep uniform ones first
+        log(f"keeping {config.population_size} of {len(seeded)} seed policies (population size)")
+        seeded, tags = seeded[: config.population_size], tags[: config.population_size]
+    uniform = uniform[: config.population_size]
+    seed_tags = {tuple(int(v) for v in x): t for x, t in zip(seeded, tags)}
 
     workers = default_workers(config.torch_threads) if config.workers == -1 else config.workers
     spec = WorkerSpec(model=config.model, dataset=config.dataset, checkpoint=str(checkpoint), data_dir=config.data_dir,
@@ -270,6 +274,7 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
         for method in methods:
             algorithm = create_algorithm(method.algorithm)
             context = SearchContext(costs_of, weight_scores, config.budget) if algorithm.needs_context else None
+            initial = seeded if algorithm.sensitivity_seeded else uniform
             algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
                             population_size=config.population_size, context=context)
             _search_run(method, algorithm, config=config, study=study, space=space, executor=executor, to_policy=to_policy,
@@ -465,7 +470,7 @@ def _climb_rungs(todo: list[int], policies, sizes: list[int], executor, archive,
 
 _FLAGS = {"population_size": "--population", "eval_images": "--eval-images", "torch_threads": "--threads",
           "energy_profile": "--energy-profile", "calibration_size": "--calibration-size", "weight_observer": "--weight-observer",
-          "act_observer": "--act-observer", "hawq_budgets": "hawq_budgets (StudyConfig)"}
+          "act_observer": "--act-observer", "ilp_seeds": "ilp_seeds (StudyConfig)"}
 
 
 def _config_conflict(stored: StudyConfig, config: StudyConfig) -> str | None:
@@ -495,7 +500,7 @@ def _existing_study(config: StudyConfig, space_def) -> tuple[Any, int]:
     except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
         raise _storage_error(url, exc) from None
     recorded = len(study.trials)
-    directions = [OBJECTIVES[o][0] for o in config.objectives]
+    directions = [objective_spec(o)[0] for o in config.objectives]
     if not recorded:
         if [d.name.lower() for d in study.directions] != directions:
             raise UserError(f"study {name!r} exists in {url} with other objectives; choose another --name")
@@ -531,7 +536,7 @@ def _existing_study(config: StudyConfig, space_def) -> tuple[Any, int]:
 def _create_study(config: StudyConfig) -> Any:
     import optuna
 
-    directions = [OBJECTIVES[o][0] for o in config.objectives]
+    directions = [objective_spec(o)[0] for o in config.objectives]
     try:
         return optuna.create_study(study_name=config.study_name, storage=storage_url(config), directions=directions,
                                    load_if_exists=True)
@@ -572,7 +577,7 @@ def _objective_from_trial(trial, objectives: tuple[str, ...]) -> np.ndarray:
     """What the algorithm was told for a recorded trial (the same floats: values are stored exactly)."""
     if trial.state.name != "COMPLETE":
         return _objective_vector(None, objectives)
-    return _objective_vector({OBJECTIVES[o][1]: v for o, v in zip(objectives, trial.values)}, objectives)
+    return _objective_vector({objective_spec(o)[1]: v for o, v in zip(objectives, trial.values)}, objectives)
 
 
 class _InOrderRecorder:
@@ -633,27 +638,20 @@ class _SearchCheckpoint:
         atomic_write_text(self.path, json.dumps(doc), what="search checkpoint")
 
 
-def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> tuple[list[tuple[np.ndarray, str]], dict | None]:
-    """HAWQ-style weight allocations at a few average bit budgets, everything else at its top
-    width, and the scores they came from ({(layer, bits): score}; planning algorithms use them).
-
-    The allocation (greedy on HAWQ-V2 scores, see :func:`mpsearch.sensitivity.hawq_allocation`)
-    covers the layers whose weight width is searched; pinned layers keep their pins.
-    """
-    from dataclasses import replace as with_fields
-
-    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, hawq_allocation
+def _weight_scores(config, evaluator, space, quant, log, progress: bool) -> dict | None:
+    """Per-layer sensitivity of the layers whose weight width is searched: {(layer, bits): score}
+    (HAWQ-V2's Hessian trace x squared weight error, or the empirical estimator's measured drop);
+    None when the space searches no weight width. Seeds and planning algorithms start from it."""
+    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity
 
     weight_genes = [g for g in space.genes if g.operand == "weight"]
     free = [layer for g in weight_genes for layer in g.layers]
     choices = sorted({b for g in weight_genes for b in g.choices if b is not None})
     if not free or not choices:
-        return [], None
-    top = np.array([max(range(len(g.choices)), key=lambda i: g.choices[i] or 32) for g in space.genes])
-    reference = space.decode(top)
-    # Seeding needs a ranking of layers, not precise traces: 2 batches and at most 16 Hutchinson
-    # probes (about 1.5 min for ResNet-18 on 2 cores, against ~12 min for `mpsearch sensitivity`'s
-    # 4 batches x 64 probes).
+        return None
+    # Seeding and planning need a ranking of layers, not precise traces: 2 batches and at most 16
+    # Hutchinson probes (about 1.5 min for ResNet-18 on 2 cores, against ~12 min for
+    # `mpsearch sensitivity`'s 4 batches x 64 probes).
     scfg = SensitivityConfig(estimator=config.sensitivity, bits=tuple(choices), seed=config.seed,
                              batches=2, max_probes=16)
     log(f"sensitivity ({config.sensitivity}) of {len(free)} searched layers (cached per checkpoint) ...")
@@ -670,20 +668,20 @@ def _sensitivity_seeds(config, evaluator, space, quant, log, progress: bool) -> 
         )
     finally:
         torch.set_num_threads(threads)
-    params = {layer.name: layer.weight_params for layer in evaluator.cost_table.layers}
-    seeds = []
-    for budget in config.hawq_budgets:
-        if budget < choices[0]:
-            continue
-        alloc = hawq_allocation(df, free, params, budget, choices)
-        layers = dict(reference)
-        for name, bits in alloc.items():
-            layers[name] = with_fields(layers[name], weight_bits=bits)
-        x = space.encode(layers)
-        if x is not None:  # None when a group's layers got different widths
-            seeds.append((x, f"hawq:{budget:g}bit"))
-    scores = {(str(n), int(b)): float(v) for n, b, v in df[["layer", "bits", "score"]].itertuples(index=False)}
-    return seeds, scores
+    return {(str(n), int(b)): float(v) for n, b, v in df[["layer", "bits", "score"]].itertuples(index=False)}
+
+
+def _ilp_seeds(space, context, n_seeds: int) -> list[tuple[np.ndarray, str]]:
+    """``n_seeds`` distinct solutions of the HAWQ-V3 ILP (``context`` is a
+    :class:`~mpsearch.search.base.SearchContext`), solved at 200 budgets of the first cost
+    objective and spread evenly along the trade-off curve they predict (see
+    :func:`~mpsearch.search.planning.spread_along_front`), cheapest first, each tagged with its
+    cost: the search starts along the front the rule would pick and breeds from there (pinned
+    layers keep their pins)."""
+    from mpsearch.search.planning import ilp_front, spread_along_front
+
+    front = [(x, float(context.costs(x)[0]), damage) for x, damage in ilp_front(space, context, max(200, n_seeds))]
+    return [(x, f"ilp:{float(context.costs(x)[0]):.4f}") for x in spread_along_front(front, n_seeds)]
 
 
 def load_trials(study) -> Any:

@@ -73,6 +73,10 @@ class SearchAlgorithm(ABC):
     name: ClassVar[str]
     needs_context: ClassVar[bool] = False  # setup() requires a SearchContext
     fixed_batch: ClassVar[bool] = True  # every batch holds exactly population_size vectors
+    # The driver's first batch carries the sensitivity-guided seeds (the ILP's solutions) beside
+    # the uniform policies; baselines that must not see them (random search) and planners that
+    # make their own plan say False.
+    sensitivity_seeded: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._space: BoundSpace | None = None

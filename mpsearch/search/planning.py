@@ -28,7 +28,8 @@ import numpy as np
 from mpsearch.search.base import SearchAlgorithm, register_algorithm
 from mpsearch.search.space import BoundSpace
 
-__all__ = ["Unit", "plan_units", "IntegerLinearProgram", "GreedyLowering"]
+__all__ = ["Unit", "plan_units", "unit_costs", "ilp_plans", "ilp_front", "spread_along_front", "IntegerLinearProgram",
+           "GreedyLowering"]
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,113 @@ def _apply(x: np.ndarray, unit: Unit, option: int) -> np.ndarray:
     return y
 
 
+def unit_costs(costs, units: list[Unit], widest: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Cost objectives of the widest vector and, per unit, the change each of its options makes
+    (``costs`` is :attr:`SearchContext.costs`)."""
+    base = np.asarray(costs(widest), dtype=float)
+    deltas = [np.array([np.asarray(costs(_apply(widest, u, o)), dtype=float) - base for o in range(len(u.bits))])
+              for u in units]
+    return base, deltas
+
+
+def _perturbation(unit: Unit, scores) -> np.ndarray:
+    """The summed weight score of each of ``unit``'s options (0 for float weights)."""
+    out = []
+    for bits in unit.bits:
+        if bits is None:
+            out.append(0.0)
+            continue
+        missing = [layer for layer in unit.layers if (layer, bits) not in scores]
+        if missing:
+            raise ValueError(f"ilp: no sensitivity score for {missing[0]} at {bits} bits")
+        out.append(sum(scores[layer, bits] for layer in unit.layers))
+    return np.asarray(out)
+
+
+def ilp_plans(space: BoundSpace, context, n_budgets: int) -> list[np.ndarray]:
+    """HAWQ-V3's ILP solved at ``n_budgets`` evenly spaced energy budgets, widest budget first:
+    per budget, the vector minimising the summed Hessian perturbation whose first cost objective
+    stays within it (repeats kept; callers drop them). ``context`` is a :class:`SearchContext`
+    with ``weight_scores``."""
+    return [x for x, _ in ilp_front(space, context, n_budgets)]
+
+
+def ilp_front(space: BoundSpace, context, n_budgets: int) -> list[tuple[np.ndarray, float]]:
+    """:func:`ilp_plans` with each solution's objective: its summed perturbation (the proxy's
+    predicted damage)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    if context.weight_scores is None:
+        raise ValueError("ilp needs Hessian sensitivity scores: run the study with --sensitivity hessian")
+    units, widest = plan_units(space)
+    if not units:
+        raise ValueError("ilp: the search space has no weight gene to allocate")
+    base, deltas = unit_costs(context.costs, units, widest)
+    sizes = [len(u.bits) for u in units]
+    n = sum(sizes)
+    c = np.concatenate([_perturbation(u, context.weight_scores) for u in units])
+    cost = np.concatenate([d[:, 0] for d in deltas])  # the first cost objective: energy
+    one_hot = np.zeros((len(units), n))
+    start = 0
+    for i, size in enumerate(sizes):
+        one_hot[i, start : start + size] = 1
+        start += size
+    cheapest = base[0] + sum(float(d[:, 0].min()) for d in deltas)
+    plans = []
+    for limit in np.linspace(base[0], cheapest, max(n_budgets, 2)):
+        res = milp(
+            c, integrality=np.ones(n), bounds=Bounds(0, 1),
+            constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit - base[0] + 1e-12)],
+        )
+        if res.x is None:  # infeasible only through rounding at the cheapest end
+            continue
+        x = widest.copy()
+        start = 0
+        for unit, size in zip(units, sizes):
+            x = _apply(x, unit, int(np.argmax(res.x[start : start + size])))
+            start += size
+        plans.append((x, float(res.fun)))
+    return plans
+
+
+def spread_along_front(points: list[tuple[np.ndarray, float, float]], n: int) -> list[np.ndarray]:
+    """``n`` of the distinct ``(x, cost, perturbation)`` points, evenly spaced along the predicted
+    front's arc length with cost and log perturbation each scaled to [0, 1].
+
+    Evenly spaced budgets put most points where the predicted damage hardly changes (near the
+    widest policy) and few where it climbs steeply (near the cheapest); spacing by arc length
+    puts them evenly along the trade-off curve the proxy predicts, steep part included.
+    """
+    unique: dict[tuple[int, ...], tuple[np.ndarray, float, float]] = {}
+    for x, cost, damage in points:
+        unique.setdefault(tuple(int(v) for v in x), (x, cost, damage))
+    pts = sorted(unique.values(), key=lambda p: (p[1], -p[2]))
+    if len(pts) <= n:
+        return [p[0] for p in pts]
+    cost = np.array([p[1] for p in pts])
+    damage = np.array([p[2] for p in pts])
+    floor = damage[damage > 0].min() / 2 if (damage > 0).any() else 1.0
+    log_damage = np.log(np.maximum(damage, 0) + floor)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        span = v.max() - v.min()
+        return (v - v.min()) / span if span > 0 else np.zeros_like(v)
+
+    steps = np.hypot(np.diff(unit(cost)), np.diff(unit(log_damage)))
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    picked: list[int] = []
+    for target in np.linspace(0, arc[-1], n):
+        order = np.argsort(np.abs(arc - target), kind="stable")
+        picked.append(next((int(i) for i in order if int(i) not in picked), int(order[0])))
+    return [pts[i][0] for i in sorted(set(picked))]
+
+
 class _Planner(SearchAlgorithm):
     """A finite plan: the initial vectors, then the planned ones, each proposed once."""
 
     needs_context = True
     fixed_batch = False
+    sensitivity_seeded = False  # the plan is its own; the initial vectors are the uniform policies
 
     def _setup(self, initial: list[np.ndarray]) -> None:
         self._units, self._widest = plan_units(self.space)
@@ -112,11 +215,7 @@ class _Planner(SearchAlgorithm):
         return batch
 
     def _unit_costs(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Cost objectives of the widest vector and, per unit, the change each option makes."""
-        base = np.asarray(self.context.costs(self._widest), dtype=float)
-        deltas = [np.array([np.asarray(self.context.costs(_apply(self._widest, u, o)), dtype=float) - base
-                            for o in range(len(u.bits))]) for u in self._units]
-        return base, deltas
+        return unit_costs(self.context.costs, self._units, self._widest)
 
     def _state(self) -> dict:
         return {"queued": [x.tolist() for x in self._queue]}
@@ -128,53 +227,9 @@ class IntegerLinearProgram(_Planner):
 
     def _setup(self, initial: list[np.ndarray]) -> None:
         super()._setup(initial)
-        scores = self.context.weight_scores
-        if scores is None:
+        if self.context.weight_scores is None:
             raise ValueError("ilp needs Hessian sensitivity scores: run the study with --sensitivity hessian")
-        self._push(self._solve_all(scores), self.context.budget - len(initial))
-
-    def _perturbation(self, unit: Unit, scores) -> np.ndarray:
-        out = []
-        for bits in unit.bits:
-            if bits is None:
-                out.append(0.0)
-                continue
-            missing = [layer for layer in unit.layers if (layer, bits) not in scores]
-            if missing:
-                raise ValueError(f"ilp: no sensitivity score for {missing[0]} at {bits} bits")
-            out.append(sum(scores[layer, bits] for layer in unit.layers))
-        return np.asarray(out)
-
-    def _solve_all(self, scores) -> list[np.ndarray]:
-        from scipy.optimize import Bounds, LinearConstraint, milp
-
-        base, deltas = self._unit_costs()
-        sizes = [len(u.bits) for u in self._units]
-        n = sum(sizes)
-        c = np.concatenate([self._perturbation(u, scores) for u in self._units])
-        cost = np.concatenate([d[:, 0] for d in deltas])  # the first cost objective: energy
-        one_hot = np.zeros((len(self._units), n))
-        start = 0
-        for i, size in enumerate(sizes):
-            one_hot[i, start : start + size] = 1
-            start += size
-        cheapest = base[0] + sum(float(d[:, 0].min()) for d in deltas)
-        budgets = np.linspace(base[0], cheapest, max(self.context.budget, 2))  # widest first
-        plans = []
-        for limit in budgets:
-            res = milp(
-                c, integrality=np.ones(n), bounds=Bounds(0, 1),
-                constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit - base[0] + 1e-12)],
-            )
-            if res.x is None:  # infeasible only through rounding at the cheapest end
-                continue
-            x = self._widest.copy()
-            start = 0
-            for unit, size in zip(self._units, sizes):
-                x = _apply(x, unit, int(np.argmax(res.x[start : start + size])))
-                start += size
-            plans.append(x)
-        return plans
+        self._push(ilp_plans(self.space, self.context, self.context.budget), self.context.budget - len(initial))
 
     def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
         pass  # the plan does not depend on measurements

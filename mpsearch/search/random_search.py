@@ -13,10 +13,13 @@ __all__ = ["RandomSearch"]
 class RandomSearch(SearchAlgorithm):
     """Uniform random vectors from a seeded ``numpy`` Generator; results are ignored.
 
-    The first batch is the initial vectors topped up with distinct random ones; later batches
-    are ``population_size`` independent draws (a repeat of an earlier point is possible and the
-    driver's cache answers it).
+    Not sensitivity-seeded: a random baseline that started from the ILP's solutions would measure
+    the seeds, not random search. The first batch is the initial vectors (the uniform policies)
+    topped up with distinct random ones; later batches are ``population_size`` independent draws
+    (a repeat of an earlier point is possible and the driver's cache answers it).
     """
+
+    sensitivity_seeded = False
 
     def _setup(self, initial: list[np.ndarray]) -> None:
         self._rng = np.random.default_rng(self.seed)
