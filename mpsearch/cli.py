@@ -59,7 +59,8 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
                    help="full evaluations per method, default 200 (a multi-fidelity candidate counts the images it used)")
     p.add_argument("--population", type=int, default=20, help="population / batch size per generation (default 20)")
     p.add_argument("--space", default="", help="search space YAML path or name in search_spaces/ (default: by model family)")
-    p.add_argument("--objectives", default="accuracy,energy", help="accuracy plus any of energy, size, bops (default accuracy,energy)")
+    p.add_argument("--objectives", default="accuracy,energy",
+                   help="accuracy plus any of energy, size, bops, energy@PROFILE (default accuracy,energy)")
     p.add_argument("--energy-profile", default="horowitz45nm", help="energy profile the search optimises (default horowitz45nm)")
     p.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
     p.add_argument("--remeasure-points", type=int, default=None,
@@ -145,6 +146,38 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
 
     sub.add_parser("profiles", help="list the energy profiles")
+
+    pr = sub.add_parser("profile", help="measure per-layer kernel latency (and energy where a meter exists) per precision")
+    pr.add_argument("--model", default="resnet18")
+    pr.add_argument("--dataset", default="fashion-mnist", help="sets the input shape and classes (no training needed)")
+    pr.add_argument("--data-dir", default=None)
+    pr.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    pr.add_argument("--precisions", default=None,
+                    help="comma list of fp32, bf16, fp16, int8 (default: every one the device really runs)")
+    pr.add_argument("--batch-size", type=int, default=32, help="samples per kernel call (default 32); rows are per sample")
+    pr.add_argument("--window", type=float, default=1.0, help="seconds of repeated calls per measurement (default 1)")
+    pr.add_argument("--energy-meter", default="auto",
+                    help="auto (RAPL on cpu, NVML on cuda, skipped where it cannot measure), rapl, nvml or none")
+    pr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", default=None, help="folder for table.json and table.csv (default studies/profile-<model>-<device>)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print a summary as one JSON object")
+
+    ce = sub.add_parser("calibrate-energy", help="fit a profile's coefficients to a measured kernel table; report the fit")
+    ce.add_argument("--table", default="studies/profile-resnet18-cpu/table.json",
+                    help="table.json written by `mpsearch profile` (default: resnet18 on the cpu)")
+    ce.add_argument("--target", default=None, choices=("latency", "energy"),
+                    help="fit latency or measured energy (default: energy where the table has it, else latency)")
+    ce.add_argument("--name", default=None, help="profile name (default <model>-<device>-<target>)")
+    ce.add_argument("--out", default=None, help="profile .toml to write (default <table dir>/<name>.toml)")
+    ce.add_argument("--float-kernel", default="fp32", help="kernel that runs float layers in the fitted profile (default fp32)")
+    ce.add_argument("--policies", type=int, default=200, help="random mixed policies for the per-policy agreement (default 200)")
+    ce.add_argument("--seed", type=int, default=0)
+    ce.add_argument("--no-install", action="store_true",
+                    help="do not install the profile by name (installed, `--energy-profile NAME` and `--objectives "
+                         "accuracy,energy,energy@NAME` find it)")
+    ce.add_argument("--json", action="store_true", help="print the fit and agreement as one JSON object")
 
     o = sub.add_parser("optimize", help="search per-layer bit widths: a measured accuracy-energy Pareto set")
     o.add_argument("--algorithm", default="nsga2",
@@ -487,6 +520,105 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from mpsearch.cost import count_costs
+    from mpsearch.cost.kernels import KERNELS, profile_layers
+    from mpsearch.data import load_dataset
+    from mpsearch.zoo import create_model, resolve_model_name
+
+    resolve_model_name(args.model)
+    device = args.device.strip().lower()
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA device here; profile with --device cpu or on a GPU machine")
+    precisions = None
+    if args.precisions:
+        precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+        for p in precisions:
+            KERNELS.get(p)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.window > 0:
+        raise UserError(f"--window must be > 0 seconds, got {args.window}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    meter = None if args.energy_meter == "none" else args.energy_meter
+    if meter not in (None, "auto", "rapl", "nvml"):
+        raise UserError(f"--energy-meter {args.energy_meter!r}: use auto, rapl, nvml or none")
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, data.info)
+    table = count_costs(model, (data.info.in_chans, data.info.image_size, data.info.image_size))
+    kernels = profile_layers(model, table, model_name=args.model, dataset=data.info.name, device=device,
+                             precisions=precisions, batch_size=args.batch_size, window_s=args.window,
+                             energy_meter=meter, seed=args.seed, progress=not args.no_progress, log=_log)
+    out = Path(args.out or f"studies/profile-{args.model}-{device.replace(':', '')}")
+    out.mkdir(parents=True, exist_ok=True)
+    kernels.save(out / "table.json")
+    kernels.to_frame().to_csv(out / "table.csv", index=False)
+    frame = kernels.to_frame()
+    wide = frame.pivot(index="layer", columns="precision", values="seconds").reindex(kernels.layers) * 1e6
+    totals = {p: float(wide[p].sum()) for p in wide.columns}
+    if args.json:
+        print(json.dumps({"table": str(out / "table.json"), "device": kernels.device_name, "precisions": list(wide.columns),
+                          "total_us_per_sample": totals, "energy_meter": kernels.energy_meter,
+                          "energy_unavailable": kernels.energy_unavailable, "skipped": kernels.skipped}))
+        return 0
+    cols = [p for p in kernels.precisions if p in wide.columns]
+    print(f"{args.model} on {kernels.device_name}, batch {kernels.batch_size}, {kernels.threads} threads: "
+          "microseconds per sample")
+    print(f"{'layer':<28}" + "".join(f"{p:>10}" for p in cols) + ("  fp32/int8" if {"fp32", "int8"} <= set(cols) else ""))
+    for layer, row in wide.iterrows():
+        speedup = f"  {row['fp32'] / row['int8']:8.2f}x" if {"fp32", "int8"} <= set(cols) else ""
+        print(f"{layer:<28}" + "".join(f"{row[p]:>10.2f}" for p in cols) + speedup)
+    print(f"{'total':<28}" + "".join(f"{totals[p]:>10.1f}" for p in cols)
+          + (f"  {totals['fp32'] / totals['int8']:8.2f}x" if {"fp32", "int8"} <= set(cols) else ""))
+    if kernels.energy_unavailable:
+        _log(f"energy not measured: {kernels.energy_unavailable}")
+    for what, why in kernels.skipped.items():
+        _log(f"skipped {what}: {why}")
+    _log(f"wrote {out / 'table.json'} and {out / 'table.csv'}")
+    return 0
+
+
+def _cmd_calibrate_energy(args: argparse.Namespace) -> int:
+    from mpsearch.cost import load_profile
+    from mpsearch.cost.calibration import calibrate_energy
+    from mpsearch.cost.kernels import load_kernel_table
+
+    table = load_kernel_table(args.table)
+    target = args.target or ("energy" if table.rows and all(r.energy_j is not None for r in table.rows) else "latency")
+    result = calibrate_energy(args.table, target=target, name=args.name, out=args.out, float_kernel=args.float_kernel,
+                              n_policies=args.policies, seed=args.seed, install=not args.no_install)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    f = result.fit
+    print(f"{table.model} on {table.device_name}: {f.target} fitted over {len(f.rows)} kernels ({', '.join(f.precisions)})")
+    print(f"  R2 {f.r2:.4f} (leaving each layer out: {f.r2_leave_one_layer_out:.4f}); per kernel Spearman "
+          f"{f.per_layer.spearman:.3f}, Kendall {f.per_layer.kendall:.3f}")
+    for p in f.precisions:
+        print(f"  {p:<5} {f.mac[p]:.4g} {f.units}/MAC + {f.call[p]:.4g} {f.units}/call")
+    print(f"  memory {f.per_byte:.4g} {f.units}/byte")
+    print(f"  {'profile':<28}{'kernel rho':>11}{'kernel tau':>11}{'policy rho':>11}{'policy tau':>11}")
+    for r in result.summary:
+        print(f"  {r['profile']:<28}{r['kernel_spearman']:>11.3f}{r['kernel_kendall']:>11.3f}"
+              f"{r['policy_spearman']:>11.3f}{r['policy_kendall']:>11.3f}")
+    _log(f"wrote {result.profile_path}, {result.report_path}, " + ", ".join(result.plot_paths))
+    if result.installed_path:
+        name = load_profile(result.installed_path).name
+        _log(f"installed as energy profile {name!r} ({result.installed_path}): search with --energy-profile {name}, "
+             f"or beside the analytical one with --objectives accuracy,energy,energy@{name}")
+    return 0
+
+
 def _study_configs(args: argparse.Namespace, methods: str) -> list:
     """One StudyConfig per seed (``--seeds``, else ``--seed``) from the shared study flags."""
     from mpsearch.config import StudyConfig
@@ -647,7 +779,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "train": _cmd_train, "evaluate": _cmd_evaluate, "finetune": _cmd_finetune, "ablate": _cmd_ablate,
-    "outliers": _cmd_outliers, "layers": _cmd_layers, "profiles": _cmd_profiles,
+    "outliers": _cmd_outliers, "layers": _cmd_layers, "profiles": _cmd_profiles, "profile": _cmd_profile,
+    "calibrate-energy": _cmd_calibrate_energy,
     "optimize": _cmd_optimize, "compare": _cmd_compare, "export": _cmd_export, "dashboard": _cmd_dashboard, "sensitivity": _cmd_sensitivity,
 }
 

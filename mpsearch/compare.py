@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.config import OBJECTIVES, StudyConfig
+from mpsearch.config import StudyConfig, objective_spec
 from mpsearch.files import atomic_write, atomic_write_text
 
 __all__ = ["method_scores", "plot_methods", "comparison_markdown", "objective_matrix", "proxy_kendall", "write_comparison"]
@@ -25,7 +25,7 @@ def objective_matrix(rows, objectives: tuple[str, ...]) -> np.ndarray:
     cols = []
     for name in objectives:
         values = rows[f"value_{name}"].to_numpy(dtype=float)
-        cols.append(1.0 - values if OBJECTIVES[name][0] == "maximize" else values)
+        cols.append(1.0 - values if objective_spec(name)[0] == "maximize" else values)
     return np.stack(cols, axis=1) if len(rows) else np.zeros((0, len(objectives)))
 
 

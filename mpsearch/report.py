@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.config import StudyConfig
+from mpsearch.config import StudyConfig, objective_spec
 from mpsearch.files import atomic_write, atomic_write_text
 
 __all__ = ["plot_front", "write_report"]
@@ -34,7 +34,8 @@ def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter(ok[x_col], 100 * ok["value_accuracy"], s=10, c="#bbbbbb", label=f"trials ({len(ok)}, val subset)")
     if len(pareto):
-        xcol = f"rel_{config.objectives[1]}" if config.objectives[1] != "energy" else f"rel_energy_{config.energy_profile}"
+        xcol = objective_spec(config.objectives[1])[1].replace(":", "_")
+        xcol = f"rel_energy_{config.energy_profile}" if xcol == "rel_energy" else xcol
         px = pareto[xcol] if xcol in pareto else pareto.iloc[:, -2]
         ax.errorbar(px, 100 * pareto["test_accuracy"],
                     yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],

@@ -196,6 +196,16 @@ CASES = [
     ("optimize-repeated-seeds", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--seeds", "1,1"], "each seed once"),
     ("optimize-multi-fidelity-images", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--multi-fidelity",
                                         "--multi-fidelity-images", "0"], "study.multi_fidelity_images"),
+    # kernel profiles and calibration
+    ("profile-unknown-device", ["profile", "--model", "test_resnet", "--dataset", "digits", "--device", "tpu"], "use cpu, cuda or cuda:N"),
+    ("profile-unknown-precision", ["profile", "--model", "test_resnet", "--dataset", "digits", "--precisions", "fp32,fp64"],
+     "unknown kernel precision 'fp64'"),
+    ("profile-window", ["profile", "--model", "test_resnet", "--dataset", "digits", "--window", "0"], "--window must be > 0"),
+    ("profile-energy-meter", ["profile", "--model", "test_resnet", "--dataset", "digits", "--energy-meter", "watts"],
+     "use auto, rapl, nvml or none"),
+    ("calibrate-missing-table", ["calibrate-energy", "--table", "{root}/nope.json"], "write one with `mpsearch profile"),
+    ("calibrate-table-not-json", ["calibrate-energy", "--table", "{not_json}"], "is not JSON"),
+    ("calibrate-table-array", ["calibrate-energy", "--table", "{array}"], "reads version 1"),
     ("compare-unknown-method", ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", "{ckpt}",
                                 "--out-root", "{root}", "--algorithms", "nsga2+mf,nsga3"], "unknown search algorithm 'nsga3'"),
 ]

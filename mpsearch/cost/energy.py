@@ -29,6 +29,7 @@ from mpsearch.registry import Registry
 
 __all__ = [
     "FLOAT_BITS",
+    "KERNEL_BYTES",
     "Bits",
     "EnergyProfile",
     "EnergyReport",
@@ -38,12 +39,17 @@ __all__ = [
     "energy",
     "energy_savings",
     "fp32_energy",
+    "install_profile",
+    "kernel_bytes",
+    "layer_energy",
     "list_formulas",
     "list_profiles",
     "load_profile",
+    "parse_profile_text",
     "register_formula",
     "relative_savings",
     "size_bytes",
+    "user_profiles_dir",
 ]
 
 FLOAT_BITS = 32  # storage width of float32 tensors; used by size/BOPs (energy profiles carry their own)
@@ -229,13 +235,76 @@ def _horowitz(layer: LayerCost, wb: int | None, ab: int | None, profile: EnergyP
     return LayerEnergy(layer.name, layer.macs * per_mac, memory)
 
 
+KERNEL_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}  # element width each kernel precision moves
+
+
+def kernel_bytes(layer: LayerCost, kernel: str) -> float:
+    """Bytes a ``kernel`` precision moves for ``layer`` per sample: weights, inputs and outputs
+    at its width, biases at 4 bytes in fp32 and int8 kernels (int8 kernels take float biases)."""
+    width = KERNEL_BYTES[kernel]
+    bias_width = 4 if kernel in ("fp32", "int8") else width
+    return (layer.weight_params + layer.input_elems + layer.output_elems) * width + layer.bias_params * bias_width
+
+
+@register_formula("kernel-fit")
+def _kernel_fit(layer: LayerCost, wb: int | None, ab: int | None, profile: EnergyProfile) -> LayerEnergy:
+    """A linear model fitted to measured kernels (``mpsearch calibrate-energy``).
+
+    The hardware runs a layer on one kernel: the integer kernel (``rules.int_kernel``, int8)
+    when both widths are set and at most ``rules.int_kernel_bits``, the float kernel otherwise;
+    narrower widths cost what the integer kernel costs, because that is what runs. Arithmetic:
+    ``mac.<kernel>`` per MAC plus ``call.<kernel>`` per layer and sample (dispatch and fixed
+    overhead, fitted beside the MACs); memory: ``memory.per_byte`` per byte the kernel moves
+    (weights, inputs and outputs at its width; biases stay 4-byte in int8 kernels).
+    """
+    rules = "rules"
+    int_kernel, float_kernel = profile.text(rules, "int_kernel"), profile.text(rules, "float_kernel")
+    integer = wb is not None and ab is not None and max(wb, ab) <= profile.number(rules, "int_kernel_bits")
+    kernel = int_kernel if integer else float_kernel
+    if kernel not in KERNEL_BYTES:
+        raise UserError(f"energy profile {profile.name!r}: kernel {kernel!r} is not one of {', '.join(KERNEL_BYTES)}")
+    moved = kernel_bytes(layer, kernel)
+    arithmetic = layer.macs * profile.number("mac", kernel) + profile.number("call", kernel)
+    return LayerEnergy(layer.name, arithmetic, moved * profile.number("memory", "per_byte"))
+
+
 def _profiles_dir() -> Traversable:
     return resources.files("mpsearch.cost").joinpath("profiles")
 
 
+def user_profiles_dir() -> Path:
+    """Where fitted profiles are installed by name (``mpsearch calibrate-energy``):
+    ``$MPSEARCH_PROFILES``, else ``<cache root>/profiles`` (``~/.cache/mpsearch/profiles``)."""
+    from mpsearch.paths import cache_root
+
+    env = os.environ.get("MPSEARCH_PROFILES")
+    return Path(env).expanduser() if env else cache_root() / "profiles"
+
+
 def list_profiles() -> list[str]:
-    """Names of the built-in profiles (the ``.toml`` files shipped in ``mpsearch/cost/profiles``)."""
-    return sorted(p.name[: -len(".toml")] for p in _profiles_dir().iterdir() if p.name.endswith(".toml"))
+    """Names of the built-in profiles (the ``.toml`` files shipped in ``mpsearch/cost/profiles``)
+    followed by those installed in :func:`user_profiles_dir`."""
+    builtin = sorted(p.name[: -len(".toml")] for p in _profiles_dir().iterdir() if p.name.endswith(".toml"))
+    user = user_profiles_dir()
+    installed = sorted(p.stem for p in user.glob("*.toml") if p.stem not in builtin) if user.is_dir() else []
+    return builtin + installed
+
+
+def install_profile(text: str, name: str) -> Path:
+    """Install a profile's TOML under ``name`` so every command (and every local worker) loads it
+    by name; a built-in name cannot be shadowed."""
+    from mpsearch.files import atomic_write_text
+
+    builtin = [p.name[: -len(".toml")] for p in _profiles_dir().iterdir() if p.name.endswith(".toml")]
+    if name in builtin:
+        raise UserError(f"profile name {name!r} is a built-in profile; pick another with --name")
+    profile = parse_profile_text(text, f"profile {name!r}")
+    if profile.name != name:
+        raise ValueError(f"profile text is named {profile.name!r}, not {name!r}")
+    path = user_profiles_dir() / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text, what="energy profile")
+    return path
 
 
 _DUMMY = LayerCost("dummy", "matmul", 1, 1, 1, 2, 1, second_operand_elems=1)
@@ -262,6 +331,20 @@ def _parse_profile(data: dict[str, Any], origin: str) -> EnergyProfile:
     return profile
 
 
+def parse_profile_text(text: str, origin: str) -> EnergyProfile:
+    """A profile from TOML text (``origin`` names it in errors): checked as a file would be."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"energy profile {origin} is not valid TOML: {exc}") from exc
+    return _parse_profile(data, origin)
+
+
+def layer_energy(layer: LayerCost, wb: int | None, ab: int | None, profile: EnergyProfile) -> LayerEnergy:
+    """One layer's modeled energy at (weight bits, activation bits), None meaning float."""
+    return _FORMULAS.get(profile.formula)(layer, wb, ab, profile)
+
+
 def load_profile(name_or_path: str | os.PathLike[str]) -> EnergyProfile:
     """A built-in profile by name (see :func:`list_profiles`) or a profile ``.toml`` file by path."""
     text = os.fspath(name_or_path)
@@ -275,17 +358,17 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> EnergyProfile:
         raw, origin = path.read_text(encoding="utf-8"), str(path)
     else:
         resource = _profiles_dir().joinpath(f"{text}.toml")
-        if not resource.is_file():
+        installed = user_profiles_dir() / f"{text}.toml"
+        if resource.is_file():
+            raw, origin = resource.read_text(encoding="utf-8"), f"built-in {text}.toml"
+        elif installed.is_file():
+            raw, origin = installed.read_text(encoding="utf-8"), str(installed)
+        else:
             raise UserError(
                 f"unknown energy profile {text!r}; known profiles: {', '.join(list_profiles())} "
                 "(or pass the path of a .toml profile file)"
             )
-        raw, origin = resource.read_text(encoding="utf-8"), f"built-in {text}.toml"
-    try:
-        data = tomllib.loads(raw)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"energy profile {origin} is not valid TOML: {exc}") from exc
-    return _parse_profile(data, origin)
+    return parse_profile_text(raw, origin)
 
 
 # ---------------------------------------------------------------------------------------------
