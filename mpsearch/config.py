@@ -310,10 +310,11 @@ class StudyConfig:
     smoothquant_alpha: float | None = None
     attention_calibration: str = "observer"  # QuantConfig.attention_calibration
     sensitivity: str = "hessian"
-    # The first generation of population searches (not random search, not planners) carries the
-    # HAWQ-V3 ILP's solutions at this many evenly spaced energy budgets; 0 starts them from the
-    # uniform policies and random vectors only.
-    ilp_seeds: int = 12
+    # Population searches (not random search, not planners) start from the HAWQ-V3 ILP's
+    # solutions at this many evenly spaced energy budgets, after the uniform policies: the first
+    # batches carry them (NSGA-II takes more than one batch; Optuna samplers keep the first
+    # population_size). 35 + 5 uniform fill two generations of 20; 0: no sensitivity seeds.
+    ilp_seeds: int = 35
     remeasure_points: int = 6
     out_root: str = "studies"
     # Fine-tune every re-measured Pareto point with LSQ + distillation (mpsearch.finetune), after

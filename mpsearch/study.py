@@ -259,9 +259,6 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
                 if not any(np.array_equal(x, y) for y in seeded):
                     seeded.append(x)
                     tags.append(tag)
-    if len(seeded) > config.population_size:  # the first generation holds them; keep uniform ones first
-        log(f"keeping {config.population_size} of {len(seeded)} seed policies (population size)")
-        seeded, tags = seeded[: config.population_size], tags[: config.population_size]
     uniform = uniform[: config.population_size]
     seed_tags = {tuple(int(v) for v in x): t for x, t in zip(seeded, tags)}
 
@@ -275,6 +272,10 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
             algorithm = create_algorithm(method.algorithm)
             context = SearchContext(costs_of, weight_scores, config.budget) if algorithm.needs_context else None
             initial = seeded if algorithm.sensitivity_seeded else uniform
+            if len(initial) > config.population_size and not algorithm.extra_seeds:
+                # the first generation holds them; uniform ones first
+                log(f"{method.name}: keeping {config.population_size} of {len(initial)} seed policies (population size)")
+                initial = initial[: config.population_size]
             algorithm.setup(space, n_objectives=len(config.objectives), seed=config.seed, initial=initial,
                             population_size=config.population_size, context=context)
             _search_run(method, algorithm, config=config, study=study, space=space, executor=executor, to_policy=to_policy,
@@ -337,6 +338,7 @@ def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space,
     from mpsearch.search.pareto import hypervolume, non_dominated
 
     sizes = rungs(min(config.multi_fidelity_images, full), full) if method.multi_fidelity else [full]
+    seed_batches = getattr(algorithm, "seed_batches", 1)  # the batches that carry seed vectors (tagged by kind)
     distributions = space.distributions()
     state_file = out / (CHECKPOINT_FILE if single else f"search_state.{method.name.replace('+', '-')}.json")
     checkpoint = _SearchCheckpoint(state_file, fresh=not any(key[0] == method.name for key in records), log=log)
@@ -368,7 +370,7 @@ def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space,
             x, policy = batch[slot], policies[slot]
             key = tuple(int(v) for v in x)
             attrs = {
-                "method": seed_tags.get(key, method.name) if generation == 0 else method.name, "run": method.name,
+                "method": seed_tags.get(key, method.name) if generation < seed_batches else method.name, "run": method.name,
                 "generation": generation, "slot": slot, "policy": policy.summary(), "wall_s": outcome.wall_s,
                 "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
                 "fidelity": outcome.images / full if outcome.ok else 1.0,
@@ -672,16 +674,17 @@ def _weight_scores(config, evaluator, space, quant, log, progress: bool) -> dict
 
 
 def _ilp_seeds(space, context, n_seeds: int) -> list[tuple[np.ndarray, str]]:
-    """``n_seeds`` distinct solutions of the HAWQ-V3 ILP (``context`` is a
-    :class:`~mpsearch.search.base.SearchContext`), solved at 200 budgets of the first cost
-    objective and spread evenly along the trade-off curve they predict (see
-    :func:`~mpsearch.search.planning.spread_along_front`), cheapest first, each tagged with its
-    cost: the search starts along the front the rule would pick and breeds from there (pinned
-    layers keep their pins)."""
-    from mpsearch.search.planning import ilp_front, spread_along_front
+    """The distinct solutions of the HAWQ-V3 ILP (``context`` is a
+    :class:`~mpsearch.search.base.SearchContext`) at ``n_seeds`` evenly spaced budgets of the
+    first cost objective, cheapest first, each tagged with its cost: the search starts along the
+    front the rule would pick and breeds from there (pinned layers keep their pins)."""
+    from mpsearch.search.planning import ilp_plans
 
-    front = [(x, float(context.costs(x)[0]), damage) for x, damage in ilp_front(space, context, max(200, n_seeds))]
-    return [(x, f"ilp:{float(context.costs(x)[0]):.4f}") for x in spread_along_front(front, n_seeds)]
+    seeds: list[tuple[np.ndarray, str]] = []
+    for x in reversed(ilp_plans(space, context, n_seeds)):
+        if not any(np.array_equal(x, y) for y, _ in seeds):
+            seeds.append((x, f"ilp:{float(context.costs(x)[0]):.4f}"))
+    return seeds
 
 
 def load_trials(study) -> Any:

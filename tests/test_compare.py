@@ -84,37 +84,6 @@ def test_ilp_solutions_are_the_brute_force_optimum_at_their_energy():
     assert min(energies) == pytest.approx(min(costs(y)[0] for y in every))
 
 
-def test_ilp_front_objective_is_the_summed_perturbation_and_seeds_spread_along_it():
-    from mpsearch.search.planning import ilp_front, spread_along_front
-
-    space, costs, scores = _toy()
-    front = ilp_front(space, SearchContext(costs, scores, 10), 30)
-
-    def perturbation(x):
-        d = space.decode(x)
-        return sum(scores[n, d[n].weight_bits] for n in LAYERS)
-
-    for x, damage in front:
-        assert damage == pytest.approx(perturbation(x))
-    points = [(x, costs(x)[0], damage) for x, damage in front]
-    distinct = {tuple(int(v) for v in x) for x, _, _ in points}
-    picked = spread_along_front(points, 4)
-    assert len(picked) == 4 and len({tuple(int(v) for v in x) for x in picked}) == 4
-    energies = [costs(x)[0] for x in picked]
-    assert energies == sorted(energies)  # cheapest first
-    # both ends of the predicted front are always kept
-    assert energies[0] == pytest.approx(min(p[1] for p in points)) and energies[-1] == pytest.approx(max(p[1] for p in points))
-    assert len(spread_along_front(points, 100)) == len(distinct)  # asking for more returns each once
-    # made-up points whose log damage falls linearly with cost: arc length grows evenly, so the
-    # picks are evenly spaced; squeeze the costs of the first half and the picks follow the
-    # damage axis there instead of bunching up
-    toy = [(np.array([i]), float(i), 2.0 ** (-i)) for i in range(40)]
-    assert [int(x[0]) for x in spread_along_front(toy, 5)] == [0, 10, 19, 29, 39]
-    squeezed = [(x, c / 100 if c < 20 else c, d) for x, c, d in toy]
-    picks = [int(x[0]) for x in spread_along_front(squeezed, 5)]
-    assert picks[0] == 0 and picks[-1] == 39 and sum(p < 20 for p in picks) >= 2
-
-
 def test_greedy_lowers_the_least_harmful_unit_first_by_measured_drop():
     space, costs, _ = _toy()
     units, widest = plan_units(space)

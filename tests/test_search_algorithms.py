@@ -144,9 +144,10 @@ def test_contract_protocol_errors(name):
         algo.ask()
     with pytest.raises(ValueError, match="population_size"):
         algo.setup(SPACE, n_objectives=2, seed=0, population_size=1)
-    with pytest.raises(ValueError, match="initial vectors do not fit"):
-        algo.setup(SPACE, n_objectives=2, seed=0, population_size=2,
-                   initial=[SPACE.uniform(8, 8), SPACE.uniform(4, 4), SPACE.uniform(6, 6)])
+    if not algo.extra_seeds:  # those that take extra seeds: test_more_seeds_than_a_batch_come_first_or_are_refused
+        with pytest.raises(ValueError, match="initial vectors do not fit"):
+            algo.setup(SPACE, n_objectives=2, seed=0, population_size=2,
+                       initial=[SPACE.uniform(8, 8), SPACE.uniform(4, 4), SPACE.uniform(6, 6)])
     with pytest.raises(ValueError, match="outside"):
         algo.setup(SPACE, n_objectives=2, seed=0, initial=[SPACE.xu + 1])
     algo.setup(SPACE, n_objectives=2, seed=0, population_size=POP)
@@ -273,6 +274,28 @@ def test_contract_tiny_space(name):
             if name != "optuna-tpe" and name != "optuna-nsga2":  # distinct first, then repeats
                 assert sorted(int(x[0]) for x in xs[:2]) == [0, 1]
         algo.tell(xs, np.array([[float(x[0])] for x in xs]).reshape(len(xs), 1))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_more_seeds_than_a_batch_come_first_or_are_refused(name):
+    """An algorithm with ``extra_seeds`` proposes every initial vector, in order, over its first
+    batches (then its own vectors fill the last one); the others refuse more than one batch."""
+    seeds = [SPACE.validate(np.array([i % 6, j % 4, (i + j) % 6, 3, 5 - i % 6, j % 4]))
+             for i in range(4) for j in range(5)]
+    seeds = [x for k, x in enumerate(seeds) if not any(np.array_equal(x, y) for y in seeds[:k])][: 2 * POP + 3]
+    algo = create_algorithm(name)
+    if not algo.extra_seeds:
+        with pytest.raises(ValueError, match="do not fit the first batch"):
+            algo.setup(SPACE, n_objectives=2, seed=0, initial=seeds, population_size=POP)
+        return
+    batches, algo = run(name, initial=seeds, generations=4)
+    proposed = [x for batch in batches[:3] for x in batch]
+    for k, x in enumerate(seeds):
+        assert np.array_equal(proposed[k], x), k
+    assert algo.seed_batches == 3
+    assert algo.state()["seeds_left"] == 0
+    again, _ = run(name, initial=seeds, generations=4)  # deterministic, seeds included
+    assert all(np.array_equal(a, b) for x, y in zip(batches, again) for a, b in zip(x, y))
 
 
 def test_optuna_nsga2_initial_trials_join_generation_zero():

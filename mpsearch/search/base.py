@@ -77,6 +77,9 @@ class SearchAlgorithm(ABC):
     # the uniform policies; baselines that must not see them (random search) and planners that
     # make their own plan say False.
     sensitivity_seeded: ClassVar[bool] = True
+    # More initial vectors than one batch holds: the first batch takes population_size of them,
+    # the following batches the rest (before the algorithm's own proposals). Others refuse them.
+    extra_seeds: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._space: BoundSpace | None = None
@@ -109,7 +112,7 @@ class SearchAlgorithm(ABC):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         unique = _unique_rows(space.validate(x) for x in initial)
-        if len(unique) > population_size:
+        if len(unique) > population_size and not self.extra_seeds:
             raise ValueError(
                 f"{len(unique)} distinct initial vectors do not fit the first batch of population_size={population_size}; "
                 "raise population_size or pass fewer"
@@ -121,6 +124,7 @@ class SearchAlgorithm(ABC):
         self._pending = None
         self.n_batches = 0
         self.context = context
+        self.seed_batches = max(1, -(-len(unique) // population_size))  # batches that carry initial vectors
         self._setup(unique)
 
     @property

@@ -39,12 +39,16 @@ class PymooNSGA2(SearchAlgorithm):
     """NSGA-II (Deb et al. 2002), pymoo's implementation: one batch = one generation of offspring.
 
     The first batch is the initial population: the given vectors, then distinct random ones
-    (seeded) up to ``population_size``. Later batches are ``population_size`` offspring, distinct
+    (seeded) up to ``population_size``. Initial vectors beyond one batch (``extra_seeds``) come
+    in the next batches, topped up with offspring, and join the population through NSGA-II's
+    survival like offspring do. Later batches are ``population_size`` offspring, distinct
     from each other and from the surviving population (a point discarded earlier may come back:
     the driver's cache answers it); if duplicate elimination leaves fewer (a small or converged
     space), the batch is topped up with distinct random vectors, and with repeats only when the
     space has no distinct point left.
     """
+
+    extra_seeds = True
 
     def _setup(self, initial: list[np.ndarray]) -> None:
         from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -56,7 +60,8 @@ class PymooNSGA2(SearchAlgorithm):
         space = self.space
         # The start is an explicit array (pymoo accepts one as `sampling`) so the initial vectors
         # lead; the top-up is seeded from `seed` like everything else (np.random.seed is ignored).
-        start = initial_batch(space, initial, self.population_size, np.random.default_rng(self.seed))
+        start = initial_batch(space, initial[: self.population_size], self.population_size, np.random.default_rng(self.seed))
+        self._extra = [np.asarray(x, dtype=np.int64) for x in initial[self.population_size :]]
         self._algorithm = NSGA2(
             pop_size=self.population_size,
             sampling=start,
@@ -73,10 +78,14 @@ class PymooNSGA2(SearchAlgorithm):
         from pymoo.core.population import Population
 
         algorithm = self._algorithm
+        initialized = algorithm.is_initialized  # the first ask() returns the initial population
         pop = algorithm.ask()
         if pop is None:  # mating produced no new vector at all; pymoo flags termination, we go on
             algorithm.termination.force_termination = False
             pop = Population.empty()
+        if initialized and self._extra:  # initial vectors that did not fit the first batch, then offspring
+            seeds, self._extra = self._extra[: self.population_size], self._extra[self.population_size :]
+            pop = Population.merge(Population.new(X=np.array(seeds, dtype=float)), pop[: self.population_size - len(seeds)])
         X = np.array([np.asarray(ind.X).round() for ind in pop], dtype=np.int64).reshape(len(pop), self.space.n_var)
         X = np.clip(X, self.space.xl, self.space.xu)  # SBX/PM respect bounds; clip guards against rounding drift
         if len(X) < self.population_size:
@@ -95,7 +104,7 @@ class PymooNSGA2(SearchAlgorithm):
         X = np.array([np.asarray(ind.X, dtype=np.int64) for ind in pop]).reshape(len(pop), self.space.n_var)
         F = np.array([np.asarray(ind.F, dtype=float) for ind in pop]).reshape(len(pop), self.n_objectives)
         return {"population": X.tolist(), "objectives": json_floats(F), "n_gen": algorithm.n_gen,
-                "rng": algorithm.random_state.bit_generator.state}
+                "rng": algorithm.random_state.bit_generator.state, "seeds_left": len(self._extra)}
 
     def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
         pop = self._batch

@@ -28,8 +28,7 @@ import numpy as np
 from mpsearch.search.base import SearchAlgorithm, register_algorithm
 from mpsearch.search.space import BoundSpace
 
-__all__ = ["Unit", "plan_units", "unit_costs", "ilp_plans", "ilp_front", "spread_along_front", "IntegerLinearProgram",
-           "GreedyLowering"]
+__all__ = ["Unit", "plan_units", "unit_costs", "ilp_plans", "IntegerLinearProgram", "GreedyLowering"]
 
 
 @dataclass(frozen=True)
@@ -104,12 +103,6 @@ def ilp_plans(space: BoundSpace, context, n_budgets: int) -> list[np.ndarray]:
     per budget, the vector minimising the summed Hessian perturbation whose first cost objective
     stays within it (repeats kept; callers drop them). ``context`` is a :class:`SearchContext`
     with ``weight_scores``."""
-    return [x for x, _ in ilp_front(space, context, n_budgets)]
-
-
-def ilp_front(space: BoundSpace, context, n_budgets: int) -> list[tuple[np.ndarray, float]]:
-    """:func:`ilp_plans` with each solution's objective: its summed perturbation (the proxy's
-    predicted damage)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if context.weight_scores is None:
@@ -141,40 +134,8 @@ def ilp_front(space: BoundSpace, context, n_budgets: int) -> list[tuple[np.ndarr
         for unit, size in zip(units, sizes):
             x = _apply(x, unit, int(np.argmax(res.x[start : start + size])))
             start += size
-        plans.append((x, float(res.fun)))
+        plans.append(x)
     return plans
-
-
-def spread_along_front(points: list[tuple[np.ndarray, float, float]], n: int) -> list[np.ndarray]:
-    """``n`` of the distinct ``(x, cost, perturbation)`` points, evenly spaced along the predicted
-    front's arc length with cost and log perturbation each scaled to [0, 1].
-
-    Evenly spaced budgets put most points where the predicted damage hardly changes (near the
-    widest policy) and few where it climbs steeply (near the cheapest); spacing by arc length
-    puts them evenly along the trade-off curve the proxy predicts, steep part included.
-    """
-    unique: dict[tuple[int, ...], tuple[np.ndarray, float, float]] = {}
-    for x, cost, damage in points:
-        unique.setdefault(tuple(int(v) for v in x), (x, cost, damage))
-    pts = sorted(unique.values(), key=lambda p: (p[1], -p[2]))
-    if len(pts) <= n:
-        return [p[0] for p in pts]
-    cost = np.array([p[1] for p in pts])
-    damage = np.array([p[2] for p in pts])
-    floor = damage[damage > 0].min() / 2 if (damage > 0).any() else 1.0
-    log_damage = np.log(np.maximum(damage, 0) + floor)
-
-    def unit(v: np.ndarray) -> np.ndarray:
-        span = v.max() - v.min()
-        return (v - v.min()) / span if span > 0 else np.zeros_like(v)
-
-    steps = np.hypot(np.diff(unit(cost)), np.diff(unit(log_damage)))
-    arc = np.concatenate([[0.0], np.cumsum(steps)])
-    picked: list[int] = []
-    for target in np.linspace(0, arc[-1], n):
-        order = np.argsort(np.abs(arc - target), kind="stable")
-        picked.append(next((int(i) for i in order if int(i) not in picked), int(order[0])))
-    return [pts[i][0] for i in sorted(set(picked))]
 
 
 class _Planner(SearchAlgorithm):
