@@ -6,7 +6,7 @@
 Per seed, one study (`mpsearch compare`) runs every method with the same budget (full evaluations
 on the search subset; a multi-fidelity candidate counts the images it used) and the same
 validation subset. Every method measures the uniform policies first; the population searches
-also start from the HAWQ-V3 ILP's solutions at 35 energy budgets (StudyConfig.ilp_seeds), random
+also start from the HAWQ-V3 ILP's solutions at 12 energy budgets (StudyConfig.ilp_seeds), random
 search does not (it would measure the seeds, not random search). Each
 method is scored by the hypervolume of its measured front (1 - accuracy, relative energy)
 against the reference point (1, 1), i.e. 0 % accuracy at fp32 energy, and by whether that front
