@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--policies", type=int, default=200, help="random mixed policies for the per-policy agreement (default 200)")
     ce.add_argument("--seed", type=int, default=0)
     ce.add_argument("--no-install", action="store_true",
-                    help="do not install the profile by name (installed, `--energy-profile NAME` and `--objectives "
-                         "accuracy,energy,energy@NAME` find it)")
+                    help="do not install the fitted profile by name (by default it is, so that --energy-profile NAME "
+                         "and --objectives accuracy,energy,energy@NAME find it)")
     ce.add_argument("--json", action="store_true", help="print the fit and agreement as one JSON object")
 
     o = sub.add_parser("optimize", help="search per-layer bit widths: a measured accuracy-energy Pareto set")

@@ -338,7 +338,7 @@ def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space,
     from mpsearch.search.pareto import hypervolume, non_dominated
 
     sizes = rungs(min(config.multi_fidelity_images, full), full) if method.multi_fidelity else [full]
-    seed_batches = getattr(algorithm, "seed_batches", 1)  # the batches that carry seed vectors (tagged by kind)
+    seed_batches = algorithm.seed_batches  # the batches that carry seed vectors (tagged by kind)
     distributions = space.distributions()
     state_file = out / (CHECKPOINT_FILE if single else f"search_state.{method.name.replace('+', '-')}.json")
     checkpoint = _SearchCheckpoint(state_file, fresh=not any(key[0] == method.name for key in records), log=log)

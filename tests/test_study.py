@@ -228,9 +228,11 @@ def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_c
     for trial in loaded.trials:
         bits = {name: tuple(pair) for name, pair in json.loads(trial.user_attrs["layers"]).items()}
         assert trial.values[2] == pytest.approx(energy(table, bits, fitted).total / reference, rel=1e-9)
-    # On this CPU every width up to 8 bits runs the same int8 kernel, measured faster than fp32
-    # (about 1.9x for test_resnet), so every trial is cheaper than fp32 under the fitted profile.
-    assert all(t.values[2] < 1.0 for t in loaded.trials)
+    # Every width up to 8 bits runs the same int8 kernel, and every searched width is: under the
+    # measured profile all trials cost the same, whatever their mix of 2 to 8 bits (the analytical
+    # objective tells them apart).
+    assert len({round(t.values[2], 12) for t in loaded.trials}) == 1
+    assert len({round(t.values[1], 12) for t in loaded.trials}) > 1
     with pytest.raises(UserError, match="energy@PROFILE"):
         StudyConfig(objectives=("accuracy", "energy@"))
     with pytest.raises(UserError, match="a profile name"):

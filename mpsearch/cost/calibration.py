@@ -332,7 +332,7 @@ def calibrate_energy(table_path: str, *, target: str = "latency", name: str | No
     }
     measured = dict(zip(modeled, (kernel_measured, measured_policies)))
     scatter = out_dir / f"{name}_modeled_vs_measured.png"
-    machine = f"{table.device_name}; {table.machine}"
+    machine = table.machine if table.device == "cpu" else f"{table.device_name}; {table.machine}"
     plot_modeled_vs_measured(measured, modeled, scatter, units=fit.units,
                              title=f"{table.model}: modeled vs measured {target}", machine=machine)
     layers = [n for n in table.layers if table.row(n, "int8") or table.row(n, float_kernel)]
@@ -365,7 +365,7 @@ def _report_markdown(fit: Fit, table: KernelTable, table_path: str, profile_path
         f"R2 = {fit.r2_leave_one_layer_out:.4f}; per kernel Spearman {fit.per_layer.spearman:.3f}, Kendall "
         f"{fit.per_layer.kendall:.3f}, median |relative error| {_fmt(fit.per_layer.median_abs_rel_error, '.1%')}.",
         "",
-        "| precision | per MAC | per layer call | ",
+        "| precision | per MAC | per layer call |",
         "|---|---|---|",
         *(f"| {p} | {fit.mac[p]:.4g} {fit.units} | {fit.call[p]:.4g} {fit.units} |" for p in fit.precisions),
         "",
@@ -378,6 +378,9 @@ def _report_markdown(fit: Fit, table: KernelTable, table_path: str, profile_path
         "|---|---|---|---|---|---|",
         *(f"| {r['profile']} | {_fmt(r['kernel_spearman'])} | {_fmt(r['kernel_kendall'])} | {_fmt(r['policy_spearman'])} | "
           f"{_fmt(r['policy_kendall'])} | {_fmt(r['policy_median_rel_error'], '.1%')} |" for r in summary),
+        "",
+        f"Produced by `mpsearch calibrate-energy --table {table_path}` from the table `mpsearch profile --model "
+        f"{table.model} --device {table.device}` wrote.",
         "",
         f"![modeled vs measured]({plots[0]})",
         "",

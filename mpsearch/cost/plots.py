@@ -27,7 +27,7 @@ def plot_breakdown(table: CostTable, bits: Bits, profiles: list[EnergyProfile], 
                    title: str, machine: str = "") -> None:
     """Stacked bars per layer (arithmetic, memory) of one bit assignment, one panel per profile."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(profiles), 1, figsize=(max(8.0, 0.35 * len(table) + 2), 2.8 * len(profiles)),
+    fig, axes = plt.subplots(len(profiles), 1, figsize=(max(8.0, 0.45 * len(table) + 2), 2.8 * len(profiles)),
                              squeeze=False)
     x = np.arange(len(table))
     for ax, profile in zip(axes[:, 0], profiles):
@@ -38,7 +38,7 @@ def plot_breakdown(table: CostTable, bits: Bits, profiles: list[EnergyProfile], 
         ax.bar(x, memory, bottom=arithmetic, color="#dd8452", label=f"memory ({memory.sum() / report.total:.0%})")
         ax.set_ylabel(f"{profile.units} per sample")
         ax.set_title(f"{profile.name}: {report.total:,.4g} {profile.units} per sample", fontsize=9)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
         ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(x, [""] * len(x))
     axes[-1, 0].set_xticks(x, list(table.names), rotation=90, fontsize=7)
