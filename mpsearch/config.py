@@ -43,6 +43,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
         f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         for f in fields(cls)  # type: ignore[arg-type]
     }
+    # Fields a class retired are dropped, so that records written before (a study's config.yaml) stay readable.
+    data = {k: v for k, v in data.items() if k not in getattr(cls, "RETIRED_FIELDS", ())}
     unknown = sorted(set(data) - set(defaults))
     if unknown:
         raise UserError(f"{cls.__name__}: unknown field {unknown[0]!r}; known fields are {sorted(defaults)}")
@@ -317,6 +319,8 @@ class StudyConfig:
     # 20) beat 35 on seed 0 of scripts/bench_search.py: hypervolume 0.8689 vs 0.8666, fewer
     # seeds leaving more of the budget to the search.
     ilp_seeds: int = 12
+    # hawq_budgets (size-based seed allocations) gave way to ilp_seeds; old study records still load.
+    RETIRED_FIELDS: ClassVar[tuple[str, ...]] = ("hawq_budgets",)
     remeasure_points: int = 6
     out_root: str = "studies"
     # Fine-tune every re-measured Pareto point with LSQ + distillation (mpsearch.finetune), after

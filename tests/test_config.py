@@ -32,3 +32,14 @@ def test_keys_change_with_settings_and_configs_reject_bad_values():
     assert TrainRecipe.from_dict({"lr": 1}).lr == 1  # an int is a fine float
     with pytest.raises(UserError, match="finetune.steps"):
         FinetuneConfig(steps=0)
+
+
+def test_a_study_record_with_a_retired_field_still_loads():
+    """hawq_budgets gave way to ilp_seeds: config.yaml files written before must stay readable."""
+    from mpsearch.config import StudyConfig
+
+    old = {**StudyConfig().to_dict(), "hawq_budgets": [3.0, 4.0, 5.0, 6.0]}
+    old.pop("ilp_seeds")
+    assert StudyConfig.from_dict(old) == StudyConfig()
+    with pytest.raises(UserError, match="unknown field 'hawq_budget'"):
+        StudyConfig.from_dict({"hawq_budget": [3.0]})
