@@ -516,7 +516,7 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
     for name in list_profiles():
         p = load_profile(name)
-        print(f"{name:<14} [{p.units}] {p.description.splitlines()[0][:100]}")
+        print(f"{name:<24} [{p.units}] {p.description.splitlines()[0][:100]}")
     return 0
 
 

@@ -20,6 +20,12 @@ from mpsearch.cost.energy import kernel_bytes, parse_profile_text
 from mpsearch.cost.kernels import KernelRow, KernelTable, layer_inputs, load_kernel_table, profile_layers
 from mpsearch.errors import UserError
 
+@pytest.fixture(autouse=True)
+def _profiles_dir(tmp_path, monkeypatch):
+    """Fitted profiles installed by these tests land in a throwaway folder, not the user's cache."""
+    monkeypatch.setenv("MPSEARCH_PROFILES", str(tmp_path / "installed-profiles"))
+
+
 TRUE = {"mac": {"fp32": 2e-4, "bf16": 1.2e-4, "int8": 5e-5}, "call": {"fp32": 3.0, "bf16": 4.0, "int8": 6.0}, "per_byte": 1e-3}
 
 

@@ -203,9 +203,10 @@ def test_a_vit_study_searches_attention_matmuls_and_exports_them(tmp_path, digit
     assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == policy.provenance["metrics"]["test_accuracy"]
 
 
-def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_checkpoint):
+def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_checkpoint, monkeypatch):
     """--objectives accuracy,energy,energy@NAME: a calibrated profile installed by name becomes a
     third objective, with values equal to the relative energy under that profile."""
+    monkeypatch.setenv("MPSEARCH_PROFILES", str(tmp_path / "installed-profiles"))  # the in-process evaluator finds it there
     from mpsearch.cost import count_costs, energy, fp32_energy, load_profile
     from mpsearch.cost.calibration import fit_profile, profile_toml
     from mpsearch.cost.energy import install_profile
