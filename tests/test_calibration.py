@@ -20,6 +20,7 @@ from mpsearch.cost.energy import kernel_bytes, parse_profile_text
 from mpsearch.cost.kernels import KernelRow, KernelTable, layer_inputs, load_kernel_table, profile_layers
 from mpsearch.errors import UserError
 
+
 @pytest.fixture(autouse=True)
 def _profiles_dir(tmp_path, monkeypatch):
     """Fitted profiles installed by these tests land in a throwaway folder, not the user's cache."""
