@@ -50,15 +50,20 @@ def run(
     """Drive ``name`` like the study driver does; returns every batch asked."""
     algo = create_algorithm(name)
     algo.setup(SPACE, n_objectives=2, seed=seed, initial=list(initial), population_size=POP)
-    batches = []
-    for _ in range(generations):
+    return _drive(algo, generations, fail), algo
+
+
+def _drive(algo: SearchAlgorithm, rounds: int | None, fail) -> list[list[np.ndarray]]:
+    """Ask, measure, tell: ``rounds`` batches, or until the algorithm's plan is used up (None)."""
+    batches: list[list[np.ndarray]] = []
+    while (len(batches) < rounds) if rounds is not None else not algo.exhausted:
         xs = algo.ask()
         F = objectives(xs)
         if fail is not None:
             F[fail(len(batches), len(xs))] = np.inf
         algo.tell(xs, F)
         batches.append(xs)
-    return batches, algo
+    return batches
 
 
 # Population searches propose full batches forever; planning algorithms (ilp, greedy) propose a
@@ -178,15 +183,7 @@ def plan(name: str, *, seed: int = 0, initial=(), budget: int = 40, fail=None) -
     """Drive a planner to exhaustion like the study driver does; returns every batch asked."""
     algo = create_algorithm(name)
     algo.setup(SPACE, n_objectives=2, seed=seed, initial=list(initial), population_size=POP, context=_context(budget))
-    batches = []
-    while not algo.exhausted:
-        xs = algo.ask()
-        F = objectives(xs)
-        if fail is not None:
-            F[fail(len(batches), len(xs))] = np.inf
-        algo.tell(xs, F)
-        batches.append(xs)
-    return batches, algo
+    return _drive(algo, None, fail), algo
 
 
 @pytest.mark.parametrize("name", PLANNERS)
