@@ -591,16 +591,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_calibrate_energy(args: argparse.Namespace) -> int:
     from mpsearch.cost import load_profile
     from mpsearch.cost.calibration import calibrate_energy
-    from mpsearch.cost.kernels import load_kernel_table
 
-    table = load_kernel_table(args.table)
-    target = args.target or ("energy" if table.rows and all(r.energy_j is not None for r in table.rows) else "latency")
-    result = calibrate_energy(args.table, target=target, name=args.name, out=args.out, float_kernel=args.float_kernel,
+    result = calibrate_energy(args.table, target=args.target, name=args.name, out=args.out, float_kernel=args.float_kernel,
                               n_policies=args.policies, seed=args.seed, install=not args.no_install)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
-    f = result.fit
+    f, table = result.fit, result.table
     print(f"{table.model} on {table.device_name}: {f.target} fitted over {len(f.rows)} kernels ({', '.join(f.precisions)})")
     print(f"  R2 {f.r2:.4f} (leaving each layer out: {f.r2_leave_one_layer_out:.4f}); per kernel Spearman "
           f"{f.per_layer.spearman:.3f}, Kendall {f.per_layer.kendall:.3f}")

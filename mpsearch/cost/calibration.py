@@ -264,6 +264,7 @@ class CalibrationResult:
     """What ``mpsearch calibrate-energy`` wrote and measured."""
 
     fit: Fit
+    table: KernelTable = field(repr=False)
     profile_path: str
     report_path: str
     plot_paths: tuple[str, ...]
@@ -282,7 +283,7 @@ class CalibrationResult:
         }
 
 
-def calibrate_energy(table_path: str, *, target: str = "latency", name: str | None = None, out: str | None = None,
+def calibrate_energy(table_path: str, *, target: str | None = None, name: str | None = None, out: str | None = None,
                      float_kernel: str = "fp32", n_policies: int = 200, seed: int = 0,
                      compare: tuple[str, ...] = ("horowitz45nm", "seed-lab4"),
                      breakdown_bits: tuple[int, int] = (8, 8), install: bool = True) -> CalibrationResult:
@@ -290,6 +291,7 @@ def calibrate_energy(table_path: str, *, target: str = "latency", name: str | No
     profile's path; default ``<table dir>/<name>.toml``): the profile, ``calibration.md`` with the
     fit and the agreement of the fitted and the analytical profiles, and two figures (modeled vs
     measured, and the per-layer arithmetic/memory breakdown of the all-``breakdown_bits`` policy).
+    ``target`` None fits energy where every row has it, else latency.
     With ``install`` the profile is also installed by name (:func:`~mpsearch.cost.energy.install_profile`),
     so that ``--energy-profile NAME`` or an ``energy@NAME`` objective searches with it."""
     from pathlib import Path
@@ -302,6 +304,8 @@ def calibrate_energy(table_path: str, *, target: str = "latency", name: str | No
     if n_policies < 3:
         raise UserError(f"--policies must be >= 3, got {n_policies}")
     table = load_kernel_table(table_path)
+    if target is None:
+        target = "energy" if table.rows and all(r.energy_j is not None for r in table.rows) else "latency"
     fit = fit_profile(table, target)
     name = name or f"{table.model}-{table.device}-{target}"
     if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -344,7 +348,7 @@ def calibrate_energy(table_path: str, *, target: str = "latency", name: str | No
     report = out_dir / f"{name}_calibration.md"
     atomic_write_text(report, _report_markdown(fit, table, str(table_path), str(profile_path), summary, n_policies,
                                                float_kernel, (scatter.name, breakdown.name)), what="calibration report")
-    return CalibrationResult(fit, str(profile_path), str(report), (str(scatter), str(breakdown)), tuple(summary), installed)
+    return CalibrationResult(fit, table, str(profile_path), str(report), (str(scatter), str(breakdown)), tuple(summary), installed)
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
