@@ -245,7 +245,7 @@ def policy_agreement(table: KernelTable, profiles: list[EnergyProfile], *, n_pol
     return out, measured_arr, modeled_by
 
 
-def summary_rows(fit: Fit, per_kernel: dict[str, Agreement | None], per_policy: dict[str, Agreement]) -> list[dict[str, Any]]:
+def summary_rows(per_kernel: dict[str, Agreement | None], per_policy: dict[str, Agreement]) -> list[dict[str, Any]]:
     """One row per profile for the report table."""
     out = []
     for name in per_policy:
@@ -323,7 +323,7 @@ def calibrate_energy(table_path: str, *, target: str | None = None, name: str | 
     per_kernel = {p.name: agreement(table, p, target) for p in profiles}
     per_policy, measured_policies, modeled_policies = policy_agreement(
         table, profiles, n_policies=n_policies, seed=seed, target=target, float_kernel=float_kernel)
-    summary = summary_rows(fit, per_kernel, per_policy)
+    summary = summary_rows(per_kernel, per_policy)
 
     out_dir = profile_path.parent
     kernel_rows = [r for r in table.rows if _rows_bits(r) is not None]

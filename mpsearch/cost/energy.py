@@ -272,6 +272,10 @@ def _profiles_dir() -> Traversable:
     return resources.files("mpsearch.cost").joinpath("profiles")
 
 
+def _builtin_profiles() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in _profiles_dir().iterdir() if p.name.endswith(".toml"))
+
+
 def user_profiles_dir() -> Path:
     """Where fitted profiles are installed by name (``mpsearch calibrate-energy``):
     ``$MPSEARCH_PROFILES``, else ``<cache root>/profiles`` (``~/.cache/mpsearch/profiles``)."""
@@ -284,7 +288,7 @@ def user_profiles_dir() -> Path:
 def list_profiles() -> list[str]:
     """Names of the built-in profiles (the ``.toml`` files shipped in ``mpsearch/cost/profiles``)
     followed by those installed in :func:`user_profiles_dir`."""
-    builtin = sorted(p.name[: -len(".toml")] for p in _profiles_dir().iterdir() if p.name.endswith(".toml"))
+    builtin = _builtin_profiles()
     user = user_profiles_dir()
     installed = sorted(p.stem for p in user.glob("*.toml") if p.stem not in builtin) if user.is_dir() else []
     return builtin + installed
@@ -295,8 +299,7 @@ def install_profile(text: str, name: str) -> Path:
     by name; a built-in name cannot be shadowed."""
     from mpsearch.files import atomic_write_text
 
-    builtin = [p.name[: -len(".toml")] for p in _profiles_dir().iterdir() if p.name.endswith(".toml")]
-    if name in builtin:
+    if name in _builtin_profiles():
         raise UserError(f"profile name {name!r} is a built-in profile; pick another with --name")
     profile = parse_profile_text(text, f"profile {name!r}")
     if profile.name != name:

@@ -42,7 +42,6 @@ __all__ = [
     "KernelPrecision",
     "KernelRow",
     "KernelTable",
-    "STORAGE_BYTES",
     "layer_inputs",
     "load_kernel_table",
     "profile_layers",
@@ -50,7 +49,6 @@ __all__ = [
 ]
 
 TABLE_VERSION = 1
-STORAGE_BYTES = KERNEL_BYTES  # bytes per element each precision moves (int8 kernels keep fp32 biases)
 
 
 class KernelPrecision:
@@ -267,7 +265,7 @@ class KernelTable:
 
     @property
     def precisions(self) -> list[str]:
-        return sorted({r.precision for r in self.rows}, key=list(STORAGE_BYTES).index)
+        return sorted({r.precision for r in self.rows}, key=list(KERNEL_BYTES).index)
 
     @property
     def layers(self) -> list[str]:
@@ -313,7 +311,7 @@ def load_kernel_table(path: str | os.PathLike[str]) -> KernelTable:
     for i, row in enumerate(data["rows"] if isinstance(data["rows"], list) else [None]):
         if not isinstance(row, dict) or set(row) != row_fields:
             raise UserError(f"kernel table {p}: row {i} must have exactly the fields {sorted(row_fields)}")
-        if row["precision"] not in STORAGE_BYTES:
+        if row["precision"] not in KERNEL_BYTES:
             raise UserError(f"kernel table {p}: row {i} has unknown precision {row['precision']!r}")
         for key in ("macs", "weight_params", "bias_params", "input_elems", "output_elems", "seconds"):
             value = row[key]
