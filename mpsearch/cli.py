@@ -44,6 +44,9 @@ def _add_baseline_flags(p: argparse.ArgumentParser, *, recipe_overrides: bool = 
         p.add_argument("--epochs", type=int, default=None, help="override the training recipe's epochs")
         p.add_argument("--batch-size", type=int, default=None, help="override the training recipe's batch size")
         p.add_argument("--lr", type=float, default=None, help="override the training recipe's peak learning rate")
+        p.add_argument("--keep-fraction", type=float, default=None,
+                       help="override the share of images each epoch after the first trains on, hardest first "
+                            "(1: every image every epoch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -244,7 +247,8 @@ def _recipe(args: argparse.Namespace):
 
     if not hasattr(args, "epochs"):  # commands without recipe flags use the model's default recipe
         return default_recipe(args.model)
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+                                   ("keep_fraction", args.keep_fraction)) if v is not None}
     return replace(default_recipe(args.model), **overrides)
 
 
@@ -621,7 +625,7 @@ def _study_configs(args: argparse.Namespace, methods: str) -> list:
     from mpsearch.config import StudyConfig
     from mpsearch.study import MF_SUFFIX, parse_methods
 
-    if args.epochs or args.batch_size or args.lr:
+    if args.epochs or args.batch_size or args.lr or args.keep_fraction:
         raise UserError(f"{args.command} uses the default baseline recipe; train another with `mpsearch train --epochs ...` "
                         "and pass its file with --checkpoint")
     if args.pretrained:

@@ -74,7 +74,7 @@ def is_vision_transformer(name: str) -> bool:
 # (~1.25 s on 2 cores), so three epochs fill the same ~30 minutes; the README has the accuracy.
 VIT_RECIPE = TrainRecipe(
     epochs=3, batch_size=128, lr=1e-3, momentum=0.9, weight_decay=0.05, label_smoothing=0.1, warmup_fraction=0.2,
-    image_scales=(1.0,), optimizer="adamw",
+    image_scales=(1.0,), optimizer="adamw", keep_fraction=1.0,  # selective epochs were tuned on ResNet-18 only
 )
 
 
@@ -192,19 +192,32 @@ def train_model(
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format).train()
     opt = _optimizer(model, recipe)
-    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    n_train = len(train)
+    epoch_images = [n_train if epoch == 0 else recipe.epoch_images(n_train) for epoch in range(recipe.epochs)]
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=recipe.warmup_fraction
+        opt, max_lr=recipe.lr, total_steps=sum(math.ceil(n / recipe.batch_size) for n in epoch_images),
+        pct_start=recipe.warmup_fraction,
     )
+    selective = recipe.keep_fraction < 1
+    # Each image's loss when it was last trained on (selective epochs pick by it; see TrainRecipe).
+    last_loss = torch.zeros(n_train)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    per_image_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="none")
     for epoch in range(recipe.epochs):
         size = recipe.image_size(epoch, info.image_size)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs} @{size}px", disable=not progress, leave=True)
+        if selective:
+            positions = torch.randperm(n_train, generator=gen) if epoch == 0 else _pick_by_loss(last_loss, epoch_images[epoch], gen)
+            batches = train.select(positions).batches(recipe.batch_size)
+        else:  # the original path, kept bit for bit: cached baselines of earlier recipes stay reproducible
+            positions = None
+            batches = train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch)
+        steps = math.ceil(epoch_images[epoch] / recipe.batch_size)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe.epochs} @{size}px", disable=not progress, leave=True)
         seen = 0
         # Running sums stay on the device: reading them every step would stall a GPU's queue.
         correct = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for step, (x, y) in enumerate(train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch)):
+        for step, (x, y) in enumerate(batches):
             x = augment(x, recipe, fill, gen)
             if size != x.shape[-1]:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -212,20 +225,63 @@ def train_model(
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits = model(x)
-                loss = loss_fn(logits.float(), y)
+                if positions is None:
+                    loss = loss_fn(logits.float(), y)
+                else:
+                    losses = per_image_loss(logits.float(), y)
+                    loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if positions is not None:
+                last_loss[positions[seen : seen + len(y)]] = losses.detach().float().cpu()
             seen += len(y)
             correct += (logits.argmax(1) == y).sum()
             loss_sum += loss.detach() * len(y)
             bar.update(1)
-            if step % 10 == 0 or seen == len(train):
+            if step % 10 == 0 or seen == epoch_images[epoch]:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
         bar.close()
+    if selective:
+        _recalibrate_batch_norm(model, train, recipe, device, memory_format, gen, progress)
     model.to(device="cpu", memory_format=torch.contiguous_format).eval()
     return model
+
+
+def _pick_by_loss(last_loss: torch.Tensor, n_keep: int, gen: torch.Generator) -> torch.Tensor:
+    """``n_keep`` positions drawn without replacement with probability proportional to the rank
+    of their last loss (the hardest image is the likeliest, the easiest still has a chance, so
+    a stale low loss gets re-measured now and then), in random order. Gumbel top-k sampling."""
+    n = len(last_loss)
+    rank = torch.empty(n)
+    rank[last_loss.argsort()] = torch.arange(1, n + 1, dtype=torch.float32)
+    uniform = torch.rand(n, generator=gen).clamp_min(1e-12)
+    keys = torch.log(rank / n) - torch.log(-torch.log(uniform))
+    picked = keys.topk(n_keep).indices
+    return picked[torch.randperm(n_keep, generator=gen)]
+
+
+@torch.no_grad()
+def _recalibrate_batch_norm(model: nn.Module, train: Split, recipe: TrainRecipe, device: torch.device,
+                            memory_format: torch.memory_format, gen: torch.Generator, progress: bool) -> None:
+    """Re-estimate batch-norm running statistics on ``recipe.batch_norm_images`` random training
+    images at native size, in float32 like evaluation: selective epochs see the hard images
+    most, so the statistics they leave describe another mix of images than evaluation sees."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch
+    images = min(len(train), recipe.batch_norm_images)
+    sample = train.select(torch.randperm(len(train), generator=gen)[:images])
+    for x, _ in tqdm(sample.batches(256), total=math.ceil(images / 256), desc="batch-norm statistics",
+                     disable=not progress, leave=False):
+        model(x.to(device).contiguous(memory_format=memory_format))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 # -- baselines ----------------------------------------------------------------------------------

@@ -296,9 +296,11 @@ def test_vision_transformers_get_the_adamw_recipe_and_old_cache_keys_hold():
     assert not is_vision_transformer("resnet18")
     assert default_recipe("deit_tiny") is VIT_RECIPE and VIT_RECIPE.optimizer == "adamw"
     assert default_recipe("resnet18") == TrainRecipe()
-    # Baselines and sensitivity tables cached before `optimizer` / `attention_calibration` existed
-    # were keyed by these (the keys of the defaults then): they must not move.
-    assert TrainRecipe(lr=0.1, crop_padding=2, hflip=True).key().startswith("8cbf7e3a4e76f26b")  # the default until 2026-11-27
+    # Baselines and sensitivity tables cached before `optimizer` / `attention_calibration` /
+    # `keep_fraction` existed were keyed by these (the keys of the defaults then): they must not move.
+    six_epochs = {"epochs": 6, "image_scales": (0.64, 0.64, 0.64, 0.64, 0.86, 1.0), "keep_fraction": 1.0}
+    assert TrainRecipe(lr=0.1, crop_padding=2, hflip=True, **six_epochs).key().startswith("8cbf7e3a4e76f26b")  # until 2026-11-27
+    assert TrainRecipe(**six_epochs).key().startswith("57997c04c726c889")  # the default before selective epochs
     assert QuantConfig().key().startswith("2ae64e7f49ff26bf")
     assert replace(TrainRecipe(), optimizer="adamw").key() != TrainRecipe().key()
     assert QuantConfig(attention_calibration="ranking").key() != QuantConfig().key()

@@ -134,6 +134,8 @@ CASES = [
     ("optimize-unknown-ptq-method", [*OPT, "--checkpoint", "{ckpt}", "--out-root", "{root}", "--ptq", "brecq2"], "unknown PTQ method"),
     ("limit-zero", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--limit", "0"], "--limit"),
     ("split-train", [*EVAL, "--policy", "w8a8", "--split", "train"], "invalid choice"),
+    ("keep-fraction-zero", ["train", "--model", "test_resnet", "--dataset", "digits", "--keep-fraction", "0"],
+     "recipe.keep_fraction"),
     ("unknown-flag", [*EVAL, "--policy", "w8a8", "--frobnicate"], "unrecognized arguments"),
     ("unknown-command", ["frobnicate"], "invalid choice"),
     # storage, outputs and existing studies

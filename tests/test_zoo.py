@@ -105,3 +105,71 @@ def test_corrupt_cached_checkpoint_is_detected(digits, digits_recipe, digits_bas
     finally:
         path.write_bytes(original)
     assert json.loads((path.parent / "meta.json").read_text())["sha256"] == digits_baseline.sha256
+
+
+def test_selective_epochs_draw_hard_images_most_and_every_image_sometimes():
+    from mpsearch.zoo import _pick_by_loss
+
+    n, keep, draws = 1000, 500, 200
+    losses = torch.linspace(0.0, 3.0, n)[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
+    order = losses.argsort()  # easiest first
+    hits = torch.zeros(n)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        picked = _pick_by_loss(losses, keep, gen)
+        assert len(picked) == keep and len(set(picked.tolist())) == keep
+        hits[picked] += 1
+    rate = hits / draws
+    # Inclusion rises with the loss rank, monotone by tenths: with half kept the hardest tenth
+    # is drawn about 78 % of the time, the easiest about 7 % (rarely, but not never).
+    assert 0.7 < rate[order[-100:]].mean() < 0.86
+    assert 0.03 < rate[order[:100]].mean() < 0.12
+    deciles = [float(rate[order[k : k + 100]].mean()) for k in range(0, n, 100)]
+    assert deciles == sorted(deciles)
+    same = _pick_by_loss(losses, keep, torch.Generator().manual_seed(5))
+    assert torch.equal(same, _pick_by_loss(losses, keep, torch.Generator().manual_seed(5)))
+
+
+def test_batch_norm_statistics_are_re_estimated_over_the_sample(digits):
+    from mpsearch.config import TrainRecipe
+    from mpsearch.zoo import _recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", digits.info).train()
+    recipe = TrainRecipe(batch_norm_images=512, bf16=False, channels_last=False)
+    first_conv, first_norm = model.conv1[0], model.conv1[1]  # test_resnet's deep stem: conv, then batch norm
+    first_norm.running_mean.fill_(7.0)
+    _recalibrate_batch_norm(model, digits.train, recipe, torch.device("cpu"), torch.contiguous_format,
+                            torch.Generator().manual_seed(3), progress=False)
+    # The same 512 images, drawn again: two equal batches, so the cumulative average of batch
+    # means is the mean over all of them.
+    sample = digits.train.select(torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(3))[:512])
+    x = torch.cat([x for x, _ in sample.batches(512)])
+    with torch.no_grad():
+        expected = first_conv(x).mean(dim=(0, 2, 3))
+    assert torch.allclose(first_norm.running_mean, expected, atol=1e-5)
+    assert int(first_norm.num_batches_tracked) == 2
+    assert first_norm.momentum == 0.1  # restored
+
+
+def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
+    from mpsearch.config import TrainRecipe
+    from mpsearch.metrics import correct_mask
+    from mpsearch.zoo import train_model
+
+    recipe = TrainRecipe(epochs=8, batch_size=64, lr=0.05, label_smoothing=0.0, keep_fraction=0.5, bf16=False,
+                         channels_last=False, image_scales=(1.0,), batch_norm_images=256)
+    torch.manual_seed(0)
+    model = create_model("test_resnet", digits.info)
+    steps = []
+    model.register_forward_pre_hook(lambda m, args: steps.append(args[0].shape[0]) if m.training and torch.is_grad_enabled() else None)
+    train_model(model, digits.train, digits.info, recipe, progress=False)
+    n = len(digits.train)
+    half = recipe.epoch_images(n)
+    assert half == round(n / 2)
+    assert sum(steps) == n + 7 * half  # one full epoch, then seven on half of the images
+    assert len(steps) == -(-n // 64) + 7 * -(-half // 64)
+    accuracy = float(correct_mask(model.to(memory_format=torch.channels_last), digits.val).float().mean())
+    assert accuracy > 0.9
+    with pytest.raises(UserError, match="recipe.keep_fraction"):
+        TrainRecipe(keep_fraction=0.0)
