@@ -339,6 +339,9 @@ class StudyConfig:
     # 20) beat 35 on seed 0 of scripts/bench_search.py: hypervolume 0.8689 vs 0.8666, fewer
     # seeds leaving more of the budget to the search.
     ilp_seeds: int = 12
+    # NSGA-II gives up to this many offspring of every later batch to ILP solutions in the widest
+    # gaps of its measured front (mpsearch.search.nsga2); 0: plain NSGA-II after the seeds.
+    ilp_gap_plans: int = 4
     # hawq_budgets (size-based seed allocations) gave way to ilp_seeds; old study records still load.
     RETIRED_FIELDS: ClassVar[tuple[str, ...]] = ("hawq_budgets",)
     remeasure_points: int = 6
@@ -355,6 +358,8 @@ class StudyConfig:
             raise UserError(f"study.population_size: must be >= 2, got {self.population_size}")
         if self.eval_images < 1:
             raise UserError(f"study.eval_images: must be >= 1, got {self.eval_images}")
+        if self.ilp_gap_plans < 0:
+            raise UserError(f"study.ilp_gap_plans: must be >= 0 (0: no gap filling), got {self.ilp_gap_plans}")
         if self.ilp_seeds < 0:
             raise UserError(f"study.ilp_seeds: must be >= 0 (0: no sensitivity seeds), got {self.ilp_seeds}")
         if self.multi_fidelity_images < 1:

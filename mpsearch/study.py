@@ -270,7 +270,7 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
     with create_executor(spec, workers, address=config.ray_address, evaluator=evaluator) as executor:
         for method in methods:
             algorithm = create_algorithm(method.algorithm)
-            context = SearchContext(costs_of, weight_scores, config.budget) if algorithm.needs_context else None
+            context = SearchContext(costs_of, weight_scores, config.budget, gap_plans=config.ilp_gap_plans)
             initial = seeded if algorithm.sensitivity_seeded else uniform
             if len(initial) > config.population_size and not algorithm.extra_seeds:
                 # the first generation holds them; uniform ones first
@@ -394,8 +394,10 @@ def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space,
             for slot in todo:
                 record(slot, outcomes[slot], masks.get(slot))
         else:
-            recorder = _InOrderRecorder(todo, lambda slot, outcome: (record(slot, outcome), bar.update(1)))
-            tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=full) for slot in todo]
+            # every trial keeps which images it got right: fronts of different methods compare paired
+            recorder = _InOrderRecorder(todo, lambda slot, outcome: (
+                record(slot, outcome, outcome.mask() if outcome.ok else None), bar.update(1)))
+            tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=full, keep_mask=True) for slot in todo]
             outcomes = {o.index: o for o in executor.map(tasks, on_done=recorder.done)}
         F = np.zeros((len(batch), len(config.objectives)))
         for slot in range(len(batch)):
@@ -472,7 +474,8 @@ def _climb_rungs(todo: list[int], policies, sizes: list[int], executor, archive,
 
 _FLAGS = {"population_size": "--population", "eval_images": "--eval-images", "torch_threads": "--threads",
           "energy_profile": "--energy-profile", "calibration_size": "--calibration-size", "weight_observer": "--weight-observer",
-          "act_observer": "--act-observer", "ilp_seeds": "ilp_seeds (StudyConfig)"}
+          "act_observer": "--act-observer", "ilp_seeds": "ilp_seeds (StudyConfig)",
+          "ilp_gap_plans": "ilp_gap_plans (StudyConfig)"}
 
 
 def _config_conflict(stored: StudyConfig, config: StudyConfig) -> str | None:

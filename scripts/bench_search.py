@@ -7,11 +7,19 @@ Per seed, one study (`mpsearch compare`) runs every method with the same budget 
 on the search subset; a multi-fidelity candidate counts the images it used) and the same
 validation subset. Every method measures the uniform policies first; the population searches
 also start from the HAWQ-V3 ILP's solutions at 12 energy budgets (StudyConfig.ilp_seeds), random
-search does not (it would measure the seeds, not random search). Each
+search does not (it would measure the seeds, not random search); NSGA-II also gives 4 offspring
+of each later generation to ILP solutions in the widest gaps of its measured front
+(StudyConfig.ilp_gap_plans). Each
 method is scored by the hypervolume of its measured front (1 - accuracy, relative energy)
 against the reference point (1, 1), i.e. 0 % accuracy at fp32 energy, and by whether that front
-strictly dominates every uniform policy. The Pareto re-measurement on the full splits is
-skipped (it does not depend on the method). Then, on the first seed's study:
+strictly dominates every uniform policy; the first method's hypervolume minus each other's
+comes with a 95 % paired bootstrap interval over the search subset's images (every trial keeps
+which images it got right). Every method's front is also re-measured on the first 1000 test
+images (--heldout-images), which no method saw, and scored there the same ways: on the search
+subset, a method that measures more policies near the top of the front draws a luckier best
+accuracy (the winner's curse), and at reference (1, 1) the best accuracy weighs on most of the
+volume. The Pareto re-measurement on the full splits is skipped (it does not depend on the
+method). Then, on the first seed's study:
 
 - proxy validation: Kendall tau between each sensitivity proxy's predicted ordering of the
   measured trials and their measured accuracy;
@@ -32,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mpsearch.compare import method_scores, plot_methods, proxy_kendall
+from mpsearch.compare import method_scores, paired_hypervolume_difference, plot_methods, proxy_kendall
 from mpsearch.config import StudyConfig
 from mpsearch.fidelity import rungs
 from mpsearch.machine import describe_machine
@@ -102,6 +110,54 @@ def proxy_table(config: StudyConfig, trials) -> list[tuple[str, float, float, in
     return rows
 
 
+def heldout_trials(config: StudyConfig, trials, methods: list[str], images: int):
+    """Each method's front (full fidelity, search subset) re-measured on the first ``images`` test
+    images, as trial rows (run, energy, accuracy, per-image mask) that :func:`method_scores` and
+    :func:`paired_hypervolume_difference` score like the study's, and the useful-region reference
+    with W8A8 measured on the same images. The search picked its front on
+    the search subset, whose noise favours the method that measured more policies near its best
+    accuracy (the winner's curse); images no method saw score every front without that bias."""
+    import torch
+
+    from mpsearch.compare import objective_matrix
+    from mpsearch.config import QuantConfig
+    from mpsearch.data import load_dataset
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.fidelity import pack_mask
+    from mpsearch.policy import LayerPrecision, Policy
+    from mpsearch.search.pareto import non_dominated
+    from mpsearch.zoo import get_baseline
+
+    torch.set_num_threads(2)
+    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
+    baseline = get_baseline(config.model, data, seed=0, checkpoint=config.checkpoint, log=lambda m: None)
+    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    ev = Evaluator(baseline, data, quant=quant)
+    ev.calibrate()
+    ok = full_fidelity(trials)
+    measured: dict[str, torch.Tensor] = {}  # a policy two methods share is measured once
+
+    def mask_of(row) -> torch.Tensor:
+        key = row["attr_layers"]
+        if key not in measured:
+            layers = {n: LayerPrecision(w, a) for n, (w, a) in json.loads(key).items()}
+            policy = Policy(model=config.model, dataset=data.info.name, checkpoint_sha256=baseline.sha256, layers=layers)
+            measured[key] = ev.quantized_mask(policy, "test", limit=images)
+        return measured[key]
+
+    rows = []
+    for method in methods:
+        mine = ok[ok["attr_run"].astype(str) == method]
+        for _, row in mine.iloc[non_dominated(objective_matrix(mine, config.objectives))].iterrows():
+            mask = mask_of(row)
+            rows.append({"state": "COMPLETE", "attr_run": method, "attr_method": row["attr_method"], "attr_fidelity": 1.0,
+                         "attr_images": len(mask), "attr_mask": pack_mask(mask), "value_accuracy": float(mask.float().mean()),
+                         **{f"value_{name}": row[f"value_{name}"] for name in config.objectives[1:]}})
+    w8a8 = ok[ok["attr_method"].astype(str) == "uniform:w8a8"].iloc[0]
+    useful = np.array([1.0 - float(mask_of(w8a8).float().mean()) + 0.05, float(w8a8["value_energy"])])
+    return pd.DataFrame(rows), useful
+
+
 def cache_ratio(config: StudyConfig, trials, limit: int, method: str) -> tuple[float, float, int, float]:
     """(seconds with the cache, seconds without, policies, stages reused / stages in all) for the
     first ``limit`` trials of ``method``, re-measured in the order they ran."""
@@ -147,6 +203,8 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=StudyConfig.eval_images)
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--cache-policies", type=int, default=40, help="policies re-measured per method for the prefix-cache ratio")
+    ap.add_argument("--heldout-images", type=int, default=1000,
+                    help="re-measure each method's front on this many test images and score it there too (0: skip)")
     ap.add_argument("--cache-methods", default="nsga2+mf,ilp", help="methods whose trials the prefix-cache ratio replays")
     ap.add_argument("--out-root", default="studies/bench-search", help="where the benchmark's studies go (replaced)")
     ap.add_argument("--markdown", default=None, help="also write the result tables to this Markdown file")
@@ -186,6 +244,21 @@ def main() -> None:
         scores["hv_useful"] = method_scores(trials, config.objectives, useful).set_index("method")["hypervolume"]
         scores["hv_seeds"] = [seeds_only(trials, m, config.objectives) for m in scores.index]
         scores["hv_bound"] = volume_bound(trials)
+        lead = methods[0]
+        for other in methods[1:]:  # is the lead's margin more than the draw of the search subset's images?
+            for key, ref in (("paired", REF_POINT_PAD), ("paired_useful", useful)):
+                try:
+                    scores.loc[other, key] = "{:+.4f} [{:+.4f}, {:+.4f}]".format(
+                        *paired_hypervolume_difference(trials, lead, other, config.objectives, ref, seed=seed))
+                except ValueError:  # --rescore of a study recorded before every trial kept its mask
+                    scores.loc[other, key] = "n/a (no per-image masks)"
+        if args.heldout_images:
+            held, held_useful = heldout_trials(config, trials, methods, args.heldout_images)
+            for key, ref in (("hv_test", REF_POINT_PAD), ("hv_test_useful", held_useful)):
+                scores[key] = method_scores(held, config.objectives, ref).set_index("method")["hypervolume"]
+                for other in methods[1:]:
+                    scores.loc[other, f"paired_{key}"] = "{:+.4f} [{:+.4f}, {:+.4f}]".format(
+                        *paired_hypervolume_difference(held, lead, other, config.objectives, ref, seed=seed))
         per_seed.append(scores)
         studies.append((config, trials))
         print(f"seed {seed} ({(time.perf_counter() - start) / 60:.1f} min): " + ", ".join(
@@ -238,6 +311,20 @@ def main() -> None:
         ahead = [s.loc[lead, "hypervolume"] >= s.loc["ilp", "hypervolume"] for s in per_seed]
         ahead_useful = [s.loc[lead, "hv_useful"] >= s.loc["ilp", "hv_useful"] for s in per_seed]
         checks.append(f"HV({lead}) >= HV(ilp) on {sum(ahead)}/{len(ahead)} seeds (useful region: {sum(ahead_useful)}/{len(ahead)})")
+    for other in methods[1:]:
+        for key, region in (("paired", "reference (1, 1)"), ("paired_useful", "useful region")):
+            checks.append(f"HV({lead}) - HV({other}), {region}, with a 95 % paired bootstrap interval over the "
+                          f"{args.eval_images} images: " + "; ".join(
+                              f"seed {seed} {s.loc[other, key]}" for seed, s in zip(seeds, per_seed)))
+    if args.heldout_images:
+        for key, region in (("hv_test", "reference (1, 1)"), ("hv_test_useful", "useful region, W8A8 measured on them")):
+            lines_hv = ", ".join(f"{m} {mean_std([s.loc[m, key] for s in per_seed], '.5f')}" for m in methods)
+            checks.append(f"fronts re-measured on {args.heldout_images} test images, {region}: hypervolume {lines_hv}")
+            for other in methods[1:]:
+                ahead = sum(s.loc[lead, key] >= s.loc[other, key] for s in per_seed)
+                checks.append(f"  HV({lead}) - HV({other}) there, 95 % paired bootstrap interval over those images: " + "; ".join(
+                    f"seed {seed} {s.loc[other, f'paired_{key}']}" for seed, s in zip(seeds, per_seed))
+                    + f" ({lead} ahead on {ahead}/{len(per_seed)} seeds)")
     dominated = [all(bool(s.loc[lead, c]) for c in uniform_cols) for s in per_seed]
     checks.append(f"{lead}'s front dominates every uniform policy ({', '.join(c.split('_', 1)[1] for c in uniform_cols)}) "
                   f"on {sum(dominated)}/{len(dominated)} seeds")

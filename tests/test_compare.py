@@ -213,6 +213,26 @@ def test_a_promoted_candidate_is_measured_on_the_added_images_only(compared, dig
     assert float(mask.float().mean()) == pytest.approx(full["value_accuracy"])
 
 
+def test_every_trial_keeps_its_mask_and_fronts_compare_paired(compared):
+    from mpsearch.compare import paired_hypervolume_difference
+    from mpsearch.study import full_fidelity
+
+    cfg, result = compared
+    ok = full_fidelity(result.trials)
+    for _, row in ok.iterrows():  # every method, multi-fidelity or not, records which images were right
+        assert float(unpack_mask(row["attr_mask"], int(row["attr_images"])).float().mean()) == pytest.approx(row["value_accuracy"])
+    scores = method_scores(result.trials, cfg.objectives).set_index("method")
+    diff, low, high = paired_hypervolume_difference(result.trials, "nsga2+mf", "ilp", cfg.objectives, resamples=300)
+    # value_accuracy is stored as float32: equal to ~1e-7
+    assert diff == pytest.approx(scores.loc["nsga2+mf", "hypervolume"] - scores.loc["ilp", "hypervolume"], abs=1e-6)
+    assert low < high and low - 0.05 < diff < high + 0.05
+    back = paired_hypervolume_difference(result.trials, "ilp", "nsga2+mf", cfg.objectives, resamples=300)
+    assert back == pytest.approx((-diff, -high, -low))  # the same draws of images, the other way round
+    assert paired_hypervolume_difference(result.trials, "ilp", "ilp", cfg.objectives, resamples=50) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="masks"):
+        paired_hypervolume_difference(result.trials.drop(columns="attr_mask"), "ilp", "random", cfg.objectives)
+
+
 def test_compare_study_resumes_without_new_trials(compared):
     cfg, result = compared
     again = optimize(cfg, progress=False, log=lambda m: None)

@@ -238,6 +238,53 @@ def test_planner_contract_protocol_errors(name):
         algo.tell(xs[::-1], objectives(xs[::-1]))
 
 
+def test_nsga2_fills_the_widest_gaps_of_its_front_with_ilp_solutions():
+    """With gap_plans=k, every batch after the first ends in k ILP solutions not proposed before,
+    each inside a different gap between neighbours of the front measured so far, the first in the
+    widest gap that holds an unproposed solution, nearest that gap's middle; k=0 is plain NSGA-II."""
+    from dataclasses import replace
+
+    from mpsearch.search.nsga2 import GAP_PLAN_BUDGETS
+    from mpsearch.search.planning import ilp_plans
+
+    def measure(xs):  # the driver's order: error first, then the cost objectives
+        F = objectives(xs)
+        return np.c_[F[:, 1], F[:, 0]]
+
+    k = 3
+    context = replace(_context(budget=40), gap_plans=k)
+    cost = {tuple(int(v) for v in x): float(context.costs(x)[0]) for x in ilp_plans(SPACE, context, GAP_PLAN_BUDGETS)}
+    algo = create_algorithm("nsga2")
+    algo.setup(SPACE, n_objectives=2, seed=0, population_size=POP, context=context)
+    told: list[np.ndarray] = []
+    for generation in range(4):
+        xs = algo.ask()
+        if generation:
+            F = measure(told)
+            front = F[non_dominated(F)]
+            front = front[np.argsort(front[:, 1])]
+            gaps = [(front[i + 1, 1] - front[i, 1]) * (front[i, 0] - front[i + 1, 0]) for i in range(len(front) - 1)]
+            seen = {tuple(int(v) for v in x) for x in told}
+            fillers = [tuple(int(v) for v in x) for x in xs[-k:]]
+            assert all(f in cost and f not in seen for f in fillers)
+            holders = [int(np.searchsorted(front[:, 1], cost[f])) - 1 for f in fillers]  # the gap each lies in
+            assert len(set(holders)) == k and all(front[g, 1] < cost[f] < front[g + 1, 1] for g, f in zip(holders, fillers))
+            open_gaps = [g for g in range(len(gaps)) if any(front[g, 1] < c < front[g + 1, 1] and x not in seen
+                                                             for x, c in cost.items())]
+            widest = max(open_gaps, key=lambda g: gaps[g])
+            assert holders[0] == widest
+            middle = (front[widest, 1] + front[widest + 1, 1]) / 2
+            inside = [c for x, c in cost.items() if front[widest, 1] < c < front[widest + 1, 1] and x not in seen]
+            assert abs(cost[fillers[0]] - middle) == min(abs(c - middle) for c in inside)
+        algo.tell(xs, measure(xs))
+        told += xs
+
+    plain, _ = run("nsga2", generations=4)
+    off = create_algorithm("nsga2")
+    off.setup(SPACE, n_objectives=2, seed=0, population_size=POP, context=replace(context, gap_plans=0))
+    assert all(np.array_equal(x, y) for xs, ys in zip(plain, _drive(off, 4, None)) for x, y in zip(xs, ys))
+
+
 LEARNERS = ("nsga2", "optuna-nsga2", "optuna-tpe")
 
 

@@ -68,9 +68,10 @@ def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_ch
     pd.testing.assert_frame_equal(first.pareto[remeasured], ray2.pareto[remeasured])
 
 
-def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(study, tmp_path, tiny_checkpoint):
-    _, full = study
-    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, remeasure_points=2)
+def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(tmp_path, tiny_checkpoint):
+    # seed 1: its front holds 3 points (seed 0's, 2)
+    _, full = _run(tmp_path, "tiny-seed1", tiny_checkpoint, seed=1)
+    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=1, remeasure_points=2)
     assert len(full.pareto) > 2, "the tiny study's front should be wider than the cap"
     # Same search (same seed), so the same front; the cap keeps its cheapest and costliest points.
     assert capped.pareto["trial"].tolist() == [full.pareto["trial"].iloc[0], full.pareto["trial"].iloc[-1]]

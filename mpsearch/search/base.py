@@ -52,12 +52,15 @@ class SearchContext:
     ``weight_scores`` maps (layer, weight bits) to the sensitivity score of quantizing that
     layer's weights to that width (HAWQ's perturbation: Hessian trace x squared weight error);
     ``None`` when the study computed no sensitivity. ``budget`` is how many evaluations the
-    algorithm may propose in all, initial vectors included.
+    algorithm may propose in all, initial vectors included. ``gap_plans``: how many vectors of
+    each batch a population search may give to ILP solutions placed in the widest gaps of its
+    measured front (NSGA-II; 0: none).
     """
 
     costs: Callable[[np.ndarray], np.ndarray]
     weight_scores: Mapping[tuple[str, int], float] | None
     budget: int
+    gap_plans: int = 0
 
 
 class SearchAlgorithm(ABC):

@@ -5,6 +5,14 @@ operators its documentation recommends: IntegerRandomSampling-like start, SBX cr
 polynomial mutation on floats rounded back to integers, duplicates eliminated. Because the
 indices follow the bit order, SBX and PM make small steps in bit width more likely than big ones.
 
+With a :class:`SearchContext` that carries sensitivity scores and ``gap_plans > 0``, each batch
+of offspring gives up to ``gap_plans`` of its places to solutions of HAWQ-V3's integer linear
+program (at :data:`GAP_PLAN_BUDGETS` evenly spaced energy budgets, like the ``ilp`` baseline): the one
+whose energy lies nearest the middle of each of the widest gaps of the measured front, widest
+(largest rectangle between neighbouring front points in error x energy) first. Crossover and
+mutation rarely land in the narrow accuracy cliff where a few layers' widths decide everything;
+the ILP ranks layers there and the measurements say where to look.
+
 pymoo never evaluates anything here: the problem only carries bounds, and its ``_evaluate``
 raises. A failed evaluation (an ``inf`` row) is told as infeasible (one inequality constraint
 violated) so that survival ranks it below every measured point without inventing objective values.
@@ -18,7 +26,12 @@ import numpy as np
 
 from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, json_floats, register_algorithm
 
-__all__ = ["PymooNSGA2"]
+__all__ = ["PymooNSGA2", "GAP_PLAN_BUDGETS"]
+
+# The ILP is solved at this many evenly spaced energy budgets for gap filling: denser than the
+# ``ilp`` baseline's (one per evaluation, 200 in the benchmark), and fixed, not the study's
+# budget, so that a study extended to a larger budget replays the same search.
+GAP_PLAN_BUDGETS = 256
 
 
 def _problem(n_var: int, n_obj: int, xl: np.ndarray, xu: np.ndarray) -> Any:
@@ -73,6 +86,53 @@ class PymooNSGA2(SearchAlgorithm):
         # NSGA2.__init__ installs a default termination; the driver decides when to stop, so never.
         self._algorithm.setup(problem, seed=self.seed, termination=NoTermination(), verbose=False)
         self._batch: Any = None
+        self._plans = self._gap_candidates()
+        self._per_batch = min(self.context.gap_plans, self.population_size // 2) if self._plans else 0
+        self._proposed = {tuple(int(v) for v in x) for x in initial}
+        self._measured = np.zeros((0, 2))  # (error, first cost) of every finite result told
+
+    def _gap_candidates(self) -> list[tuple[float, np.ndarray]]:
+        """(energy, vector) of the distinct ILP solutions, cheapest first; none without scores."""
+        context = self.context
+        if context is None or context.weight_scores is None or context.gap_plans <= 0 or self.n_objectives < 2:
+            return []
+        from mpsearch.search.planning import ilp_plans
+
+        try:
+            plans = ilp_plans(self.space, context, GAP_PLAN_BUDGETS)
+        except ValueError:  # no weight gene to allocate, or a layer without a score: plain NSGA-II
+            return []
+        seen: set[tuple[int, ...]] = set()
+        out = []
+        for x in plans:
+            key = tuple(int(v) for v in x)
+            if key not in seen:
+                seen.add(key)
+                out.append((float(context.costs(x)[0]), x))
+        return sorted(out, key=lambda p: p[0])
+
+    def _gap_fillers(self, n: int, exclude: set[tuple[int, ...]]) -> list[np.ndarray]:
+        """Up to ``n`` ILP solutions not proposed before, one per gap of the measured front,
+        widest gap first, each the one whose energy lies nearest the middle of its gap."""
+        from mpsearch.search.pareto import non_dominated
+
+        if n <= 0 or len(self._measured) < 2:
+            return []
+        front = self._measured[non_dominated(self._measured)]
+        front = front[np.argsort(front[:, 1], kind="stable")]
+        gaps = [((b[1] - a[1]) * (a[0] - b[0]), a[1], b[1]) for a, b in zip(front[:-1], front[1:])]
+        chosen: list[np.ndarray] = []
+        for _, low, high in sorted(gaps, key=lambda g: -g[0]):
+            middle = (low + high) / 2
+            inside = [(abs(cost - middle), i) for i, (cost, x) in enumerate(self._plans)
+                      if low < cost < high and tuple(int(v) for v in x) not in exclude]
+            if inside:
+                x = self._plans[min(inside)[1]][1]
+                exclude.add(tuple(int(v) for v in x))
+                chosen.append(x)
+                if len(chosen) == n:
+                    break
+        return chosen
 
     def _ask(self) -> list[np.ndarray]:
         from pymoo.core.population import Population
@@ -88,6 +148,10 @@ class PymooNSGA2(SearchAlgorithm):
             pop = Population.merge(Population.new(X=np.array(seeds, dtype=float)), pop[: self.population_size - len(seeds)])
         X = np.array([np.asarray(ind.X).round() for ind in pop], dtype=np.int64).reshape(len(pop), self.space.n_var)
         X = np.clip(X, self.space.xl, self.space.xu)  # SBX/PM respect bounds; clip guards against rounding drift
+        if initialized and self._per_batch and not self._extra:
+            fillers = self._gap_fillers(self._per_batch, self._proposed | {tuple(int(v) for v in x) for x in X})
+            if fillers:  # they take the last offspring's places
+                X = np.concatenate([X[: len(X) - len(fillers)], np.array(fillers, dtype=np.int64)])
         if len(X) < self.population_size:
             current = list(X) + ([np.asarray(ind.X, dtype=np.int64) for ind in algorithm.pop] if algorithm.is_initialized else [])
             extra = initial_batch(self.space, [], self.population_size - len(X), algorithm.random_state, exclude=current)
@@ -104,9 +168,13 @@ class PymooNSGA2(SearchAlgorithm):
         X = np.array([np.asarray(ind.X, dtype=np.int64) for ind in pop]).reshape(len(pop), self.space.n_var)
         F = np.array([np.asarray(ind.F, dtype=float) for ind in pop]).reshape(len(pop), self.n_objectives)
         return {"population": X.tolist(), "objectives": json_floats(F), "n_gen": algorithm.n_gen,
-                "rng": algorithm.random_state.bit_generator.state, "seeds_left": len(self._extra)}
+                "rng": algorithm.random_state.bit_generator.state, "seeds_left": len(self._extra),
+                "gap_plans_left": sum(tuple(int(v) for v in x) not in self._proposed for _, x in self._plans)}
 
     def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+        self._proposed.update(tuple(int(v) for v in x) for x in xs)
+        if self.n_objectives >= 2 and (~failed).any():
+            self._measured = np.vstack([self._measured, F[~failed][:, :2]])
         pop = self._batch
         violation = failed.astype(float)[:, None]
         pop.set("F", F)
