@@ -15,8 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 from mpsearch.errors import UserError
 
-__all__ = ["TrainRecipe", "QuantConfig", "FinetuneConfig", "StudyConfig", "OBJECTIVES", "ENERGY_UNDER", "objective_spec",
-           "objective_profiles", "config_key", "config_from_dict"]
+__all__ = ["TrainRecipe", "SIX_EPOCH_SCALES", "QuantConfig", "FinetuneConfig", "StudyConfig", "OBJECTIVES", "ENERGY_UNDER",
+           "objective_spec", "objective_profiles", "config_key", "config_from_dict"]
 
 C = TypeVar("C")
 
@@ -64,6 +64,11 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
         if not ok:
             raise UserError(f"{cls.__name__}.{name}: expected {expected.__name__}, got {value!r}")
     return cls(**values)
+
+
+# The image-size table of the six-epoch default recipe that selective epochs replaced on
+# 2026-11-27; recipes written before then (the recipe sweep's base, old cache keys) use it.
+SIX_EPOCH_SCALES: tuple[float, ...] = (0.64, 0.64, 0.64, 0.64, 0.86, 1.0)
 
 
 @dataclass(frozen=True)

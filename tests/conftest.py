@@ -36,11 +36,11 @@ def digits(cache_dir):
 
 @pytest.fixture(scope="session")
 def digits_recipe():
-    from mpsearch.config import TrainRecipe
+    from mpsearch.config import SIX_EPOCH_SCALES, TrainRecipe
 
     # Pinned to the size table and full epochs it had before selective epochs became the default.
     return TrainRecipe(epochs=12, batch_size=64, lr=0.05, label_smoothing=0.0, crop_padding=1, hflip=False,
-                       bf16=False, channels_last=False, image_scales=(0.64, 0.64, 0.64, 0.64, 0.86, 1.0), keep_fraction=1.0)
+                       bf16=False, channels_last=False, image_scales=SIX_EPOCH_SCALES, keep_fraction=1.0)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from timm.layers import Attention
 
-from mpsearch.config import QuantConfig, TrainRecipe
+from mpsearch.config import SIX_EPOCH_SCALES, QuantConfig, TrainRecipe
 from mpsearch.errors import UserError
 from mpsearch.policy import LayerPrecision, Policy, is_matmul, uniform_policy
 from mpsearch.quant import QuantizedModel, fake_quantize, quantizable_layers, quantizable_matmuls
@@ -298,7 +298,7 @@ def test_vision_transformers_get_the_adamw_recipe_and_old_cache_keys_hold():
     assert default_recipe("resnet18") == TrainRecipe()
     # Baselines and sensitivity tables cached before `optimizer` / `attention_calibration` /
     # `keep_fraction` existed were keyed by these (the keys of the defaults then): they must not move.
-    six_epochs = {"epochs": 6, "image_scales": (0.64, 0.64, 0.64, 0.64, 0.86, 1.0), "keep_fraction": 1.0}
+    six_epochs = {"epochs": 6, "image_scales": SIX_EPOCH_SCALES, "keep_fraction": 1.0}
     assert TrainRecipe(lr=0.1, crop_padding=2, hflip=True, **six_epochs).key().startswith("8cbf7e3a4e76f26b")  # until 2026-11-27
     assert TrainRecipe(**six_epochs).key().startswith("57997c04c726c889")  # the default before selective epochs
     assert QuantConfig().key().startswith("2ae64e7f49ff26bf")

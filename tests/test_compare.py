@@ -84,6 +84,17 @@ def test_ilp_solutions_are_the_brute_force_optimum_at_their_energy():
     assert min(energies) == pytest.approx(min(costs(y)[0] for y in every))
 
 
+def test_solver_output_is_silenced_at_the_file_descriptor(capfd):
+    import os
+
+    from mpsearch.search.planning import _quiet_solver_output
+
+    with _quiet_solver_output():
+        os.write(1, b"from C++\n")  # how HiGHS prints its stray debug line
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"
+
+
 def test_greedy_lowers_the_least_harmful_unit_first_by_measured_drop():
     space, costs, _ = _toy()
     units, widest = plan_units(space)

@@ -21,6 +21,9 @@ change of the vector's cost when only its genes move away from the all-widest ve
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +101,27 @@ def _perturbation(unit: Unit, scores) -> np.ndarray:
     return np.asarray(out)
 
 
+@contextlib.contextmanager
+def _quiet_solver_output():
+    """Send file descriptor 1 to /dev/null: HiGHS 1.12 (scipy's milp) prints a debug line
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") from C++ even
+    with display off (ERGO-Code/HiGHS#2783), into the middle of a study's progress output."""
+    try:
+        stdout = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): nothing to silence
+        yield
+        return
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(stdout, 1)
+        os.close(stdout)
+        os.close(devnull)
+
+
 def ilp_plans(space: BoundSpace, context, n_budgets: int) -> list[np.ndarray]:
     """HAWQ-V3's ILP solved at ``n_budgets`` evenly spaced energy budgets, widest budget first:
     per budget, the vector minimising the summed Hessian perturbation whose first cost objective
@@ -123,10 +147,11 @@ def ilp_plans(space: BoundSpace, context, n_budgets: int) -> list[np.ndarray]:
     cheapest = base[0] + sum(float(d[:, 0].min()) for d in deltas)
     plans = []
     for limit in np.linspace(base[0], cheapest, max(n_budgets, 2)):
-        res = milp(
-            c, integrality=np.ones(n), bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit - base[0] + 1e-12)],
-        )
+        with _quiet_solver_output():
+            res = milp(
+                c, integrality=np.ones(n), bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(one_hot, 1, 1), LinearConstraint(cost[None, :], -np.inf, limit - base[0] + 1e-12)],
+            )
         if res.x is None:  # infeasible only through rounding at the cheapest end
             continue
         x = widest.copy()
