@@ -47,14 +47,45 @@ from mpsearch.machine import describe_machine
 from mpsearch.study import REF_POINT_PAD, full_fidelity, optimize, study_dir
 
 
+def study_inputs(config: StudyConfig):
+    """(data, baseline, quantizer settings) of a study: its calibration draw, checkpoint and observers."""
+    from mpsearch.config import QuantConfig
+    from mpsearch.data import load_dataset
+    from mpsearch.zoo import get_baseline
+
+    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
+    baseline = get_baseline(config.model, data, seed=0, checkpoint=config.checkpoint, log=lambda m: None)
+    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    return data, baseline, quant
+
+
+def trial_policy(config: StudyConfig, data, baseline, layers_json: str):
+    """The policy a trial measured, from its ``layers`` attribute."""
+    from mpsearch.policy import LayerPrecision, Policy
+
+    layers = {n: LayerPrecision(w, a) for n, (w, a) in json.loads(layers_json).items()}
+    return Policy(model=config.model, dataset=data.info.name, checkpoint_sha256=baseline.sha256, layers=layers)
+
+
+def w8a8_reference(accuracy: float, energy: float) -> np.ndarray:
+    """The useful-region reference from W8A8's accuracy and energy: at most 5 pp less accurate and
+    no costlier. The reference (1, 1) also counts policies at chance accuracy, which compresses
+    differences between fronts that agree on everything outside the useful region."""
+    return np.array([1.0 - accuracy + 0.05, energy])
+
+
 def useful_region(trials) -> np.ndarray:
-    """A second hypervolume reference, same for every method of a study: at most 5 pp less accurate
-    and no costlier than uniform W8A8 as measured in the study (every method measures it first).
-    The reference (1, 1) also counts policies at chance accuracy, which compresses differences
-    between fronts that agree on everything outside the useful region."""
+    """A second hypervolume reference, same for every method of a study: :func:`w8a8_reference`
+    of uniform W8A8 as measured in the study (every method measures it first)."""
     ok = full_fidelity(trials)
     w8a8 = ok[ok["attr_method"].astype(str) == "uniform:w8a8"].iloc[0]
-    return np.array([1.0 - float(w8a8["value_accuracy"]) + 0.05, float(w8a8["value_energy"])])
+    return w8a8_reference(float(w8a8["value_accuracy"]), float(w8a8["value_energy"]))
+
+
+def paired_text(trials, lead: str, other: str, config: StudyConfig, ref) -> str:
+    """HV(lead) - HV(other) and its paired bootstrap interval, as printed."""
+    return "{:+.4f} [{:+.4f}, {:+.4f}]".format(
+        *paired_hypervolume_difference(trials, lead, other, config.objectives, ref, seed=config.seed))
 
 
 def seeds_only(trials, method: str, objectives: tuple[str, ...]) -> float:
@@ -88,16 +119,11 @@ def proxy_table(config: StudyConfig, trials) -> list[tuple[str, float, float, in
     """Kendall tau of the hessian and empirical proxies over the study's full-fidelity trials."""
     import torch
 
-    from mpsearch.config import QuantConfig
-    from mpsearch.data import load_dataset
     from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity
-    from mpsearch.zoo import get_baseline
 
-    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
-    baseline = get_baseline(config.model, data, seed=0, checkpoint=config.checkpoint, log=lambda m: None)
+    data, baseline, quant = study_inputs(config)
     # the searched layers in gene order, as the study asked for them (so the study's Hessian comes from the cache)
     layers = [c[len("param_w:"):] for c in trials.columns if c.startswith("param_w:")]
-    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
     ok = full_fidelity(trials)
     rows = []
     torch.set_num_threads(2)
@@ -120,18 +146,12 @@ def heldout_trials(config: StudyConfig, trials, methods: list[str], images: int)
     import torch
 
     from mpsearch.compare import objective_matrix
-    from mpsearch.config import QuantConfig
-    from mpsearch.data import load_dataset
     from mpsearch.evaluate import Evaluator
     from mpsearch.fidelity import pack_mask
-    from mpsearch.policy import LayerPrecision, Policy
     from mpsearch.search.pareto import non_dominated
-    from mpsearch.zoo import get_baseline
 
     torch.set_num_threads(2)
-    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
-    baseline = get_baseline(config.model, data, seed=0, checkpoint=config.checkpoint, log=lambda m: None)
-    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    data, baseline, quant = study_inputs(config)
     ev = Evaluator(baseline, data, quant=quant)
     ev.calibrate()
     ok = full_fidelity(trials)
@@ -140,9 +160,7 @@ def heldout_trials(config: StudyConfig, trials, methods: list[str], images: int)
     def mask_of(row) -> torch.Tensor:
         key = row["attr_layers"]
         if key not in measured:
-            layers = {n: LayerPrecision(w, a) for n, (w, a) in json.loads(key).items()}
-            policy = Policy(model=config.model, dataset=data.info.name, checkpoint_sha256=baseline.sha256, layers=layers)
-            measured[key] = ev.quantized_mask(policy, "test", limit=images)
+            measured[key] = ev.quantized_mask(trial_policy(config, data, baseline, key), "test", limit=images)
         return measured[key]
 
     rows = []
@@ -154,8 +172,7 @@ def heldout_trials(config: StudyConfig, trials, methods: list[str], images: int)
                          "attr_images": len(mask), "attr_mask": pack_mask(mask), "value_accuracy": float(mask.float().mean()),
                          **{f"value_{name}": row[f"value_{name}"] for name in config.objectives[1:]}})
     w8a8 = ok[ok["attr_method"].astype(str) == "uniform:w8a8"].iloc[0]
-    useful = np.array([1.0 - float(mask_of(w8a8).float().mean()) + 0.05, float(w8a8["value_energy"])])
-    return pd.DataFrame(rows), useful
+    return pd.DataFrame(rows), w8a8_reference(float(mask_of(w8a8).float().mean()), float(w8a8["value_energy"]))
 
 
 def cache_ratio(config: StudyConfig, trials, limit: int, method: str) -> tuple[float, float, int, float]:
@@ -163,20 +180,12 @@ def cache_ratio(config: StudyConfig, trials, limit: int, method: str) -> tuple[f
     first ``limit`` trials of ``method``, re-measured in the order they ran."""
     import torch
 
-    from mpsearch.config import QuantConfig
-    from mpsearch.data import load_dataset
     from mpsearch.evaluate import Evaluator
-    from mpsearch.policy import LayerPrecision, Policy
-    from mpsearch.zoo import get_baseline
 
     torch.set_num_threads(config.torch_threads)
-    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
-    baseline = get_baseline(config.model, data, seed=0, checkpoint=config.checkpoint, log=lambda m: None)
+    data, baseline, quant = study_inputs(config)
     run = trials[trials["attr_run"] == method].head(limit)
-    policies = [Policy(model=config.model, dataset=data.info.name, checkpoint_sha256=baseline.sha256,
-                       layers={n: LayerPrecision(w, a) for n, (w, a) in json.loads(row["attr_layers"]).items()})
-                for _, row in run.iterrows()]
-    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
+    policies = [trial_policy(config, data, baseline, row["attr_layers"]) for _, row in run.iterrows()]
     seconds = {}
     for cached in (False, True):
         ev = Evaluator(baseline, data, quant=quant, prefix_cache=cached)
@@ -248,8 +257,7 @@ def main() -> None:
         for other in methods[1:]:  # is the lead's margin more than the draw of the search subset's images?
             for key, ref in (("paired", REF_POINT_PAD), ("paired_useful", useful)):
                 try:
-                    scores.loc[other, key] = "{:+.4f} [{:+.4f}, {:+.4f}]".format(
-                        *paired_hypervolume_difference(trials, lead, other, config.objectives, ref, seed=seed))
+                    scores.loc[other, key] = paired_text(trials, lead, other, config, ref)
                 except ValueError:  # --rescore of a study recorded before every trial kept its mask
                     scores.loc[other, key] = "n/a (no per-image masks)"
         if args.heldout_images:
@@ -257,8 +265,7 @@ def main() -> None:
             for key, ref in (("hv_test", REF_POINT_PAD), ("hv_test_useful", held_useful)):
                 scores[key] = method_scores(held, config.objectives, ref).set_index("method")["hypervolume"]
                 for other in methods[1:]:
-                    scores.loc[other, f"paired_{key}"] = "{:+.4f} [{:+.4f}, {:+.4f}]".format(
-                        *paired_hypervolume_difference(held, lead, other, config.objectives, ref, seed=seed))
+                    scores.loc[other, f"paired_{key}"] = paired_text(held, lead, other, config, ref)
         per_seed.append(scores)
         studies.append((config, trials))
         print(f"seed {seed} ({(time.perf_counter() - start) / 60:.1f} min): " + ", ".join(
