@@ -147,9 +147,14 @@ class TrainRecipe:
         index = last if self.epochs == 1 else round(epoch * last / (self.epochs - 1))
         return max(1, round(native * self.image_scales[index]))
 
-    def epoch_images(self, n_train: int) -> int:
-        """Images a selective epoch (every epoch after the first) trains on."""
-        return max(1, round(n_train * self.keep_fraction))
+    def epoch_share(self, epoch: int) -> float:
+        """The share of the training images ``epoch`` (0-based) trains on: all in the first,
+        ``keep_fraction`` in every later (selective) one."""
+        return 1.0 if epoch == 0 else self.keep_fraction
+
+    def epoch_images(self, epoch: int, n_train: int) -> int:
+        """Images ``epoch`` (0-based) trains on, out of ``n_train``."""
+        return max(1, round(n_train * self.epoch_share(epoch)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

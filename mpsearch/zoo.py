@@ -193,7 +193,7 @@ def train_model(
     model.to(device=device, memory_format=memory_format).train()
     opt = _optimizer(model, recipe)
     n_train = len(train)
-    epoch_images = [n_train if epoch == 0 else recipe.epoch_images(n_train) for epoch in range(recipe.epochs)]
+    epoch_images = [recipe.epoch_images(epoch, n_train) for epoch in range(recipe.epochs)]
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr, total_steps=sum(math.ceil(n / recipe.batch_size) for n in epoch_images),
         pct_start=recipe.warmup_fraction,

@@ -139,8 +139,7 @@ def predicted_minutes(recipe: TrainRecipe, cost: dict[int, float]) -> float:
     missing = sorted(set(sizes) - set(cost))
     if missing:
         raise SystemExit(f"no CPU cost measured for sizes {missing}; rerun `cost` with --sizes including them")
-    # Selective epochs (every epoch after the first) train on keep_fraction of the images.
-    return sum(cost[s] * (1.0 if epoch == 0 else recipe.keep_fraction) for epoch, s in enumerate(sizes))
+    return sum(cost[s] * recipe.epoch_share(epoch) for epoch, s in enumerate(sizes))
 
 
 # -- run -----------------------------------------------------------------------------------------

@@ -165,8 +165,8 @@ def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
     model.register_forward_pre_hook(lambda m, args: steps.append(args[0].shape[0]) if m.training and torch.is_grad_enabled() else None)
     train_model(model, digits.train, digits.info, recipe, progress=False)
     n = len(digits.train)
-    half = recipe.epoch_images(n)
-    assert half == round(n / 2)
+    half = recipe.epoch_images(1, n)
+    assert half == round(n / 2) and recipe.epoch_images(0, n) == n
     assert sum(steps) == n + 7 * half  # one full epoch, then seven on half of the images
     assert len(steps) == -(-n // 64) + 7 * -(-half // 64)
     accuracy = float(correct_mask(model.to(memory_format=torch.channels_last), digits.val).float().mean())
