@@ -707,12 +707,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from mpsearch.compare import method_scores
-    from mpsearch.study import REF_POINT_PAD
 
     results = _run_studies(args, args.algorithms)
     per_method: dict[str, list[float]] = {}
     for r in results:
-        scores = method_scores(r.trials, tuple(o.strip() for o in args.objectives.split(",")), REF_POINT_PAD)
+        scores = method_scores(r.trials, tuple(o.strip() for o in args.objectives.split(",")), r.ref_point)
         print((r.out_dir / "compare.md").read_text())
         for _, row in scores.iterrows():
             per_method.setdefault(row["method"], []).append(float(row["hypervolume"]))

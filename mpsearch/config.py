@@ -346,7 +346,7 @@ class StudyConfig:
     # solutions at this many evenly spaced energy budgets, after the uniform policies: the first
     # batches carry them (NSGA-II takes more than one batch; Optuna samplers keep the first
     # population_size); 0: no sensitivity seeds. 12 (+ 5 uniform + 3 random in a generation of
-    # 20) beat 35 on seed 0 of scripts/bench_search.py: hypervolume 0.8689 vs 0.8666, fewer
+    # 20) beat 35 on seed 0 of scripts/bench_search.py: hypervolume 0.8689 vs 0.8666 at reference (1, 1), fewer
     # seeds leaving more of the budget to the search.
     ilp_seeds: int = 12
     # NSGA-II gives up to this many offspring of every later batch to ILP solutions in the widest

@@ -122,7 +122,8 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
         f"first {config.eval_images} validation images; the Pareto set "
         + (f"(at most {config.remeasure_points} points, spread along the front) " if config.remeasure_points else "")
         + "re-measured on the full validation and test splits",
-        f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point {ref_point}): "
+        "- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
+        f"({', '.join(f'{v:.4g}' for v in ref_point)}): 0 % accuracy at the costliest policy of the search space): "
         f"**{hypervolume:.4f}**",
         f"- wall time {wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
         f"{config.torch_threads} torch thread(s); machine: {machine}; {platform_}",

@@ -37,7 +37,7 @@ from mpsearch.files import atomic_write, atomic_write_text
 
 __all__ = [
     "Method", "StudyResult", "full_fidelity", "optimize", "parse_methods", "study_dir", "storage_url", "load_trials",
-    "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS",
+    "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS", "hypervolume_reference",
 ]
 
 PARETO_FILE = "pareto.csv"
@@ -47,7 +47,6 @@ CHECKPOINT_FILE = "search_state.json"
 RESUMABLE_FIELDS = ("budget", "workers", "ray_address", "remeasure_points", "data_dir", "out_root", "storage", "checkpoint",
                     "finetune_front", "finetune_steps")
 UNIFORM_SHORTHANDS = ((8, 8), (6, 6), (4, 8), (4, 4), (2, 8))
-REF_POINT_PAD = 1.0  # hypervolume reference: error 1.0 and each relative cost 1.0 (the fp32 model)
 MF_SUFFIX = "+mf"  # "nsga2+mf": the method measures candidates with multi-fidelity promotions
 
 
@@ -59,6 +58,7 @@ class StudyResult:
     pareto: Any  # pandas.DataFrame; None when the front was not re-measured
     hypervolume: float
     wall_s: float
+    ref_point: tuple[float, ...]  # the hypervolume reference: see hypervolume_reference()
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,7 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
                     seeded.append(x)
                     tags.append(tag)
     uniform = uniform[: config.population_size]
+    ref = hypervolume_reference(space, costs_of)
     seed_tags = {tuple(int(v) for v in x): t for x, t in zip(seeded, tags)}
 
     workers = default_workers(config.torch_threads) if config.workers == -1 else config.workers
@@ -280,11 +281,10 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
                             population_size=config.population_size, context=context)
             _search_run(method, algorithm, config=config, study=study, space=space, executor=executor, to_policy=to_policy,
                         records=records, seed_tags=seed_tags, out=out, single=len(methods) == 1, progress=progress, log=log,
-                        full=min(config.eval_images, len(data.val)))
+                        full=min(config.eval_images, len(data.val)), ref=ref)
         if getattr(executor, "replaced", 0):
             log(f"{executor.replaced} worker(s) died during the search and were replaced; their evaluations were retried")
         search_s = time.perf_counter() - start
-        ref = np.full(len(config.objectives), REF_POINT_PAD)
         trials = load_trials(study)
         pareto = _remeasure_front(config, evaluator, executor, space, trials, to_policy, out, log, progress) if remeasure else None
     if pareto is not None and config.finetune_front:
@@ -293,18 +293,18 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
     wall = time.perf_counter() - start
 
     resolved = dict(config.to_dict(), storage=storage_url(config), workers=workers, study_name=name,
-                    space_resolved=space_def.to_dict())
+                    space_resolved=space_def.to_dict(), hypervolume_reference=ref.tolist())
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False), what="study config")
     atomic_write(out / "trials.csv", lambda f: trials.to_csv(f, index=False), what="trial table")
     atomic_write(out / "trials.parquet", lambda f: trials.to_parquet(f, index=False), binary=True, what="trial table")
     if len(methods) > 1:
         from mpsearch.compare import write_comparison
 
-        write_comparison(out, trials, config, machine=describe_machine())
+        write_comparison(out, trials, config, ref, machine=describe_machine())
     if pareto is None:
         log(f"study {name}: {len(trials)} trials, hypervolume {hv:.4f} on the search split, {wall / 60:.1f} min; "
             f"front not re-measured; outputs in {out}")
-        return StudyResult(name, out, trials, None, hv, wall)
+        return StudyResult(name, out, trials, None, hv, wall, tuple(ref.tolist()))
     atomic_write(out / PARETO_FILE, lambda f: pareto.to_csv(f, index=False), what="Pareto table")
     from mpsearch.compare import proxy_kendall
     from mpsearch.report import plot_front, write_report
@@ -318,11 +318,25 @@ def _optimize_locked(config: StudyConfig, lock, out: Path, methods: list[Method]
     )
     log(f"study {name}: {len(trials)} trials, front of {len(pareto)} points, hypervolume {hv:.4f}, "
         f"{wall / 60:.1f} min; outputs in {out}")
-    return StudyResult(name, out, trials, pareto, hv, wall)
+    return StudyResult(name, out, trials, pareto, hv, wall, tuple(ref.tolist()))
+
+
+def hypervolume_reference(space, costs_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A study's hypervolume reference point: error 1 (0 % accuracy) and, for each cost
+    objective, the costliest policy its search space holds (every gene at its widest choice, or
+    at its narrowest where a cost model charges narrow widths more).
+
+    Why not fp32, (1, 1) in relative costs: fp32 is outside the space, and every front then also
+    scores its best accuracy times the empty stretch of cost between the space's costliest policy
+    and fp32 (on ResNet-18's default space 79 % of the energy axis), so that volume says little
+    beyond a front's best accuracy. The space's nadir weighs the trade-off the space offers and
+    nothing outside it. It depends on the space and the cost model only, never on what a search
+    measured, so every method and every seed of a study share it."""
+    return np.concatenate([[1.0], np.maximum(costs_of(space.xu), costs_of(space.xl))])
 
 
 def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space, executor, to_policy, records, seed_tags,
-                out: Path, single: bool, progress: bool, log: Callable[[str], None], full: int) -> None:
+                out: Path, single: bool, progress: bool, log: Callable[[str], None], full: int, ref: np.ndarray) -> None:
     """Run one method to its budget (counted in full evaluations of ``full`` images) and record its trials.
 
     Without multi-fidelity every candidate is measured on ``eval_images`` validation images and
@@ -343,7 +357,6 @@ def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space,
     state_file = out / (CHECKPOINT_FILE if single else f"search_state.{method.name.replace('+', '-')}.json")
     checkpoint = _SearchCheckpoint(state_file, fresh=not any(key[0] == method.name for key in records), log=log)
     archive = Archive()
-    ref = np.full(len(config.objectives), REF_POINT_PAD)
     front_F = np.zeros((0, len(config.objectives)))
     spent = 0.0  # full-evaluation equivalents
     generation = 0

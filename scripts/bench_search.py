@@ -11,8 +11,11 @@ search does not (it would measure the seeds, not random search); NSGA-II also gi
 of each later generation to ILP solutions in the widest gaps of its measured front
 (StudyConfig.ilp_gap_plans). Each
 method is scored by the hypervolume of its measured front (1 - accuracy, relative energy)
-against the reference point (1, 1), i.e. 0 % accuracy at fp32 energy, and by whether that front
-strictly dominates every uniform policy; the first method's hypervolume minus each other's
+against three reference points: the study's own, 0 % accuracy at the costliest policy of the
+search space (mpsearch.study.hypervolume_reference; what `mpsearch compare` reports and what the
+1.03 x random target is read on), (1, 1), i.e. 0 % accuracy at fp32 energy, and the useful
+region around W8A8; and by whether that front strictly dominates every uniform policy. The
+first method's hypervolume minus each other's
 comes with a 95 % paired bootstrap interval over the search subset's images (every trial keeps
 which images it got right). Every method's front is also re-measured on the first 1000 test
 images (--heldout-images), which no method saw, and scored there the same ways: on the search
@@ -44,7 +47,17 @@ from mpsearch.compare import method_scores, paired_hypervolume_difference, plot_
 from mpsearch.config import StudyConfig
 from mpsearch.fidelity import rungs
 from mpsearch.machine import describe_machine
-from mpsearch.study import REF_POINT_PAD, full_fidelity, optimize, study_dir
+from mpsearch.study import full_fidelity, optimize, study_dir
+
+# Each method's front is scored against three references, all shared by every method of a study:
+# the study's own (0 % accuracy at the costliest policy of the search space, see
+# mpsearch.study.hypervolume_reference), fp32's (1, 1), and the useful region around W8A8.
+REFERENCES = {
+    "space": "space reference (0 % accuracy at the search space's costliest policy)",
+    "fp32": "reference (1, 1) (0 % accuracy at fp32 energy)",
+    "useful": "useful region (at most 5 pp below and no costlier than W8A8)",
+}
+TARGET_REFERENCE = "space"  # the study's own reference: what `mpsearch compare` reports
 
 
 def study_inputs(config: StudyConfig):
@@ -88,8 +101,8 @@ def paired_text(trials, lead: str, other: str, config: StudyConfig, ref) -> str:
         *paired_hypervolume_difference(trials, lead, other, config.objectives, ref, seed=config.seed))
 
 
-def seeds_only(trials, method: str, objectives: tuple[str, ...]) -> float:
-    """Hypervolume, reference (1, 1), of ``method``'s seed policies alone (the uniform policies and
+def seeds_only(trials, method: str, objectives: tuple[str, ...], ref: np.ndarray) -> float:
+    """Hypervolume, reference ``ref``, of ``method``'s seed policies alone (the uniform policies and
     the ILP solutions it started from, as measured): what the search added is its final volume
     minus this."""
     from mpsearch.compare import objective_matrix
@@ -99,15 +112,26 @@ def seeds_only(trials, method: str, objectives: tuple[str, ...]) -> float:
     kind = ok["attr_method"].astype(str)
     first = ok[(ok["attr_run"].astype(str) == method) & (kind.str.startswith("uniform:") | kind.str.startswith("ilp:"))]
     F = objective_matrix(first, objectives)
-    return hypervolume(F[non_dominated(F)], np.full(len(objectives), REF_POINT_PAD)) if len(F) else 0.0
+    return hypervolume(F[non_dominated(F)], ref) if len(F) else 0.0
 
 
-def volume_bound(trials) -> float:
-    """Hypervolume, reference (1, 1), of one point holding the best accuracy any trial of the
+def volume_bound(trials, ref: np.ndarray) -> float:
+    """Hypervolume, reference ``ref``, of one point holding the best accuracy any trial of the
     study measured at the lowest relative energy any trial measured: no front of measured points
     can exceed it (the ILP measures the cheapest policy of the space, at its smallest budget)."""
     ok = full_fidelity(trials)
-    return float(ok["value_accuracy"].max()) * (REF_POINT_PAD - float(ok["value_energy"].min()))
+    return float(ok["value_accuracy"].max()) * (float(ref[1]) - float(ok["value_energy"].min()))
+
+
+def study_reference(folder: Path) -> np.ndarray:
+    """The hypervolume reference a finished study recorded in its config.yaml."""
+    import yaml
+
+    recorded = yaml.safe_load((folder / "config.yaml").read_text()).get("hypervolume_reference")
+    if recorded is None:
+        raise SystemExit(f"{folder}: no hypervolume_reference in config.yaml (a study from before it was recorded); "
+                         "run the benchmark again without --rescore")
+    return np.asarray(recorded, dtype=float)
 
 
 def mean_std(values: list[float], fmt: str = ".4f") -> str:
@@ -235,6 +259,7 @@ def main() -> None:
         checkpoint = str(get_baseline(args.model, load_dataset(args.dataset), seed=0).checkpoint)
     per_seed = []
     studies = []
+    space_refs = []
     for seed in seeds:
         config = StudyConfig(name=f"bench-{args.model}-b{args.budget}-s{seed}", model=args.model, dataset=args.dataset,
                              seed=seed, budget=args.budget, algorithm=args.methods, population_size=args.population,
@@ -244,56 +269,65 @@ def main() -> None:
         start = time.perf_counter()
         if args.rescore:  # score the studies a previous run measured, without measuring again
             trials = pd.read_csv(folder / "trials.csv")
+            space_ref = study_reference(folder)
         else:
             if folder.exists():  # the benchmark owns its folder: always a fresh study
                 shutil.rmtree(folder)
-            trials = optimize(config, remeasure=False, log=lambda m: None).trials
-        scores = method_scores(trials, config.objectives, REF_POINT_PAD).set_index("method")
-        useful = useful_region(trials)
-        scores["hv_useful"] = method_scores(trials, config.objectives, useful).set_index("method")["hypervolume"]
-        scores["hv_seeds"] = [seeds_only(trials, m, config.objectives) for m in scores.index]
-        scores["hv_bound"] = volume_bound(trials)
+            result = optimize(config, remeasure=False, log=lambda m: None)
+            trials, space_ref = result.trials, np.asarray(result.ref_point)
+        refs = {"space": space_ref, "fp32": np.ones(len(config.objectives)), "useful": useful_region(trials)}
+        scores = method_scores(trials, config.objectives, refs["space"]).set_index("method")
         lead = methods[0]
-        for other in methods[1:]:  # is the lead's margin more than the draw of the search subset's images?
-            for key, ref in (("paired", REF_POINT_PAD), ("paired_useful", useful)):
+        for name, ref in refs.items():
+            scores[f"hv_{name}"] = method_scores(trials, config.objectives, ref).set_index("method")["hypervolume"]
+            scores[f"hv_seeds_{name}"] = [seeds_only(trials, m, config.objectives, ref) for m in scores.index]
+            scores[f"hv_bound_{name}"] = volume_bound(trials, ref)
+            for other in methods[1:]:  # is the lead's margin more than the draw of the search subset's images?
                 try:
-                    scores.loc[other, key] = paired_text(trials, lead, other, config, ref)
+                    scores.loc[other, f"paired_{name}"] = paired_text(trials, lead, other, config, ref)
                 except ValueError:  # --rescore of a study recorded before every trial kept its mask
-                    scores.loc[other, key] = "n/a (no per-image masks)"
+                    scores.loc[other, f"paired_{name}"] = "n/a (no per-image masks)"
         if args.heldout_images:
             held, held_useful = heldout_trials(config, trials, methods, args.heldout_images)
-            for key, ref in (("hv_test", REF_POINT_PAD), ("hv_test_useful", held_useful)):
-                scores[key] = method_scores(held, config.objectives, ref).set_index("method")["hypervolume"]
+            for name, ref in dict(refs, useful=held_useful).items():
+                scores[f"test_{name}"] = method_scores(held, config.objectives, ref).set_index("method")["hypervolume"]
                 for other in methods[1:]:
-                    scores.loc[other, f"paired_{key}"] = paired_text(held, lead, other, config, ref)
+                    scores.loc[other, f"paired_test_{name}"] = paired_text(held, lead, other, config, ref)
         per_seed.append(scores)
         studies.append((config, trials))
+        space_refs.append(space_ref)
         print(f"seed {seed} ({(time.perf_counter() - start) / 60:.1f} min): " + ", ".join(
             f"{m} {scores.loc[m, 'hypervolume']:.4f}" for m in methods), flush=True)
 
     uniform_cols = [c for c in per_seed[0].columns if c.startswith("dominates_")]
-    random_hv = [s.loc["random", "hypervolume"] for s in per_seed] if "random" in methods else None
     ladder = "/".join(map(str, rungs(min(StudyConfig.multi_fidelity_images, args.eval_images), args.eval_images)))
+    space_energy = mean_std([100 * float(ref[1]) for ref in space_refs], ".1f")
     lines = [
         f"{args.model} on {args.dataset}: budget {args.budget} full evaluations per method ({args.eval_images} validation "
         f"images each; multi-fidelity rungs {ladder}), population {args.population}, seeds {args.seeds}; objectives "
-        f"1 - accuracy and relative energy (horowitz45nm), hypervolume reference point ({REF_POINT_PAD:g}, {REF_POINT_PAD:g}). "
-        "Mean ± std over seeds.",
+        "1 - accuracy and relative energy (horowitz45nm). Hypervolume references: the study's own, 0 % accuracy at the "
+        f"costliest policy of the search space ({space_energy} % of fp32 energy; what `mpsearch compare` reports); "
+        "(1, 1), 0 % accuracy at fp32 energy; and the useful region, at most 5 pp below and no costlier than W8A8 as "
+        "measured. Mean ± std over seeds.",
         "",
-        "| method | hypervolume, ref (1, 1) | vs random | hypervolume, useful region | vs random | front size | "
-        "candidates measured | evaluations used | best accuracy | front dominates every uniform policy | evaluation time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | hypervolume, space reference | vs random | hypervolume, ref (1, 1) | vs random | "
+        "hypervolume, useful region | vs random | front size | candidates measured | evaluations used | best accuracy | "
+        "front dominates every uniform policy | evaluation time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    random_useful = [s.loc["random", "hv_useful"] for s in per_seed] if "random" in methods else None
+
+    def ratio_text(m: str, key: str) -> str:
+        if "random" not in methods:
+            return "-"
+        return mean_std([s.loc[m, key] / s.loc["random", key] for s in per_seed], ".3f")
+
     for m in methods:
-        hv = [s.loc[m, "hypervolume"] for s in per_seed]
-        ratio = mean_std([h / r for h, r in zip(hv, random_hv)], ".3f") if random_hv else "-"
-        useful = [s.loc[m, "hv_useful"] for s in per_seed]
-        useful_ratio = mean_std([h / r for h, r in zip(useful, random_useful)], ".3f") if random_useful else "-"
+        cells = [f"{mean_std([s.loc[m, f'hv_{name}'] for s in per_seed], '.5f' if name == 'useful' else '.4f')} | "
+                 f"{ratio_text(m, f'hv_{name}')}" for name in REFERENCES]
         beats = sum(all(bool(s.loc[m, c]) for c in uniform_cols) for s in per_seed)
         wall = [float(t[t["attr_run"] == m]["attr_wall_s"].sum()) / 60 for _, t in studies]
         lines.append(
-            f"| {m} | {mean_std(hv)} | {ratio} | {mean_std(useful, '.5f')} | {useful_ratio} | "
+            f"| {m} | {' | '.join(cells)} | "
             f"{mean_std([float(s.loc[m, 'front']) for s in per_seed], '.1f')} | "
             f"{mean_std([float(s.loc[m, 'candidates']) for s in per_seed], '.0f')} | "
             f"{mean_std([float(s.loc[m, 'evaluations']) for s in per_seed], '.0f')} | "
@@ -301,36 +335,39 @@ def main() -> None:
             f"{mean_std(wall, '.1f')} min |")
     lead = methods[0]
     checks = []
-    if random_hv:
-        ratios = [s.loc[lead, "hypervolume"] / s.loc["random", "hypervolume"] for s in per_seed]
-        checks.append(f"HV({lead}) / HV(random), reference (1, 1): {mean_std(ratios, '.3f')} (target >= 1.03): "
-                      f"{'met' if statistics.fmean(ratios) >= 1.03 else 'NOT met'}")
-        useful_ratios = [s.loc[lead, "hv_useful"] / s.loc["random", "hv_useful"] for s in per_seed]
-        checks.append(f"HV({lead}) / HV(random) in the useful region (at most 5 pp below and no costlier than W8A8): "
-                      f"{mean_std(useful_ratios, '.3f')}")
-        bound = [s.loc[lead, "hv_bound"] / s.loc["random", "hypervolume"] for s in per_seed]
-        checks.append(f"ceiling at reference (1, 1): the best measured accuracy at the cheapest measured energy would score "
-                      f"{mean_std([s.loc[lead, 'hv_bound'] for s in per_seed])}, {mean_std(bound, '.3f')} x HV(random)")
-    seeded = [(s.loc[lead, "hypervolume"], s.loc[lead, "hv_seeds"]) for s in per_seed]
-    checks.append(f"{lead}'s seed policies alone (uniform policies and ILP solutions, as measured): hypervolume "
-                  f"{mean_std([b for _, b in seeded])}; the search after it: {mean_std([a for a, _ in seeded])}")
+    if "random" in methods:
+        for name, label in REFERENCES.items():
+            ratios = [s.loc[lead, f"hv_{name}"] / s.loc["random", f"hv_{name}"] for s in per_seed]
+            target = (f" (target >= 1.03): {'met' if statistics.fmean(ratios) >= 1.03 else 'NOT met'}"
+                      if name == TARGET_REFERENCE else "")
+            line = f"HV({lead}) / HV(random), {label}: {mean_std(ratios, '.3f')}{target}"
+            if name != "useful":
+                bound = [s.loc[lead, f"hv_bound_{name}"] / s.loc["random", f"hv_{name}"] for s in per_seed]
+                line += (f"; ceiling (the best measured accuracy at the cheapest measured energy): "
+                         f"{mean_std(bound, '.3f')} x HV(random)")
+            checks.append(line)
+    for name in ("space", "fp32"):
+        seeded = [(s.loc[lead, f"hv_{name}"], s.loc[lead, f"hv_seeds_{name}"]) for s in per_seed]
+        checks.append(f"{lead}'s seed policies alone (uniform policies and ILP solutions, as measured), {REFERENCES[name]}: "
+                      f"hypervolume {mean_std([b for _, b in seeded])}; the search after it: {mean_std([a for a, _ in seeded])}")
     if "ilp" in methods:
-        ahead = [s.loc[lead, "hypervolume"] >= s.loc["ilp", "hypervolume"] for s in per_seed]
-        ahead_useful = [s.loc[lead, "hv_useful"] >= s.loc["ilp", "hv_useful"] for s in per_seed]
-        checks.append(f"HV({lead}) >= HV(ilp) on {sum(ahead)}/{len(ahead)} seeds (useful region: {sum(ahead_useful)}/{len(ahead)})")
+        ahead = {name: sum(s.loc[lead, f"hv_{name}"] >= s.loc["ilp", f"hv_{name}"] for s in per_seed) for name in REFERENCES}
+        checks.append(f"HV({lead}) >= HV(ilp) on " + ", ".join(
+            f"{k}/{len(per_seed)} seeds ({name} reference)" for name, k in ahead.items()))
     for other in methods[1:]:
-        for key, region in (("paired", "reference (1, 1)"), ("paired_useful", "useful region")):
-            checks.append(f"HV({lead}) - HV({other}), {region}, with a 95 % paired bootstrap interval over the "
+        for name, label in REFERENCES.items():
+            checks.append(f"HV({lead}) - HV({other}), {label}, with a 95 % paired bootstrap interval over the "
                           f"{args.eval_images} images: " + "; ".join(
-                              f"seed {seed} {s.loc[other, key]}" for seed, s in zip(seeds, per_seed)))
+                              f"seed {seed} {s.loc[other, f'paired_{name}']}" for seed, s in zip(seeds, per_seed)))
     if args.heldout_images:
-        for key, region in (("hv_test", "reference (1, 1)"), ("hv_test_useful", "useful region, W8A8 measured on them")):
-            lines_hv = ", ".join(f"{m} {mean_std([s.loc[m, key] for s in per_seed], '.5f')}" for m in methods)
-            checks.append(f"fronts re-measured on {args.heldout_images} test images, {region}: hypervolume {lines_hv}")
+        for name, label in REFERENCES.items():
+            label += ", W8A8 measured on them" if name == "useful" else ""
+            lines_hv = ", ".join(f"{m} {mean_std([s.loc[m, f'test_{name}'] for s in per_seed], '.5f')}" for m in methods)
+            checks.append(f"fronts re-measured on {args.heldout_images} test images, {label}: hypervolume {lines_hv}")
             for other in methods[1:]:
-                ahead = sum(s.loc[lead, key] >= s.loc[other, key] for s in per_seed)
+                ahead = sum(s.loc[lead, f"test_{name}"] >= s.loc[other, f"test_{name}"] for s in per_seed)
                 checks.append(f"  HV({lead}) - HV({other}) there, 95 % paired bootstrap interval over those images: " + "; ".join(
-                    f"seed {seed} {s.loc[other, f'paired_{key}']}" for seed, s in zip(seeds, per_seed))
+                    f"seed {seed} {s.loc[other, f'paired_test_{name}']}" for seed, s in zip(seeds, per_seed))
                     + f" ({lead} ahead on {ahead}/{len(per_seed)} seeds)")
     dominated = [all(bool(s.loc[lead, c]) for c in uniform_cols) for s in per_seed]
     checks.append(f"{lead}'s front dominates every uniform policy ({', '.join(c.split('_', 1)[1] for c in uniform_cols)}) "

@@ -212,6 +212,30 @@ def test_compare_runs_every_method_into_one_study_within_its_budget(compared):
     assert "| ilp |" in (result.out_dir / "compare.md").read_text()
 
 
+def test_the_hypervolume_reference_is_the_costliest_policy_of_the_space(compared):
+    """0 % accuracy at W8A8 everywhere (the widest choices of the default space), recorded with the
+    study and used by compare.md: against fp32's (1, 1) every front loses exactly its best accuracy
+    times the stretch of energy between the space's costliest policy and fp32."""
+    import yaml
+
+    from mpsearch.study import full_fidelity
+
+    cfg, result = compared
+    ref = np.asarray(result.ref_point)
+    ok = full_fidelity(result.trials)
+    w8a8 = ok[ok["attr_method"] == "uniform:w8a8"]["value_energy"].iloc[0]
+    assert ref[0] == 1.0 and ref[1] == pytest.approx(w8a8, rel=1e-6) and ref[1] < 1.0
+    assert (ok["value_energy"] <= ref[1] * (1 + 1e-6)).all()
+    assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hypervolume_reference"] == list(result.ref_point)
+    scores = method_scores(result.trials, cfg.objectives, ref).set_index("method")
+    fp32 = method_scores(result.trials, cfg.objectives, np.ones(2)).set_index("method")
+    best = ok.groupby("attr_run")["value_accuracy"].max()
+    for method in scores.index:
+        assert fp32.loc[method, "hypervolume"] - scores.loc[method, "hypervolume"] == pytest.approx(
+            best[method] * (1.0 - ref[1]), abs=1e-6)
+    assert f"| {scores['hypervolume'].iloc[0]:.4f} |" in (result.out_dir / "compare.md").read_text()
+
+
 def test_a_promoted_candidate_is_measured_on_the_added_images_only(compared, digits, digits_baseline):
     cfg, result = compared
     trials = result.trials
