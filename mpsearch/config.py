@@ -80,8 +80,9 @@ class TrainRecipe:
     stretched over ``epochs`` (the first entry trains the first epoch, the last entry the last
     one). Epochs at 0.64x (18 px for Fashion-MNIST) cost half a full-size epoch on a CPU; the
     last epochs train at native size so that filters match what evaluation sees. bf16 autocast
-    and channels_last roughly halve the CPU time per step; evaluation always runs in float32 at
-    native size.
+    and channels_last roughly halve the CPU time per step on CPUs with native bf16 (AVX512-BF16
+    or AMX); elsewhere ``bf16`` is ignored and training runs in fp32, since emulated bf16 is 15x
+    slower. Evaluation always runs in float32 at native size.
 
     Within 30 CPU minutes ResNet-18 underfits Fashion-MNIST: the defaults were chosen by
     ``scripts/sweep_recipe.py`` (35 candidate recipes, two seeds each, ranked on validation

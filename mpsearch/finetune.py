@@ -30,6 +30,7 @@ from mpsearch.config import FinetuneConfig, TrainRecipe
 from mpsearch.errors import UserError
 from mpsearch.evaluate import EvaluationResult, Evaluator
 from mpsearch.files import atomic_write
+from mpsearch.machine import native_bf16
 from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.quant.lsq import attach_learned_quantizers, freeze_learned_quantizers
 from mpsearch.quant.primitives import QParams, fake_quantize, integer_range
@@ -90,13 +91,14 @@ def _train(evaluator: Evaluator, config: FinetuneConfig, progress: bool) -> None
     # small batches would only add noise to statistics estimated on the whole training split.
     qmodel.module.eval()
     teacher.eval()
+    bf16 = config.bf16 and native_bf16("cpu") is None  # emulated bf16 is slower than fp32
     bar = tqdm(total=config.steps, desc="fine-tune (LSQ + distillation)", disable=not progress)
     step, epoch, loss_sum = 0, 0, 0.0
     try:
         while step < config.steps:
             for x, y in evaluator.data.train.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
                 x = augment(x, recipe, fill, gen).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     with torch.no_grad():
                         target = teacher(x).float()
                     loss = _distillation_loss(qmodel.module(x).float(), target, y, config)

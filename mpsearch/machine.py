@@ -1,11 +1,12 @@
-"""One line naming the machine a number was measured on (recorded with every measurement)."""
+"""The machine a number was measured on (one line, recorded with every measurement), and what its
+arithmetic runs natively."""
 
 from __future__ import annotations
 
 import os
 import platform
 
-__all__ = ["describe_machine"]
+__all__ = ["describe_machine", "native_bf16"]
 
 
 def describe_machine() -> str:
@@ -21,3 +22,19 @@ def describe_machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+def native_bf16(device_type: str = "cpu") -> str | None:
+    """``None`` if ``device_type`` ("cpu" or "cuda") runs bf16 arithmetic in hardware, else why not.
+
+    On a CPU, oneDNN needs AVX512-BF16 or AMX: without them bf16 is emulated, and bf16 autocast
+    trains ResNet-18 15x slower than fp32 (50 s vs 3.4 s a batch of 128 on an AVX2-only AMD EPYC)."""
+    import torch
+
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "this GPU has no bf16 arithmetic"
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if supported is None or not supported():
+        return "this CPU has no bf16 instructions oneDNN uses (AVX512-BF16/AMX); bf16 would be emulated"
+    return None
+

@@ -32,7 +32,7 @@ from mpsearch.config import TrainRecipe
 from mpsearch.data import DatasetInfo, DataSplits, Split
 from mpsearch.errors import UserError, read_user_file
 from mpsearch.files import atomic_write, atomic_write_text
-from mpsearch.machine import describe_machine
+from mpsearch.machine import describe_machine, native_bf16
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
 
@@ -184,8 +184,11 @@ def train_model(
     """Train ``model`` in place with ``recipe`` (SGD-Nesterov or AdamW, one-cycle LR, label smoothing).
 
     Batches and augmentation come from the CPU with the same seeds on every ``device``; the model
-    trains on ``device`` (bf16 autocast there too) and comes back on the CPU."""
+    trains on ``device`` and comes back on the CPU. ``recipe.bf16`` asks for bf16 autocast where
+    the device runs bf16 natively (:func:`mpsearch.machine.native_bf16`); elsewhere it trains in
+    fp32, which is faster than emulated bf16."""
     device = torch.device(device)
+    bf16 = recipe.bf16 and native_bf16(device.type) is None
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
@@ -223,7 +226,7 @@ def train_model(
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
                 if positions is None:
                     loss = loss_fn(logits.float(), y)
@@ -398,6 +401,8 @@ def get_baseline(
         return Baseline(name, _ready(model), path, sha, meta)
     log(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now "
         f"({recipe.epochs} epochs, cached in {folder}).")
+    if recipe.bf16 and (why := native_bf16("cpu")) is not None:
+        log(f"Training in fp32 instead of bf16 autocast: {why}.")
     torch.manual_seed(seed)
     model = create_model(name, data.info)
     start = time.perf_counter()
@@ -413,6 +418,7 @@ def get_baseline(
         "timm_name": resolve_model_name(name),
         "dataset": data.info.name,
         "recipe": recipe.to_dict(),
+        "autocast": "bf16" if recipe.bf16 and native_bf16("cpu") is None else "fp32",
         "seed": seed,
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,

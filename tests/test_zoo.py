@@ -173,3 +173,33 @@ def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
     assert accuracy > 0.9
     with pytest.raises(UserError, match="recipe.keep_fraction"):
         TrainRecipe(keep_fraction=0.0)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native):
+    """recipe.bf16 trains under bf16 autocast on a CPU with bf16 instructions and in fp32 (bit for
+    bit what bf16=False trains) on one without, where emulated bf16 is 15x slower than fp32."""
+    import mpsearch.zoo as zoo
+    from mpsearch.config import TrainRecipe
+
+    monkeypatch.setattr(zoo, "native_bf16", lambda device_type: None if native else "no bf16 here")
+    autocast_dtypes = []
+    hook = lambda m, args, out: autocast_dtypes.append(out.dtype) if m.training else None  # noqa: E731
+
+    def trained(bf16: bool):
+        recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, bf16=bf16, channels_last=False, image_scales=(1.0,),
+                             keep_fraction=1.0)
+        torch.manual_seed(0)
+        model = create_model("test_resnet", digits.info)
+        handle = model.conv1.register_forward_hook(hook)
+        zoo.train_model(model, digits.train, digits.info, recipe, progress=False)
+        handle.remove()
+        return model.state_dict()
+
+    fp32 = trained(False)
+    assert set(autocast_dtypes) == {torch.float32}
+    autocast_dtypes.clear()
+    asked = trained(True)
+    assert set(autocast_dtypes) == ({torch.bfloat16} if native else {torch.float32})
+    same = all(torch.equal(fp32[k], asked[k]) for k in fp32)
+    assert same != native
