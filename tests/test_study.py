@@ -69,10 +69,14 @@ def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_ch
 
 
 def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(tmp_path, tiny_checkpoint):
-    # seed 1: its front holds 3 points (seed 0's, 2)
-    _, full = _run(tmp_path, "tiny-seed1", tiny_checkpoint, seed=1)
-    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=1, remeasure_points=2)
-    assert len(full.pareto) > 2, "the tiny study's front should be wider than the cap"
+    # The first seed whose front is wider than the cap: which one is depends on the CPU's
+    # arithmetic (seed 1 holds 3 points with AVX-512, 2 on an AVX2-only CPU, where seed 2 holds 3).
+    for seed in (1, 2, 3):
+        _, full = _run(tmp_path, f"tiny-seed{seed}", tiny_checkpoint, seed=seed)
+        if len(full.pareto) > 2:
+            break
+    assert len(full.pareto) > 2, "no tiny study's front is wider than the cap"
+    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=seed, remeasure_points=2)
     # Same search (same seed), so the same front; the cap keeps its cheapest and costliest points.
     assert capped.pareto["trial"].tolist() == [full.pareto["trial"].iloc[0], full.pareto["trial"].iloc[-1]]
     pd.testing.assert_frame_equal(capped.pareto.drop(columns="policy_file"),

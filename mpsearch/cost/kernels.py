@@ -35,6 +35,7 @@ from mpsearch.cost.counting import CostTable, LayerCost
 from mpsearch.cost.energy import KERNEL_BYTES, kernel_bytes
 from mpsearch.cost.meters import Measurement, Meter, MeterUnavailable, create_meter
 from mpsearch.errors import UserError
+from mpsearch.machine import native_bf16
 from mpsearch.registry import Registry
 
 __all__ = [
@@ -118,12 +119,7 @@ class Float32(KernelPrecision):
 @register_kernel("bf16")
 class BFloat16(KernelPrecision):
     def skip_reason(self, device: torch.device) -> str | None:
-        if device.type == "cuda":
-            return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16 arithmetic"
-        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        if supported is None or not supported():
-            return "this CPU has no bf16 instructions oneDNN uses (AVX512-BF16/AMX); bf16 would be emulated"
-        return None
+        return native_bf16(device.type)
 
     def build(self, module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
         return _float_kernel(module, x, torch.bfloat16)
@@ -174,7 +170,10 @@ class Int8(KernelPrecision):
             else:
                 layer = nnq.Linear(module.in_features, module.out_features, module.bias is not None)
             layer.set_weight_bias(_per_channel_int8(module.weight), bias)
-            qx = torch.quantize_per_tensor(_layout(module, x).float(), 0.05, 128, torch.quint8)
+            # Inputs on 7 bits (0..127), PyTorch's reduce_range for its x86/fbgemm qconfigs: without
+            # VNNI, FBGEMM's AVX2 kernels add pairs of uint8 x int8 products in int16, which
+            # saturates on full-range inputs (the layer's output was then off by up to 0.5 here).
+            qx = torch.quantize_per_tensor(_layout(module, x).float(), 0.1, 64, torch.quint8)
         layer.scale, layer.zero_point = 0.05, 128  # a requantized uint8 output, as in a deployed int8 net
 
         def run() -> object:
