@@ -3,7 +3,7 @@ hardware really runs, timed (and metered for energy where a meter exists) into a
 
 A *kernel precision* is a registered way to run one layer: ``fp32``, ``bf16`` and ``int8`` on
 the CPU (int8 through PyTorch's x86/oneDNN quantized conv and linear: per-channel int8 weights,
-per-tensor uint8 inputs, requantized uint8 outputs), ``fp32``, ``fp16``, ``bf16`` and ``int8``
+per-tensor uint8 inputs on 7 bits, requantized uint8 outputs), ``fp32``, ``fp16``, ``bf16`` and ``int8``
 on CUDA (int8 as the layer's integer GEMM, ``torch._int_mm`` on the im2col form; the im2col
 itself and the requantization are not timed). A precision the device cannot run is skipped
 with the reason, never emulated: a bf16 convolution emulated in software would time the
