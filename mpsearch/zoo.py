@@ -401,8 +401,9 @@ def get_baseline(
         return Baseline(name, _ready(model), path, sha, meta)
     log(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now "
         f"({recipe.epochs} epochs, cached in {folder}).")
-    if recipe.bf16 and (why := native_bf16("cpu")) is not None:
-        log(f"Training in fp32 instead of bf16 autocast: {why}.")
+    no_bf16 = native_bf16("cpu") if recipe.bf16 else None  # train_model's reason to train in fp32 instead
+    if no_bf16 is not None:
+        log(f"Training in fp32 instead of bf16 autocast: {no_bf16}.")
     torch.manual_seed(seed)
     model = create_model(name, data.info)
     start = time.perf_counter()
@@ -418,7 +419,7 @@ def get_baseline(
         "timm_name": resolve_model_name(name),
         "dataset": data.info.name,
         "recipe": recipe.to_dict(),
-        "autocast": "bf16" if recipe.bf16 and native_bf16("cpu") is None else "fp32",
+        "autocast": "bf16" if recipe.bf16 and no_bf16 is None else "fp32",
         "seed": seed,
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,

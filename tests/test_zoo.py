@@ -203,3 +203,17 @@ def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native)
     assert set(autocast_dtypes) == ({torch.bfloat16} if native else {torch.float32})
     same = all(torch.equal(fp32[k], asked[k]) for k in fp32)
     assert same != native
+
+
+def test_a_baseline_trained_without_bf16_says_so_and_records_it(digits, monkeypatch):
+    import mpsearch.zoo as zoo
+    from mpsearch.config import TrainRecipe
+
+    monkeypatch.setattr(zoo, "native_bf16", lambda device_type: "no bf16 here")
+    recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, bf16=True, channels_last=False, image_scales=(1.0,),
+                         keep_fraction=1.0, batch_norm_images=128)
+    lines = []
+    baseline = zoo.get_baseline("test_resnet", digits, recipe=recipe, seed=3, progress=False, log=lines.append)
+    assert "Training in fp32 instead of bf16 autocast: no bf16 here." in lines
+    assert baseline.meta["autocast"] == "fp32"
+    assert json.loads((baseline.checkpoint.parent / "meta.json").read_text())["autocast"] == "fp32"
