@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, json_floats, register_algorithm
+from mpsearch.search.base import SearchAlgorithm, _unique_rows, fill, initial_batch, json_floats, register_algorithm
 
 __all__ = ["PymooNSGA2", "GAP_PLAN_BUDGETS"]
 
@@ -99,17 +99,10 @@ class PymooNSGA2(SearchAlgorithm):
         from mpsearch.search.planning import ilp_plans
 
         try:
-            plans = ilp_plans(self.space, context, GAP_PLAN_BUDGETS)
+            plans = _unique_rows(ilp_plans(self.space, context, GAP_PLAN_BUDGETS))
         except ValueError:  # no weight gene to allocate, or a layer without a score: plain NSGA-II
             return []
-        seen: set[tuple[int, ...]] = set()
-        out = []
-        for x in plans:
-            key = tuple(int(v) for v in x)
-            if key not in seen:
-                seen.add(key)
-                out.append((float(context.costs(x)[0]), x))
-        return sorted(out, key=lambda p: p[0])
+        return sorted(((float(context.costs(x)[0]), x) for x in plans), key=lambda p: p[0])
 
     def _gap_fillers(self, n: int, exclude: set[tuple[int, ...]]) -> list[np.ndarray]:
         """Up to ``n`` ILP solutions not proposed before, one per gap of the measured front,
