@@ -158,12 +158,12 @@ def plot_methods(trials, config: StudyConfig, path: Path, *, title: str | None =
 def write_comparison(out: Path, trials, config: StudyConfig, ref_point: np.ndarray, *, machine: str) -> Any:
     """compare.md and compare.png in the study folder; returns the score table. ``ref_point`` is
     the study's hypervolume reference (:func:`mpsearch.study.hypervolume_reference`)."""
+    from mpsearch.study import reference_text
+
     scores = method_scores(trials, config.objectives, ref_point)
-    reference = ", ".join(f"{v:.4g}" for v in ref_point)
     caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {config.budget} full evaluations per method "
                f"({config.eval_images} validation images each), objectives 1 - accuracy and {', '.join(config.objectives[1:])} "
-               f"relative to fp32, hypervolume reference point ({reference}): 0 % accuracy at the costliest policy of the "
-               f"search space. Measured on {machine}.")
+               f"relative to fp32, hypervolume reference point {reference_text(ref_point)}. Measured on {machine}.")
     atomic_write_text(out / "compare.md", comparison_markdown(scores, caption=caption), what="comparison table")
     plot_methods(trials, config, out / "compare.png")
     return scores

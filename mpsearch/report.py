@@ -101,6 +101,8 @@ def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
 def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume: float, ref_point: list[float],
                  wall_s: float, search_s: float, machine: str, versions: dict[str, str], workers: int, storage: str,
                  baseline: dict[str, Any], platform_: str, proxies: dict[str, tuple[float, float, int]] | None = None) -> None:
+    from mpsearch.study import reference_text
+
     ok = trials[trials["state"] == "COMPLETE"]
     failed = int((trials["state"] == "FAIL").sum())
     energy_col = f"rel_energy_{config.energy_profile}"
@@ -122,8 +124,7 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
         f"first {config.eval_images} validation images; the Pareto set "
         + (f"(at most {config.remeasure_points} points, spread along the front) " if config.remeasure_points else "")
         + "re-measured on the full validation and test splits",
-        "- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
-        f"({', '.join(f'{v:.4g}' for v in ref_point)}): 0 % accuracy at the costliest policy of the search space): "
+        f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point {reference_text(ref_point)}): "
         f"**{hypervolume:.4f}**",
         f"- wall time {wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
         f"{config.torch_threads} torch thread(s); machine: {machine}; {platform_}",

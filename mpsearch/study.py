@@ -38,6 +38,7 @@ from mpsearch.files import atomic_write, atomic_write_text
 __all__ = [
     "Method", "StudyResult", "full_fidelity", "optimize", "parse_methods", "study_dir", "storage_url", "load_trials",
     "PARETO_FILE", "CHECKPOINT_FILE", "RESUMABLE_FIELDS", "hypervolume_reference",
+    "reference_text",
 ]
 
 PARETO_FILE = "pareto.csv"
@@ -333,6 +334,11 @@ def hypervolume_reference(space, costs_of: Callable[[np.ndarray], np.ndarray]) -
     nothing outside it. It depends on the space and the cost model only, never on what a search
     measured, so every method and every seed of a study share it."""
     return np.concatenate([[1.0], np.maximum(costs_of(space.xu), costs_of(space.xl))])
+
+
+def reference_text(ref_point) -> str:
+    """:func:`hypervolume_reference`'s point as reports print it."""
+    return f"({', '.join(f'{v:.4g}' for v in ref_point)}): 0 % accuracy at the costliest policy of the search space"
 
 
 def _search_run(method: Method, algorithm, *, config: StudyConfig, study, space, executor, to_policy, records, seed_tags,
