@@ -37,4 +37,3 @@ def native_bf16(device_type: str = "cpu") -> str | None:
     if supported is None or not supported():
         return "this CPU has no bf16 instructions oneDNN uses (AVX512-BF16/AMX); bf16 would be emulated"
     return None
-
