@@ -2,11 +2,14 @@
 
 The public API, imported lazily so that ``import mpsearch`` stays cheap (no torch until used)::
 
-    from mpsearch import load_dataset, get_baseline, Evaluator
-    data = load_dataset("fashion-mnist")
-    baseline = get_baseline("resnet18", data)          # trains and caches on first use
-    ev = Evaluator(baseline, data)
-    print(ev.evaluate(ev.resolve_policy("w4a8"), split="test").accuracy)
+    import mpsearch
+    result = mpsearch.search(model, data, budget=200)   # an nn.Module or a timm name; every candidate measured
+    policy = result.pick("knee")                        # a per-layer Policy from the measured front
+    qmodel = mpsearch.quantize(model, policy, data)     # a fake-quantized copy of the model
+
+``make_data`` builds ``data`` from your own tensors, Datasets or DataLoaders; ``load_dataset``
+loads a bundled one. Messages go through the standard ``logging`` module (logger ``mpsearch``,
+quieted with ``mpsearch.set_verbosity(logging.WARNING)``).
 """
 
 from __future__ import annotations
@@ -14,32 +17,46 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mpsearch.log import set_verbosity
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "search": "mpsearch.api",
+    "quantize": "mpsearch.api",
+    "SearchResult": "mpsearch.study",
+    "load_result": "mpsearch.study",
+    "make_data": "mpsearch.data",
+    "load_dataset": "mpsearch.data",
+    "DataSplits": "mpsearch.data",
     "UserError": "mpsearch.errors",
-    "TrainRecipe": "mpsearch.config",
+    "StudyConfig": "mpsearch.config",
+    "SearchConfig": "mpsearch.config",
+    "RunConfig": "mpsearch.config",
     "QuantConfig": "mpsearch.config",
+    "FinetuneConfig": "mpsearch.config",
+    "TrainRecipe": "mpsearch.config",
     "LayerPrecision": "mpsearch.policy",
     "Policy": "mpsearch.policy",
     "uniform_policy": "mpsearch.policy",
-    "load_dataset": "mpsearch.data",
-    "DataSplits": "mpsearch.data",
     "create_model": "mpsearch.zoo",
     "get_baseline": "mpsearch.zoo",
     "Baseline": "mpsearch.zoo",
     "QuantizedModel": "mpsearch.quant",
-    "apply_policy": "mpsearch.quant",
     "count_costs": "mpsearch.cost",
     "load_profile": "mpsearch.cost",
     "Evaluator": "mpsearch.evaluate",
     "EvaluationResult": "mpsearch.evaluate",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__", "set_verbosity"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'mpsearch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -15,8 +15,9 @@ finds, so a long ablation survives interruption. :func:`summarize` gives mean ±
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,14 @@ from mpsearch.files import atomic_write, atomic_write_text
 
 __all__ = [
     "Variant", "VARIANTS", "DEFAULT_WIDTHS", "VIT_WIDTHS", "default_grid", "applicable_variants", "run_ablation",
-    "summarize", "markdown_table",
+    "summarize", "markdown_table", "write_markdown", "ablation_grid", "ablate",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_WIDTHS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8")
 # Vision transformers: the widths at which ranking-aware calibration is compared with the standard
-# one (at 2-3 weight bits, plain PTQ costs a ViT far more than attention ranges could change: W2A8
-# measured 65 % against DeiT-Tiny's 80.5 % in the optimize study's first population).
+# one (at 2-3 weight bits, plain PTQ costs a ViT far more than attention ranges could change).
 VIT_WIDTHS = ("w8a8", "w6a6", "w4a8", "w4a4")
 
 
@@ -95,7 +97,8 @@ def default_grid(model: str) -> tuple[list[str], list[str]]:
         return ["default", "ranking-aware"], list(VIT_WIDTHS)
     return applicable_variants(model), list(DEFAULT_WIDTHS)
 
-_COLUMNS = ["variant", "factor", "policy", "seed", "split", "images", "accuracy", "fp32_accuracy", "drop_pp", "wall_s"]
+_COLUMNS = ["variant", "factor", "policy", "seed", "split", "images", "accuracy", "fp32_accuracy", "drop_pp", "wall_s",
+            "baseline"]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -127,7 +130,6 @@ def run_ablation(
     finetune_config: FinetuneConfig | None = None,
     out_csv: str | Path,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ):
     """Measure every (variant, width, seed) not yet in ``out_csv``; returns the full table (pandas)."""
     import pandas as pd
@@ -155,21 +157,29 @@ def run_ablation(
     for w in widths:
         parse_shorthand(w)
     if split not in ("val", "test"):
-        raise UserError(f"split must be val or test, got {split!r}")
+        raise UserError(f"split: must be val or test, got {split!r}")
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
+    # The baseline is the same model for every seed (the seed draws calibration images): rows
+    # measured on another one (a retrained or other checkpoint) would mix two models in one table.
     rows = _read_rows(out_csv)
+    data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seeds[0])
+    baseline = get_baseline(model, data, seed=0, checkpoint=checkpoint, progress=progress)
+    ident = (baseline.sha256 or "unidentified")[:16]
+    other = sorted({str(r["baseline"]) for r in rows} - {ident})
+    if other:
+        raise UserError(f"{out_csv} holds rows measured on another baseline ({other[0]}, this one is {ident}); "
+                        "move it away to start over")
     done = {(r["variant"], r["policy"], int(r["seed"]), r["split"]) for r in rows}
     todo = [(v, w, s) for s in seeds for v in chosen for w in widths if (v.name, w, s, split) not in done]
     if len(todo) < len(seeds) * len(chosen) * len(widths):
-        log(f"{out_csv}: {len(seeds) * len(chosen) * len(widths) - len(todo)} measurements found, {len(todo)} to go")
+        logger.info(f"{out_csv}: {len(seeds) * len(chosen) * len(widths) - len(todo)} measurements found, {len(todo)} to go")
     finetune_config = finetune_config or FinetuneConfig()
     for seed in seeds:
         jobs = [(v, w) for v, w, s in todo if s == seed]
         if not jobs:
             continue
         data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seed)
-        baseline = get_baseline(model, data, seed=0, checkpoint=checkpoint, progress=progress, log=log)
         evaluators: dict[tuple, Evaluator] = {}
         fp32_masks: dict[str, torch.Tensor] = {}
         for variant, width in jobs:
@@ -187,8 +197,7 @@ def run_ablation(
             if variant.layer:
                 policy = replace(policy, layers={n: replace(p, **variant.layer) for n, p in policy.layers.items()})
             if variant.finetune:
-                result = finetune(ev, policy, replace(finetune_config, seed=seed), splits=(split,), progress=progress,
-                                  log=lambda m: None)
+                result = finetune(ev, policy, replace(finetune_config, seed=seed), splits=(split,), progress=progress)
                 measured = result.after[split]
             else:
                 ev.calibrate()
@@ -198,11 +207,12 @@ def run_ablation(
                 measured = ev.summarize(policy, mask, split=split, fp32_mask=fp32_masks[split])
             row = {"variant": variant.name, "factor": variant.factor, "policy": width, "seed": seed, "split": split,
                    "images": measured.images, "accuracy": measured.accuracy, "fp32_accuracy": measured.fp32_accuracy,
-                   "drop_pp": 100 * (measured.drop or 0.0), "wall_s": round(time.perf_counter() - start, 2)}
+                   "drop_pp": 100 * (measured.drop or 0.0), "wall_s": round(time.perf_counter() - start, 2),
+                   "baseline": ident}
             rows.append(row)
             table = pd.DataFrame(rows, columns=_COLUMNS)
             atomic_write(out_csv, lambda f: table.to_csv(f, index=False), what="ablation table")
-            log(f"seed {seed} {variant.name:<18} {width:<5} accuracy {row['accuracy']:.2%} ({row['drop_pp']:+.2f} pp) "
+            logger.info(f"seed {seed} {variant.name:<18} {width:<5} accuracy {row['accuracy']:.2%} ({row['drop_pp']:+.2f} pp) "
                 f"in {row['wall_s']:.0f} s")
     return pd.DataFrame(rows, columns=_COLUMNS)
 
@@ -247,3 +257,47 @@ def write_markdown(path: str | Path, table, *, widths: Sequence[str], split: str
              markdown_table(summary, widths), "", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in VARIANTS.values() if v.name in set(summary["variant"])]
     return atomic_write_text(path, "\n".join(lines) + "\n", what="ablation report")
+
+
+def ablation_grid(model: str, variants: Sequence[str] | str | None, widths: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """The (variants, widths) to measure: ``variants`` names, ``"all"`` (every one that applies to
+    ``model``) or None (:func:`default_grid`); ``widths`` uniform shorthands, None for the grid's."""
+    default_variants, default_widths = default_grid(model)
+    if variants is None:
+        variants = default_variants
+    elif variants == "all":
+        variants = applicable_variants(model)
+    variants, widths = list(variants), default_widths if widths is None else list(widths)
+    if not variants or not widths:
+        raise UserError("variants and widths need at least one entry each")
+    return variants, widths
+
+
+def ablate(model: str, dataset: str = "fashion-mnist", *, variants: Sequence[str] | str | None = None,
+           widths: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2), split: str = "test", limit: int | None = None,
+           data_dir: str | None = None, checkpoint: str | None = None, finetune_steps: int = 300,
+           out_dir: str | Path | None = None, progress: bool = True) -> tuple[Any, Path]:
+    """Run (or resume) an ablation and write ``ablation.csv`` and ``ablation.md`` to ``out_dir``
+    (default ``studies/ablation-<model>``); returns the per-cell summary and the report's path.
+    ``variants``: names, ``"all"`` (every one that applies) or None (:func:`default_grid`);
+    ``widths``: uniform shorthands, None for the grid's."""
+    from mpsearch.machine import describe_machine
+    from mpsearch.zoo import resolve_model_name
+
+    resolve_model_name(model)
+    variants, widths = ablation_grid(model, variants, widths)
+    if limit is not None and limit < 1:
+        raise UserError(f"limit: must be >= 1, got {limit}", fields=("limit",))
+    out = Path(out_dir or f"studies/ablation-{model}")
+    start = time.perf_counter()
+    table = run_ablation(model=model, dataset=dataset, variants=variants, widths=widths, seeds=seeds, split=split, limit=limit,
+                         data_dir=data_dir, checkpoint=checkpoint, finetune_config=FinetuneConfig(steps=finetune_steps),
+                         out_csv=out / "ablation.csv", progress=progress)
+    notes = [f"- model {model} on {dataset}; seeds {', '.join(map(str, seeds))}; "
+             f"{split} split{f' (first {limit} images)' if limit else ''}",
+             f"- machine: {describe_machine()}; this run {(time.perf_counter() - start) / 60:.1f} min",
+             f"- regenerate: `mpsearch ablate --model {model} --variants {','.join(variants)} --widths {','.join(widths)} "
+             f"--seeds {','.join(map(str, seeds))}`"]
+    md = write_markdown(out / "ablation.md", table, widths=widths, split=split,
+                        title=f"Quantization ablation: {model} on {dataset}", notes=notes)
+    return summarize(table, split), md

@@ -14,20 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.config import StudyConfig, objective_spec
+from mpsearch.algorithms.pareto import dominates, hypervolume, non_dominated
+from mpsearch.config import StudyConfig
 from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.objectives import full_fidelity, objective_matrix, reference_text
 
-__all__ = ["method_scores", "plot_methods", "comparison_markdown", "objective_matrix", "proxy_kendall", "write_comparison",
-           "paired_hypervolume_difference"]
-
-
-def objective_matrix(rows, objectives: tuple[str, ...]) -> np.ndarray:
-    """The minimised objectives of trial rows: 1 - accuracy, then the relative costs."""
-    cols = []
-    for name in objectives:
-        values = rows[f"value_{name}"].to_numpy(dtype=float)
-        cols.append(1.0 - values if objective_spec(name)[0] == "maximize" else values)
-    return np.stack(cols, axis=1) if len(rows) else np.zeros((0, len(objectives)))
+__all__ = ["method_scores", "plot_methods", "comparison_markdown", "proxy_kendall", "write_comparison",
+           "paired_hypervolume_difference", "seed_summary"]
 
 
 def _runs(trials) -> list[str]:
@@ -41,9 +34,6 @@ def method_scores(trials, objectives: tuple[str, ...], ref_point: float | np.nda
 
     ``ref_point`` is the hypervolume reference: one number for every objective, or one per objective."""
     import pandas as pd
-
-    from mpsearch.search.pareto import dominates, hypervolume, non_dominated
-    from mpsearch.study import full_fidelity
 
     rows = []
     for run in _runs(trials):
@@ -72,13 +62,11 @@ def paired_hypervolume_difference(trials, first: str, second: str, objectives: t
     """HV(``first``) - HV(``second``) of the methods' measured fronts, with a percentile bootstrap
     interval over the images: each resample draws the search subset's images with replacement,
     the same draw for every trial of both methods, recomputes every trial's accuracy on it and
-    both fronts. A 400-image subset moves a policy's accuracy by about 1.4 pp (one standard
-    error), and a front's best accuracy alone decides a large part of the hypervolume, so whether
-    a difference of fronts is more than the draw of images needs this test. Needs the per-image
+    both fronts. A few hundred images leave a policy's accuracy uncertain by more than a
+    percentage point, and a front's best accuracy alone decides a large part of the hypervolume,
+    so whether a difference of fronts is more than the draw of images needs this test. Needs the per-image
     masks trials keep (attribute ``mask``); returns (difference, low, high)."""
     from mpsearch.fidelity import unpack_mask
-    from mpsearch.search.pareto import hypervolume, non_dominated
-    from mpsearch.study import full_fidelity
 
     ok = full_fidelity(trials)
     ref = np.broadcast_to(np.asarray(ref_point, dtype=float), (len(objectives),))
@@ -126,13 +114,11 @@ def plot_methods(trials, config: StudyConfig, path: Path, *, title: str | None =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mpsearch.search.pareto import non_dominated
-    from mpsearch.study import full_fidelity
-
+    objectives = config.search.objectives
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for run in _runs(trials):
         ok = full_fidelity(trials[trials["attr_run"].astype(str) == run])
-        F = objective_matrix(ok, config.objectives)
+        F = objective_matrix(ok, objectives)
         if not len(F):
             continue
         front = F[non_dominated(F)]
@@ -141,12 +127,13 @@ def plot_methods(trials, config: StudyConfig, path: Path, *, title: str | None =
     uniform = full_fidelity(trials)
     uniform = uniform[uniform["attr_method"].astype(str).str.startswith("uniform:")].drop_duplicates("attr_method")
     for _, row in uniform.iterrows():
-        x, y = row[f"value_{config.objectives[1]}"], 100 * row["value_accuracy"]
+        x, y = row[f"value_{objectives[1]}"], 100 * row["value_accuracy"]
         ax.scatter(x, y, marker="s", s=36, edgecolor="black", facecolor="none", zorder=5)
         ax.annotate(str(row["attr_method"]).split(":")[1].upper(), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlabel(f"{config.objectives[1]} relative to fp32" + (f" ({config.energy_profile})" if config.objectives[1] == "energy" else ""))
+    profile = f" ({config.search.energy_profile})" if objectives[1] == "energy" else ""
+    ax.set_xlabel(f"{objectives[1]} relative to fp32{profile}")
     ax.set_ylabel("top-1 accuracy on the search subset (%)")
-    ax.set_title(title or f"{config.model} on {config.dataset}: budget {config.budget}, seed {config.seed}", fontsize=9)
+    ax.set_title(title or f"{config.model} on {config.dataset}: budget {config.search.budget}, seed {config.seed}", fontsize=9)
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -157,12 +144,11 @@ def plot_methods(trials, config: StudyConfig, path: Path, *, title: str | None =
 
 def write_comparison(out: Path, trials, config: StudyConfig, ref_point: np.ndarray, *, machine: str) -> Any:
     """compare.md and compare.png in the study folder; returns the score table. ``ref_point`` is
-    the study's hypervolume reference (:func:`mpsearch.study.hypervolume_reference`)."""
-    from mpsearch.study import reference_text
-
-    scores = method_scores(trials, config.objectives, ref_point)
-    caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {config.budget} full evaluations per method "
-               f"({config.eval_images} validation images each), objectives 1 - accuracy and {', '.join(config.objectives[1:])} "
+    the study's hypervolume reference (:func:`mpsearch.objectives.hypervolume_reference`)."""
+    search = config.search
+    scores = method_scores(trials, search.objectives, ref_point)
+    caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {search.budget} full evaluations per method "
+               f"({search.eval_images} validation images each), objectives 1 - accuracy and {', '.join(search.objectives[1:])} "
                f"relative to fp32, hypervolume reference point {reference_text(ref_point)}. Measured on {machine}.")
     atomic_write_text(out / "compare.md", comparison_markdown(scores, caption=caption), what="comparison table")
     plot_methods(trials, config, out / "compare.png")
@@ -190,3 +176,28 @@ def proxy_kendall(trials, scores: dict[tuple[str, int], float]) -> tuple[float, 
         return float("nan"), float("nan"), len(measured)
     result = kendalltau(predicted, measured)
     return float(result.statistic), float(result.pvalue), len(measured)
+
+
+def seed_summary(results: list[Any]) -> Any:
+    """How much a study's answer depends on its seed: mean and standard deviation over studies
+    that differ only in seed (:class:`~mpsearch.study.SearchResult` s) of the hypervolume, of
+    each method's hypervolume when they compare methods, and of the knee policy's test accuracy,
+    drop and cost."""
+    import statistics
+
+    import pandas as pd
+
+    values: dict[str, list[float]] = {"hypervolume": [r.hypervolume for r in results]}
+    for r in results:
+        objectives = r.config.search.objectives
+        if r.trials["attr_run"].nunique() > 1:
+            for _, row in method_scores(r.trials, objectives, r.ref_point).iterrows():
+                values.setdefault(f"hypervolume {row['method']}", []).append(float(row["hypervolume"]))
+        if r.front is not None and len(r.front):
+            metrics = r.pick("knee").provenance["metrics"]
+            values.setdefault("knee test accuracy (%)", []).append(100 * metrics["test_accuracy"])
+            values.setdefault("knee test drop (pp)", []).append(100 * metrics["test_drop"])
+            cost_key = "rel_" + r.cost_column[len("rel_"):].replace("energy_", "energy:", 1)
+            values.setdefault(f"knee {r.cost_column} (% of fp32)", []).append(100 * metrics.get(cost_key, float("nan")))
+    return pd.DataFrame([{"quantity": k, "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                          "seeds": len(v)} for k, v in values.items()])

@@ -7,12 +7,15 @@ fp32 model runs on the same images, so the accuracy drop comes with a paired con
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mpsearch.config import QuantConfig
 from mpsearch.cost import CostTable, bops, count_costs, energy, fp32_energy, load_profile, size_bytes
@@ -24,7 +27,8 @@ from mpsearch.prefix_cache import PrefixCache
 from mpsearch.quant import QuantizedModel, quantizable_layers, quantizable_matmuls
 from mpsearch.zoo import Baseline
 
-__all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs"]
+__all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs", "policy_layers",
+           "architecture_fingerprint"]
 
 DEFAULT_PROFILES = ("horowitz45nm", "seed-lab4")
 
@@ -61,6 +65,25 @@ def policy_costs(table: CostTable, policy: Policy, profiles: tuple[str, ...] = D
         fp32_energy={p.name: fp32_energy(table, p).total for p in loaded},
         energy_units={p.name: p.units for p in loaded},
     )
+
+
+def policy_layers(model: nn.Module, table: CostTable) -> list[str]:
+    """Every layer a policy can address, in the order the traced forward pass runs them, so
+    that "first" and "last" layer mean what they say for any architecture."""
+    wrappable = set(quantizable_layers(model)) | set(quantizable_matmuls(model))
+    return [name for name in table.names if name in wrappable]
+
+
+def architecture_fingerprint(model: nn.Module, layers: list[str]) -> str:
+    """sha256 of the policy layers' names, kinds and weight shapes: what a policy depends on."""
+    modules = dict(model.named_modules())
+    described = []
+    for name in layers:
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else None
+        described.append([name, type(module).__name__ if module is not None else "matmul", shape])
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,10 +133,8 @@ class Evaluator:
         self.batch_size = batch_size
         info = data.info
         self.cost_table = count_costs(baseline.model, (info.in_chans, info.image_size, info.image_size))
-        # Quantize the layers that run, in execution order (the traced order), so "first" and
-        # "last" layer mean what they say for any architecture.
-        wrappable = set(quantizable_layers(baseline.model)) | set(quantizable_matmuls(baseline.model))
-        executed = [name for name in self.cost_table.names if name in wrappable]
+        executed = policy_layers(baseline.model, self.cost_table)
+        self.architecture = architecture_fingerprint(baseline.model, executed)
         self.qmodel = QuantizedModel(baseline.model, config=self.quant, layers=executed)
         # Layer inputs of an identically quantized prefix are reused between evaluations (see
         # mpsearch.prefix_cache); not with block reconstruction, whose weights depend on neighbours.
@@ -150,6 +171,7 @@ class Evaluator:
                 dataset=self.data.info.name,
                 layers=self.policy_layers,
                 checkpoint_sha256=self.baseline.sha256,
+                architecture=self.architecture,
             )
         else:
             path = Path(spec)
@@ -158,11 +180,12 @@ class Evaluator:
                     f"policy {str(spec)!r} is neither a shorthand (w8a8, w4a8, w4a4, fp32, ...) nor an existing file"
                 )
             policy = Policy.load(path)
-        policy.validate_for(model=self.baseline.name, layers=self.policy_layers, checkpoint_sha256=self.baseline.sha256)
+        policy.validate_for(model=self.baseline.name, layers=self.policy_layers, checkpoint_sha256=self.baseline.sha256,
+                            architecture=self.architecture)
         if policy.dataset != self.data.info.name:
             raise UserError(
                 f"policy.dataset: policy was made on {policy.dataset!r}, this run uses {self.data.info.name!r}; "
-                f"pass --dataset {policy.dataset}"
+                f"measure it on {policy.dataset}"
             )
         return policy
 
@@ -215,15 +238,17 @@ class Evaluator:
 
     def evaluate(
         self,
-        policy: Policy,
+        policy: Policy | str | Path,
         *,
         split: str = "val",
         limit: int | None = None,
         compare_fp32: bool = True,
         progress: bool = False,
     ) -> EvaluationResult:
-        """Measure ``policy`` on ``split`` (its first ``limit`` images)."""
+        """Measure ``policy`` (a :class:`Policy`, a shorthand such as ``"w4a8"`` or a policy
+        JSON path) on ``split`` (its first ``limit`` images)."""
         start = time.perf_counter()
+        policy = self.resolve_policy(policy)
         mask = self.quantized_mask(policy, split, limit, progress)
         ref = self.fp32_mask(split, limit, progress) if compare_fp32 else None
         return self.summarize(policy, mask, split=split, fp32_mask=ref, start=start)

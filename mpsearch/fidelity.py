@@ -14,15 +14,18 @@ had or in which order workers finished: a study stays reproducible and resumable
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from mpsearch.metrics import paired_difference_ci
+from mpsearch.objectives import objective_vector
+from mpsearch.runtime import EvalOutcome, EvalTask, Executor
 
-__all__ = ["rungs", "pack_mask", "unpack_mask", "Archive"]
+__all__ = ["rungs", "pack_mask", "unpack_mask", "Archive", "climb_rungs"]
 
 
 def rungs(min_images: int, full_images: int) -> list[int]:
@@ -69,3 +72,50 @@ class Archive:
             if low > 0:
                 return True
         return False
+
+
+def climb_rungs(todo: list[int], policies: Mapping[int, Any], sizes: list[int], executor: Executor, archive: Archive,
+                objectives: tuple[str, ...], *, budget_left: float, on_images: Callable[[int], None],
+                full: int) -> tuple[dict[int, EvalOutcome], dict[int, torch.Tensor]]:
+    """Measure the candidates in slots ``todo`` rung by rung; (final outcome, per-image mask) per slot.
+
+    Every candidate pays the first rung; promotions are taken in slot order while the budget
+    (``budget_left`` full evaluations of ``full`` images) lasts. A final outcome carries the
+    accuracy over every image the candidate was measured on.
+    """
+    budget_left -= len(todo) * sizes[0] / full
+    outcomes: dict[int, EvalOutcome] = {}
+    masks: dict[int, torch.Tensor] = {}
+    walls: dict[int, float] = dict.fromkeys(todo, 0.0)
+    active = list(todo)
+    for r, size in enumerate(sizes):
+        first = sizes[r - 1] if r else 0
+        tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=size, start=first, keep_mask=True) for slot in active]
+        for outcome in executor.map(tasks, on_done=lambda o, n=size - first: on_images(n)):
+            slot = outcome.index
+            walls[slot] += outcome.wall_s
+            if not outcome.ok:
+                outcomes[slot] = outcome
+                masks.pop(slot, None)
+                continue
+            mask = outcome.mask() if slot not in masks else torch.cat([masks[slot], outcome.mask()])
+            masks[slot] = mask
+            metrics = dict(outcome.metrics, accuracy=float(mask.float().mean()))
+            outcomes[slot] = replace(outcome, metrics=metrics, images=len(mask), correct=int(mask.sum()),
+                                     wall_s=walls[slot], packed_mask=None)
+        if r == len(sizes) - 1:
+            break
+        step = (sizes[r + 1] - size) / full
+        promoted = []
+        for slot in active:
+            if not outcomes[slot].ok:
+                continue
+            costs = objective_vector(outcomes[slot].metrics, objectives)[1:]
+            if archive.surely_dominated(costs, masks[slot]) or budget_left < step - 1e-9:
+                continue
+            budget_left -= step
+            promoted.append(slot)
+        active = promoted
+        if not active:
+            break
+    return outcomes, masks

@@ -16,6 +16,7 @@ evaluate``) loads it back so the policy re-measures to the same numbers.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ from mpsearch.errors import UserError
 from mpsearch.evaluate import EvaluationResult, Evaluator
 from mpsearch.files import atomic_write
 from mpsearch.machine import native_bf16
-from mpsearch.policy import LayerPrecision, Policy
+from mpsearch.policy import LayerPrecision, MeasurementSettings, Policy
 from mpsearch.quant.lsq import attach_learned_quantizers, freeze_learned_quantizers
 from mpsearch.quant.primitives import QParams, fake_quantize, integer_range
-from mpsearch.zoo import augment
+from mpsearch.train import augment
 
 __all__ = ["FinetuneResult", "finetune", "save_finetuned", "write_finetuned", "load_finetuned", "attach_finetuned", "FORMAT"]
 
+logger = logging.getLogger(__name__)
 FORMAT = "mpsearch-finetuned"
 _VERSION = 1
 
@@ -103,7 +105,8 @@ def _train(evaluator: Evaluator, config: FinetuneConfig, progress: bool) -> None
                         target = teacher(x).float()
                     loss = _distillation_loss(qmodel.module(x).float(), target, y, config)
                 if not torch.isfinite(loss):
-                    raise UserError(f"fine-tuning diverged at step {step} (loss {loss.item()}); lower --lr")
+                    raise UserError(f"fine-tuning diverged at step {step} (loss {loss.item()}); lower finetune.lr",
+                                    fields=("finetune.lr",))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -129,7 +132,6 @@ def finetune(
     *,
     splits: tuple[str, ...] = ("val", "test"),
     progress: bool = True,
-    log=print,
 ) -> FinetuneResult:
     """Fine-tune ``policy`` on ``evaluator``'s model; measure it before and after on ``splits``.
 
@@ -138,11 +140,12 @@ def finetune(
     """
     config = config or FinetuneConfig()
     if evaluator.quant.smoothquant_alpha is not None:
-        raise UserError("fine-tuning a SmoothQuant-smoothed model is not supported; fine-tune without --smoothquant")
+        raise UserError("quant.smoothquant_alpha: fine-tuning a SmoothQuant-smoothed model is not supported; fine-tune without it",
+                        fields=("quant.smoothquant_alpha",))
     evaluator.calibrate()
     before = {s: evaluator.evaluate(policy, split=s, progress=progress) for s in splits}
     for s, r in before.items():
-        log(f"before fine-tuning ({evaluator.quant.ptq} PTQ): {s} accuracy {r.accuracy:.2%} ({(r.drop or 0) * 100:+.2f} pp)")
+        logger.info(f"before fine-tuning ({evaluator.quant.ptq} PTQ): {s} accuracy {r.accuracy:.2%} ({(r.drop or 0) * 100:+.2f} pp)")
     qmodel = evaluator.qmodel
     qmodel.apply(policy)
     sample, _ = next(iter(evaluator.data.train.batches(1)))
@@ -155,7 +158,7 @@ def finetune(
     qmodel.clear_weight_cache()  # other precisions re-quantize the fine-tuned float weights
     after = {s: evaluator.evaluate(policy, split=s, progress=progress) for s in splits}
     for s, r in after.items():
-        log(f"after fine-tuning: {s} accuracy {r.accuracy:.2%} ({(r.drop or 0) * 100:+.2f} pp)")
+        logger.info(f"after fine-tuning: {s} accuracy {r.accuracy:.2%} ({(r.drop or 0) * 100:+.2f} pp)")
     return FinetuneResult(policy=policy, before=before, after=after, train_s=train_s, config=config)
 
 
@@ -212,15 +215,11 @@ def write_finetuned(path: str | Path, evaluator: Evaluator, result: FinetuneResu
     path = Path(path)
     checkpoint = path.with_suffix(".pt")
     digest = save_finetuned(checkpoint, evaluator, result.policy)
-    quant = evaluator.quant
     tuned = result.policy.with_provenance(
         finetune={"checkpoint": checkpoint.name, "sha256": digest, "config": result.config.to_dict(),
                   "train_s": result.train_s},
         metrics=result.metrics(),
-        quant={"weight_observer": quant.weight_observer, "act_observer": quant.act_observer, "ptq": quant.ptq,
-               "bias_correction": quant.bias_correction, "smoothquant_alpha": quant.smoothquant_alpha,
-               "attention_calibration": quant.attention_calibration, "calibration_size": len(evaluator.data.calibration)},
-    )
+    ).with_settings(MeasurementSettings(evaluator.quant, len(evaluator.data.calibration)))
     tuned.save(path)
     return tuned
 

@@ -72,7 +72,8 @@ class StudyLock:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"cannot create the lock file {lock_path} ({exc.strerror}); choose a writable --out-root or --storage") from None
+            raise UserError(f"cannot create the lock file {lock_path} ({exc.strerror}); choose a writable run.out_dir or run.storage",
+                            fields=("run.out_dir", "run.storage")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,7 +81,8 @@ class StudyLock:
             os.close(fd)
             raise UserError(
                 f"study storage {db} is in use by another mpsearch driver ({holder or 'unknown'}); wait for it or stop it. "
-                "SQLite takes one driver at a time: to run several at once, give each --storage postgresql://... (see README)"
+                "SQLite takes one driver at a time: to run several at once, give each run.storage postgresql://... "
+                "(docs/studies.md)", fields=("run.storage",)
             ) from None
         os.ftruncate(fd, 0)
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -27,8 +27,8 @@ def describe_machine() -> str:
 def native_bf16(device_type: str = "cpu") -> str | None:
     """``None`` if ``device_type`` ("cpu" or "cuda") runs bf16 arithmetic in hardware, else why not.
 
-    On a CPU, oneDNN needs AVX512-BF16 or AMX: without them bf16 is emulated, and bf16 autocast
-    trains ResNet-18 15x slower than fp32 (50 s vs 3.4 s a batch of 128 on an AVX2-only AMD EPYC)."""
+    On a CPU, oneDNN needs AVX512-BF16 or AMX: without them bf16 is emulated, far slower than
+    fp32 (docs/design.md)."""
     import torch
 
     if device_type == "cuda":

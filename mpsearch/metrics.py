@@ -25,7 +25,7 @@ def correct_mask(
 
     ``progress`` is the label of a progress bar (none when ``None``). Image batches are fed in
     channels_last, the layout baselines keep their parameters in (see ``mpsearch.zoo``): oneDNN's
-    convolutions run ~17 % faster in it on CPU, and every measurement shares it.
+    convolutions run faster in it on CPU, and every measurement shares it.
     """
     was_training = getattr(model, "training", False)
     if isinstance(model, nn.Module):

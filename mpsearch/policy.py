@@ -3,7 +3,7 @@
 A policy is a versioned JSON document::
 
     {"format": "mpsearch-policy", "version": 1, "model": "resnet18", "dataset": "fashion-mnist",
-     "checkpoint_sha256": "...",
+     "checkpoint_sha256": "...", "architecture": "...",
      "layers": {"conv1": {"weight_bits": 8, "act_bits": 8, "granularity": "per-channel",
                           "symmetric": true, "act_symmetric": false}, ...},
      "provenance": {"study": ..., "trial": ..., "seed": ..., "metrics": {...}}}
@@ -13,8 +13,12 @@ transformer's attention matmuls are layers too, named ``<attention>.matmul_qk`` 
 ``<attention>.matmul_av`` (softmax·v): their ``act_bits`` quantize the first operand (q, the
 attention probabilities), their ``weight_bits`` the second (k, v), both per tensor. ``null`` bits mean
 "off": that operand stays float32. A quantizable layer that the policy does not list stays
-float32 too; a listed layer the model does not have is an error. Loading validates everything and
-names the offending field in one line.
+float32 too; a listed layer the model does not have is an error. ``architecture`` is a fingerprint
+of the model's quantizable layers (names, kinds, weight shapes): a policy made for another
+network is refused even when both carry the same name. Loading validates everything and names the
+offending field in one line. ``provenance.quant`` (with ``calibration_size`` and ``torch_threads``)
+records how the policy was measured, so that it re-measures to the same numbers
+(:class:`MeasurementSettings`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError, read_user_file
 from mpsearch.files import atomic_write_text
 
@@ -32,6 +37,7 @@ __all__ = [
     "POLICY_VERSION",
     "GRANULARITIES",
     "LayerPrecision",
+    "MeasurementSettings",
     "Policy",
     "uniform_policy",
     "parse_shorthand",
@@ -48,7 +54,7 @@ GRANULARITIES = ("per-channel", "per-tensor")
 _MIN_BITS, _MAX_BITS = 2, 8
 _SHORTHAND = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+))?(?P<all>:all)?$|^(?P<fp32>fp32)$")
 # The convention of LSQ, HAWQ-V3 and most PTQ papers: the first and last layers stay at 8 bits in
-# "W4A4" results (the research project quantized them too and paid for it). `:all` opts out.
+# "W4A4" results (they are the most sensitive, and cheap). `:all` opts out.
 _ENDS_BITS = 8
 # Attention matmuls are addressed as "<attention module>.<suffix>".
 MATMUL_QK = "matmul_qk"
@@ -121,6 +127,15 @@ class LayerPrecision:
 
 
 @dataclass(frozen=True)
+class MeasurementSettings:
+    """How a policy was measured: re-measured with these settings it gives the same numbers."""
+
+    quant: QuantConfig
+    calibration_size: int = 512
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     """A complete per-layer precision policy for one model, data set and checkpoint."""
 
@@ -130,6 +145,7 @@ class Policy:
     checkpoint_sha256: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     version: int = POLICY_VERSION
+    architecture: str | None = None
 
     def precision(self, layer: str) -> LayerPrecision:
         """The layer's precision; layers the policy does not list run in float32."""
@@ -139,12 +155,18 @@ class Policy:
         """``layer -> (weight_bits, act_bits)``, the form the cost model takes."""
         return {name: (p.weight_bits, p.act_bits) for name, p in self.layers.items()}
 
-    def validate_for(self, *, model: str, layers: list[str], checkpoint_sha256: str | None = None) -> None:
-        """Check that this policy belongs to ``model`` (and checkpoint) and names only its layers."""
+    def validate_for(self, *, model: str, layers: list[str], checkpoint_sha256: str | None = None,
+                     architecture: str | None = None) -> None:
+        """Check that this policy belongs to ``model`` (architecture and checkpoint) and names only its layers."""
         if self.model != model:
             raise UserError(
                 f"policy.model: this policy is for model {self.model!r}, not {model!r}; "
-                f"pass --model {self.model} or export a policy for {model}"
+                f"measure it on {self.model} or make a policy for {model}"
+            )
+        if architecture and self.architecture and self.architecture != architecture:
+            raise UserError(
+                f"policy.architecture: this policy was made for another network than this {model!r} (its layers or their "
+                "shapes differ); make a policy for this model"
             )
         known = set(layers)
         for name in self.layers:
@@ -158,11 +180,33 @@ class Policy:
         if checkpoint_sha256 and self.checkpoint_sha256 and self.checkpoint_sha256 != checkpoint_sha256:
             raise UserError(
                 f"policy.checkpoint_sha256: policy was made for checkpoint {self.checkpoint_sha256[:12]}…, "
-                f"the model loaded is {checkpoint_sha256[:12]}…; pass the matching --checkpoint"
+                f"the model loaded is {checkpoint_sha256[:12]}…; use the checkpoint it was made for"
             )
 
     def with_provenance(self, **items: Any) -> Policy:
         return replace(self, provenance={**self.provenance, **items})
+
+    def with_settings(self, settings: MeasurementSettings) -> Policy:
+        """This policy recording how it was measured (``provenance.quant`` and friends)."""
+        items: dict[str, Any] = {"quant": settings.quant.to_dict(), "calibration_size": settings.calibration_size}
+        if settings.torch_threads is not None:
+            items["torch_threads"] = settings.torch_threads
+        return self.with_provenance(**items)
+
+    def settings(self) -> MeasurementSettings | None:
+        """How this policy was measured, from its provenance; None when it does not say."""
+        quant = self.provenance.get("quant")
+        if quant is None:
+            return None
+        try:
+            config = QuantConfig.from_dict(quant)
+        except UserError as exc:
+            raise UserError(f"policy.provenance.{exc}") from None
+        size, threads = self.provenance.get("calibration_size", 512), self.provenance.get("torch_threads")
+        for key, value in (("calibration_size", size), ("torch_threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"policy.provenance.{key}: a positive integer, got {value!r}")
+        return MeasurementSettings(config, size, threads)
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +216,7 @@ class Policy:
             "model": self.model,
             "dataset": self.dataset,
             "checkpoint_sha256": self.checkpoint_sha256,
+            "architecture": self.architecture,
             "layers": {name: asdict(p) for name, p in self.layers.items()},
             "provenance": self.provenance,
         }
@@ -194,6 +239,9 @@ class Policy:
         sha = data.get("checkpoint_sha256")
         if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha)):
             raise UserError("policy.checkpoint_sha256: must be 64 lowercase hex digits or null")
+        architecture = data.get("architecture")
+        if architecture is not None and (not isinstance(architecture, str) or not re.fullmatch(r"[0-9a-f]{64}", architecture)):
+            raise UserError("policy.architecture: must be 64 lowercase hex digits or null")
         layers = data.get("layers")
         if not isinstance(layers, dict):
             raise UserError("policy.layers: required, an object mapping layer names to precisions")
@@ -201,13 +249,15 @@ class Policy:
         provenance = {} if provenance is None else provenance
         if not isinstance(provenance, dict):
             raise UserError("policy.provenance: must be an object")
-        unknown = sorted(set(data) - {"format", "version", "model", "dataset", "checkpoint_sha256", "layers", "provenance"})
+        unknown = sorted(set(data) - {"format", "version", "model", "dataset", "checkpoint_sha256", "architecture", "layers",
+                                      "provenance"})
         if unknown:
             raise UserError(f"policy.{unknown[0]}: unknown field; remove it")
         return cls(
             model=data["model"],
             dataset=data["dataset"],
             checkpoint_sha256=sha,
+            architecture=architecture,
             layers={name: LayerPrecision.from_dict(spec, f"policy.layers.{name}") for name, spec in layers.items()},
             provenance=provenance,
         )
@@ -270,6 +320,7 @@ def uniform_policy(
     dataset: str,
     layers: list[str],
     checkpoint_sha256: str | None = None,
+    architecture: str | None = None,
 ) -> Policy:
     """A uniform policy over ``layers`` (in execution order) from a shorthand like ``w4a4``.
 
@@ -282,7 +333,7 @@ def uniform_policy(
     specs: dict[str, LayerPrecision] = {}
     if w is None and a is None:
         return Policy(model=model, dataset=dataset, layers={}, checkpoint_sha256=checkpoint_sha256,
-                      provenance={"shorthand": shorthand})
+                      architecture=architecture, provenance={"shorthand": shorthand})
     for i, name in enumerate(layers):
         if is_matmul(name):
             if a is not None:
@@ -294,4 +345,4 @@ def uniform_policy(
             la = max(la, _ENDS_BITS) if la is not None else None
         specs[name] = LayerPrecision(weight_bits=lw, act_bits=la)
     return Policy(model=model, dataset=dataset, layers=specs, checkpoint_sha256=checkpoint_sha256,
-                  provenance={"shorthand": shorthand})
+                  architecture=architecture, provenance={"shorthand": shorthand})

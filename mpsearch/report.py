@@ -7,18 +7,32 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.config import StudyConfig, objective_spec
+from mpsearch.config import StudyConfig
 from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.objectives import objective_spec, reference_text
 
-__all__ = ["plot_front", "write_report"]
+__all__ = ["front_figure", "plot_front", "write_report"]
 
 
 def _energy_col(config: StudyConfig) -> str:
-    return "value_energy" if "energy" in config.objectives else f"value_{config.objectives[1]}"
+    objectives = config.search.objectives
+    return "value_energy" if "energy" in objectives else f"value_{objectives[1]}"
 
 
-def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
-    """front.png (matplotlib) and front.html (plotly): every trial, the front, the uniform policies.
+def _x_label(config: StudyConfig) -> str:
+    first = config.search.objectives[1]
+    return f"{first} relative to fp32" + (f" ({config.search.energy_profile})" if first == "energy" else "")
+
+
+def _front_x(pareto: Any, config: StudyConfig) -> Any:
+    """The front's values of the study's first cost objective."""
+    xcol = objective_spec(config.search.objectives[1])[1].replace(":", "_")
+    xcol = f"rel_energy_{config.search.energy_profile}" if xcol == "rel_energy" else xcol
+    return pareto[xcol]
+
+
+def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
+    """A matplotlib figure: every trial, the re-measured front on test (if any), the uniform policies.
 
     Uniform policies are the trials whose ``method`` attribute starts with ``uniform``.
     """
@@ -29,14 +43,11 @@ def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
 
     ok = trials[trials["state"] == "COMPLETE"]
     x_col = _energy_col(config)
-    x_label = f"{config.objectives[1]} relative to fp32" + (f" ({config.energy_profile})" if config.objectives[1] == "energy" else "")
     uniform = ok[ok["attr_method"].astype(str).str.startswith("uniform")]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter(ok[x_col], 100 * ok["value_accuracy"], s=10, c="#bbbbbb", label=f"trials ({len(ok)}, val subset)")
-    if len(pareto):
-        xcol = objective_spec(config.objectives[1])[1].replace(":", "_")
-        xcol = f"rel_energy_{config.energy_profile}" if xcol == "rel_energy" else xcol
-        px = pareto[xcol] if xcol in pareto else pareto.iloc[:, -2]
+    if pareto is not None and len(pareto):
+        px = _front_x(pareto, config)
         ax.errorbar(px, 100 * pareto["test_accuracy"],
                     yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
                     fmt="o-", color="#d62728", ms=4, capsize=2, label="Pareto set, test split (95% CI)")
@@ -46,17 +57,29 @@ def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
                     textcoords="offset points", xytext=(4, -10), fontsize=7)
     if len(uniform):
         ax.scatter([], [], marker="s", s=40, edgecolor="black", facecolor="#1f77b4", label="uniform policies (val subset)")
-    ax.set_xlabel(x_label)
+    ax.set_xlabel(_x_label(config))
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{config.model} on {config.dataset}: {config.algorithm}, budget {config.budget}, seed {config.seed}", fontsize=9)
+    search = config.search
+    ax.set_title(f"{config.model} on {config.dataset}: {search.algorithm}, budget {search.budget}, seed {config.seed}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def plot_front(trials: Any, pareto: Any, config: StudyConfig, out: Path) -> None:
+    """front.png (:func:`front_figure`) and front.html (plotly, interactive) in ``out``."""
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    fig = front_figure(trials, pareto, config)
     atomic_write(out / "front.png", lambda f: fig.savefig(f, format="png"), binary=True, what="plot")
     plt.close(fig)
 
-    import plotly.graph_objects as go
-
+    ok = trials[trials["state"] == "COMPLETE"]
+    x_col = _energy_col(config)
+    uniform = ok[ok["attr_method"].astype(str).str.startswith("uniform")]
+    px = _front_x(pareto, config)
     fig2 = go.Figure()
     fig2.add_trace(go.Scatter(x=ok[x_col], y=100 * ok["value_accuracy"], mode="markers", name="trials (val subset)",
                               marker={"color": "#aaaaaa", "size": 5},
@@ -71,7 +94,7 @@ def plot_front(trials, pareto, config: StudyConfig, out: Path) -> None:
         fig2.add_trace(go.Scatter(x=uniform[x_col], y=100 * uniform["value_accuracy"], mode="markers+text", name="uniform",
                                   text=[str(m).split(":")[1].upper() for m in uniform["attr_method"]],
                                   textposition="bottom right", marker={"symbol": "square", "size": 9}))
-    fig2.update_layout(title=f"{config.model} on {config.dataset}", xaxis_title=x_label, yaxis_title="top-1 accuracy (%)")
+    fig2.update_layout(title=f"{config.model} on {config.dataset}", xaxis_title=_x_label(config), yaxis_title="top-1 accuracy (%)")
     atomic_write_text(out / "front.html", fig2.to_html(include_plotlyjs="inline"), what="plot")
 
 
@@ -98,14 +121,14 @@ def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
     return lines + [""]
 
 
-def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume: float, ref_point: list[float],
-                 wall_s: float, search_s: float, machine: str, versions: dict[str, str], workers: int, storage: str,
-                 baseline: dict[str, Any], platform_: str, proxies: dict[str, tuple[float, float, int]] | None = None) -> None:
-    from mpsearch.study import reference_text
-
+def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: str, versions: dict[str, str], workers: int,
+                 platform_: str, proxies: dict[str, tuple[float, float, int]] | None = None) -> None:
+    """report.md of a finished study (``result`` is its :class:`~mpsearch.study.SearchResult`)."""
+    config, trials, pareto = result.config, result.trials, result.front
+    search = config.search
     ok = trials[trials["state"] == "COMPLETE"]
     failed = int((trials["state"] == "FAIL").sum())
-    energy_col = f"rel_energy_{config.energy_profile}"
+    energy_col = f"rel_energy_{search.energy_profile}"
     cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_boot_low", "test_boot_high",
             "test_drop_pp", "val_accuracy",
             energy_col, "rel_size", "rel_bops", "qat_test_accuracy", "qat_test_drop_pp"]
@@ -113,22 +136,23 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
            "test_drop_pp": "+.2f",
            "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
            "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f"}
+    search_s = result.phases.get("search", result.wall_s)
     lines = [
         f"# Study {config.study_name}",
         "",
         f"- model **{config.model}** on **{config.dataset}**; baseline test accuracy "
         f"{baseline.get('test_accuracy', float('nan')):.4f}",
-        f"- algorithm **{config.algorithm}**, budget {config.budget} evaluations ({len(ok)} measured, {failed} failed), "
-        f"population {config.population_size}, seed {config.seed}",
-        f"- objectives: {', '.join(config.objectives)} (energy profile {config.energy_profile}); each trial measured on the "
-        f"first {config.eval_images} validation images; the Pareto set "
-        + (f"(at most {config.remeasure_points} points, spread along the front) " if config.remeasure_points else "")
+        f"- algorithm **{search.algorithm}**, budget {search.budget} evaluations ({len(ok)} measured, {failed} failed), "
+        f"population {search.population_size}, seed {config.seed}",
+        f"- objectives: {', '.join(search.objectives)} (energy profile {search.energy_profile}); each trial measured on the "
+        f"first {search.eval_images} validation images; the Pareto set "
+        + (f"(at most {search.remeasure_points} points, spread along the front) " if search.remeasure_points else "")
         + "re-measured on the full validation and test splits",
-        f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point {reference_text(ref_point)}): "
-        f"**{hypervolume:.4f}**",
-        f"- wall time {wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
-        f"{config.torch_threads} torch thread(s); machine: {machine}; {platform_}",
-        f"- storage: `{storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
+        f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
+        f"- wall time {result.wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
+        f"{config.run.torch_threads} torch thread(s); machine: {machine}; {platform_}",
+        f"- storage: `{result.storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
         "## Pareto set (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the same images)",
         "",
@@ -136,6 +160,6 @@ def write_report(out: Path, *, config: StudyConfig, trials, pareto, hypervolume:
         "",
         *_proxy_lines(proxies or {}),
         "Files: `trials.csv` / `trials.parquet` (every trial), `pareto.csv`, `policies/trial-NNNN.json`, "
-        "`front.png`, `front.html`, `config.yaml`.",
+        "`front.png`, `front.html`, `config.yaml` (run it again to resume: `mpsearch optimize --config config.yaml`).",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n", what="report")

@@ -25,13 +25,15 @@ from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError
 
 __all__ = [
-    "WorkerSpec", "EvalTask", "EvalOutcome", "Executor", "InProcessExecutor", "RayExecutor", "create_executor", "default_workers",
+    "NamedSource", "ObjectSource", "WorkerSpec", "EvalTask", "EvalOutcome", "Executor", "InProcessExecutor", "RayExecutor",
+    "create_executor", "default_workers",
 ]
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to rebuild the evaluator (plain data: it crosses processes)."""
+class NamedSource:
+    """A model and data set by name, the baseline from a checkpoint file: what a worker on any
+    machine of a cluster can load for itself."""
 
     model: str
     dataset: str
@@ -39,6 +41,33 @@ class WorkerSpec:
     data_dir: str | None = None
     calibration_size: int = 512
     seed: int = 0
+
+    def load(self) -> tuple[Any, Any]:
+        from mpsearch.data import load_dataset
+        from mpsearch.zoo import get_baseline
+
+        data = load_dataset(self.dataset, data_dir=self.data_dir, calibration_size=self.calibration_size,
+                            calibration_seed=self.seed)
+        return get_baseline(self.model, data, checkpoint=self.checkpoint), data
+
+
+@dataclass(frozen=True)
+class ObjectSource:
+    """The baseline and data themselves (a model object, data from the user's tensors): they
+    travel to workers by value, through Ray's object store."""
+
+    baseline: Any  # mpsearch.zoo.Baseline
+    data: Any  # mpsearch.data.DataSplits
+
+    def load(self) -> tuple[Any, Any]:
+        return self.baseline, self.data
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to rebuild the evaluator (plain data: it crosses processes)."""
+
+    source: NamedSource | ObjectSource
     quant: dict[str, Any] = field(default_factory=lambda: QuantConfig().to_dict())
     profiles: tuple[str, ...] = ("horowitz45nm", "seed-lab4")
     torch_threads: int = 1
@@ -85,14 +114,10 @@ def build_evaluator(spec: WorkerSpec):
     """The evaluator a worker holds: data, baseline from the checkpoint, calibrated quantizers."""
     import torch
 
-    from mpsearch.data import load_dataset
     from mpsearch.evaluate import Evaluator
-    from mpsearch.zoo import get_baseline
 
     torch.set_num_threads(spec.torch_threads)
-    data = load_dataset(spec.dataset, data_dir=spec.data_dir, calibration_size=spec.calibration_size,
-                        calibration_seed=spec.seed)
-    baseline = get_baseline(spec.model, data, checkpoint=spec.checkpoint, log=lambda m: None)
+    baseline, data = spec.source.load()
     evaluator = Evaluator(baseline, data, quant=QuantConfig.from_dict(dict(spec.quant)), profiles=spec.profiles,
                           batch_size=spec.batch_size)
     evaluator.calibrate()
@@ -143,7 +168,7 @@ class Executor(ABC):
 
 
 class InProcessExecutor(Executor):
-    """Runs every task here, one after the other (``--workers 0``: for debugging and tests)."""
+    """Runs every task here, one after the other (``run.workers`` 0: notebooks, debugging, tests)."""
 
     def __init__(self, spec: WorkerSpec, evaluator=None) -> None:
         import torch
@@ -181,7 +206,7 @@ class RayExecutor(Executor):
         import ray
 
         if workers < 1:
-            raise UserError(f"--workers must be >= 1 for Ray (0 runs in-process), got {workers}")
+            raise UserError(f"run.workers: must be >= 1 for Ray (0 runs in-process), got {workers}", fields=("run.workers",))
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             try:
@@ -190,12 +215,14 @@ class RayExecutor(Executor):
                 else:
                     ray.init(num_cpus=workers * spec.torch_threads, include_dashboard=False, log_to_driver=False)
             except ConnectionError as exc:
-                raise UserError(f"cannot join the Ray cluster at {address!r} ({exc}); check --ray-address") from None
+                raise UserError(f"cannot join the Ray cluster at {address!r} ({exc}); check run.ray_address",
+                                fields=("run.ray_address",)) from None
         import torch
 
         gpus = 1 if torch.cuda.is_available() and not address else 0
         self._actor_cls = ray.remote(num_cpus=spec.torch_threads, num_gpus=gpus, max_restarts=0)(_EvalActor)
-        self._spec = spec
+        _ship_code_by_value(spec.source)
+        self._spec = ray.put(spec)  # once: every actor gets a reference, not a copy of the model and data
         self.max_retries = max_retries
         self.replaced = 0  # actors replaced after dying (reported by the study)
         self.actors = [self._start(i) for i in range(workers)]
@@ -297,6 +324,30 @@ class _EvalActor:
         return os.getpid()
 
 
+def _ship_code_by_value(source: NamedSource | ObjectSource) -> None:
+    """Let workers unpickle the user's own classes (a model defined in a notebook, a test or a
+    script, a Dataset subclass): their modules travel with the objects unless workers can import
+    them (installed packages and the standard library)."""
+    import site
+    import sys
+    import sysconfig
+
+    from ray import cloudpickle
+
+    if not isinstance(source, ObjectSource):
+        return
+    installed = tuple(str(p) for p in (*site.getsitepackages(), sysconfig.get_paths()["stdlib"]))
+    objects = [*source.baseline.model.modules()]
+    objects += [getattr(split, "dataset", None) for split in (source.data.train, source.data.calibration, source.data.val,
+                                                               source.data.test)]
+    for name in {type(o).__module__ for o in objects if o is not None}:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if module is None or name == "__main__" or path is None or name.split(".")[0] == "mpsearch" or path.startswith(installed):
+            continue
+        cloudpickle.register_pickle_by_value(module)
+
+
 @contextlib.contextmanager
 def _deferred_interrupt() -> Iterator[threading.Event]:
     """While waiting on Ray, Ctrl-C only sets an event that the wait loop turns into KeyboardInterrupt.
@@ -325,7 +376,7 @@ def _deferred_interrupt() -> Iterator[threading.Event]:
 def create_executor(spec: WorkerSpec, workers: int, *, address: str | None = None, evaluator=None) -> Executor:
     """``workers == 0``: in this process; otherwise a Ray actor pool of that size."""
     if workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}")
+        raise UserError(f"run.workers: must be >= 0, got {workers}", fields=("run.workers",))
     if workers == 0:
         return InProcessExecutor(spec, evaluator)
     return RayExecutor(spec, workers, address=address)

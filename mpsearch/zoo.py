@@ -1,45 +1,46 @@
-"""Models: timm's factory, a small-image adaptation, baseline training and a checkpoint cache.
+"""Models: timm's factory, a small-image adaptation and the fp32 baselines a study quantizes.
 
 ``create_model(name, info)`` is ``timm.create_model(name, num_classes, in_chans)`` plus, for
 inputs of at most 64 pixels, the adaptation that keeps small images from being downsampled to
-nothing: ResNets get a 3x3 stride-1 stem and no max-pool (the research project kept the ImageNet
-stem on 32x32 inputs, leaving layer4 at 1x1), ViTs a patch size that gives a 7x7 grid on 28x28.
+nothing: ResNets get a 3x3 stride-1 stem and no max-pool, ViTs a patch size that gives a 7x7
+grid on 28x28.
 
-``get_baseline`` returns the fp32 model a study quantizes: from ``--checkpoint PATH``, from
-timm's hub (``--pretrained``), or trained by mpsearch with a :class:`TrainRecipe` and cached
-under ``cache_root()/checkpoints`` keyed by (model, data set, recipe, seed).
+``get_baseline`` returns the fp32 model a study quantizes: from a checkpoint file, from timm's
+hub (``pretrained``), or trained by mpsearch with a :class:`TrainRecipe` (:mod:`mpsearch.train`)
+and cached under ``cache_root()/checkpoints`` keyed by (model, data set, recipe, seed).
+:meth:`Baseline.from_module` wraps a model object of the user's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpsearch.config import TrainRecipe
-from mpsearch.data import DatasetInfo, DataSplits, Split
+from mpsearch.data import DatasetInfo, DataSplits
 from mpsearch.errors import UserError, read_user_file
 from mpsearch.files import atomic_write, atomic_write_text
 from mpsearch.machine import describe_machine, native_bf16
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
+from mpsearch.train import train_model
 
 __all__ = [
-    "MODEL_ALIASES", "VIT_RECIPE", "Baseline", "augment", "create_model", "default_recipe", "get_baseline",
-    "is_vision_transformer", "resolve_model_name", "sha256_file", "train_model",
+    "MODEL_ALIASES", "VIT_RECIPE", "Baseline", "create_model", "default_recipe", "get_baseline",
+    "is_vision_transformer", "resolve_model_name", "sha256_file", "state_sha256",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Short names users type -> timm names.
 MODEL_ALIASES = {
@@ -67,20 +68,20 @@ def is_vision_transformer(name: str) -> bool:
     return entry.__module__.rsplit(".", 1)[-1] in ("vision_transformer", "deit")
 
 
-# Vision transformers trained from scratch get AdamW with strong weight decay, as in DeiT
-# (Touvron et al. 2021) and timm's ViT recipes. All at native size: a ViT's position embedding is fixed
-# to the token grid, so progressive resizing does not apply. A DeiT-Tiny step on 28x28
-# Fashion-MNIST at batch 128 costs about as much as a ResNet-18 one on this kind of CPU
-# (~1.25 s on 2 cores), so three epochs fill the same ~30 minutes; the README has the accuracy.
+# Vision transformers trained from scratch get AdamW with strong weight decay and crop/flip
+# augmentation, as in DeiT (Touvron et al. 2021) and timm's ViT recipes, all at native size: a
+# ViT's position embedding is fixed to the token grid, so progressive resizing does not apply.
+# Every field is written out: the CNN defaults (TrainRecipe()) come from a sweep on ResNet-18 and
+# must not leak into this recipe (docs/baseline.md).
 VIT_RECIPE = TrainRecipe(
     epochs=3, batch_size=128, lr=1e-3, momentum=0.9, weight_decay=0.05, label_smoothing=0.1, warmup_fraction=0.2,
-    image_scales=(1.0,), optimizer="adamw", keep_fraction=1.0,  # selective epochs were tuned on ResNet-18 only
+    crop_padding=2, hflip=True, bf16=True, channels_last=True, image_scales=(1.0,), optimizer="adamw", keep_fraction=1.0,
 )
 
 
 def default_recipe(name: str) -> TrainRecipe:
     """The documented baseline recipe for model ``name``: :data:`VIT_RECIPE` for vision
-    transformers, :class:`TrainRecipe`'s defaults (tuned on ResNet-18) for everything else."""
+    transformers, :class:`TrainRecipe`'s defaults for everything else."""
     return VIT_RECIPE if is_vision_transformer(name) else TrainRecipe()
 
 
@@ -118,8 +119,8 @@ def create_model(name: str, info: DatasetInfo, *, pretrained: bool = False) -> n
         except Exception as exc:  # noqa: BLE001 - hub failures come in many types
             raise UserError(
                 f"cannot load timm hub weights for {timm_name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                "--pretrained needs internet access to the Hugging Face hub: use --checkpoint PATH, "
-                "or drop --pretrained and let mpsearch train a baseline"
+                "pretrained weights need internet access to the Hugging Face hub: use a checkpoint file instead, "
+                "or let mpsearch train a baseline"
             ) from None
     else:
         model = probe if not is_vit else timm.create_model(timm_name, pretrained=False, **kwargs)
@@ -136,157 +137,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# -- training -----------------------------------------------------------------------------------
-def augment(x: torch.Tensor, recipe: TrainRecipe, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per-image random crop (zero-pixel padding) and horizontal flip, vectorized over the batch."""
-    n, c, h, w = x.shape
-    p = recipe.crop_padding
-    if p > 0:
-        padded = F.pad(x - fill, (p, p, p, p)) + fill  # pad with the normalized value of a black pixel
-        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    if recipe.hflip:
-        flip = torch.rand(n, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
-
-
-def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay
-        )
-    # Decaying norm gains, biases, position embeddings and the class token toward zero only
-    # hurts a transformer (DeiT and timm exclude them the same way).
-    keep = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # timm: pos_embed, cls_token
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.dim() >= 2 and n not in keep]
-    rest = [p for n, p in params if not (p.dim() >= 2 and n not in keep)]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=recipe.lr, betas=(recipe.momentum, 0.999),
-    )
-
-
-def train_model(
-    model: nn.Module,
-    train: Split,
-    info: DatasetInfo,
-    recipe: TrainRecipe,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """Train ``model`` in place with ``recipe`` (SGD-Nesterov or AdamW, one-cycle LR, label smoothing).
-
-    Batches and augmentation come from the CPU with the same seeds on every ``device``; the model
-    trains on ``device`` and comes back on the CPU. ``recipe.bf16`` asks for bf16 autocast where
-    the device runs bf16 natively (:func:`mpsearch.machine.native_bf16`); elsewhere it trains in
-    fp32, which is faster than emulated bf16."""
-    device = torch.device(device)
-    bf16 = recipe.bf16 and native_bf16(device.type) is None
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
-    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format).train()
-    opt = _optimizer(model, recipe)
-    n_train = len(train)
-    epoch_images = [recipe.epoch_images(epoch, n_train) for epoch in range(recipe.epochs)]
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, total_steps=sum(math.ceil(n / recipe.batch_size) for n in epoch_images),
-        pct_start=recipe.warmup_fraction,
-    )
-    selective = recipe.keep_fraction < 1
-    # Each image's loss when it was last trained on (selective epochs pick by it; see TrainRecipe).
-    last_loss = torch.zeros(n_train)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    per_image_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="none")
-    for epoch in range(recipe.epochs):
-        size = recipe.image_size(epoch, info.image_size)
-        if selective:
-            positions = torch.randperm(n_train, generator=gen) if epoch == 0 else _pick_by_loss(last_loss, epoch_images[epoch], gen)
-            batches = train.select(positions).batches(recipe.batch_size)
-        else:  # the original path, kept bit for bit: cached baselines of earlier recipes stay reproducible
-            positions = None
-            batches = train.batches(recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch)
-        steps = math.ceil(epoch_images[epoch] / recipe.batch_size)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe.epochs} @{size}px", disable=not progress, leave=True)
-        seen = 0
-        # Running sums stay on the device: reading them every step would stall a GPU's queue.
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for step, (x, y) in enumerate(batches):
-            x = augment(x, recipe, fill, gen)
-            if size != x.shape[-1]:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-                if positions is None:
-                    loss = loss_fn(logits.float(), y)
-                else:
-                    losses = per_image_loss(logits.float(), y)
-                    loss = losses.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if positions is not None:
-                last_loss[positions[seen : seen + len(y)]] = losses.detach().float().cpu()
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum()
-            loss_sum += loss.detach() * len(y)
-            bar.update(1)
-            if step % 10 == 0 or seen == epoch_images[epoch]:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
-        bar.close()
-    if selective:
-        _recalibrate_batch_norm(model, train, recipe, device, memory_format, gen, progress)
-    model.to(device="cpu", memory_format=torch.contiguous_format).eval()
-    return model
-
-
-def _pick_by_loss(last_loss: torch.Tensor, n_keep: int, gen: torch.Generator) -> torch.Tensor:
-    """``n_keep`` positions drawn without replacement with probability proportional to the rank
-    of their last loss (the hardest image is the likeliest, the easiest still has a chance, so
-    a stale low loss gets re-measured now and then), in random order. Gumbel top-k sampling."""
-    n = len(last_loss)
-    rank = torch.empty(n)
-    rank[last_loss.argsort()] = torch.arange(1, n + 1, dtype=torch.float32)
-    uniform = torch.rand(n, generator=gen).clamp_min(1e-12)
-    keys = torch.log(rank / n) - torch.log(-torch.log(uniform))
-    picked = keys.topk(n_keep).indices
-    return picked[torch.randperm(n_keep, generator=gen)]
-
-
-@torch.no_grad()
-def _recalibrate_batch_norm(model: nn.Module, train: Split, recipe: TrainRecipe, device: torch.device,
-                            memory_format: torch.memory_format, gen: torch.Generator, progress: bool) -> None:
-    """Re-estimate batch-norm running statistics on ``recipe.batch_norm_images`` random training
-    images at native size, in float32 like evaluation: selective epochs see the hard images
-    most, so the statistics they leave describe another mix of images than evaluation sees."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over every batch
-    images = min(len(train), recipe.batch_norm_images)
-    sample = train.select(torch.randperm(len(train), generator=gen)[:images])
-    for x, _ in tqdm(sample.batches(256), total=math.ceil(images / 256), desc="batch-norm statistics",
-                     disable=not progress, leave=False):
-        model(x.to(device).contiguous(memory_format=memory_format))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-
-
 # -- baselines ----------------------------------------------------------------------------------
 def _ready(model: nn.Module) -> nn.Module:
     """Eval mode, parameters in channels_last: measurements feed images in that layout (oneDNN's
@@ -294,6 +144,16 @@ def _ready(model: nn.Module) -> nn.Module:
     was trained, loaded from a file or from the cache."""
     with torch.no_grad():
         return model.to(memory_format=torch.channels_last).eval()
+
+
+def state_sha256(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and values): identifies its weights."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @dataclass
@@ -305,6 +165,18 @@ class Baseline:
     checkpoint: Path | None
     sha256: str | None
     meta: dict[str, Any]
+
+    @classmethod
+    def from_module(cls, model: nn.Module, name: str | None = None) -> Baseline:
+        """A baseline of a model object (the user's own network): named by ``name`` or its class,
+        identified by the sha256 of its state dict. The model itself is not changed; the
+        baseline holds an eval-mode copy."""
+        import copy
+
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model: expected a torch.nn.Module or a timm model name, got {type(model).__name__}")
+        copied = copy.deepcopy(model)
+        return cls(name or type(model).__name__, _ready(copied), None, state_sha256(copied), {"source": "nn.Module"})
 
 
 def _versions() -> dict[str, str]:
@@ -329,7 +201,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"checkpoint {path}: file not found; check --checkpoint") from None
+        raise UserError(f"checkpoint {path}: file not found; check the path", fields=("checkpoint",)) from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of corrupt files come in many types
         raise UserError(
             f"checkpoint {path}: not a readable PyTorch state dict ({type(exc).__name__}); "
@@ -362,7 +234,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, nam
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise UserError(
             f"checkpoint {path} does not fit model {name!r} on this data set ({first[:160]}); "
-            "pass the matching --model/--dataset"
+            "use the model and data set it was trained for"
         ) from None
 
 
@@ -375,7 +247,6 @@ def get_baseline(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> Baseline:
     """The fp32 baseline: ``checkpoint``, else hub weights, else the cached or newly trained model."""
     resolve_model_name(name)  # an unknown name fails before anything is announced or trained
@@ -399,11 +270,11 @@ def get_baseline(
         model = create_model(name, data.info)
         _load_into(model, load_state_dict_file(path), path, name)
         return Baseline(name, _ready(model), path, sha, meta)
-    log(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now "
-        f"({recipe.epochs} epochs, cached in {folder}).")
+    logger.info(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now "
+                f"({recipe.epochs} epochs, cached in {folder}).")
     no_bf16 = native_bf16("cpu") if recipe.bf16 else None  # train_model's reason to train in fp32 instead
     if no_bf16 is not None:
-        log(f"Training in fp32 instead of bf16 autocast: {no_bf16}.")
+        logger.info(f"Training in fp32 instead of bf16 autocast: {no_bf16}.")
     torch.manual_seed(seed)
     model = create_model(name, data.info)
     start = time.perf_counter()
@@ -431,5 +302,5 @@ def get_baseline(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2), what="checkpoint metadata")
-    log(f"Trained {name}: val {val_acc:.2%}, test {test_acc:.2%} in {wall / 60:.1f} min -> {path}")
+    logger.info(f"Trained {name}: val {val_acc:.2%}, test {test_acc:.2%} in {wall / 60:.1f} min -> {path}")
     return Baseline(name, _ready(model), path, sha, meta)

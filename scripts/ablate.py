@@ -1,16 +1,15 @@
 """Regenerate the quantization ablation table (docs/ablation_<model>.md and .csv).
 
     python scripts/ablate.py --model resnet18 [--variants all|a,b,...] [--widths w8a8,...] [--seeds 0,1,2]
-                             [--finetune-steps 300] [--out docs]
+                             [--finetune-steps 300] [--out-dir docs]
     python scripts/ablate.py --model deit_tiny      # standard vs ranking-aware attention calibration
 
 One factor at a time around the default quantizer, every cell measured on the test split against
 the fp32 model on the same images, mean ± std over calibration seeds (mpsearch.ablate). The CSV
 is resumed when present, so the run can be stopped and restarted; ``--report-only`` rewrites
-the markdown from it. Measured costs per cell on a 2-core AMD EPYC for ResNet-18 (a full pass over
-the 10,000 test images is most of it): ~60 s round-to-nearest, ~100 s GPTQ, ~9 min GPTQ + QAT;
-AdaRound (and BRECQ, which starts from it) ~20 min. The defaults of variants and widths depend
-on the model (mpsearch.ablate.default_grid).
+the markdown from it. The defaults of variants and widths depend on the model
+(mpsearch.ablate.default_grid). `mpsearch ablate` runs the same measurements into a study folder;
+this script writes the tables under docs/.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpsearch.ablate import DEFAULT_WIDTHS, VARIANTS, applicable_variants, default_grid, run_ablation, write_markdown
+from mpsearch.ablate import DEFAULT_WIDTHS, VARIANTS, ablation_grid, run_ablation, write_markdown
 from mpsearch.config import FinetuneConfig
 from mpsearch.machine import describe_machine
 
@@ -31,18 +30,14 @@ def main() -> None:
     ap.add_argument("--widths", default=None, help="comma separated (default: by model)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--finetune-steps", type=int, default=300)
-    ap.add_argument("--out", default="docs")
+    ap.add_argument("--out-dir", default="docs")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the CSV without measuring")
     args = ap.parse_args()
 
-    default_variants, default_widths = default_grid(args.model)
-    if args.variants is None:
-        variants = default_variants
-    else:
-        variants = applicable_variants(args.model) if args.variants == "all" else args.variants.split(",")
-    widths = default_widths if args.widths is None else args.widths.split(",")
+    variants, widths = ablation_grid(args.model, args.variants if args.variants in (None, "all") else args.variants.split(","),
+                                     None if args.widths is None else args.widths.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
+    out = Path(args.out_dir)
     csv = out / f"ablation_{args.model}.csv"
     if args.report_only:
         import pandas as pd

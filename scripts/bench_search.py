@@ -9,12 +9,11 @@ validation subset. Every method measures the uniform policies first; the populat
 also start from the HAWQ-V3 ILP's solutions at 12 energy budgets (StudyConfig.ilp_seeds), random
 search does not (it would measure the seeds, not random search); NSGA-II also gives 4 offspring
 of each later generation to ILP solutions in the widest gaps of its measured front
-(StudyConfig.ilp_gap_plans). Each
-method is scored by the hypervolume of its measured front (1 - accuracy, relative energy)
-against three reference points: the study's own, 0 % accuracy at the costliest policy of the
-search space (mpsearch.study.hypervolume_reference; what `mpsearch compare` reports and what the
-1.03 x random target is read on), (1, 1), i.e. 0 % accuracy at fp32 energy, and the useful
-region around W8A8; and by whether that front strictly dominates every uniform policy. The
+(search.ilp_gap_plans). Each method is scored by the hypervolume of its measured front
+(1 - accuracy, relative energy) against three reference points: the study's own, 0 % accuracy at
+the costliest policy of the search space (mpsearch.objectives.hypervolume_reference; what
+`mpsearch compare` reports), (1, 1), i.e. 0 % accuracy at fp32 energy, and the useful region
+around W8A8; and by whether that front strictly dominates every uniform policy. The
 first method's hypervolume minus each other's
 comes with a 95 % paired bootstrap interval over the search subset's images (every trial keeps
 which images it got right). Every method's front is also re-measured on the first 1000 test
@@ -34,7 +33,6 @@ method). Then, on the first seed's study:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import time
@@ -44,40 +42,30 @@ import numpy as np
 import pandas as pd
 
 from mpsearch.compare import method_scores, paired_hypervolume_difference, plot_methods, proxy_kendall
-from mpsearch.config import StudyConfig
+from mpsearch.config import SearchConfig, StudyConfig, with_overrides
 from mpsearch.fidelity import rungs
 from mpsearch.machine import describe_machine
-from mpsearch.study import full_fidelity, optimize, study_dir
+from mpsearch.objectives import full_fidelity, objective_matrix
+from mpsearch.study import SearchResult, Subject, load_result, run_study
 
 # Each method's front is scored against three references, all shared by every method of a study:
 # the study's own (0 % accuracy at the costliest policy of the search space, see
-# mpsearch.study.hypervolume_reference), fp32's (1, 1), and the useful region around W8A8.
+# mpsearch.objectives.hypervolume_reference), fp32's (1, 1), and the useful region around W8A8.
 REFERENCES = {
     "space": "space reference (0 % accuracy at the search space's costliest policy)",
     "fp32": "reference (1, 1) (0 % accuracy at fp32 energy)",
     "useful": "useful region (at most 5 pp below and no costlier than W8A8)",
 }
-TARGET_REFERENCE = "space"  # the study's own reference: what `mpsearch compare` reports
 
 
-def study_inputs(config: StudyConfig):
-    """(data, baseline, quantizer settings) of a study: its calibration draw, checkpoint and observers."""
-    from mpsearch.config import QuantConfig
-    from mpsearch.data import load_dataset
-    from mpsearch.zoo import get_baseline
+def study_evaluator(result: SearchResult, *, prefix_cache: bool = True):
+    """An evaluator measuring the way ``result``'s study did: its baseline, calibration draw and quantizer settings."""
+    from mpsearch.evaluate import Evaluator
 
-    data = load_dataset(config.dataset, calibration_size=config.calibration_size, calibration_seed=config.seed)
-    baseline = get_baseline(config.model, data, seed=0, checkpoint=config.checkpoint, log=lambda m: None)
-    quant = QuantConfig(weight_observer=config.weight_observer, act_observer=config.act_observer, seed=config.seed)
-    return data, baseline, quant
-
-
-def trial_policy(config: StudyConfig, data, baseline, layers_json: str):
-    """The policy a trial measured, from its ``layers`` attribute."""
-    from mpsearch.policy import LayerPrecision, Policy
-
-    layers = {n: LayerPrecision(w, a) for n, (w, a) in json.loads(layers_json).items()}
-    return Policy(model=config.model, dataset=data.info.name, checkpoint_sha256=baseline.sha256, layers=layers)
+    subject = Subject.resolve(result.config)
+    ev = Evaluator(subject.baseline, subject.data, quant=result.config.quant, prefix_cache=prefix_cache)
+    ev.calibrate()
+    return ev
 
 
 def w8a8_reference(accuracy: float, energy: float) -> np.ndarray:
@@ -98,15 +86,14 @@ def useful_region(trials) -> np.ndarray:
 def paired_text(trials, lead: str, other: str, config: StudyConfig, ref) -> str:
     """HV(lead) - HV(other) and its paired bootstrap interval, as printed."""
     return "{:+.4f} [{:+.4f}, {:+.4f}]".format(
-        *paired_hypervolume_difference(trials, lead, other, config.objectives, ref, seed=config.seed))
+        *paired_hypervolume_difference(trials, lead, other, config.search.objectives, ref, seed=config.seed))
 
 
 def seeds_only(trials, method: str, objectives: tuple[str, ...], ref: np.ndarray) -> float:
     """Hypervolume, reference ``ref``, of ``method``'s seed policies alone (the uniform policies and
     the ILP solutions it started from, as measured): what the search added is its final volume
     minus this."""
-    from mpsearch.compare import objective_matrix
-    from mpsearch.search.pareto import hypervolume, non_dominated
+    from mpsearch.algorithms.pareto import hypervolume, non_dominated
 
     ok = full_fidelity(trials)
     kind = ok["attr_method"].astype(str)
@@ -124,44 +111,35 @@ def volume_bound(trials, ref: np.ndarray) -> float:
     return max(0.0, float(ref[0]) - best_error) * max(0.0, float(ref[1]) - least_energy)
 
 
-def study_reference(folder: Path) -> np.ndarray:
-    """The hypervolume reference a finished study recorded in its config.yaml."""
-    import yaml
-
-    recorded = yaml.safe_load((folder / "config.yaml").read_text()).get("hypervolume_reference")
-    if recorded is None:
-        raise SystemExit(f"{folder}: no hypervolume_reference in config.yaml (a study from before it was recorded); "
-                         "run the benchmark again without --rescore")
-    return np.asarray(recorded, dtype=float)
-
-
 def mean_std(values: list[float], fmt: str = ".4f") -> str:
     spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
     return f"{statistics.fmean(values):{fmt}}{spread}"
 
 
-def proxy_table(config: StudyConfig, trials) -> list[tuple[str, float, float, int]]:
+def proxy_table(result: SearchResult) -> list[tuple[str, float, float, int]]:
     """Kendall tau of the hessian and empirical proxies over the study's full-fidelity trials."""
     import torch
 
     from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity
 
-    data, baseline, quant = study_inputs(config)
+    config, trials = result.config, result.trials
+    ev = study_evaluator(result)
     # the searched layers in gene order, as the study asked for them (so the study's Hessian comes from the cache)
     layers = [c[len("param_w:"):] for c in trials.columns if c.startswith("param_w:")]
     ok = full_fidelity(trials)
     rows = []
     torch.set_num_threads(2)
-    for estimator, extra in (("hessian", {"batches": 2, "max_probes": 16}), ("empirical", {})):
+    hessian = {"batches": config.search.sensitivity_batches, "max_probes": config.search.sensitivity_probes}
+    for estimator, extra in (("hessian", hessian), ("empirical", {})):
         scfg = SensitivityConfig(estimator=estimator, bits=(2, 3, 4, 5, 6, 8), seed=config.seed, **extra)
-        df = compute_sensitivity(baseline.model, layers, data.calibration, scfg, quant=quant,
-                                 checkpoint_sha256=baseline.sha256, progress=False)
+        df = compute_sensitivity(ev.baseline.model, layers, ev.data.calibration, scfg, quant=config.quant,
+                                 checkpoint_sha256=ev.baseline.sha256, progress=False)
         scores = {(str(n), int(b)): float(s) for n, b, s in df[["layer", "bits", "score"]].itertuples(index=False)}
         rows.append((estimator, *proxy_kendall(ok, scores)))
     return rows
 
 
-def heldout_trials(config: StudyConfig, trials, methods: list[str], images: int):
+def heldout_trials(result: SearchResult, methods: list[str], images: int):
     """Each method's front (full fidelity, search subset) re-measured on the first ``images`` test
     images, as trial rows (run, energy, accuracy, per-image mask) that :func:`method_scores` and
     :func:`paired_hypervolume_difference` score like the study's, and the useful-region reference
@@ -170,51 +148,44 @@ def heldout_trials(config: StudyConfig, trials, methods: list[str], images: int)
     accuracy (the winner's curse); images no method saw score every front without that bias."""
     import torch
 
-    from mpsearch.compare import objective_matrix
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.algorithms.pareto import non_dominated
     from mpsearch.fidelity import pack_mask
-    from mpsearch.search.pareto import non_dominated
 
     torch.set_num_threads(2)
-    data, baseline, quant = study_inputs(config)
-    ev = Evaluator(baseline, data, quant=quant)
-    ev.calibrate()
-    ok = full_fidelity(trials)
+    objectives = result.config.search.objectives
+    ev = study_evaluator(result)
+    ok = full_fidelity(result.trials)
     measured: dict[str, torch.Tensor] = {}  # a policy two methods share is measured once
 
     def mask_of(row) -> torch.Tensor:
         key = row["attr_layers"]
         if key not in measured:
-            measured[key] = ev.quantized_mask(trial_policy(config, data, baseline, key), "test", limit=images)
+            measured[key] = ev.quantized_mask(result.trial_policy(int(row["trial"])), "test", limit=images)
         return measured[key]
 
     rows = []
     for method in methods:
         mine = ok[ok["attr_run"].astype(str) == method]
-        for _, row in mine.iloc[non_dominated(objective_matrix(mine, config.objectives))].iterrows():
+        for _, row in mine.iloc[non_dominated(objective_matrix(mine, objectives))].iterrows():
             mask = mask_of(row)
             rows.append({"state": "COMPLETE", "attr_run": method, "attr_method": row["attr_method"], "attr_fidelity": 1.0,
                          "attr_images": len(mask), "attr_mask": pack_mask(mask), "value_accuracy": float(mask.float().mean()),
-                         **{f"value_{name}": row[f"value_{name}"] for name in config.objectives[1:]}})
+                         **{f"value_{name}": row[f"value_{name}"] for name in objectives[1:]}})
     w8a8 = ok[ok["attr_method"].astype(str) == "uniform:w8a8"].iloc[0]
     return pd.DataFrame(rows), w8a8_reference(float(mask_of(w8a8).float().mean()), float(w8a8["value_energy"]))
 
 
-def cache_ratio(config: StudyConfig, trials, limit: int, method: str) -> tuple[float, float, int, float]:
+def cache_ratio(result: SearchResult, limit: int, method: str) -> tuple[float, float, int, float]:
     """(seconds with the cache, seconds without, policies, stages reused / stages in all) for the
     first ``limit`` trials of ``method``, re-measured in the order they ran."""
     import torch
 
-    from mpsearch.evaluate import Evaluator
-
-    torch.set_num_threads(config.torch_threads)
-    data, baseline, quant = study_inputs(config)
-    run = trials[trials["attr_run"] == method].head(limit)
-    policies = [trial_policy(config, data, baseline, row["attr_layers"]) for _, row in run.iterrows()]
+    torch.set_num_threads(result.config.run.torch_threads)
+    run = result.trials[result.trials["attr_run"] == method].head(limit)
+    policies = [result.trial_policy(int(t)) for t in run["trial"]]
     seconds = {}
     for cached in (False, True):
-        ev = Evaluator(baseline, data, quant=quant, prefix_cache=cached)
-        ev.calibrate()
+        ev = study_evaluator(result, prefix_cache=cached)
         for p in policies:  # weights quantized outside the timed region: both runs see a warm weight cache
             ev.qmodel.apply(p)
         start = time.perf_counter()
@@ -234,16 +205,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default="nsga2+mf,random,ilp,greedy")
     ap.add_argument("--population", type=int, default=20)
-    ap.add_argument("--eval-images", type=int, default=StudyConfig.eval_images)
+    ap.add_argument("--eval-images", type=int, default=SearchConfig().eval_images)
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--cache-policies", type=int, default=40, help="policies re-measured per method for the prefix-cache ratio")
     ap.add_argument("--heldout-images", type=int, default=1000,
                     help="re-measure each method's front on this many test images and score it there too (0: skip)")
     ap.add_argument("--cache-methods", default="nsga2+mf,ilp", help="methods whose trials the prefix-cache ratio replays")
-    ap.add_argument("--out-root", default="studies/bench-search", help="where the benchmark's studies go (replaced)")
+    ap.add_argument("--out-dir", default="studies/bench-search", help="folder of the benchmark's study folders (replaced)")
     ap.add_argument("--markdown", default=None, help="also write the result tables to this Markdown file")
     ap.add_argument("--plot", default=None, help="also write the first seed's fronts to this PNG")
-    ap.add_argument("--rescore", action="store_true", help="score the studies in --out-root again instead of running them")
+    ap.add_argument("--rescore", action="store_true", help="score the studies in --out-dir again instead of running them")
     ap.add_argument("--checkpoint", default=None,
                     help="fp32 baseline every seed's study quantizes (default: the cached seed-0 baseline; the seeds vary "
                          "calibration and search, not the trained model)")
@@ -262,26 +233,27 @@ def main() -> None:
     studies = []
     space_refs = []
     for seed in seeds:
-        config = StudyConfig(name=f"bench-{args.model}-b{args.budget}-s{seed}", model=args.model, dataset=args.dataset,
-                             seed=seed, budget=args.budget, algorithm=args.methods, population_size=args.population,
-                             eval_images=args.eval_images, workers=args.workers, out_root=args.out_root,
-                             checkpoint=None if args.rescore else checkpoint)
-        folder = study_dir(config)
+        name = f"bench-{args.model}-b{args.budget}-s{seed}"
+        folder = Path(args.out_dir) / name
         start = time.perf_counter()
         if args.rescore:  # score the studies a previous run measured, without measuring again
-            trials = pd.read_csv(folder / "trials.csv")
-            space_ref = study_reference(folder)
+            result = load_result(folder)
         else:
+            config = with_overrides(StudyConfig(), {
+                "name": name, "model": args.model, "dataset": args.dataset, "seed": seed, "checkpoint": checkpoint,
+                "search.budget": args.budget, "search.algorithm": args.methods, "search.population_size": args.population,
+                "search.eval_images": args.eval_images, "run.workers": args.workers, "run.out_dir": str(folder)})
             if folder.exists():  # the benchmark owns its folder: always a fresh study
                 shutil.rmtree(folder)
-            result = optimize(config, remeasure=False, log=lambda m: None)
-            trials, space_ref = result.trials, np.asarray(result.ref_point)
-        refs = {"space": space_ref, "fp32": np.ones(len(config.objectives)), "useful": useful_region(trials)}
-        scores = method_scores(trials, config.objectives, refs["space"]).set_index("method")
+            result = run_study(config, remeasure=False)
+        config, trials, space_ref = result.config, result.trials, np.asarray(result.ref_point)
+        objectives = config.search.objectives
+        refs = {"space": space_ref, "fp32": np.ones(len(objectives)), "useful": useful_region(trials)}
+        scores = method_scores(trials, objectives, refs["space"]).set_index("method")
         lead = methods[0]
         for name, ref in refs.items():
-            scores[f"hv_{name}"] = method_scores(trials, config.objectives, ref).set_index("method")["hypervolume"]
-            scores[f"hv_seeds_{name}"] = [seeds_only(trials, m, config.objectives, ref) for m in scores.index]
+            scores[f"hv_{name}"] = method_scores(trials, objectives, ref).set_index("method")["hypervolume"]
+            scores[f"hv_seeds_{name}"] = [seeds_only(trials, m, objectives, ref) for m in scores.index]
             scores[f"hv_bound_{name}"] = volume_bound(trials, ref)
             for other in methods[1:]:  # is the lead's margin more than the draw of the search subset's images?
                 try:
@@ -289,19 +261,19 @@ def main() -> None:
                 except ValueError:  # --rescore of a study recorded before every trial kept its mask
                     scores.loc[other, f"paired_{name}"] = "n/a (no per-image masks)"
         if args.heldout_images:
-            held, held_useful = heldout_trials(config, trials, methods, args.heldout_images)
+            held, held_useful = heldout_trials(result, methods, args.heldout_images)
             for name, ref in dict(refs, useful=held_useful).items():
-                scores[f"test_{name}"] = method_scores(held, config.objectives, ref).set_index("method")["hypervolume"]
+                scores[f"test_{name}"] = method_scores(held, objectives, ref).set_index("method")["hypervolume"]
                 for other in methods[1:]:
                     scores.loc[other, f"paired_test_{name}"] = paired_text(held, lead, other, config, ref)
         per_seed.append(scores)
-        studies.append((config, trials))
+        studies.append(result)
         space_refs.append(space_ref)
         print(f"seed {seed} ({(time.perf_counter() - start) / 60:.1f} min): " + ", ".join(
             f"{m} {scores.loc[m, 'hypervolume']:.4f}" for m in methods), flush=True)
 
     uniform_cols = [c for c in per_seed[0].columns if c.startswith("dominates_")]
-    ladder = "/".join(map(str, rungs(min(StudyConfig.multi_fidelity_images, args.eval_images), args.eval_images)))
+    ladder = "/".join(map(str, rungs(min(SearchConfig().multi_fidelity_images, args.eval_images), args.eval_images)))
     space_energy = mean_std([100 * float(ref[1]) for ref in space_refs], ".1f")
     lines = [
         f"{args.model} on {args.dataset}: budget {args.budget} full evaluations per method ({args.eval_images} validation "
@@ -326,7 +298,7 @@ def main() -> None:
         cells = [f"{mean_std([s.loc[m, f'hv_{name}'] for s in per_seed], '.5f' if name == 'useful' else '.4f')} | "
                  f"{ratio_text(m, f'hv_{name}')}" for name in REFERENCES]
         beats = sum(all(bool(s.loc[m, c]) for c in uniform_cols) for s in per_seed)
-        wall = [float(t[t["attr_run"] == m]["attr_wall_s"].sum()) / 60 for _, t in studies]
+        wall = [float(r.trials[r.trials["attr_run"] == m]["attr_wall_s"].sum()) / 60 for r in studies]
         lines.append(
             f"| {m} | {' | '.join(cells)} | "
             f"{mean_std([float(s.loc[m, 'front']) for s in per_seed], '.1f')} | "
@@ -339,10 +311,8 @@ def main() -> None:
     if "random" in methods:
         for name, label in REFERENCES.items():
             ratios = [s.loc[lead, f"hv_{name}"] / s.loc["random", f"hv_{name}"] for s in per_seed]
-            target = (f" (target >= 1.03): {'met' if statistics.fmean(ratios) >= 1.03 else 'NOT met'}"
-                      if name == TARGET_REFERENCE else "")
             bound = [s.loc[lead, f"hv_bound_{name}"] / s.loc["random", f"hv_{name}"] for s in per_seed]
-            checks.append(f"HV({lead}) / HV(random), {label}: {mean_std(ratios, '.3f')}{target}; ceiling (the best "
+            checks.append(f"HV({lead}) / HV(random), {label}: {mean_std(ratios, '.3f')}; ceiling (the best "
                           f"measured accuracy at the cheapest measured energy): {mean_std(bound, '.3f')} x HV(random)")
     for name in ("space", "fp32"):
         seeded = [(s.loc[lead, f"hv_{name}"], s.loc[lead, f"hv_seeds_{name}"]) for s in per_seed]
@@ -371,13 +341,14 @@ def main() -> None:
     checks.append(f"{lead}'s front dominates every uniform policy ({', '.join(c.split('_', 1)[1] for c in uniform_cols)}) "
                   f"on {sum(dominated)}/{len(dominated)} seeds")
 
-    config0, trials0 = studies[0]
+    first = studies[0]
+    config0, trials0 = first.config, first.trials
     for method in [m for m in args.cache_methods.split(",") if m in methods]:
-        with_cache, without, n, reuse = cache_ratio(config0, trials0, args.cache_policies, method)
+        with_cache, without, n, reuse = cache_ratio(first, args.cache_policies, method)
         checks.append(f"evaluation-cost ratio with the activation-prefix cache, {method}: {with_cache / without:.3f} "
                       f"({with_cache:.1f} s vs {without:.1f} s for its first {n} trials of seed {seeds[0]}, "
                       f"in the order they ran, one torch thread; {100 * reuse:.0f} % of stage passes reused)")
-    proxies = proxy_table(config0, trials0)
+    proxies = proxy_table(first)
     lines += ["", *[f"- {c}" for c in checks], "",
               f"Sensitivity proxies against the {len(full_fidelity(trials0))} full-fidelity trials of seed {seeds[0]} "
               "(Kendall tau-b between minus the summed per-layer weight scores and measured accuracy):", "",

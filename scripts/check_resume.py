@@ -1,7 +1,7 @@
 """kill -9 a real study mid-generation, resume it, and compare with an uninterrupted run.
 
     python scripts/check_resume.py [--model resnet18] [--dataset fashion-mnist] [--budget 40] [--kill-at 27] [--workers -1]
-                                   [--reference resnet18-fashion-mnist-nsga2-s0] [--out-root studies]
+                                   [--reference resnet18-fashion-mnist-nsga2-s0] [--out-dir studies]
 
 Runs `mpsearch optimize` as a user would (its own process group, Ray workers included), kills
 the whole group with SIGKILL as soon as the study holds ``--kill-at`` trials, runs the same
@@ -45,20 +45,21 @@ def main() -> int:
     ap.add_argument("--kill-at", type=int, default=27, help="kill once this many trials are recorded (mid-generation)")
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--reference", default="", help="uninterrupted study to compare with (default: run one)")
-    ap.add_argument("--out-root", default="studies")
+    ap.add_argument("--out-dir", default="studies", help="folder holding the studies' folders")
     args = ap.parse_args()
     exe = [str(Path(sys.executable).with_name("mpsearch"))]
-    common = ["--model", args.model, "--dataset", args.dataset, "--workers", str(args.workers), "--out-root", args.out_root,
-              "--remeasure-points", "2", "--no-progress"]
+    common = ["--model", args.model, "--dataset", args.dataset, "--workers", str(args.workers),
+              "--set", "search.remeasure_points=2", "--no-progress"]
     name = f"{args.model}-resume-check"
-    folder = Path(args.out_root) / name
+    folder = Path(args.out_dir) / name
     if folder.exists():
         sys.exit(f"{folder} exists; remove it first")
     reference = args.reference
     if not reference:
         reference = f"{args.model}-resume-reference"
-        subprocess.run(exe + ["optimize", *common, "--budget", str(args.budget), "--name", reference], check=True)
-    cmd = exe + ["optimize", *common, "--budget", str(args.budget), "--name", name]
+        subprocess.run(exe + ["optimize", *common, "--budget", str(args.budget), "--name", reference,
+                              "--out-dir", str(Path(args.out_dir) / reference)], check=True)
+    cmd = exe + ["optimize", *common, "--budget", str(args.budget), "--name", name, "--out-dir", str(folder)]
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -77,7 +78,7 @@ def main() -> int:
         sys.exit(f"resume failed (exit {resumed.returncode}):\n{resumed.stderr[-2000:]}")
     resume_s = time.perf_counter() - start
     ours = pd.read_csv(folder / "trials.csv")
-    ref = pd.read_csv(Path(args.out_root) / reference / "trials.csv").iloc[: args.budget]
+    ref = pd.read_csv(Path(args.out_dir) / reference / "trials.csv").iloc[: args.budget]
     cols = SAME + [c for c in ref.columns if c.startswith("param_")]
     pd.testing.assert_frame_equal(ours[cols].reset_index(drop=True), ref[cols].reset_index(drop=True))
     print(f"resumed in {resume_s:.0f} s; {len(ours)} trials identical to the first {args.budget} of {reference} "

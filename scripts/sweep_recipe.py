@@ -32,7 +32,8 @@ from mpsearch.config import SIX_EPOCH_SCALES, TrainRecipe
 from mpsearch.data import load_dataset
 from mpsearch.machine import describe_machine
 from mpsearch.metrics import correct_mask
-from mpsearch.zoo import augment, create_model, train_model
+from mpsearch.train import augment, train_model
+from mpsearch.zoo import create_model
 
 NATIVE = 28  # Fashion-MNIST
 

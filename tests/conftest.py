@@ -48,7 +48,7 @@ def digits_baseline(digits, digits_recipe):
     """timm's test_resnet trained on digits (~2 s); cached in the session cache."""
     from mpsearch.zoo import get_baseline
 
-    return get_baseline("test_resnet", digits, recipe=digits_recipe, seed=0, progress=False, log=lambda m: None)
+    return get_baseline("test_resnet", digits, recipe=digits_recipe, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,7 @@ def digits_vit_baseline(digits):
     # No crop: shifting 8x8 digits by a pixel is too strong for a ViT this small to learn quickly.
     recipe = replace(VIT_RECIPE, epochs=20, batch_size=64, crop_padding=0, hflip=False, label_smoothing=0.0,
                      bf16=False, channels_last=False)
-    return get_baseline("test_vit", digits, recipe=recipe, seed=0, progress=False, log=lambda m: None)
+    return get_baseline("test_vit", digits, recipe=recipe, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +80,25 @@ def fmnist_baseline(fmnist_small):
     from mpsearch.zoo import get_baseline
 
     return get_baseline("test_resnet", fmnist_small, recipe=TrainRecipe(epochs=1), seed=0,
-                        progress=False, log=lambda m: None)
+                        progress=False)
+
+
+@pytest.fixture
+def messages():
+    """What mpsearch logs during the test, one string per message."""
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("mpsearch")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ from torch import nn
 from mpsearch.cli import main
 from mpsearch.cost import count_costs, energy, load_profile
 from mpsearch.cost.calibration import agreement, calibrate_energy, fit_profile, policy_agreement, profile_toml
-from mpsearch.cost.energy import kernel_bytes, parse_profile_text
-from mpsearch.cost.kernels import KernelRow, KernelTable, layer_inputs, load_kernel_table, profile_layers
+from mpsearch.cost.energy import kernel_bytes
+from mpsearch.cost.energy_profiles import parse_profile_text
+from mpsearch.cost.kernel_table import KernelRow, KernelTable, layer_inputs, load_kernel_table, profile_layers
 from mpsearch.errors import UserError
 
 
@@ -90,7 +91,7 @@ def test_energy_target_uses_the_energy_column_and_needs_it():
     assert fit.mac["fp32"] == pytest.approx(TRUE["mac"]["fp32"] * 30, rel=1e-6)
     with pytest.raises(UserError, match="no energy column"):
         fit_profile(_table(), "energy")
-    with pytest.raises(UserError, match="--target"):
+    with pytest.raises(UserError, match="target 'power': choose one of"):
         fit_profile(_table(), "power")
 
 
@@ -219,7 +220,7 @@ def test_int8_kernel_computes_the_layer():
 def test_profile_and_calibrate_energy_cli(tmp_path, capsys):
     out = tmp_path / "prof"
     argv = ["profile", "--model", "test_resnet", "--dataset", "digits", "--window", "0.01", "--batch-size", "4",
-            "--precisions", "fp32,int8", "--out", str(out), "--no-progress"]
+            "--precisions", "fp32,int8", "--out-dir", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "fp32/int8" in printed and "total" in printed
@@ -240,12 +241,12 @@ def test_profile_and_calibrate_energy_cli(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_profile_on_cuda_without_a_gpu_is_one_line(capsys):
     assert main(["profile", "--model", "test_resnet", "--dataset", "digits", "--device", "cuda"]) == 2
-    assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(Path("/sys/class/powercap").exists(), reason="needs a machine without RAPL")
 def test_asking_for_an_energy_meter_that_cannot_measure_is_one_line(capsys, tmp_path):
-    argv = ["profile", "--model", "test_resnet", "--dataset", "digits", "--energy-meter", "rapl", "--out", str(tmp_path)]
+    argv = ["profile", "--model", "test_resnet", "--dataset", "digits", "--energy-meter", "rapl", "--out-dir", str(tmp_path)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--energy-meter rapl" in err and "powercap" in err and len(err.strip().splitlines()) == 1
@@ -259,5 +260,5 @@ def test_calibrate_energy_writes_next_to_the_table(tmp_path):
     assert load_profile(result.profile_path).name == "mine"
     with pytest.raises(UserError, match=".toml"):
         calibrate_energy(str(tmp_path / "table.json"), out=str(tmp_path / "p.txt"))
-    with pytest.raises(UserError, match="--float-kernel"):
+    with pytest.raises(UserError, match="float_kernel fp16: the table has no fp16 rows"):
         calibrate_energy(str(tmp_path / "table.json"), float_kernel="fp16")

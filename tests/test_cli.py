@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 _SCRIPT = Path(sys.executable).with_name("mpsearch")
-BASE = ["--model", "test_resnet", "--dataset", "digits", "--epochs", "2", "--no-progress"]
+BASE = ["--model", "test_resnet", "--dataset", "digits", "--no-progress"]
 
 
 def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
@@ -25,29 +25,35 @@ def cli_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli-cache")
 
 
-def test_train_then_evaluate_json(cli_cache, tmp_path):
-    first = run("train", *BASE, "--json", cache=cli_cache)
+@pytest.fixture(scope="module")
+def trained(cli_cache) -> list[str]:
+    """A two-epoch baseline trained by `mpsearch train`: the flags that evaluate it."""
+    first = run("train", *BASE, "--epochs", "2", "--json", cache=cli_cache)
     assert first.returncode == 0, first.stderr
     assert "training one now" in first.stderr
     meta = json.loads(first.stdout)
     assert meta["model"] == "test_resnet" and meta["recipe"]["epochs"] == 2 and len(meta["sha256"]) == 64
+    again = run("train", *BASE, "--epochs", "2", "--json", cache=cli_cache)
+    assert "training" not in again.stderr and json.loads(again.stdout)["sha256"] == meta["sha256"]  # cached
+    return [*BASE, "--checkpoint", meta["checkpoint"]]
 
+
+def test_train_then_evaluate_json(cli_cache, trained, tmp_path):
     policy_path = tmp_path / "p.json"
-    out = run("evaluate", *BASE, "--policy", "w4a4", "--split", "test", "--json", "--save-policy", str(policy_path),
-              cache=cli_cache)
+    out = run("evaluate", *trained, "--policy", "w4a4", "--split", "test", "--json", "-o", str(policy_path), cache=cli_cache)
     assert out.returncode == 0, out.stderr
-    assert "training" not in out.stderr  # the cached baseline is reused
+    assert "training" not in out.stderr  # the checkpoint is used
     result = json.loads(out.stdout)
     assert result["split"] == "test" and result["images"] == 360
     assert 0 <= result["accuracy"] <= 1 and result["accuracy_ci95"][0] <= result["accuracy"] <= result["accuracy_ci95"][1]
     assert 0 < result["relative_to_fp32"]["energy:horowitz45nm"] < 1
     assert 0 < result["relative_to_fp32"]["energy:seed-lab4"] < 1
 
-    again = run("evaluate", *BASE, "--policy", str(policy_path), "--split", "test", "--json", cache=cli_cache)
+    again = run("evaluate", *trained, "--policy", str(policy_path), "--split", "test", "--json", cache=cli_cache)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["correct"] == result["correct"]  # a saved policy reproduces the measurement
 
-    human = run("evaluate", *BASE, "--policy", "w8a8", "--limit", "100", cache=cli_cache)
+    human = run("evaluate", *trained, "--policy", "w8a8", "--limit", "100", cache=cli_cache)
     assert human.returncode == 0, human.stderr
     assert "accuracy" in human.stdout and "horowitz45nm" in human.stdout and "(100 images)" in human.stdout
 
@@ -70,9 +76,9 @@ def test_layers_and_profiles(cli_cache):
         (["evaluate", *BASE, "--policy", "w8a8", "--split", "train"], "invalid choice"),
         (["evaluate", *BASE, "--policy", "w8a8", "--profiles", "nope"], "nope"),
         (["evaluate", *BASE, "--policy", "w8a8", "--act-observer", "magic"], "unknown observer"),
-        (["evaluate", *BASE, "--policy", "w8a8", "--limit", "0"], "--limit"),
+        (["evaluate", *BASE, "--policy", "w8a8", "--limit", "0"], "--limit: must be >= 1"),
         (["evaluate", *BASE, "--policy", "w8a8", "--checkpoint", "/nonexistent.pt"], "file not found"),
-        (["train", *BASE[:-3], "--epochs", "0"], "recipe.epochs"),
+        (["train", *BASE, "--epochs", "0"], "--epochs: must be >= 1"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -85,14 +91,14 @@ def test_bad_input_is_one_line_and_exit_code_2(cli_cache, args, message):
     assert "Traceback" not in out.stderr
 
 
-def test_bad_policy_file_names_the_field(cli_cache, tmp_path):
+def test_bad_policy_file_names_the_field(cli_cache, trained, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "mpsearch-policy", "version": 1, "model": "test_resnet", "dataset": "digits",
                                "layers": {"layer9.conv": {"weight_bits": 4, "act_bits": 4}}}))
-    out = run("evaluate", *BASE, "--policy", str(bad), cache=cli_cache)
+    out = run("evaluate", *trained, "--policy", str(bad), cache=cli_cache)
     assert out.returncode == 2
     assert "policy.layers.layer9.conv" in out.stderr and "Traceback" not in out.stderr
-    debug = run("--debug", "evaluate", *BASE, "--policy", str(bad), cache=cli_cache)
+    debug = run("--debug", "evaluate", *trained, "--policy", str(bad), cache=cli_cache)
     assert "Traceback" in debug.stderr
 
 
@@ -102,33 +108,34 @@ def test_import_is_lean():
     assert out.stdout.split()[0] == "False"
 
 
-def test_optimize_export_evaluate_and_dashboard(cli_cache, tmp_path):
+def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
     import socket
     import time
     import urllib.request
 
-    meta = json.loads(run("train", *BASE, "--json", cache=cli_cache).stdout)
-    common = ["--model", "test_resnet", "--dataset", "digits", "--checkpoint", meta["checkpoint"], "--no-progress"]
+    common = trained
+    folder = tmp_path / "cli"
     out = run("optimize", *common, "--budget", "8", "--population", "4", "--eval-images", "100", "--workers", "0",
-              "--sensitivity", "none", "--out-root", str(tmp_path), "--name", "cli", cache=cli_cache)
+              "--sensitivity", "none", "--out-dir", str(folder), "--name", "cli", cache=cli_cache)
     assert out.returncode == 0, out.stderr
     assert "8 trials" in out.stdout and "Pareto points" in out.stdout
     policy_path = tmp_path / "picked.json"
-    exp = run("export", "--study", "cli", "--out-root", str(tmp_path), "--pick", "max-accuracy", "-o", str(policy_path),
-              cache=cli_cache)
+    exp = run("export", "--study", str(folder), "--pick", "max-accuracy", "-o", str(policy_path), cache=cli_cache)
     assert exp.returncode == 0, exp.stderr
     stored = json.loads(policy_path.read_text())["provenance"]["metrics"]
     ev = run("evaluate", *common, "--policy", str(policy_path), "--json", cache=cli_cache)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == stored["val_accuracy"]  # reproduced exactly
-    missing = run("export", "--study", "nope", "--out-root", str(tmp_path), "-o", str(policy_path), cache=cli_cache)
-    assert missing.returncode == 2 and "no finished study 'nope'" in missing.stderr
+    missing = run("export", "--study", "nope", "-o", str(policy_path), cache=cli_cache)
+    assert missing.returncode == 2 and "no finished study in studies/nope" in missing.stderr
+    resumed = run("optimize", "--config", str(folder / "config.yaml"), "--no-progress", cache=cli_cache)
+    assert resumed.returncode == 0 and "resuming study 'cli': 8 of 8 trials recorded" in resumed.stderr
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mpsearch.cli"]
-    server = subprocess.Popen(cmd + ["dashboard", "--study", "cli", "--out-root", str(tmp_path), "--port", str(port)],
+    server = subprocess.Popen(cmd + ["dashboard", "--study", str(folder), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         body = None
@@ -147,3 +154,44 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_output_flags_follow_one_rule_and_optimize_stays_small():
+    """-o/--output names a file, --out-dir a folder, in every command; optimize lists at most 25
+    options (everything else is a config field: --config, --set); compare is optimize."""
+    import argparse
+
+    from mpsearch.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        options = {s for action in command._actions for s in action.option_strings}
+        assert not options & {"--out", "--out-root", "--save-policy", "--output-dir"}, name
+        for action in command._actions:
+            if action.dest == "output":
+                assert action.option_strings == ["-o", "--output"], name
+            if action.dest == "out_dir":
+                assert action.option_strings == ["--out-dir"], name
+    assert commands["compare"].get_default("handler") is commands["optimize"].get_default("handler")
+    help_text = subprocess.run([*([str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mpsearch.cli"]),
+                                "optimize", "--help"], capture_output=True, text=True, check=True).stdout
+    listed = [line for line in help_text.splitlines() if line.lstrip().startswith("-")]
+    assert 20 <= len(listed) <= 25, listed
+    for dead in ("--epochs", "--batch-size", "--lr", "--keep-fraction", "--pretrained", "--out-root"):
+        assert dead not in help_text
+
+
+def test_study_examples_load_and_the_tour_runs(cli_cache, trained, tmp_path):
+    from mpsearch.config import StudyConfig, with_overrides
+
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    examples = sorted(studies.glob("*.yaml"))
+    assert {p.name for p in examples} >= {"resnet18.yaml", "deit_tiny.yaml", "digits-tour.yaml"}
+    configs = {p.stem: StudyConfig.load(p) for p in examples}
+    assert configs["resnet18"] == with_overrides(StudyConfig(), {"name": "resnet18-fashion-mnist"})  # the default, written out
+    assert configs["deit_tiny"].quant.attention_calibration == "ranking" and configs["deit_tiny"].search.space == "deit_tiny"
+    out = run("optimize", "--config", str(studies / "digits-tour.yaml"), "--checkpoint", trained[-1], "--budget", "8",
+              "--out-dir", str(tmp_path / "tour"), "--no-progress", cache=cli_cache)
+    assert out.returncode == 0, out.stderr
+    ran = StudyConfig.load(tmp_path / "tour" / "config.yaml")
+    assert ran.search.budget == 8 and ran.search.algorithm == "nsga2+mf" and ran.name == "digits-tour"

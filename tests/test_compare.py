@@ -10,16 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
+from mpsearch.algorithms.base import SearchContext, create_algorithm
+from mpsearch.algorithms.methods import parse_methods
+from mpsearch.algorithms.planning import plan_units
+from mpsearch.algorithms.space import BoundSpace, SearchSpace
 from mpsearch.compare import method_scores
-from mpsearch.config import StudyConfig
+from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
 from mpsearch.evaluate import Evaluator
 from mpsearch.fidelity import Archive, pack_mask, rungs, unpack_mask
+from mpsearch.objectives import full_fidelity
 from mpsearch.policy import LayerPrecision, Policy
-from mpsearch.search.base import SearchContext, create_algorithm
-from mpsearch.search.planning import plan_units
-from mpsearch.search.space import BoundSpace, SearchSpace
-from mpsearch.study import optimize, parse_methods, storage_url
+from mpsearch.study import run_study, storage_url
 
 LAYERS = ["a", "b", "c"]
 PARAMS = {"a": 100, "b": 1000, "c": 10}
@@ -87,7 +89,7 @@ def test_ilp_solutions_are_the_brute_force_optimum_at_their_energy():
 def test_solver_output_is_silenced_at_the_file_descriptor(capfd):
     import os
 
-    from mpsearch.search.planning import _quiet_solver_output
+    from mpsearch.algorithms.planning import _quiet_solver_output
 
     with _quiet_solver_output():
         os.write(1, b"from C++\n")  # how HiGHS prints its stray debug line
@@ -178,15 +180,18 @@ def test_prefix_cache_turns_itself_off_for_a_vit(digits, digits_vit_baseline):
     assert ev.prefix_cache.usable is False
 
 
-TINY = dict(model="test_resnet", dataset="digits", budget=24, population_size=6, eval_images=120, multi_fidelity_images=30,
-            calibration_size=256, ilp_seeds=3, workers=0)
+TINY = {"model": "test_resnet", "dataset": "digits", "search.budget": 24, "search.population_size": 6, "search.eval_images": 120,
+        "search.multi_fidelity_images": 30, "calibration_size": 256, "search.ilp_seeds": 3, "run.workers": 0}
+BUDGET = TINY["search.budget"]
+OBJECTIVES = ("accuracy", "energy")
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, digits_baseline):
-    cfg = StudyConfig(name="cmp", out_root=str(tmp_path_factory.mktemp("cmp")), checkpoint=str(digits_baseline.checkpoint),
-                      algorithm="nsga2+mf,random,ilp,greedy", **TINY)
-    return cfg, optimize(cfg, progress=False, log=lambda m: None)
+    cfg = with_overrides(StudyConfig(), {"name": "cmp", "run.out_dir": str(tmp_path_factory.mktemp("cmp") / "cmp"),
+                                         "checkpoint": str(digits_baseline.checkpoint),
+                                         "search.algorithm": "nsga2+mf,random,ilp,greedy", **TINY})
+    return cfg, run_study(cfg, progress=False)
 
 
 def test_compare_runs_every_method_into_one_study_within_its_budget(compared):
@@ -194,19 +199,19 @@ def test_compare_runs_every_method_into_one_study_within_its_budget(compared):
     trials = result.trials
     assert set(trials["attr_run"]) == {"nsga2+mf", "random", "ilp", "greedy"}
     used = trials.groupby("attr_run")["attr_fidelity"].sum()
-    assert (used <= cfg.budget + 1e-9).all()
+    assert (used <= BUDGET + 1e-9).all()
     mf = trials[trials["attr_run"] == "nsga2+mf"]
     assert (mf["attr_fidelity"] < 1).any(), "some candidates should stop at a lower rung"
-    assert len(mf) > cfg.budget  # the same budget bought more candidates
+    assert len(mf) > BUDGET  # the same budget bought more candidates
     assert set(mf["attr_images"]) <= {30, 60, 120}
     assert (trials[trials["attr_run"] != "nsga2+mf"]["attr_fidelity"] == 1).all()
-    scores = method_scores(trials, cfg.objectives)
+    scores = method_scores(trials, OBJECTIVES)
     assert list(scores["method"]) == ["nsga2+mf", "random", "ilp", "greedy"]
-    assert (scores["hypervolume"] > 0).all() and (scores["evaluations"] <= cfg.budget + 1e-9).all()
+    assert (scores["hypervolume"] > 0).all() and (scores["evaluations"] <= BUDGET + 1e-9).all()
     assert "dominates_W8A8" in scores
-    same = method_scores(trials, cfg.objectives, np.array([1.0, 1.0]))  # one reference value per objective
+    same = method_scores(trials, OBJECTIVES, np.array([1.0, 1.0]))  # one reference value per objective
     assert same["hypervolume"].tolist() == scores["hypervolume"].tolist()
-    tighter = method_scores(trials, cfg.objectives, np.array([0.5, 0.5]))
+    tighter = method_scores(trials, OBJECTIVES, np.array([0.5, 0.5]))
     assert (tighter["hypervolume"] < scores["hypervolume"]).all()
     assert (result.out_dir / "compare.png").stat().st_size > 0
     assert "| ilp |" in (result.out_dir / "compare.md").read_text()
@@ -216,9 +221,7 @@ def test_the_hypervolume_reference_is_the_costliest_policy_of_the_space(compared
     """0 % accuracy at W8A8 everywhere (the widest choices of the default space), recorded with the
     study and used by compare.md: against fp32's (1, 1) every front loses exactly its best accuracy
     times the stretch of energy between the space's costliest policy and fp32."""
-    import yaml
-
-    from mpsearch.study import full_fidelity
+    import json
 
     cfg, result = compared
     ref = np.asarray(result.ref_point)
@@ -226,9 +229,9 @@ def test_the_hypervolume_reference_is_the_costliest_policy_of_the_space(compared
     w8a8 = ok[ok["attr_method"] == "uniform:w8a8"]["value_energy"].iloc[0]
     assert ref[0] == 1.0 and ref[1] == pytest.approx(w8a8, rel=1e-6) and ref[1] < 1.0
     assert (ok["value_energy"] <= ref[1] * (1 + 1e-6)).all()
-    assert yaml.safe_load((result.out_dir / "config.yaml").read_text())["hypervolume_reference"] == list(result.ref_point)
-    scores = method_scores(result.trials, cfg.objectives, ref).set_index("method")
-    fp32 = method_scores(result.trials, cfg.objectives, np.ones(2)).set_index("method")
+    assert json.loads((result.out_dir / "study.json").read_text())["hypervolume_reference"] == list(result.ref_point)
+    scores = method_scores(result.trials, OBJECTIVES, ref).set_index("method")
+    fp32 = method_scores(result.trials, OBJECTIVES, np.ones(2)).set_index("method")
     best = ok.groupby("attr_run")["value_accuracy"].max()
     for method in scores.index:
         assert fp32.loc[method, "hypervolume"] - scores.loc[method, "hypervolume"] == pytest.approx(
@@ -243,34 +246,33 @@ def test_a_promoted_candidate_is_measured_on_the_added_images_only(compared, dig
     ev = Evaluator(digits_baseline, digits)
     ev.calibrate()
     layers = {n: LayerPrecision(w, a) for n, (w, a) in __import__("json").loads(full["attr_layers"]).items()}
-    policy = Policy(model=cfg.model, dataset=digits.info.name, layers=layers)
+    policy = Policy(model="test_resnet", dataset=digits.info.name, layers=layers)
     mask = ev.quantized_mask(policy, "val", limit=120)
     assert float(mask.float().mean()) == pytest.approx(full["value_accuracy"])
 
 
 def test_every_trial_keeps_its_mask_and_fronts_compare_paired(compared):
     from mpsearch.compare import paired_hypervolume_difference
-    from mpsearch.study import full_fidelity
 
     cfg, result = compared
     ok = full_fidelity(result.trials)
     for _, row in ok.iterrows():  # every method, multi-fidelity or not, records which images were right
         assert float(unpack_mask(row["attr_mask"], int(row["attr_images"])).float().mean()) == pytest.approx(row["value_accuracy"])
-    scores = method_scores(result.trials, cfg.objectives).set_index("method")
-    diff, low, high = paired_hypervolume_difference(result.trials, "nsga2+mf", "ilp", cfg.objectives, resamples=300)
+    scores = method_scores(result.trials, OBJECTIVES).set_index("method")
+    diff, low, high = paired_hypervolume_difference(result.trials, "nsga2+mf", "ilp", OBJECTIVES, resamples=300)
     # value_accuracy is stored as float32: equal to ~1e-7
     assert diff == pytest.approx(scores.loc["nsga2+mf", "hypervolume"] - scores.loc["ilp", "hypervolume"], abs=1e-6)
     assert low < high and low - 0.05 < diff < high + 0.05
-    back = paired_hypervolume_difference(result.trials, "ilp", "nsga2+mf", cfg.objectives, resamples=300)
+    back = paired_hypervolume_difference(result.trials, "ilp", "nsga2+mf", OBJECTIVES, resamples=300)
     assert back == pytest.approx((-diff, -high, -low))  # the same draws of images, the other way round
-    assert paired_hypervolume_difference(result.trials, "ilp", "ilp", cfg.objectives, resamples=50) == (0.0, 0.0, 0.0)
+    assert paired_hypervolume_difference(result.trials, "ilp", "ilp", OBJECTIVES, resamples=50) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="masks"):
-        paired_hypervolume_difference(result.trials.drop(columns="attr_mask"), "ilp", "random", cfg.objectives)
+        paired_hypervolume_difference(result.trials.drop(columns="attr_mask"), "ilp", "random", OBJECTIVES)
 
 
 def test_compare_study_resumes_without_new_trials(compared):
     cfg, result = compared
-    again = optimize(cfg, progress=False, log=lambda m: None)
+    again = run_study(cfg, progress=False)
     assert len(again.trials) == len(result.trials)
     assert len(optuna.load_study(study_name="cmp", storage=storage_url(cfg)).trials) == len(result.trials)
     cols = [c for c in result.trials.columns if c.startswith(("param_", "value_"))]
@@ -281,12 +283,12 @@ def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, c
     from mpsearch.cli import main
 
     args = ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(digits_baseline.checkpoint),
-            "--budget", "8", "--population", "4", "--eval-images", "60", "--workers", "0", "--remeasure-points", "1",
-            "--calibration-size", "128", "--algorithms", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
-            "--out-root", str(tmp_path), "--no-progress"]
+            "--budget", "8", "--population", "4", "--eval-images", "60", "--workers", "0", "--set", "search.remeasure_points=1",
+            "--set", "calibration_size=128", "--algorithm", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
+            "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "hypervolume over 2 seeds" in out and out.count("| ilp |") == 2
+    assert "over 2 seeds" in out and "hypervolume ilp" in out and out.count("| ilp |") == 2
     for seed in (0, 1):
         assert (tmp_path / f"cli-cmp-s{seed}" / "compare.md").exists()
         assert "Kendall" in (tmp_path / f"cli-cmp-s{seed}" / "report.md").read_text()

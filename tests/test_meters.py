@@ -21,13 +21,13 @@ import mpsearch.cost.meters as meters
 from mpsearch.cost.meters import (
     Measurement,
     MeterUnavailable,
-    NvmlMeter,
-    RaplMeter,
     WallClockMeter,
     available_meters,
     create_meter,
     list_meters,
 )
+from mpsearch.cost.nvml import NvmlMeter
+from mpsearch.cost.rapl import RaplMeter
 from mpsearch.errors import UserError
 
 DT = 0.0625  # seconds per fake call: a power of two, so the fake clock adds without rounding

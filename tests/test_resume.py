@@ -16,23 +16,27 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mpsearch.config import StudyConfig
+from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
-from mpsearch.study import optimize
+from mpsearch.study import run_study
 
 POP, BUDGET = 6, 24
 FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET), "--population", str(POP),
          "--eval-images", "180", "--sensitivity", "none", "--no-progress"]
-SETTINGS = dict(model="test_resnet", dataset="digits", budget=BUDGET, population_size=POP, eval_images=180, sensitivity="none")
+SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
+            "search.eval_images": 180, "search.sensitivity": "none", "run.workers": 0}
 SAME = ["trial", "state", "attr_generation", "attr_slot", "attr_method", "attr_correct"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits_baseline):
     """The uninterrupted study, in this process with --workers 0."""
-    root = tmp_path_factory.mktemp("reference")
-    cfg = StudyConfig(name="ref", out_root=str(root), checkpoint=str(digits_baseline.checkpoint), workers=0, **SETTINGS)
-    return optimize(cfg, progress=False, log=lambda m: None)
+    return run_study(_config(tmp_path_factory.mktemp("reference"), "ref", digits_baseline), progress=False)
+
+
+def _config(root: Path, name: str, baseline, **fields) -> StudyConfig:
+    return with_overrides(StudyConfig(), {"name": name, "run.out_dir": str(root / name), "checkpoint": str(baseline.checkpoint),
+                                          **SETTINGS, **fields})
 
 
 def _columns(trials: pd.DataFrame) -> list[str]:
@@ -60,7 +64,7 @@ def _finished(db: Path) -> int:
 
 def _start(cli_cmd, root: Path, name: str, checkpoint: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", checkpoint, "--out-root", str(root), "--name", name, *extra],
+    return subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", checkpoint, "--out-dir", str(root / name), "--name", name, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -140,12 +144,12 @@ def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_pa
     from mpsearch.locking import StudyLock
     from mpsearch.study import storage_url
 
-    cfg = StudyConfig(name="busy", out_root=str(tmp_path), checkpoint=str(digits_baseline.checkpoint), workers=0, **SETTINGS)
+    cfg = _config(tmp_path, "busy", digits_baseline)
     with StudyLock(storage_url(cfg), cfg.study_name):  # another driver holds the study
         with pytest.raises(UserError, match="in use by another mpsearch driver"):
-            optimize(cfg, progress=False, log=lambda m: None)
+            run_study(cfg, progress=False)
         assert not (tmp_path / "busy" / "study.db").exists()
-    optimize(cfg, progress=False, log=lambda m: None)  # released: the study runs
+    run_study(cfg, progress=False)  # released: the study runs
 
 
 def test_a_lease_on_a_server_storage_blocks_a_second_driver_until_it_expires():
@@ -182,31 +186,29 @@ def test_a_policy_with_nan_outputs_is_a_failed_trial_and_the_study_goes_on(tmp_p
             hook.remove()
 
     monkeypatch.setattr(Evaluator, "quantized_mask", nan_at_two_bits)
-    cfg = StudyConfig(name="nan", out_root=str(tmp_path), checkpoint=str(digits_baseline.checkpoint), workers=0, **SETTINGS)
-    result = optimize(cfg, progress=False, log=lambda m: None)
+    cfg = _config(tmp_path, "nan", digits_baseline)
+    result = run_study(cfg, progress=False)
     study = optuna.load_study(study_name="nan", storage=storage_url(cfg))
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(study.trials) == BUDGET and failed
     assert all("NaN/inf" in t.user_attrs["error"] and "W2" in t.user_attrs["policy"] for t in failed)
-    assert all("W2" not in p for p in result.pareto["policy"])
+    assert all("W2" not in p for p in result.front["policy"])
 
 
 def test_a_replay_that_differs_from_the_checkpoint_refuses_to_resume(tmp_path, digits_baseline):
     import json
-    from dataclasses import replace
 
     import optuna
 
     from mpsearch.study import CHECKPOINT_FILE, storage_url
 
-    cfg = StudyConfig(name="ck", out_root=str(tmp_path), checkpoint=str(digits_baseline.checkpoint), workers=0,
-                      **{**SETTINGS, "budget": 2 * POP})
-    optimize(cfg, progress=False, log=lambda m: None, remeasure=False)
+    cfg = _config(tmp_path, "ck", digits_baseline, **{"search.budget": 2 * POP})
+    run_study(cfg, progress=False, remeasure=False)
     path = tmp_path / "ck" / CHECKPOINT_FILE
     doc = json.loads(path.read_text())
     assert doc["generation"] == 1 and len(doc["digests"]) == 2 and doc["state"]["algorithm"] == "nsga2"
     doc["digests"][0] = "0" * 64  # as if generation 0 had been run by a search that behaves differently
     path.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="replaying generation 0 gave another search state"):
-        optimize(replace(cfg, budget=3 * POP), progress=False, log=lambda m: None)
+        run_study(with_overrides(cfg, {"search.budget": 3 * POP}), progress=False)
     assert len(optuna.load_study(study_name="ck", storage=storage_url(cfg)).trials) == 2 * POP  # nothing added

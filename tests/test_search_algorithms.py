@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpsearch.algorithms import ALGORITHMS, create_algorithm
+from mpsearch.algorithms.base import SearchAlgorithm, SearchContext
+from mpsearch.algorithms.pareto import dominates, hypervolume, knee_point, non_dominated
+from mpsearch.algorithms.space import BoundSpace, SearchSpace
 from mpsearch.errors import UserError
 from mpsearch.policy import LayerPrecision
-from mpsearch.search import ALGORITHMS, create_algorithm
-from mpsearch.search.base import SearchAlgorithm, SearchContext
-from mpsearch.search.pareto import dominates, hypervolume, knee_point, non_dominated
-from mpsearch.search.space import BoundSpace, SearchSpace
 
 W8A8 = LayerPrecision(8, 8)
 LAYERS = ["stem", "l1", "l2", "l3", "head"]
@@ -244,8 +244,8 @@ def test_nsga2_fills_the_widest_gaps_of_its_front_with_ilp_solutions():
     widest gap that holds an unproposed solution, nearest that gap's middle; k=0 is plain NSGA-II."""
     from dataclasses import replace
 
-    from mpsearch.search.nsga2 import GAP_PLAN_BUDGETS
-    from mpsearch.search.planning import ilp_plans
+    from mpsearch.algorithms.nsga2 import GAP_PLAN_BUDGETS
+    from mpsearch.algorithms.planning import ilp_plans
 
     def measure(xs):  # the driver's order: error first, then the cost objectives
         F = objectives(xs)
@@ -410,5 +410,5 @@ def test_same_asks_in_a_fresh_process():
 
 def test_import_is_lean():
     """The search never loads torch, and pymoo/optuna only when an algorithm is set up."""
-    out = _python("import sys, mpsearch.search; print(sorted(m for m in ('torch', 'optuna', 'pymoo') if m in sys.modules))")
+    out = _python("import sys, mpsearch.algorithms; print(sorted(m for m in ('torch', 'optuna', 'pymoo') if m in sys.modules))")
     assert out.strip() == "[]"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
+from mpsearch.algorithms.space import SPACES_DIR, BoundSpace, SearchSpace, available_spaces, default_space_for
 from mpsearch.errors import UserError
 from mpsearch.policy import LayerPrecision, uniform_policy
-from mpsearch.search.space import SPACES_DIR, BoundSpace, SearchSpace, available_spaces, default_space_for
 
 
 def resnet18_layers() -> list[str]:

@@ -9,16 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mpsearch.config import StudyConfig
+from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
 from mpsearch.evaluate import Evaluator
-from mpsearch.export import pick_policy
 from mpsearch.policy import Policy
 from mpsearch.runtime import EvalTask, run_task
-from mpsearch.study import optimize, storage_url
+from mpsearch.study import load_result, run_study, storage_url
 
-TINY = dict(model="test_resnet", dataset="digits", budget=16, population_size=8, eval_images=120,
-            calibration_size=256, ilp_seeds=3)
+TINY = {"model": "test_resnet", "dataset": "digits", "search.budget": 16, "search.population_size": 8,
+        "search.eval_images": 120, "calibration_size": 256, "search.ilp_seeds": 3}
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +25,19 @@ def tiny_checkpoint(digits_baseline):
     return str(digits_baseline.checkpoint)
 
 
-def _run(tmp_path, name, checkpoint, **kw):
-    cfg = StudyConfig(name=name, out_root=str(tmp_path), checkpoint=checkpoint, **{**TINY, "workers": 0, **kw})
-    return cfg, optimize(cfg, progress=False, log=lambda m: None)
+def tiny_config(tmp_path, name, checkpoint, **fields):
+    """A tiny study in ``tmp_path/name``; ``fields`` are dotted config fields."""
+    return with_overrides(StudyConfig(), {"name": name, "run.out_dir": str(tmp_path / name), "checkpoint": checkpoint,
+                                          **TINY, "run.workers": 0, **fields})
+
+
+def _run(tmp_path, name, checkpoint, **fields):
+    cfg = tiny_config(tmp_path, name, checkpoint, **fields)
+    return cfg, run_study(cfg, progress=False)
+
+
+def pick_policy(folder, pick):
+    return load_result(folder).choose(pick)
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +57,24 @@ def test_study_writes_everything_and_records_every_trial(study):
     methods = [t.user_attrs["method"] for t in loaded.trials]
     assert "uniform:w8a8" in methods and any(m.startswith("ilp:") for m in methods)
     pareto = pd.read_csv(out / "pareto.csv")
-    assert len(pareto) >= 1
+    assert len(pareto) >= 1 and StudyConfig.load(out / "config.yaml").run.storage == storage_url(cfg)
     assert ((pareto["test_ci_low"] <= pareto["test_accuracy"]) & (pareto["test_accuracy"] <= pareto["test_ci_high"])).all()
     assert pareto["rel_energy_horowitz45nm"].is_monotonic_increasing
     assert len(list((out / "policies").glob("*.json"))) == len(pareto)
-    assert result.hypervolume > 0
+    assert result.hypervolume > 0 and load_result(out).hypervolume == result.hypervolume
     assert "hypervolume" in (out / "report.md").read_text()
 
 
 def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_checkpoint):
     _, first = study
     _, again = _run(tmp_path, "tiny-again", tiny_checkpoint)
-    _, ray2 = _run(tmp_path, "tiny-ray2", tiny_checkpoint, workers=2)
+    _, ray2 = _run(tmp_path, "tiny-ray2", tiny_checkpoint, **{"run.workers": 2})
     cols = [c for c in first.trials.columns if c.startswith(("param_", "value_"))]
     pd.testing.assert_frame_equal(first.trials[cols], again.trials[cols])
     pd.testing.assert_frame_equal(first.trials[cols], ray2.trials[cols])
     # The front is re-measured on the workers: the same numbers whoever measured them.
     remeasured = ["trial", "val_accuracy", "test_accuracy", "test_drop_pp", "test_ci_low", "test_ci_high"]
-    pd.testing.assert_frame_equal(first.pareto[remeasured], ray2.pareto[remeasured])
+    pd.testing.assert_frame_equal(first.front[remeasured], ray2.front[remeasured])
 
 
 def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(tmp_path, tiny_checkpoint):
@@ -73,22 +82,24 @@ def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(tmp_path, 
     # arithmetic (seed 1 holds 3 points with AVX-512, 2 on an AVX2-only CPU, where seed 2 holds 3).
     for seed in (1, 2, 3):
         _, full = _run(tmp_path, f"tiny-seed{seed}", tiny_checkpoint, seed=seed)
-        if len(full.pareto) > 2:
+        if len(full.front) > 2:
             break
-    assert len(full.pareto) > 2, "no tiny study's front is wider than the cap"
-    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=seed, remeasure_points=2)
+    assert len(full.front) > 2, "no tiny study's front is wider than the cap"
+    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=seed, **{"search.remeasure_points": 2})
     # Same search (same seed), so the same front; the cap keeps its cheapest and costliest points.
-    assert capped.pareto["trial"].tolist() == [full.pareto["trial"].iloc[0], full.pareto["trial"].iloc[-1]]
-    pd.testing.assert_frame_equal(capped.pareto.drop(columns="policy_file"),
-                                  full.pareto.iloc[[0, -1]].reset_index(drop=True).drop(columns="policy_file"))
+    assert capped.front["trial"].tolist() == [full.front["trial"].iloc[0], full.front["trial"].iloc[-1]]
+    pd.testing.assert_frame_equal(capped.front.drop(columns="policy_file"),
+                                  full.front.iloc[[0, -1]].reset_index(drop=True).drop(columns="policy_file"))
 
 
 def test_search_only_stops_before_the_front(tmp_path, tiny_checkpoint):
-    cfg = StudyConfig(name="search-only", out_root=str(tmp_path), checkpoint=tiny_checkpoint, **{**TINY, "workers": 0, "budget": 8})
-    result = optimize(cfg, progress=False, log=lambda m: None, remeasure=False)
-    assert result.pareto is None and len(result.trials) == 8 and result.hypervolume > 0
+    cfg = tiny_config(tmp_path, "search-only", tiny_checkpoint, **{"search.budget": 8})
+    result = run_study(cfg, progress=False, remeasure=False)
+    assert result.front is None and len(result.trials) == 8 and result.hypervolume > 0
     assert (result.out_dir / "trials.csv").exists() and not (result.out_dir / "pareto.csv").exists()
-    with pytest.raises(UserError, match="no pareto.csv"):
+    with pytest.raises(UserError, match="no re-measured front"):
+        result.pick("knee")
+    with pytest.raises(UserError, match="no re-measured front"):
         pick_policy(result.out_dir, "knee")
 
 
@@ -113,9 +124,8 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
         assert isinstance(policy, Policy) and "trial" in why
     policy, _ = pick_policy(result.out_dir, "max-accuracy")
     stored = policy.provenance["metrics"]
-    q = policy.provenance["quant"]
-    ev = Evaluator(digits_baseline, digits, quant=QuantConfig(weight_observer=q["weight_observer"],
-                                                              act_observer=q["act_observer"]))
+    assert policy.settings().quant == QuantConfig() and policy.settings().calibration_size == 256
+    ev = Evaluator(digits_baseline, digits, quant=policy.settings().quant)
     assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == stored["test_accuracy"]
     assert ev.evaluate(ev.resolve_policy(policy), split="val").accuracy == stored["val_accuracy"]
     low, _ = pick_policy(result.out_dir, "energy<=0.5")
@@ -128,50 +138,51 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
     assert some.provenance["trial"] == 5
 
 
-def test_rerunning_a_finished_study_resumes_it_without_new_trials(study):
+def test_rerunning_a_finished_study_resumes_it_without_new_trials(study, messages):
     cfg, first = study
-    messages: list[str] = []
-    again = optimize(cfg, progress=False, log=messages.append)
+    again = run_study(cfg, progress=False)
     assert any("resuming study 'tiny': 16 of 16 trials recorded" in m for m in messages)
     pd.testing.assert_frame_equal(again.trials, first.trials)
-    pd.testing.assert_frame_equal(again.pareto, first.pareto)
+    pd.testing.assert_frame_equal(again.front, first.front)
 
 
 def test_a_larger_budget_extends_a_study_as_if_it_had_run_at_once(study, tmp_path, tiny_checkpoint):
-    from dataclasses import replace
-
     cfg, _ = study
-    extended = optimize(replace(cfg, budget=24), progress=False, log=lambda m: None)
-    _, direct = _run(tmp_path, "tiny-24", tiny_checkpoint, budget=24)
+    extended = run_study(with_overrides(cfg, {"search.budget": 24}), progress=False)
+    _, direct = _run(tmp_path, "tiny-24", tiny_checkpoint, **{"search.budget": 24})
     cols = ["trial"] + [c for c in direct.trials.columns if c.startswith(("param_", "value_"))]
     pd.testing.assert_frame_equal(extended.trials[cols], direct.trials[cols])
 
 
 def test_bad_study_settings(tmp_path):
-    with pytest.raises(UserError, match="study.objectives"):
-        StudyConfig(objectives=("energy", "accuracy"))
-    with pytest.raises(UserError, match="study.budget"):
-        StudyConfig(budget=0)
+    with pytest.raises(UserError, match="search.objectives"):
+        with_overrides(StudyConfig(), {"search.objectives": ["energy", "accuracy"]})
+    with pytest.raises(UserError, match="search.budget: must be >= 1"):
+        with_overrides(StudyConfig(), {"search.budget": 0})
+    with pytest.raises(UserError, match="search.budget: expected int"):
+        with_overrides(StudyConfig(), {"search.budget": "lots"})
     with pytest.raises(UserError, match="unknown search algorithm"):
-        optimize(StudyConfig(algorithm="annealing", out_root=str(tmp_path), **{k: v for k, v in TINY.items()}),
-                 progress=False, log=lambda m: None)
+        run_study(tiny_config(tmp_path, "bad", None, **{"search.algorithm": "annealing"}), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_study_can_round_weights_with_gptq_and_exports_it(tmp_path, tiny_checkpoint):
-    cfg, result = _run(tmp_path, "tiny-gptq", tiny_checkpoint, budget=8, ptq="gptq", remeasure_points=1)
-    _, nearest = _run(tmp_path, "tiny-rtn", tiny_checkpoint, budget=8, remeasure_points=1)
+    cfg, result = _run(tmp_path, "tiny-gptq", tiny_checkpoint, **{"search.budget": 8, "quant.ptq": "gptq",
+                                                                  "search.remeasure_points": 1})
+    _, nearest = _run(tmp_path, "tiny-rtn", tiny_checkpoint, **{"search.budget": 8, "search.remeasure_points": 1})
     # Same search space and first population; the 2-bit uniform policy is where rounding matters most.
     def w2a8(trials):
         return float(trials.loc[trials["attr_method"] == "uniform:w2a8", "value_accuracy"].iloc[0])
     assert w2a8(result.trials) > w2a8(nearest.trials)
     policy, _ = pick_policy(result.out_dir, "knee")
-    assert policy.provenance["quant"]["ptq"] == "gptq"
+    assert policy.settings().quant.ptq == "gptq"
 
 
 def test_finetune_front_adds_measured_qat_points(tmp_path, tiny_checkpoint, digits_baseline, digits):
     from mpsearch.finetune import attach_finetuned
 
-    cfg, result = _run(tmp_path, "tiny-ft", tiny_checkpoint, remeasure_points=2, finetune_front=True, finetune_steps=10)
+    ft = {"search.remeasure_points": 2, "finetune.steps": 10}
+    cfg, result = _run(tmp_path, "tiny-ft", tiny_checkpoint, **ft)
     pareto = pd.read_csv(result.out_dir / "pareto.csv")
     assert len(pareto) == 2 and pareto["qat_test_accuracy"].between(0, 1).all()
     assert "qat_test_drop_pp" in (result.out_dir / "report.md").read_text()
@@ -185,26 +196,26 @@ def test_finetune_front_adds_measured_qat_points(tmp_path, tiny_checkpoint, digi
         assert ev.evaluate(policy, split="test").accuracy == pytest.approx(row["qat_test_accuracy"], abs=1e-12)
     # Resuming reads the fine-tuned points back instead of training them again.
     stamp = {p: p.stat().st_mtime_ns for p in (result.out_dir / "policies").glob("*.pt")}
-    _run(tmp_path, "tiny-ft", tiny_checkpoint, remeasure_points=2, finetune_front=True, finetune_steps=10)
+    _run(tmp_path, "tiny-ft", tiny_checkpoint, **ft)
     assert {p: p.stat().st_mtime_ns for p in (result.out_dir / "policies").glob("*.pt")} == stamp
 
 
 def test_a_vit_study_searches_attention_matmuls_and_exports_them(tmp_path, digits_vit_baseline, digits):
     """ViT end to end: matmul genes in the trials, ranking-aware calibration recorded, export re-measures."""
-    from mpsearch.config import QuantConfig
     from mpsearch.policy import is_matmul
 
-    cfg, result = _run(tmp_path, "vit", str(digits_vit_baseline.checkpoint), model="test_vit", budget=10,
-                       population_size=5, remeasure_points=2, attention_calibration="ranking", space="deit_tiny")
+    cfg, result = _run(tmp_path, "vit", str(digits_vit_baseline.checkpoint), model="test_vit",
+                       **{"search.budget": 10, "search.population_size": 5, "search.remeasure_points": 2,
+                          "quant.attention_calibration": "ranking", "search.space": "deit_tiny"})
     matmul_params = [c for c in result.trials.columns if c.startswith("param_m:")]
     assert len(matmul_params) == 2 * len(digits_vit_baseline.model.blocks)
     assert result.trials["value_accuracy"].max() > 0.5
     policy, _ = pick_policy(result.out_dir, "max-accuracy")
     matmuls = {n: p for n, p in policy.layers.items() if is_matmul(n)}
     assert matmuls and all(p.granularity == "per-tensor" and p.weight_bits == p.act_bits for p in matmuls.values())
-    q = policy.provenance["quant"]
-    assert q["attention_calibration"] == "ranking"
-    ev = Evaluator(digits_vit_baseline, digits, quant=QuantConfig(attention_calibration=q["attention_calibration"]))
+    quant = policy.settings().quant
+    assert quant.attention_calibration == "ranking"
+    ev = Evaluator(digits_vit_baseline, digits, quant=quant)
     assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == policy.provenance["metrics"]["test_accuracy"]
 
 
@@ -214,8 +225,8 @@ def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_c
     monkeypatch.setenv("MPSEARCH_PROFILES", str(tmp_path / "installed-profiles"))  # the in-process evaluator finds it there
     from mpsearch.cost import count_costs, energy, fp32_energy, load_profile
     from mpsearch.cost.calibration import fit_profile, profile_toml
-    from mpsearch.cost.energy import install_profile
-    from mpsearch.cost.kernels import profile_layers
+    from mpsearch.cost.energy_profiles import install_profile
+    from mpsearch.cost.kernel_table import profile_layers
     from mpsearch.data import load_dataset
     from mpsearch.zoo import create_model
 
@@ -225,8 +236,9 @@ def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_c
     kernels = profile_layers(model, table, model_name="test_resnet", dataset="digits", precisions=["fp32", "int8"],
                              batch_size=4, window_s=0.005, energy_meter=None, progress=False)
     install_profile(profile_toml(fit_profile(kernels), kernels, name="tiny-fit", table_path="mem"), "tiny-fit")
-    cfg, result = _run(tmp_path, "beside", tiny_checkpoint, budget=8, population_size=4, sensitivity="none",
-                       objectives=("accuracy", "energy", "energy@tiny-fit"))
+    cfg, result = _run(tmp_path, "beside", tiny_checkpoint, **{"search.budget": 8, "search.population_size": 4,
+                                                               "search.sensitivity": "none",
+                                                               "search.objectives": ["accuracy", "energy", "energy@tiny-fit"]})
     loaded = optuna.load_study(study_name="beside", storage=storage_url(cfg))
     assert loaded.metric_names == ["accuracy", "energy", "energy@tiny-fit"]
     fitted = load_profile("tiny-fit")
@@ -240,6 +252,6 @@ def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_c
     assert len({round(t.values[2], 12) for t in loaded.trials}) == 1
     assert len({round(t.values[1], 12) for t in loaded.trials}) > 1
     with pytest.raises(UserError, match="energy@PROFILE"):
-        StudyConfig(objectives=("accuracy", "energy@"))
+        with_overrides(StudyConfig(), {"search.objectives": ["accuracy", "energy@"]})
     with pytest.raises(UserError, match="a profile name"):
-        StudyConfig(energy_profile="studies/x/fit.toml")
+        with_overrides(StudyConfig(), {"search.energy_profile": "studies/x/fit.toml"})

@@ -51,18 +51,17 @@ def test_pretrained_without_network_says_how_to_proceed(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(UserError, match="--pretrained needs internet access.*--checkpoint PATH"):
+    with pytest.raises(UserError, match="pretrained weights need internet access.*use a checkpoint file"):
         create_model("resnet18", FMNIST_INFO, pretrained=True)
 
 
-def test_baseline_is_trained_once_then_loaded_from_cache(digits, digits_recipe, digits_baseline):
+def test_baseline_is_trained_once_then_loaded_from_cache(digits, digits_recipe, digits_baseline, messages):
     meta = digits_baseline.meta
     assert meta["test_accuracy"] > 0.85 and meta["val_accuracy"] > 0.85
     assert meta["sha256"] == digits_baseline.sha256
     assert set(meta["versions"]) >= {"torch", "timm", "python"}
     assert meta["recipe"] == digits_recipe.to_dict()
-    messages = []
-    again = get_baseline("test_resnet", digits, recipe=digits_recipe, seed=0, progress=False, log=messages.append)
+    again = get_baseline("test_resnet", digits, recipe=digits_recipe, seed=0, progress=False)
     assert messages == []  # no "training one now"
     assert again.sha256 == digits_baseline.sha256
     for k, v in digits_baseline.model.state_dict().items():
@@ -108,7 +107,7 @@ def test_corrupt_cached_checkpoint_is_detected(digits, digits_recipe, digits_bas
 
 
 def test_selective_epochs_draw_hard_images_most_and_every_image_sometimes():
-    from mpsearch.zoo import _pick_by_loss
+    from mpsearch.train import _pick_by_loss
 
     n, keep, draws = 1000, 500, 200
     losses = torch.linspace(0.0, 3.0, n)[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
@@ -132,7 +131,7 @@ def test_selective_epochs_draw_hard_images_most_and_every_image_sometimes():
 
 def test_batch_norm_statistics_are_re_estimated_over_the_sample(digits):
     from mpsearch.config import TrainRecipe
-    from mpsearch.zoo import _recalibrate_batch_norm
+    from mpsearch.train import _recalibrate_batch_norm
 
     torch.manual_seed(0)
     model = create_model("test_resnet", digits.info).train()
@@ -155,7 +154,7 @@ def test_batch_norm_statistics_are_re_estimated_over_the_sample(digits):
 def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
     from mpsearch.config import TrainRecipe
     from mpsearch.metrics import correct_mask
-    from mpsearch.zoo import train_model
+    from mpsearch.train import train_model
 
     recipe = TrainRecipe(epochs=8, batch_size=64, lr=0.05, label_smoothing=0.0, keep_fraction=0.5, bf16=False,
                          channels_last=False, image_scales=(1.0,), batch_norm_images=256)
@@ -179,10 +178,10 @@ def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
 def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native):
     """recipe.bf16 trains under bf16 autocast on a CPU with bf16 instructions and in fp32 (bit for
     bit what bf16=False trains) on one without, where emulated bf16 is 15x slower than fp32."""
-    import mpsearch.zoo as zoo
+    import mpsearch.train as train
     from mpsearch.config import TrainRecipe
 
-    monkeypatch.setattr(zoo, "native_bf16", lambda device_type: None if native else "no bf16 here")
+    monkeypatch.setattr(train, "native_bf16", lambda device_type: None if native else "no bf16 here")
     autocast_dtypes = []
     hook = lambda m, args, out: autocast_dtypes.append(out.dtype) if m.training else None  # noqa: E731
 
@@ -192,7 +191,7 @@ def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native)
         torch.manual_seed(0)
         model = create_model("test_resnet", digits.info)
         handle = model.conv1.register_forward_hook(hook)
-        zoo.train_model(model, digits.train, digits.info, recipe, progress=False)
+        train.train_model(model, digits.train, digits.info, recipe, progress=False)
         handle.remove()
         return model.state_dict()
 
@@ -205,15 +204,16 @@ def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native)
     assert same != native
 
 
-def test_a_baseline_trained_without_bf16_says_so_and_records_it(digits, monkeypatch):
+def test_a_baseline_trained_without_bf16_says_so_and_records_it(digits, monkeypatch, messages):
+    import mpsearch.train as train
     import mpsearch.zoo as zoo
     from mpsearch.config import TrainRecipe
 
     monkeypatch.setattr(zoo, "native_bf16", lambda device_type: "no bf16 here")
+    monkeypatch.setattr(train, "native_bf16", lambda device_type: "no bf16 here")
     recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, bf16=True, channels_last=False, image_scales=(1.0,),
                          keep_fraction=1.0, batch_norm_images=128)
-    lines = []
-    baseline = zoo.get_baseline("test_resnet", digits, recipe=recipe, seed=3, progress=False, log=lines.append)
-    assert "Training in fp32 instead of bf16 autocast: no bf16 here." in lines
+    baseline = zoo.get_baseline("test_resnet", digits, recipe=recipe, seed=3, progress=False)
+    assert "Training in fp32 instead of bf16 autocast: no bf16 here." in messages
     assert baseline.meta["autocast"] == "fp32"
     assert json.loads((baseline.checkpoint.parent / "meta.json").read_text())["autocast"] == "fp32"

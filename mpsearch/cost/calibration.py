@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from mpsearch.cost.counting import CostTable
-from mpsearch.cost.energy import EnergyProfile, energy, layer_energy, parse_profile_text
-from mpsearch.cost.kernels import KernelRow, KernelTable
+from mpsearch.cost.energy import energy, layer_energy
+from mpsearch.cost.energy_profiles import EnergyProfile, parse_profile_text
+from mpsearch.cost.kernel_table import KernelRow, KernelTable
 from mpsearch.errors import UserError
 
 __all__ = ["TARGETS", "Agreement", "Fit", "fit_profile", "profile_toml", "agreement", "policy_agreement", "summary_rows"]
@@ -38,7 +39,7 @@ def _target_values(rows: list[KernelRow], target: str) -> np.ndarray:
     values = [getattr(r, column) for r in rows]
     if any(v is None for v in values):
         raise UserError("the kernel table has no energy column (no energy meter could measure on its machine); "
-                        "fit --target latency, or profile where RAPL or NVML can measure")
+                        "fit target latency, or profile where RAPL or NVML can measure", fields=("target",))
     return np.asarray(values, dtype=float) * scale
 
 
@@ -109,7 +110,7 @@ class Fit:
 def fit_profile(table: KernelTable, target: str = "latency") -> Fit:
     """Fit the kernel-fit coefficients to ``table`` by non-negative least squares."""
     if target not in TARGETS:
-        raise UserError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+        raise UserError(f"target {target!r}: choose one of {', '.join(TARGETS)}", fields=("target",))
     rows = list(table.rows)
     precisions = table.precisions
     layers = table.layers
@@ -138,7 +139,8 @@ def fit_profile(table: KernelTable, target: str = "latency") -> Fit:
 def profile_toml(fit: Fit, table: KernelTable, *, name: str, table_path: str, float_kernel: str = "fp32") -> str:
     """The fitted profile as a TOML file ``mpsearch`` loads like the built-in ones."""
     if float_kernel not in fit.precisions:
-        raise UserError(f"--float-kernel {float_kernel}: the table has no {float_kernel} rows ({', '.join(fit.precisions)})")
+        raise UserError(f"float_kernel {float_kernel}: the table has no {float_kernel} rows ({', '.join(fit.precisions)})",
+                        fields=("float_kernel",))
     int_kernel = "int8" if "int8" in fit.precisions else float_kernel
 
     def num(v: float) -> str:
@@ -233,7 +235,7 @@ def policy_agreement(table: KernelTable, profiles: list[EnergyProfile], *, n_pol
         picked = [table.row(name, "int8" if m else float_kernel) for name, m in zip(layers, mask)]
         values = [getattr(r, column) for r in picked]
         if any(v is None for v in values):
-            raise UserError("the kernel table has no energy column; use --target latency")
+            raise UserError("the kernel table has no energy column; use target latency", fields=("target",))
         measured.append(sum(values) * scale)
     measured_arr = np.asarray(measured)
     table_costs = CostTable(tuple(table.row(name, "int8").layer_cost() for name in layers), 0, (1, 1, 1))  # type: ignore[union-attr]
@@ -292,27 +294,27 @@ def calibrate_energy(table_path: str, *, target: str | None = None, name: str | 
     fit and the agreement of the fitted and the analytical profiles, and two figures (modeled vs
     measured, and the per-layer arithmetic/memory breakdown of the all-``breakdown_bits`` policy).
     ``target`` None fits energy where every row has it, else latency.
-    With ``install`` the profile is also installed by name (:func:`~mpsearch.cost.energy.install_profile`),
+    With ``install`` the profile is also installed by name (:func:`~mpsearch.cost.energy_profiles.install_profile`),
     so that ``--energy-profile NAME`` or an ``energy@NAME`` objective searches with it."""
     from pathlib import Path
 
-    from mpsearch.cost.energy import install_profile, load_profile
-    from mpsearch.cost.kernels import load_kernel_table
+    from mpsearch.cost.energy_profiles import install_profile, load_profile
+    from mpsearch.cost.kernel_table import load_kernel_table
     from mpsearch.cost.plots import plot_breakdown, plot_modeled_vs_measured
     from mpsearch.files import atomic_write_text
 
     if n_policies < 3:
-        raise UserError(f"--policies must be >= 3, got {n_policies}")
+        raise UserError(f"policies must be >= 3, got {n_policies}", fields=("policies",))
     table = load_kernel_table(table_path)
     if target is None:
         target = "energy" if table.rows and all(r.energy_j is not None for r in table.rows) else "latency"
     fit = fit_profile(table, target)
     name = name or f"{table.model}-{table.device}-{target}"
     if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise UserError(f"--name {name!r}: letters, digits, '-', '_' and '.' only")
+        raise UserError(f"name {name!r}: letters, digits, '-', '_' and '.' only", fields=("name",))
     profile_path = Path(out) if out else Path(table_path).parent / f"{name}.toml"
     if profile_path.suffix != ".toml":
-        raise UserError(f"--out {profile_path}: the profile file must end in .toml")
+        raise UserError(f"output {profile_path}: the profile file must end in .toml", fields=("output",))
     profile_path.parent.mkdir(parents=True, exist_ok=True)
     text = profile_toml(fit, table, name=name, table_path=str(table_path), float_kernel=float_kernel)
     atomic_write_text(profile_path, text, what="energy profile")

@@ -1,4 +1,6 @@
-"""Measured latency and energy of a callable: wall clock, CPU RAPL counters, NVIDIA NVML counters.
+"""Measured latency and energy of a callable: the meter contract, the meter registry and the
+wall-clock meter. The hardware energy meters register themselves from their own modules
+(:mod:`mpsearch.cost.rapl`, :mod:`mpsearch.cost.nvml`), which :mod:`mpsearch.cost` imports.
 
 A meter that cannot measure says so: :meth:`Meter.check` and :meth:`Meter.measure` raise
 :class:`MeterUnavailable` with one line naming what is missing and how to fix it. A meter never
@@ -12,7 +14,6 @@ board can be reported apart from the energy the calls add (see
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import time
@@ -20,8 +21,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
 
 from mpsearch.errors import UserError
@@ -32,8 +31,6 @@ __all__ = [
     "Measurement",
     "Meter",
     "MeterUnavailable",
-    "NvmlMeter",
-    "RaplMeter",
     "WallClockMeter",
     "available_meters",
     "create_meter",
@@ -255,190 +252,6 @@ class WallClockMeter(Meter):
         import torch
 
         return lambda: torch.cuda.synchronize(self.device)
-
-
-_RAPL_PACKAGE = re.compile(r"intel-rapl:\d+")
-
-
-@dataclass(frozen=True)
-class _RaplZone:
-    energy: Path
-    max_range_uj: int
-
-
-class _RaplCounter(_Counter[tuple[int, ...]]):
-    def __init__(self, meter: RaplMeter, zones: list[_RaplZone]) -> None:
-        self.meter, self.zones = meter, zones
-
-    def read(self) -> tuple[int, ...]:
-        return tuple(self.meter._read_file(zone.energy) for zone in self.zones)
-
-    def joules(self, before: tuple[int, ...], after: tuple[int, ...]) -> float:
-        total_uj = 0
-        for zone, b, a in zip(self.zones, before, after):
-            # A zone counter wraps to 0 after max_energy_range_uj; one wrap per window is
-            # recoverable (at 250 W a 2^38 uJ range wraps every ~18 min), a larger jump is not.
-            delta = a - b if a >= b else a + zone.max_range_uj - b
-            if delta < 0 or delta > zone.max_range_uj:
-                raise MeterUnavailable(
-                    f"rapl: {zone.energy} went from {b} to {a} uJ, which no single wraparound of "
-                    f"{zone.max_range_uj} uJ explains: cannot measure"
-                )
-            total_uj += delta
-        return total_uj * 1e-6
-
-
-@register_meter("rapl")
-class RaplMeter(Meter):
-    """CPU package energy from the Linux powercap RAPL counters (Intel; AMD Zen since Linux 5.8).
-
-    Sums the package zones ``intel-rapl:N`` directly under ``root`` (one per socket). Subzones
-    (``intel-rapl:N:M``: core, uncore, DRAM) are left out because core and uncore are already
-    inside the package. The counters cover the whole package, not this process: other work on
-    the machine lands in the measurement, which is why idle power is reported apart.
-    """
-
-    name = "rapl"
-
-    def __init__(self, root: str | Path = "/sys/class/powercap") -> None:
-        self.root = Path(root)
-
-    @classmethod
-    def applies_to(cls, device: str) -> bool:
-        return device == "cpu"
-
-    def check(self) -> None:
-        counter = _RaplCounter(self, self._zones())
-        counter.read()
-
-    @contextmanager
-    def _open(self) -> Iterator[_Counter[Any] | None]:
-        yield _RaplCounter(self, self._zones())
-
-    def _zones(self) -> list[_RaplZone]:
-        if not self.root.is_dir():
-            raise MeterUnavailable(
-                f"rapl: {self.root} does not exist: no RAPL powercap interface on this kernel/machine "
-                "(Intel: modprobe intel_rapl_msr; AMD needs Linux >= 5.8; VMs and containers usually hide it)"
-            )
-        packages = sorted(p for p in self.root.iterdir() if _RAPL_PACKAGE.fullmatch(p.name))
-        if not packages:
-            raise MeterUnavailable(
-                f"rapl: no package zone (intel-rapl:N) under {self.root}; load the RAPL driver (modprobe intel_rapl_msr)"
-            )
-        zones = []
-        for package in packages:
-            max_range = self._read_file(package / "max_energy_range_uj")
-            if max_range <= 0:
-                raise MeterUnavailable(f"rapl: {package / 'max_energy_range_uj'} is {max_range}; cannot handle wraparound")
-            zones.append(_RaplZone(package / "energy_uj", max_range))
-        return zones
-
-    def _read_file(self, path: Path) -> int:
-        """A counter file's value; every way it can fail becomes a MeterUnavailable naming it."""
-        try:
-            return self._read_uj(path)
-        except PermissionError:
-            raise MeterUnavailable(
-                f"rapl: {path} is not readable (root-only since Linux 5.10); run as root or make it readable "
-                f"(sudo chmod a+r {path}, until reboot)"
-            ) from None
-        except FileNotFoundError:
-            raise MeterUnavailable(f"rapl: {path} does not exist; this RAPL zone exposes no counter") from None
-        except OSError as exc:
-            raise MeterUnavailable(f"rapl: cannot read {path} ({exc.strerror or exc})") from None
-        except ValueError:
-            raise MeterUnavailable(f"rapl: {path} does not hold an integer count of microjoules") from None
-
-    @staticmethod
-    def _read_uj(path: Path) -> int:
-        """The raw read; the one place that touches the file (tests replace it)."""
-        return int(path.read_text().strip())
-
-
-class _NvmlCounter(_Counter[int]):
-    def __init__(self, nvml: ModuleType, handle: Any, index: int) -> None:
-        self.nvml, self.handle, self.index = nvml, handle, index
-
-    def read(self) -> int:
-        try:
-            return int(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
-        except Exception as exc:  # pynvml.NVMLError_NotSupported before Volta, among others
-            raise MeterUnavailable(
-                f"nvml: GPU {self.index} does not report its total energy ({exc}); "
-                "nvmlDeviceGetTotalEnergyConsumption needs a Volta or newer GPU"
-            ) from None
-
-    def joules(self, before: int, after: int) -> float:
-        # Millijoules since the driver loaded, 64 bits: it does not wrap, it only restarts.
-        if after < before:
-            raise MeterUnavailable(
-                f"nvml: GPU {self.index} energy counter went backwards ({before} -> {after} mJ; driver reloaded?): cannot measure"
-            )
-        return (after - before) * 1e-3
-
-
-@register_meter("nvml")
-class NvmlMeter(Meter):
-    """NVIDIA board energy from NVML's total-energy counter (``nvidia-ml-py``, Volta or newer).
-
-    ``index`` is NVML's numbering, which ignores ``CUDA_VISIBLE_DEVICES`` and follows PCI bus
-    order; CUDA numbers the same GPUs in PCI order only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
-    :meth:`device_name` helps confirm the pairing. Pass ``sync=torch.cuda.synchronize`` to
-    :meth:`measure`: this meter cannot tell which torch device to wait on. The counter covers the whole board: other
-    processes on the GPU land in the measurement. NVML is initialised per check/measurement and
-    shut down after (NVML counts inits, so this nests with other users in the process).
-    """
-
-    name = "nvml"
-
-    def __init__(self, index: int = 0) -> None:
-        self.index = index
-
-    @classmethod
-    def applies_to(cls, device: str) -> bool:
-        return _is_cuda(device)
-
-    @classmethod
-    def for_device(cls, device: str) -> Meter:
-        _, _, index = device.partition(":")  # applies_to() has checked it is "cuda" or "cuda:N"
-        return cls(int(index or 0))
-
-    def check(self) -> None:
-        with self._open() as counter:
-            counter.read()
-
-    def device_name(self) -> str:
-        with self._session() as (nvml, handle):
-            name = nvml.nvmlDeviceGetName(handle)
-        return name.decode() if isinstance(name, bytes) else str(name)  # bytes before nvidia-ml-py 11.515
-
-    @contextmanager
-    def _open(self) -> Iterator[_NvmlCounter]:
-        with self._session() as (nvml, handle):
-            yield _NvmlCounter(nvml, handle, self.index)
-
-    @contextmanager
-    def _session(self) -> Iterator[tuple[ModuleType, Any]]:
-        try:
-            nvml = importlib.import_module("pynvml")  # lazily: an optional dependency
-        except ImportError:
-            raise MeterUnavailable("nvml: the pynvml module is missing; pip install nvidia-ml-py") from None
-        try:
-            nvml.nvmlInit()
-        except Exception as exc:  # pynvml.NVMLError_LibraryNotFound, _DriverNotLoaded, ...
-            raise MeterUnavailable(f"nvml: nvmlInit failed ({exc}); no NVIDIA driver? check that nvidia-smi works") from None
-        try:
-            try:
-                count = nvml.nvmlDeviceGetCount()
-                handle = nvml.nvmlDeviceGetHandleByIndex(self.index) if 0 <= self.index < count else None
-            except Exception as exc:
-                raise MeterUnavailable(f"nvml: cannot open GPU {self.index} ({exc})") from None
-            if handle is None:
-                raise MeterUnavailable(f"nvml: GPU index {self.index} requested but NVML sees {count} GPU(s)")
-            yield nvml, handle
-        finally:
-            nvml.nvmlShutdown()
 
 
 def available_meters(device: str) -> dict[str, str | None]:

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from mpsearch.cost.counting import CostTable
-from mpsearch.cost.energy import Bits, EnergyProfile, energy
+from mpsearch.cost.energy import Bits, energy
+from mpsearch.cost.energy_profiles import EnergyProfile
 
 __all__ = ["plot_breakdown", "plot_modeled_vs_measured"]
 

@@ -3,10 +3,11 @@
 ``QuantizedModel(model)`` deep-copies ``model`` (the original is left untouched) and replaces each
 quantizable layer, addressed by fully qualified name, with a wrapper from
 :mod:`mpsearch.quant.modules`. ``calibrate(batches)`` runs the calibration split through the
-float copy once and keeps per-layer input statistics. ``apply(policy)`` installs quantizers:
-weights are quantized (rounded by the configured PTQ method, :mod:`mpsearch.quant.ptq`) once per
-(layer, bits, granularity, symmetry) and cached, activation
-ranges once per (layer, bits, symmetry), so trying many policies costs only forward passes.
+float copy once and keeps per-layer input statistics (:mod:`mpsearch.quant.calibration`).
+``apply(policy)`` installs quantizers: weights are quantized (rounded by the configured PTQ
+method, :mod:`mpsearch.quant.ptq`) once per (layer, bits, granularity, symmetry) and cached,
+activation ranges once per (layer, bits, symmetry), so trying many policies costs only forward
+passes.
 
 Vision transformers' timm ``Attention`` modules are swapped for
 :class:`~mpsearch.quant.attention.QuantAttention`, whose two matmuls are policy layers too
@@ -27,16 +28,16 @@ from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError
 from mpsearch.policy import MATMUL_AV, MATMUL_QK, LayerPrecision, Policy, is_matmul
 from mpsearch.quant.attention import MatmulQuantizer, attention_modules, swap_attention
+from mpsearch.quant.calibration import CalibratedModel
 from mpsearch.quant.modules import QuantWrapper, wrapper_for
 from mpsearch.quant.observers import ActivationStats, get_observer
-from mpsearch.quant.primitives import QParams, fake_quantize, qparams_from_range
-from mpsearch.quant.ptq import get_ptq, input_columns
+from mpsearch.quant.primitives import QParams, qparams_from_range
+from mpsearch.quant.ptq import get_ptq
 from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
-from mpsearch.quant.smoothing import channel_absmax, input_divisor, scale_rows, smoothed_weight, smoothing_scales
+from mpsearch.quant.smoothing import input_divisor, scale_rows, smoothed_weight
+from mpsearch.quant.weights import _corrected_bias, _with_weight, weight_qparams
 
-__all__ = [
-    "QuantizedModel", "quantizable_layers", "quantizable_matmuls", "quantize_weight", "weight_qparams", "apply_policy",
-]
+__all__ = ["QuantizedModel", "quantizable_layers", "quantizable_matmuls", "apply_policy"]
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -47,46 +48,6 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 def quantizable_matmuls(model: nn.Module) -> list[str]:
     """Policy names of the attention matmuls mpsearch can quantize (q·kᵀ, then softmax·v, per module)."""
     return [f"{name}.{suffix}" for name in attention_modules(model) for suffix in (MATMUL_QK, MATMUL_AV)]
-
-
-def weight_qparams(weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool, observer: str) -> QParams:
-    """The grid of a weight tensor (output channels on axis 0) from ``observer``'s range."""
-    rows = weight.detach().reshape(weight.shape[0], -1) if per_channel else weight.detach().reshape(1, -1)
-    lo, hi = get_observer(observer)(rows, bits, True, symmetric)
-    if per_channel:
-        return qparams_from_range(lo, hi, bits, symmetric=symmetric, signed=True, axis=0)
-    return qparams_from_range(lo[0], hi[0], bits, symmetric=symmetric, signed=True)
-
-
-def quantize_weight(
-    weight: torch.Tensor, bits: int, *, per_channel: bool, symmetric: bool, observer: str
-) -> tuple[QParams, torch.Tensor]:
-    """Round-to-nearest quantization of a weight tensor; returns its qparams and the result."""
-    qp = weight_qparams(weight, bits, per_channel=per_channel, symmetric=symmetric, observer=observer)
-    with torch.no_grad():
-        return qp, fake_quantize(weight.detach(), qp)
-
-
-def _some_columns(columns: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` of the columns, drawn without replacement by ``gen`` and kept in order (all if fewer)."""
-    if columns.shape[1] <= n:
-        return columns
-    return columns[:, torch.randperm(columns.shape[1], generator=gen)[:n].sort().values]
-
-
-def _with_weight(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """A shallow copy of ``layer`` computing with ``weight`` (the layer itself is not touched)."""
-    proxy = copy.copy(layer)
-    proxy._parameters = dict(layer._parameters)
-    proxy._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-    return proxy
-
-
-def _corrected_bias(layer: nn.Module, quantized: torch.Tensor, mean_column: torch.Tensor) -> torch.Tensor:
-    """The bias that cancels the quantized weight's mean output error ``(W - Wq) E[x]`` on the calibration split."""
-    error = (layer.weight.detach() - quantized).reshape(quantized.shape[0], -1).double()
-    shift = (error @ mean_column.double()).float()
-    return shift if layer.bias is None else layer.bias.detach() + shift
 
 
 def _find_blocks(module: nn.Module, layer_names: list[str]) -> dict[str, list[str]]:
@@ -106,7 +67,7 @@ def _find_blocks(module: nn.Module, layer_names: list[str]) -> dict[str, list[st
     return blocks
 
 
-class QuantizedModel:
+class QuantizedModel(CalibratedModel):
     """A quantizable copy of a model; see the module docstring."""
 
     def __init__(self, model: nn.Module, *, config: QuantConfig | None = None, layers: list[str] | None = None) -> None:
@@ -166,158 +127,11 @@ class QuantizedModel:
         self._pinned: dict[str, tuple[LayerPrecision, tuple[QParams, torch.Tensor] | None, QParams | None]] = {}
         self.policy: Policy | None = None
 
-    # -- calibration ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
-        """Observe every wrapped layer's input on ``batches`` through the float model."""
-        for w in self.wrappers.values():
-            w.set_quantizers(None, None)
-            w.input_divisor = None
-        for i, name in enumerate(self.layer_names):
-            stats = ActivationStats(max_samples=self.config.act_samples, seed=self.config.seed + i)
-            self.wrappers[name].stats = stats
-            self.act_stats[name] = stats
-        self.matmul_stats = {}
-        qk_samples: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for i, name in enumerate(self.matmul_names):
-            seed = self.config.seed + 10_000 + 2 * i
-            pair = (ActivationStats(max_samples=self.config.act_samples, seed=seed),
-                    ActivationStats(max_samples=self.config.act_samples, seed=seed + 1))
-            self.matmuls[name].set_quantizers(None, None)
-            self.matmuls[name].stats = self.matmul_stats[name] = pair
-            if self.qk_calibration.needs_samples and name.endswith("." + MATMUL_QK):
-                store = qk_samples[name] = []
-                self.matmuls[name].hooks.append(self._keep_qk(store))
-        self._act_cache.clear()
-        self._weight_cache.clear()
-        self._bias_cache.clear()
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
-        input_sums: dict[str, list] = {name: [0.0, 0] for name in self.layer_names}
-        self.channel_absmax, self.smooth_scales, self.smoothed_stats = {}, {}, {}
-        hooks = []
-        if self.config.smoothquant_alpha is not None:
-            batches = list(batches)  # two passes: channel maxima decide the factors, then statistics
-            self.channel_absmax = self._channel_absmax(batches)
-            for i, name in enumerate(self.layer_names):
-                layer = self.wrappers[name].layer
-                if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-                    continue  # a grouped conv's weight columns are not its input channels
-                self.smooth_scales[name] = smoothing_scales(self.channel_absmax[name], layer.weight, self.config.smoothquant_alpha)
-                stats = ActivationStats(max_samples=self.config.act_samples, seed=self.config.seed + i)
-                self.smoothed_stats[name] = stats
-                divisor = input_divisor(layer, self.smooth_scales[name])
-                hooks.append(self.wrappers[name].register_forward_pre_hook(
-                    lambda m, a, stats=stats, divisor=divisor: stats.update(a[0] / divisor)))
-        if self.rounding.needs_inputs:
-            for i, name in enumerate(self.layer_names):
-                hooks.append(self.wrappers[name].register_forward_pre_hook(self._capture(name, i, captured[name])))
-        if self.config.bias_correction:
-            for name in self.layer_names:
-                hooks.append(self.wrappers[name].register_forward_pre_hook(self._sum_inputs(input_sums[name])))
-        block_inputs: dict[str, list[torch.Tensor]] = {block: [] for block in self.blocks}
-        for block, store in block_inputs.items():
-            hooks.append(self.module.get_submodule(block).register_forward_pre_hook(
-                lambda m, a, store=store: store.append(a[0].detach().clone())
-                if sum(len(t) for t in store) < self.config.block_images else None))
-        try:
-            seen = 0
-            for x in batches:
-                self.module(x)
-                seen += 1
-        finally:
-            for w in self.wrappers.values():
-                w.stats = None
-            for m in self.matmuls.values():
-                m.stats = None
-                m.hooks.clear()
-            for h in hooks:
-                h.remove()
-        if not seen:
-            raise UserError("calibration got no data: the calibration split is empty")
-        self.qk_samples = {
-            name: (torch.cat([q for q, _ in store])[: self.config.qk_images], torch.cat([k for _, k in store])[: self.config.qk_images])
-            for name, store in qk_samples.items() if store
-        }
-        self.layer_columns = {
-            name: self._sample_columns(captured[name], i) for i, name in enumerate(self.layer_names) if captured[name]
-        }
-        self.block_inputs = {block: torch.cat(store)[: self.config.block_images] for block, store in block_inputs.items() if store}
-        self.mean_columns = {}
-        for name, (total, count) in input_sums.items():
-            if count:
-                # Columns are linear in the input, so the mean column is the columns of the mean input.
-                layer = self.wrappers[name].layer
-                self.mean_columns[name] = input_columns(layer, (total / count).unsqueeze(0)).mean(dim=1)
-        self.policy = None
-
-    def _channel_absmax(self, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-input-channel ``max |x|`` of every wrapped layer over ``batches`` (float model)."""
-        amax: dict[str, torch.Tensor] = {}
-
-        def hook_for(name: str, layer: nn.Module):
-            def hook(module: nn.Module, args: tuple) -> None:
-                m = channel_absmax(layer, args[0])
-                amax[name] = m if name not in amax else torch.maximum(amax[name], m)
-
-            return hook
-
-        hooks = [self.wrappers[n].register_forward_pre_hook(hook_for(n, self.wrappers[n].layer)) for n in self.layer_names]
-        try:
-            for x in batches:
-                self.module(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return amax
-
+    # -- policies ------------------------------------------------------------------------------
     def _smoothed(self, name: str, spec: LayerPrecision) -> bool:
         """SmoothQuant applies where both the weight and the input of the layer are quantized."""
         return name in self.smooth_scales and spec.weight_bits is not None and spec.act_bits is not None
 
-    def _keep_qk(self, store: list[tuple[torch.Tensor, torch.Tensor]]):
-        """A matmul hook keeping q and k of the first ``qk_images`` calibration images."""
-
-        def hook(q: torch.Tensor, k: torch.Tensor) -> None:
-            if sum(len(a) for a, _ in store) < self.config.qk_images:
-                store.append((q.detach().clone(), k.detach().clone()))
-
-        return hook
-
-    @staticmethod
-    def _sum_inputs(acc: list):
-        """A pre-hook adding up a layer's inputs over the batch dimension (for their mean)."""
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            acc[0] = acc[0] + x.sum(dim=0)
-            acc[1] += x.shape[0]
-
-        return hook
-
-    def _capture(self, name: str, index: int, store: list[torch.Tensor]):
-        """A pre-hook keeping ``ptq_columns`` random input columns of each calibration batch.
-
-        Sampling per batch keeps columns from every calibration image (neighbouring positions of a
-        few images would be nearly redundant) while holding only a few thousand columns per layer.
-        """
-        layer = self.wrappers[name].layer
-        gen = torch.Generator().manual_seed(self.config.seed * 1000 + index)
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            store.append(_some_columns(input_columns(layer, args[0].detach()), self.config.ptq_columns, gen).clone())
-
-        return hook
-
-    def _sample_columns(self, inputs: list[torch.Tensor], index: int) -> torch.Tensor:
-        """``ptq_columns`` columns drawn evenly from every batch's sample (seeded)."""
-        gen = torch.Generator().manual_seed(self.config.seed * 1000 + index + 500)
-        return _some_columns(torch.cat(inputs, dim=1), self.config.ptq_columns, gen).contiguous()
-
-    @property
-    def calibrated(self) -> bool:
-        return bool(self.act_stats)
-
-    # -- policies ------------------------------------------------------------------------------
     def _weight_key(self, name: str, spec: LayerPrecision, context: tuple = ()) -> tuple:
         return (name, spec.weight_bits, spec.granularity, spec.symmetric, self.config.weight_observer, self.config.ptq,
                 self.config.bias_correction, self._smoothed(name, spec), context)

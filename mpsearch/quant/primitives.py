@@ -1,10 +1,10 @@
 """Uniform affine fake quantization: the math, and nothing else.
 
 A tensor ``x`` is mapped to ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` on an integer grid
-of ``2**bits`` levels. We use PyTorch's fused ``fake_quantize_per_{tensor,channel}_affine`` kernels:
-one kernel per call (the evaluation overhead budget is 15 % of an fp32 pass) and a built-in
-straight-through estimator (gradient 1 inside the clipping range, 0 outside), so later work can
-train through the quantizers. Rounding is half-to-even, as in ``torch.round``.
+of ``2**bits`` levels. Where gradients flow, PyTorch's fused ``fake_quantize_per_{tensor,channel}_affine``
+kernels give a straight-through estimator (gradient 1 inside the clipping range, 0 outside), so
+fine-tuning trains through the quantizers; evaluation takes a vectorized path with the same
+values. Rounding is half-to-even, as in ``torch.round``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def qparams_from_range(
     Symmetric quantizers have zero point 0: on a signed grid the scale maps ``max(|lo|, |hi|)``
     to the largest positive level ``2^(b-1)-1`` (the extra negative level ``-2^(b-1)`` is reached
     only by values clipped below ``-max``); on an unsigned grid (non-negative inputs, e.g. after ReLU) ``hi`` uses every level,
-    which is the bit the research project wasted. Asymmetric quantizers spread ``[lo, hi]`` (widened
+    rather than wasting the sign bit. Asymmetric quantizers spread ``[lo, hi]`` (widened
     to include 0, so that zero is exact) over the whole grid with a zero point.
     """
     qmin, qmax = integer_range(bits, signed)
@@ -92,7 +92,7 @@ def fake_quantize(x: torch.Tensor, qp: QParams, *, out: torch.Tensor | None = No
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qp.qmin, qp.qmax)
         # Evaluation's hot path: every quantized layer's input, every batch. PyTorch's CPU
         # fake-quant kernel is scalar and also writes a gradient mask; these four vectorized
-        # passes (one allocation) run 2.3x faster and give bit-identical values: the same
+        # passes (one allocation) run faster and give bit-identical values: the same
         # float32 ``x * (1/scale)``, half-to-even rounding, and clamping ``q`` to
         # ``[qmin - z, qmax - z]`` is clamping ``q + z`` to ``[qmin, qmax]`` (integers are exact).
         # (1/scale in float64 rounded to float32 equals the float32 division PyTorch does.)

@@ -2,10 +2,9 @@
 
 One verb, one config::
 
-    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, hawq_allocation
+    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity
     df = compute_sensitivity(model, layers, data.calibration, SensitivityConfig(estimator="hessian"),
                              quant=QuantConfig(), checkpoint_sha256=baseline.sha256)
-    bits = hawq_allocation(df, layers, None, budget_bits_per_weight=4.0)
 
 Estimators (registered in :data:`ESTIMATORS`): ``"hessian"`` -- HAWQ-V2 scores from
 Hutchinson Hessian traces; ``"empirical"`` -- output KL / loss change with one layer's weights
@@ -14,7 +13,6 @@ quantized. Results are cached per checkpoint under ``cache_root()/sensitivity``.
 
 from __future__ import annotations
 
-from mpsearch.sensitivity.allocation import allocation_policy, hawq_allocation, mean_bits
 from mpsearch.sensitivity.attention_ranking import AttentionRankingEstimator, kendall_tau_rows
 from mpsearch.sensitivity.base import (
     ESTIMATORS,
@@ -26,7 +24,7 @@ from mpsearch.sensitivity.base import (
     canonical_frame,
     weight_errors,
 )
-from mpsearch.sensitivity.compute import compute_sensitivity, read_sensitivity, sensitivity_cache_path, sensitivity_for
+from mpsearch.sensitivity.compute import compute_sensitivity, read_sensitivity, sensitivity_cache_path
 from mpsearch.sensitivity.empirical import EmpiricalEstimator
 from mpsearch.sensitivity.hessian import HessianEstimator, TraceEstimate, hutchinson_trace
 from mpsearch.sensitivity.report import sensitivity_table, write_sensitivity
@@ -47,12 +45,8 @@ __all__ = [
     "canonical_frame",
     "weight_errors",
     "compute_sensitivity",
-    "sensitivity_for",
     "sensitivity_cache_path",
     "read_sensitivity",
-    "hawq_allocation",
-    "allocation_policy",
-    "mean_bits",
     "sensitivity_table",
     "write_sensitivity",
 ]

@@ -45,7 +45,7 @@ __all__ = ["AttentionRankingEstimator", "kendall_tau_rows"]
 _ROWS_PER_CHUNK = 1024  # rows compared at once: 1024 x N x N pair signs (10 MB at N = 50)
 # Query rows compared per attention module and calibration batch, drawn once (seeded) and reused
 # for every probe: comparing all of them (B x heads x N rows, each N^2 pairs) would cost several
-# times the forward pass, and a few hundred rows already pin the mean tau to ~1e-3.
+# times the forward pass, and a few hundred rows already pin the mean tau closely.
 _ROWS_PER_MAP = 512
 
 
@@ -108,7 +108,7 @@ class AttentionRankingEstimator(SensitivityEstimator):
         attentions = [m for m in qm.module.modules() if isinstance(m, QuantAttention)]
         if not attentions:
             raise UserError("attention-ranking sensitivity needs a model with attention (a timm ViT/DeiT); "
-                            "use --sensitivity hessian or empirical for this model")
+                            "use search.sensitivity hessian or empirical for this model", fields=("search.sensitivity",))
         device = next(iter(weights.values())).device
         batches = [x.to(device) for x, _ in calibration_batches(calibration, config)]
 

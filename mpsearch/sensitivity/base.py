@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mpsearch.config import QuantConfig, config_from_dict, config_key
+from mpsearch.config import Config, QuantConfig, config_from_dict
 from mpsearch.data import Split
 from mpsearch.errors import UserError
 from mpsearch.policy import LayerPrecision, Policy
@@ -53,7 +53,7 @@ ESTIMATORS: Registry[type[SensitivityEstimator]] = Registry("sensitivity estimat
 
 
 @dataclass(frozen=True)
-class SensitivityConfig:
+class SensitivityConfig(Config):
     """How per-layer sensitivity is measured; its ``key()`` names the on-disk cache entry.
 
     ``batches`` fixed calibration batches of ``batch_size`` images (the first ones of the
@@ -64,6 +64,8 @@ class SensitivityConfig:
     quantized) of the softmax outputs, mean over images) or ``"loss"`` (increase of the mean
     cross-entropy).
     """
+
+    SECTION = "sensitivity"
 
     version: int = 1
     estimator: str = "hessian"
@@ -108,9 +110,6 @@ class SensitivityConfig:
         if isinstance(data, dict) and isinstance(data.get("bits"), list):
             data = {**data, "bits": tuple(data["bits"])}  # JSON has no tuples
         return config_from_dict(cls, data)
-
-    def key(self) -> str:
-        return config_key(self)
 
 
 class SensitivityEstimator(ABC):

@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from torch import nn
@@ -32,7 +31,7 @@ from mpsearch.sensitivity.base import (
     layer_weights,
 )
 
-__all__ = ["compute_sensitivity", "sensitivity_cache_path", "sensitivity_for", "read_sensitivity", "write_csv_atomic"]
+__all__ = ["compute_sensitivity", "sensitivity_cache_path", "read_sensitivity", "write_csv_atomic"]
 
 
 def _inputs_key(layers: list[str], calibration: Split, config: SensitivityConfig) -> str:
@@ -110,17 +109,3 @@ def compute_sensitivity(
             raise UserError(f"cannot write the sensitivity cache {path}: {exc.strerror}; check $MPSEARCH_CACHE") from None
     return df
 
-
-def sensitivity_for(evaluator: Any, config: SensitivityConfig | None = None, *, progress: bool = False) -> pd.DataFrame:
-    """:func:`compute_sensitivity` for an :class:`mpsearch.evaluate.Evaluator` (its layers, in
-    execution order; its calibration split, quant config, checkpoint hash and QuantizedModel)."""
-    return compute_sensitivity(
-        evaluator.baseline.model,
-        evaluator.layer_names,
-        evaluator.data.calibration,
-        config or SensitivityConfig(),
-        quant=evaluator.quant,
-        checkpoint_sha256=evaluator.baseline.sha256,
-        qmodel=evaluator.qmodel,
-        progress=progress,
-    )

@@ -46,7 +46,7 @@ def write_sensitivity(df: pd.DataFrame, out_dir: Path, title: str, *, stem: str 
     try:
         write_csv_atomic(canonical_frame(df), paths["csv"])
     except OSError as exc:
-        raise UserError(f"cannot write {paths['csv']}: {exc.strerror}; choose a writable --out folder") from None
+        raise UserError(f"cannot write {paths['csv']}: {exc.strerror}; choose a writable folder") from None
 
     table = sensitivity_table(df)
     layers, bits = list(table.index), list(table.columns)

@@ -25,8 +25,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from mpsearch.algorithms.space import BoundSpace
 from mpsearch.registry import Registry
-from mpsearch.search.space import BoundSpace
 
 __all__ = [
     "SearchAlgorithm",

@@ -9,9 +9,9 @@ only in the sampler.
 Initial vectors are enqueued (``study.enqueue_trial``) before the first ask. Optuna's
 NSGAIISampler gives a trial its generation only when it samples a parameter itself, so enqueued
 trials (every parameter fixed) would join no generation: they would never breed and would leave
-generation 0 short, stretching it over two batches (REFERENCE.md, API pitfalls). We therefore
-assign them to generation 0 through the sampler's public ``get_trial_generation``, the same step
-it takes for its own trials; OptunaHub's NSGA-II-with-initial-trials sampler is the alternative.
+generation 0 short, stretching it over two batches. So they are assigned to generation 0
+through the sampler's public ``get_trial_generation``, the same step it takes for its own
+trials; OptunaHub's NSGA-II-with-initial-trials sampler is the alternative.
 
 Failed evaluations are told as ``TrialState.FAIL``. Optuna's NSGA-II counts only completed trials
 towards a generation, so a batch with failures leaves its generation short and the next batch
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, json_floats, register_algorithm
+from mpsearch.algorithms.base import SearchAlgorithm, json_floats, register_algorithm
 
 __all__ = ["OptunaNSGA2", "OptunaTPE"]
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, _unique_rows, fill, initial_batch, json_floats, register_algorithm
+from mpsearch.algorithms.base import SearchAlgorithm, _unique_rows, fill, initial_batch, json_floats, register_algorithm
 
 __all__ = ["PymooNSGA2", "GAP_PLAN_BUDGETS"]
 
 # The ILP is solved at this many evenly spaced energy budgets for gap filling: denser than the
-# ``ilp`` baseline's (one per evaluation, 200 in the benchmark), and fixed, not the study's
+# ``ilp`` baseline's (one per evaluation of its budget), and fixed, not the study's
 # budget, so that a study extended to a larger budget replays the same search.
 GAP_PLAN_BUDGETS = 256
 
@@ -96,7 +96,7 @@ class PymooNSGA2(SearchAlgorithm):
         context = self.context
         if context is None or context.weight_scores is None or context.gap_plans <= 0 or self.n_objectives < 2:
             return []
-        from mpsearch.search.planning import ilp_plans
+        from mpsearch.algorithms.planning import ilp_plans
 
         try:
             plans = _unique_rows(ilp_plans(self.space, context, GAP_PLAN_BUDGETS))
@@ -107,7 +107,7 @@ class PymooNSGA2(SearchAlgorithm):
     def _gap_fillers(self, n: int, exclude: set[tuple[int, ...]]) -> list[np.ndarray]:
         """Up to ``n`` ILP solutions not proposed before, one per gap of the measured front,
         widest gap first, each the one whose energy lies nearest the middle of its gap."""
-        from mpsearch.search.pareto import non_dominated
+        from mpsearch.algorithms.pareto import non_dominated
 
         if n <= 0 or len(self._measured) < 2:
             return []

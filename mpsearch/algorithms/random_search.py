@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, fill, initial_batch, random_vectors, register_algorithm
+from mpsearch.algorithms.base import SearchAlgorithm, fill, initial_batch, random_vectors, register_algorithm
 
 __all__ = ["RandomSearch"]
 

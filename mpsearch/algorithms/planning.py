@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpsearch.search.base import SearchAlgorithm, register_algorithm
-from mpsearch.search.space import BoundSpace
+from mpsearch.algorithms.base import SearchAlgorithm, register_algorithm
+from mpsearch.algorithms.space import BoundSpace
 
 __all__ = ["Unit", "plan_units", "unit_costs", "ilp_plans", "IntegerLinearProgram", "GreedyLowering"]
 
@@ -130,7 +130,7 @@ def ilp_plans(space: BoundSpace, context, n_budgets: int) -> list[np.ndarray]:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if context.weight_scores is None:
-        raise ValueError("ilp needs Hessian sensitivity scores: run the study with --sensitivity hessian")
+        raise ValueError("ilp needs Hessian sensitivity scores: set search.sensitivity to hessian")
     units, widest = plan_units(space)
     if not units:
         raise ValueError("ilp: the search space has no weight gene to allocate")
@@ -214,7 +214,7 @@ class IntegerLinearProgram(_Planner):
     def _setup(self, initial: list[np.ndarray]) -> None:
         super()._setup(initial)
         if self.context.weight_scores is None:
-            raise ValueError("ilp needs Hessian sensitivity scores: run the study with --sensitivity hessian")
+            raise ValueError("ilp needs Hessian sensitivity scores: set search.sensitivity to hessian")
         self._push(ilp_plans(self.space, self.context, self.context.budget), self.context.budget - len(initial))
 
     def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:

@@ -1,9 +1,9 @@
 """Multi-objective search over per-layer bit widths: spaces, algorithms, Pareto tools.
 
-- :mod:`~mpsearch.search.space`: search spaces (YAML data) and their integer-vector encoding;
-- :mod:`~mpsearch.search.base`: the ask/tell contract and the algorithm registry;
+- :mod:`~mpsearch.algorithms.space_file` / :mod:`~mpsearch.algorithms.space`: search spaces (YAML data) and their integer-vector encoding;
+- :mod:`~mpsearch.algorithms.base`: the ask/tell contract and the algorithm registry;
 - ``nsga2`` (pymoo), ``optuna-nsga2``, ``optuna-tpe`` (Optuna samplers), ``random``;
-- :mod:`~mpsearch.search.pareto`: fronts, hypervolume, knee points.
+- :mod:`~mpsearch.algorithms.pareto`: fronts, hypervolume, knee points.
 
 The search never touches models or quantizers: it proposes vectors, the study driver turns them
 into policies (:meth:`BoundSpace.decode`) and measures them. pymoo and Optuna are imported only
@@ -13,10 +13,10 @@ when an algorithm is set up.
 from __future__ import annotations
 
 # Importing the algorithm modules registers them (their heavy imports are deferred to setup()).
-from mpsearch.search import nsga2, optuna_samplers, planning, random_search  # noqa: F401
-from mpsearch.search.base import ALGORITHMS, SearchAlgorithm, create_algorithm, register_algorithm
-from mpsearch.search.pareto import dominates, hypervolume, knee_point, non_dominated
-from mpsearch.search.space import BoundSpace, Gene, SearchSpace, available_spaces, default_space_for
+from mpsearch.algorithms import nsga2, optuna_samplers, planning, random_search  # noqa: F401
+from mpsearch.algorithms.base import ALGORITHMS, SearchAlgorithm, create_algorithm, register_algorithm
+from mpsearch.algorithms.pareto import dominates, hypervolume, knee_point, non_dominated
+from mpsearch.algorithms.space import BoundSpace, Gene, SearchSpace, available_spaces, default_space_for
 
 __all__ = [
     "ALGORITHMS",

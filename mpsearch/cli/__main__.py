@@ -1,0 +1,3 @@
+from mpsearch.cli import entry
+
+entry()

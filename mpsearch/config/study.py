@@ -1,0 +1,195 @@
+"""One search study as data: what to quantize (:class:`StudyConfig`), how to search
+(:class:`SearchConfig`), how to quantize (:class:`~mpsearch.config.QuantConfig`), whether to
+fine-tune the front (:class:`~mpsearch.config.FinetuneConfig`) and where it runs (:class:`RunConfig`).
+
+A study config is a YAML file (``mpsearch optimize --config studies/resnet18.yaml``) whose
+sections are these classes; a study writes the config it ran with as ``config.yaml`` next to
+its outputs, and running that file again resumes the study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mpsearch.config._base import Config, field_error
+from mpsearch.config.quant import FinetuneConfig, QuantConfig
+from mpsearch.errors import UserError, parse_user_yaml, read_user_file
+from mpsearch.objectives import is_objective, profile_name_ok
+
+__all__ = ["SearchConfig", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS"]
+
+
+@dataclass(frozen=True)
+class SearchConfig(Config):
+    """How the search runs: which methods, how many evaluations, on what, seeded how.
+
+    ``budget`` counts full evaluations per method, each on the first ``eval_images`` validation
+    images; a multi-fidelity method (``nsga2+mf``) first measures ``multi_fidelity_images``,
+    doubled per rung. Population searches start from the uniform policies and the HAWQ-V3 ILP's
+    solutions at ``ilp_seeds`` evenly spaced energy budgets (sensitivity from ``sensitivity``,
+    estimated on ``sensitivity_batches`` calibration batches with at most
+    ``sensitivity_probes`` Hutchinson probes); NSGA-II gives up to ``ilp_gap_plans`` offspring of
+    every later generation to ILP solutions in the widest gaps of its measured front. At the end,
+    at most ``remeasure_points`` Pareto points (0: all), spread along the front, are re-measured
+    on the full validation and test splits.
+    """
+
+    SECTION = "search"
+
+    version: int = 1
+    algorithm: str = "nsga2"
+    budget: int = 200
+    population_size: int = 20
+    space: str = ""
+    objectives: tuple[str, ...] = ("accuracy", "energy")
+    energy_profile: str = "horowitz45nm"
+    eval_images: int = 400
+    multi_fidelity_images: int = 100
+    sensitivity: str = "hessian"
+    sensitivity_batches: int = 2
+    sensitivity_probes: int = 16
+    ilp_seeds: int = 12
+    ilp_gap_plans: int = 4
+    remeasure_points: int = 6
+
+    def __post_init__(self) -> None:
+        for name, least in (("budget", 1), ("population_size", 2), ("eval_images", 1), ("multi_fidelity_images", 1),
+                            ("sensitivity_batches", 1), ("sensitivity_probes", 1), ("ilp_seeds", 0), ("ilp_gap_plans", 0),
+                            ("remeasure_points", 0)):
+            if getattr(self, name) < least:
+                raise field_error(f"search.{name}", f"must be >= {least}, got {getattr(self, name)}")
+        objectives = self.objectives
+        if (not all(is_objective(o) for o in objectives) or len(objectives) < 2 or objectives[0] != "accuracy"
+                or len(set(objectives)) != len(objectives)):
+            raise field_error("search.objectives", "accuracy first, then one or more of energy, size, bops, energy@PROFILE "
+                                                   f"(no repeats); got {list(objectives)}")
+        if not profile_name_ok(self.energy_profile):
+            raise field_error("search.energy_profile", f"a profile name (see `mpsearch profiles`), got {self.energy_profile!r}; "
+                                                       "`mpsearch calibrate-energy` installs a fitted profile under its name")
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """Where and how a study runs; a resumed study may change any of it.
+
+    ``workers`` 0 measures in this process, -1 starts one Ray worker per core (at
+    ``torch_threads`` each, fixed so that numbers do not depend on the worker count);
+    ``ray_address`` joins an existing Ray cluster. ``storage`` is an Optuna storage URL and
+    ``out_dir`` the folder for the study's files; with neither, nothing is written.
+    """
+
+    SECTION = "run"
+
+    version: int = 1
+    workers: int = -1
+    torch_threads: int = 1
+    ray_address: str | None = None
+    storage: str | None = None
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.torch_threads < 1:
+            raise field_error("run.torch_threads", f"must be >= 1, got {self.torch_threads}")
+        if self.workers < -1:
+            raise field_error("run.workers", f"-1 (one per core), 0 (in-process) or a count, got {self.workers}")
+
+
+# Settings a resumed study may change: they decide how much to run and where, not what a trial
+# measures. Every other field must match the study's stored config.
+RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "data_dir", "checkpoint", "finetune")
+
+
+@dataclass(frozen=True)
+class StudyConfig(Config):
+    """One search study: which model on which data, quantized how, searched how, run where.
+
+    ``model`` is a timm name (or the name of a model object handed to :func:`mpsearch.search`),
+    ``dataset`` a data set name (``mpsearch.data.DATASETS``, ``imagefolder:PATH``) or a custom
+    data set's name; ``checkpoint`` an fp32 state dict to quantize instead of the cached
+    baseline. ``seed`` seeds everything: the calibration draw, the quantizers, the search and
+    fine-tuning (``quant.seed`` and ``finetune.seed`` always follow it). ``finetune`` (off when null) fine-tunes
+    every re-measured Pareto point with LSQ + distillation.
+    """
+
+    SECTIONS: ClassVar[dict[str, type]] = {"quant": QuantConfig, "search": SearchConfig, "finetune": FinetuneConfig,
+                                           "run": RunConfig}
+
+    version: int = 1
+    name: str = ""
+    model: str = "resnet18"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    seed: int = 0
+    calibration_size: int = 512
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig | None = None
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # The study's seed seeds its sections: they never disagree.
+        if self.quant.seed != self.seed:
+            object.__setattr__(self, "quant", replace(self.quant, seed=self.seed))
+        if self.finetune is not None and self.finetune.seed != self.seed:
+            object.__setattr__(self, "finetune", replace(self.finetune, seed=self.seed))
+        if self.calibration_size < 1:
+            raise field_error("calibration_size", f"must be >= 1, got {self.calibration_size}")
+        if self.finetune is not None and self.quant.smoothquant_alpha is not None:
+            raise UserError("finetune: fine-tuning cannot start from SmoothQuant-smoothed models; "
+                            "turn off finetune or quant.smoothquant_alpha", fields=("finetune", "quant.smoothquant_alpha"))
+        if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
+            raise field_error("name", f"letters, digits, '-', '_' and '.' only, got {self.name!r}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudyConfig:
+        """A study config from a YAML (or JSON) file; errors name the file and the field."""
+        data = parse_user_yaml(read_user_file(path, "study config", "YAML"), f"study config {path}")
+        try:
+            return cls.from_dict({} if data is None else data)
+        except UserError as exc:
+            raise UserError(f"study config {path}: {exc}", fields=exc.fields) from None
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    @property
+    def study_name(self) -> str:
+        methods = self.search.algorithm.replace("+", "-").replace(",", "_")  # "nsga2+mf,random" -> "nsga2-mf_random"
+        dataset = self.dataset.replace(":", "_").replace("/", "_")
+        return self.name or f"{self.model}-{dataset}-{methods}-s{self.seed}"
+
+    def conflict_with(self, stored: StudyConfig) -> tuple[str, str] | None:
+        """The first setting a resume may not change that differs from ``stored``: (field,
+        ``field is OLD in the study, NEW now``); None when the study may resume with this config."""
+        old, new = _flatten(stored.to_dict()), _flatten(self.to_dict())
+        for key in dict.fromkeys([*new, *old]):
+            if key in ("name", "version") or key.endswith(".version") or old.get(key) == new.get(key):
+                continue
+            if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+                continue
+            return key, f"{key} is {old.get(key)!r} in the study, {new.get(key)!r} now"
+        return None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that YAML writes plain sequences."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

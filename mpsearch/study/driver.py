@@ -1,0 +1,266 @@
+"""Run a study: every evaluation is a trial of one Optuna study; the measured front at the end.
+
+:func:`run_study` resolves what the study measures (a timm model and data set by name, or the
+user's model object and data), calibrates the quantizers once, seeds and runs each method's
+:class:`~mpsearch.study.loop.SearchLoop` on an executor (in process or a pool of Ray workers:
+the numbers do not depend on which), re-measures the Pareto set on the full validation and test
+splits, and writes the study's files when it has a folder.
+
+Resuming: running the same study again continues it. Each algorithm is rebuilt by replaying the
+recorded generations through ask/tell, checked generation by generation against
+``search_state.json``; recorded trials are reused and only slots without a finished trial are
+evaluated, so the resumed study ends with the same trials, numbers included, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpsearch.algorithms.base import SearchContext, create_algorithm
+from mpsearch.algorithms.methods import Method, parse_methods
+from mpsearch.algorithms.space import BoundSpace, SearchSpace, default_space_for
+from mpsearch.config import StudyConfig
+from mpsearch.errors import UserError
+from mpsearch.objectives import front_hypervolume, hypervolume_reference, objective_profiles, objective_vector
+from mpsearch.policy import MeasurementSettings, Policy
+from mpsearch.runtime import NamedSource, ObjectSource, WorkerSpec, create_executor, default_workers
+from mpsearch.study.checkpoint import SearchCheckpoint, checkpoint_file
+from mpsearch.study.front import finetune_front, remeasure_front
+from mpsearch.study.loop import SearchLoop, StudyRun
+from mpsearch.study.outputs import write_outputs, write_policies
+from mpsearch.study.result import SearchResult
+from mpsearch.study.seeding import study_seeds
+from mpsearch.study.storage import create_study, existing_study, load_trials, record_settings, records_by_slot, storage_url
+
+__all__ = ["run_study", "Subject"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a study quantizes and measures, and how its workers get the same."""
+
+    baseline: Any  # mpsearch.zoo.Baseline
+    data: Any  # mpsearch.data.DataSplits
+    source: NamedSource | ObjectSource
+
+    @classmethod
+    def resolve(cls, config: StudyConfig, model: Any = None, data: Any = None) -> Subject:
+        """From ``config`` (a timm model and data set by name) or from objects: ``model`` an
+        ``nn.Module`` or :class:`~mpsearch.zoo.Baseline`, ``data`` a :class:`~mpsearch.data.DataSplits`."""
+        from mpsearch.data import load_dataset
+        from mpsearch.zoo import Baseline, get_baseline
+
+        by_name = data is None
+        if data is None:
+            data = load_dataset(config.dataset, data_dir=config.data_dir, calibration_size=config.calibration_size,
+                                calibration_seed=config.seed)
+        if model is None:
+            baseline = get_baseline(config.model, data, seed=config.seed, checkpoint=config.checkpoint)
+        else:
+            baseline = model if isinstance(model, Baseline) else Baseline.from_module(model, config.model)
+        if by_name and baseline.checkpoint is not None:
+            source: NamedSource | ObjectSource = NamedSource(
+                model=config.model, dataset=config.dataset, checkpoint=str(baseline.checkpoint), data_dir=config.data_dir,
+                calibration_size=config.calibration_size, seed=config.seed)
+        else:
+            source = ObjectSource(baseline, data)
+        return cls(baseline, data, source)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Measure with ``n`` torch threads (fixed, so numbers do not depend on the machine's cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check(config: StudyConfig, methods: list[Method], model: Any) -> None:
+    """What can fail before any work or any write."""
+    from mpsearch.quant import get_observer
+    from mpsearch.quant.ptq import get_ptq
+    from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
+    from mpsearch.zoo import resolve_model_name
+
+    planners = [m.name for m in methods if m.needs_sensitivity]
+    if planners and config.search.sensitivity == "none":
+        raise UserError(f"search.algorithm {planners[0]} allocates bits from sensitivity scores; use search.sensitivity "
+                        "hessian (or empirical), not none", fields=("search.algorithm", "search.sensitivity"))
+    if config.finetune is not None and not config.run.out_dir:
+        raise UserError("finetune: fine-tuned checkpoints are files; give the study a folder (run.out_dir)",
+                        fields=("run.out_dir",))
+    get_ptq(config.quant.ptq)
+    get_observer(config.quant.weight_observer)
+    get_observer(config.quant.act_observer)
+    QK_CALIBRATIONS.get(config.quant.attention_calibration)
+    if model is None:
+        resolve_model_name(config.model)
+
+
+def run_study(config: StudyConfig, *, model: Any = None, data: Any = None, progress: bool = True,
+              remeasure: bool = True) -> SearchResult:
+    """Run ``config``'s study to its budget; see the module docstring.
+
+    ``model``/``data`` replace the config's model and data set names with objects (the Python
+    API's :func:`mpsearch.search`). ``remeasure=False`` stops after the search: no re-measured
+    front, plots or report (benchmarks that compare search algorithms on the search split).
+    """
+    return _Driver(config, progress=progress, remeasure=remeasure).run(model, data)
+
+
+class _Driver:
+    """One run of one study, from the checks that can refuse it to the files it writes."""
+
+    def __init__(self, config: StudyConfig, *, progress: bool, remeasure: bool) -> None:
+        self.start = time.perf_counter()
+        self.config = config
+        self.progress = progress
+        self.remeasure = remeasure
+        self.methods = parse_methods(config.search.algorithm)  # unknown names fail before any work
+        self.url = storage_url(config)
+        self.out = Path(config.run.out_dir) if config.run.out_dir else None
+        self.phases: dict[str, float] = {}
+
+    def run(self, model: Any, data: Any) -> SearchResult:
+        import optuna
+
+        from mpsearch.locking import StudyLock
+
+        config = self.config
+        _check(config, self.methods, model)
+        space_def = SearchSpace.load(config.search.space or default_space_for(config.model))
+        if self.out is not None:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / ".write-test").write_text("ok")
+                (self.out / ".write-test").unlink()
+            except OSError as exc:
+                raise UserError(f"cannot write study outputs to {self.out} ({exc.strerror}); choose a writable run.out_dir",
+                                fields=("run.out_dir",)) from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.lock = StudyLock(self.url, config.study_name) if self.url else None
+        if self.lock:
+            self.lock.acquire_file()  # before the storage is opened: a second driver stops here, the study untouched
+        try:
+            study, recorded = existing_study(config, space_def.to_dict(), self.url)  # checks only: a refused run writes nothing
+            if study is not None and self.lock:
+                self.lock.acquire_lease(study)
+            subject = Subject.resolve(config, model, data)  # a baseline trained here trains on every core
+            with _torch_threads(config.run.torch_threads):
+                return self._measure(subject, space_def, study, recorded)
+        except KeyboardInterrupt:
+            logger.info(f"interrupted: every finished trial of study {config.study_name!r} is recorded; run it again to resume it")
+            raise
+        finally:
+            if self.lock:
+                self.lock.release()
+
+    def _measure(self, subject: Subject, space_def: SearchSpace, study: Any, recorded: int) -> SearchResult:
+        """Calibrate, seed, search with every method, re-measure the front, write the files."""
+        from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator, policy_costs
+
+        config, search, name = self.config, self.config.search, self.config.study_name
+        baseline, data = subject.baseline, subject.data
+        known_sha = study.user_attrs.get("baseline_sha256") if study is not None else None
+        if recorded and known_sha and baseline.sha256 != known_sha:
+            raise UserError(f"study {name!r} was measured on a baseline with sha256 {known_sha[:12]}..., not "
+                            f"{str(baseline.sha256)[:12]}...; resume it with the same checkpoint, or start another study "
+                            "under another name")
+        if recorded:
+            logger.info(f"resuming study {name!r}: {recorded} of {search.budget} trials recorded in {self.url}")
+        profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
+        evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
+        evaluator.calibrate()
+        space = BoundSpace(space_def, evaluator.policy_layers)
+        if study is None:
+            study = create_study(config, self.url)
+            if self.lock:
+                self.lock.acquire_lease(study)
+        record_settings(study, config, space_def.to_dict(), baseline.sha256)
+        template = Policy(model=baseline.name, dataset=data.info.name, layers={}, checkpoint_sha256=baseline.sha256,
+                          architecture=evaluator.architecture)
+
+        def to_policy(x: np.ndarray) -> Policy:
+            return replace(template, layers=space.decode(x))
+
+        def costs_of(x: np.ndarray) -> np.ndarray:
+            """The cost objectives of ``x`` (computed, exact): what planning algorithms budget with."""
+            relative = policy_costs(evaluator.cost_table, to_policy(x), profiles).relative()
+            metrics = {f"rel_{k}": v for k, v in relative.items()}
+            metrics["rel_energy"] = metrics[f"rel_energy:{profiles[0]}"]
+            return objective_vector({"accuracy": 1.0, **metrics}, search.objectives)[1:]
+
+        self.phases["setup"] = time.perf_counter() - self.start
+        seeds = study_seeds(config, evaluator, space, costs_of, progress=self.progress)
+        ref = hypervolume_reference(space, costs_of)
+        workers = default_workers(config.run.torch_threads) if config.run.workers == -1 else config.run.workers
+        spec = WorkerSpec(subject.source, quant=config.quant.to_dict(), profiles=profiles, torch_threads=config.run.torch_threads)
+        with create_executor(spec, workers, address=config.run.ray_address, evaluator=evaluator) as executor:
+            run = StudyRun(config=config, study=study, space=space, executor=executor, to_policy=to_policy, costs=costs_of,
+                           records=records_by_slot(study), seeds=seeds, full=min(search.eval_images, len(data.val)), ref=ref,
+                           progress=self.progress)
+            for method in self.methods:
+                self._search(run, method)
+            if getattr(executor, "replaced", 0):
+                logger.info(f"{executor.replaced} worker(s) died during the search and were replaced; "
+                            "their evaluations were retried")
+            self.phases["search"] = time.perf_counter() - self.start - self.phases["setup"]
+            trials = load_trials(study)
+            pareto, policies = None, {}
+            if self.remeasure:
+                mark = time.perf_counter()
+                pareto, policies = remeasure_front(config, evaluator, executor, space, trials, to_policy, progress=self.progress)
+                self.phases["remeasure"] = time.perf_counter() - mark
+        if pareto is not None and self.out is not None:
+            pareto = write_policies(self.out, pareto, policies)
+            if config.finetune is not None:
+                mark = time.perf_counter()
+                pareto = finetune_front(config, baseline, data, profiles, pareto, self.out, progress=self.progress)
+                self.phases["finetune"] = time.perf_counter() - mark
+        resolved = replace(config, name=name, run=replace(config.run, storage=self.url, workers=workers))
+        settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
+        result = SearchResult(config=resolved, trials=trials, front=pareto, policies=policies,
+                              template=template.with_settings(settings),
+                              hypervolume=front_hypervolume(trials, search.objectives, ref), ref_point=tuple(ref.tolist()),
+                              wall_s=time.perf_counter() - self.start, out_dir=self.out, storage=self.url, phases=self.phases,
+                              _study=study)
+        if self.out is not None:
+            write_outputs(result, space=space_def.to_dict(), baseline_meta=baseline.meta, workers=workers,
+                          weight_scores=seeds.weight_scores)
+        front = "front not re-measured" if pareto is None else f"front of {len(pareto)} points"
+        logger.info(f"study {name}: {len(trials)} trials, {front}, hypervolume {result.hypervolume:.4f}, "
+                    f"{result.wall_s / 60:.1f} min" + (f"; outputs in {self.out}" if self.out else ""))
+        return result
+
+    def _search(self, run: StudyRun, method: Method) -> None:
+        """Set up ``method``'s algorithm from the study's seeds and run its loop to the budget."""
+        config, seeds, single = run.config, run.seeds, len(self.methods) == 1
+        algorithm = create_algorithm(method.algorithm)
+        context = SearchContext(run.costs, seeds.weight_scores, config.search.budget, gap_plans=config.search.ilp_gap_plans)
+        initial = seeds.seeded if algorithm.sensitivity_seeded else seeds.uniform
+        population = config.search.population_size
+        if len(initial) > population and not algorithm.extra_seeds:
+            # the first generation holds them; uniform ones first
+            logger.info(f"{method.name}: keeping {population} of {len(initial)} seed policies (population size)")
+            initial = initial[:population]
+        algorithm.setup(run.space, n_objectives=len(config.search.objectives), seed=config.seed, initial=initial,
+                        population_size=population, context=context)
+        path = checkpoint_file(self.out, method.name, single) if self.out is not None else None
+        checkpoint = SearchCheckpoint(path, fresh=not any(key[0] == method.name for key in run.records))
+        label = config.study_name if single else f"{config.study_name} [{method.name}]"
+        SearchLoop(run, method, algorithm, checkpoint, label=label).run()

@@ -1,0 +1,264 @@
+"""One function per task of the ``mpsearch`` command, for scripts and notebooks too.
+
+Each composes the library's parts for a model and data set given by name: load (or train) the
+baseline, measure or fine-tune a policy, list layers, report outliers or sensitivity. The
+command line parses its flags, calls one of these and prints what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpsearch.config import FinetuneConfig, QuantConfig, TrainRecipe
+from mpsearch.errors import UserError
+from mpsearch.policy import MeasurementSettings, Policy, parse_shorthand
+
+__all__ = ["load_baseline", "measurement_settings", "measure_policy", "finetune_policy", "layer_table", "outlier_report",
+           "sensitivity_report", "profile_kernels", "DEFAULT_CALIBRATION"]
+
+logger = logging.getLogger(__name__)
+DEFAULT_CALIBRATION = 512  # calibration images drawn from the training split
+
+
+def load_baseline(model: str, dataset: str, *, data_dir: str | None = None, seed: int = 0, checkpoint: str | None = None,
+                  pretrained: bool = False, recipe: TrainRecipe | None = None, calibration_size: int = DEFAULT_CALIBRATION,
+                  progress: bool = True) -> tuple[Any, Any]:
+    """(baseline, data): the data set's splits and the fp32 model (checkpoint, hub weights, cache,
+    or trained now with ``recipe``, the model's default recipe unless given)."""
+    from mpsearch.data import load_dataset
+    from mpsearch.zoo import get_baseline, resolve_model_name
+
+    resolve_model_name(model)  # fail on a typo before loading data
+    if calibration_size < 1:
+        raise UserError(f"calibration_size: must be >= 1, got {calibration_size}", fields=("calibration_size",))
+    data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seed)
+    baseline = get_baseline(model, data, recipe=recipe, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
+                            progress=progress)
+    return baseline, data
+
+
+def _as_policy(policy: str | Path | Policy) -> Policy | str:
+    """A policy file loaded, a shorthand checked (both before any model loads)."""
+    if isinstance(policy, Policy):
+        return policy
+    if Path(policy).is_file():
+        return Policy.load(policy)
+    parse_shorthand(str(policy))
+    return str(policy)
+
+
+def measurement_settings(policy: Policy | str, quant: Mapping[str, Any] | None = None, *, calibration_size: int | None = None,
+                         torch_threads: int | None = None, seed: int | None = None) -> MeasurementSettings:
+    """How to measure ``policy``: what its provenance recorded (else the defaults), with ``quant``
+    fields, ``calibration_size``, ``torch_threads`` and ``seed`` replaced where given. A policy
+    re-measured with its own settings gives the numbers it was exported with."""
+    recorded = policy.settings() if isinstance(policy, Policy) else None
+    base = recorded or MeasurementSettings(QuantConfig())
+    if seed is None:
+        seed = int(policy.provenance.get("seed", base.quant.seed)) if isinstance(policy, Policy) else base.quant.seed
+    config = QuantConfig.from_dict({**base.quant.to_dict(), **dict(quant or {}), "seed": seed})
+    threads = torch_threads or base.torch_threads
+    if threads is not None and threads < 1:
+        raise UserError(f"run.torch_threads: must be >= 1, got {threads}", fields=("run.torch_threads",))
+    return MeasurementSettings(config, calibration_size or base.calibration_size, threads)
+
+
+def _check_registries(quant: QuantConfig, profiles: Sequence[str]) -> None:
+    """Observer, PTQ, attention-calibration and profile names, before any model loads."""
+    from mpsearch.cost import load_profile
+    from mpsearch.quant import get_observer
+    from mpsearch.quant.ptq import get_ptq
+    from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
+
+    if not profiles:
+        raise UserError("profiles: name at least one energy profile (see `mpsearch profiles`)")
+    for p in profiles:
+        load_profile(p)
+    get_observer(quant.weight_observer)
+    get_observer(quant.act_observer)
+    get_ptq(quant.ptq)
+    QK_CALIBRATIONS.get(quant.attention_calibration)
+
+
+@dataclass
+class _Prepared:
+    evaluator: Any
+    policy: Policy
+    settings: MeasurementSettings
+
+
+def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mapping[str, Any] | None, *,
+             calibration_size: int | None, torch_threads: int | None, seed: int | None, profiles: Sequence[str],
+             checkpoint: str | None, data_dir: str | None, pretrained: bool, progress: bool) -> _Prepared:
+    import torch
+
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.finetune import attach_finetuned
+
+    given = _as_policy(policy)
+    settings = measurement_settings(given, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed)
+    _check_registries(settings.quant, profiles)
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, seed=settings.quant.seed, checkpoint=checkpoint,
+                                   pretrained=pretrained, calibration_size=settings.calibration_size, progress=progress)
+    evaluator = Evaluator(baseline, data, quant=settings.quant, profiles=tuple(profiles))
+    resolved = evaluator.resolve_policy(given)
+    if isinstance(policy, (str, Path)) and Path(policy).is_file() and attach_finetuned(evaluator, resolved, Path(policy).parent):
+        logger.info(f"using the fine-tuned weights and quantizers of {resolved.provenance['finetune']['checkpoint']}")
+    return _Prepared(evaluator, resolved, settings)
+
+
+def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, split: str = "val", limit: int | None = None,
+                   quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, torch_threads: int | None = None,
+                   seed: int | None = None, profiles: Sequence[str] = ("horowitz45nm", "seed-lab4"),
+                   checkpoint: str | None = None, data_dir: str | None = None, pretrained: bool = False,
+                   save_policy: str | Path | None = None, progress: bool = False) -> Any:
+    """Measure ``policy`` (file, shorthand or object) on ``split`` of the data set: accuracy with
+    95 % CIs against fp32 on the same images, and modeled costs. Settings not given come from the
+    policy's provenance (see :func:`measurement_settings`); ``save_policy`` writes the resolved policy."""
+    if limit is not None and limit < 1:
+        raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
+    prepared = _prepare(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed,
+                        profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, pretrained=pretrained, progress=progress)
+    if save_policy:
+        prepared.policy.save(save_policy)
+    prepared.evaluator.calibrate()
+    return prepared.evaluator.evaluate(prepared.policy, split=split, limit=limit, progress=progress)
+
+
+def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, config: FinetuneConfig, output: str | Path | None = None,
+                    quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, torch_threads: int | None = None,
+                    profiles: Sequence[str] = ("horowitz45nm", "seed-lab4"), checkpoint: str | None = None,
+                    data_dir: str | None = None, pretrained: bool = False, progress: bool = True) -> tuple[Any, Path]:
+    """Fine-tune ``policy`` (LSQ + distillation from fp32) and write the fine-tuned policy JSON
+    (``output``; default ``<policy>.finetuned.json`` beside a policy file, else under
+    ``studies/finetuned/``) with its checkpoint beside it (``.pt``). Returns the result and the path."""
+    from mpsearch.finetune import finetune, write_finetuned
+
+    if output is not None:
+        path = Path(output)
+    elif isinstance(policy, (str, Path)) and Path(policy).is_file():
+        path = Path(policy).with_suffix(".finetuned.json")
+    else:
+        label = policy.summary() if isinstance(policy, Policy) else str(policy)
+        path = Path("studies") / "finetuned" / f"{model}-{label.replace(':', '_').replace(' ', '_')}.json"
+    if path.suffix != ".json":
+        raise UserError(f"output {path}: name the policy file with a .json suffix", fields=("output",))
+    prepared = _prepare(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
+                        seed=config.seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, pretrained=pretrained,
+                        progress=progress)
+    if prepared.policy.provenance.get("finetune"):
+        raise UserError(f"policy {policy} is already fine-tuned; fine-tune the policy it came from")
+    if all(spec.is_float for spec in prepared.policy.layers.values()):
+        raise UserError("the policy quantizes no layer; there is nothing to fine-tune")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = finetune(prepared.evaluator, prepared.policy, config, progress=progress)
+    write_finetuned(path, prepared.evaluator, result)
+    return result, path
+
+
+def layer_table(model: str, dataset: str, *, data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Every layer of ``model`` (built for the data set's images) with its kind, MACs, parameters
+    and whether a policy can quantize it, in the order the forward pass runs them."""
+    from mpsearch.cost import count_costs
+    from mpsearch.data import load_dataset
+    from mpsearch.evaluate import policy_layers
+    from mpsearch.zoo import create_model
+
+    data = load_dataset(dataset, data_dir=data_dir)
+    net = create_model(model, data.info)
+    table = count_costs(net, (data.info.in_chans, data.info.image_size, data.info.image_size))
+    names = set(policy_layers(net, table))
+    return [{"name": layer.name, "kind": layer.kind, "macs": layer.macs, "params": layer.weight_params,
+             "quantizable": layer.name in names} for layer in table.layers]
+
+
+def outlier_report(model: str, dataset: str, *, alpha: float = 0.5, calibration_size: int = DEFAULT_CALIBRATION, seed: int = 0,
+                   checkpoint: str | None = None, data_dir: str | None = None, pretrained: bool = False,
+                   progress: bool = True) -> Any:
+    """Per-layer activation outliers and SmoothQuant smoothing factors at ``alpha`` (a DataFrame)."""
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.quant.smoothing import outlier_table
+
+    quant = QuantConfig(seed=seed, smoothquant_alpha=alpha)  # checks alpha before the model loads
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
+                                   calibration_size=calibration_size, progress=progress)
+    evaluator = Evaluator(baseline, data, quant=quant)
+    evaluator.calibrate()
+    qmodel = evaluator.qmodel
+    return outlier_table(qmodel.channel_absmax, {n: w.layer for n, w in qmodel.wrappers.items() if n in qmodel.smooth_scales},
+                         alpha)
+
+
+def sensitivity_report(model: str, dataset: str, *, estimator: str = "hessian", bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
+                       seed: int = 0, out_dir: str | Path | None = None, checkpoint: str | None = None,
+                       data_dir: str | None = None, pretrained: bool = False, progress: bool = True) -> tuple[Any, dict[str, Path]]:
+    """Per-layer sensitivity (cached per checkpoint) as a frame, written as CSV and a bar chart to
+    ``out_dir`` (default ``studies/sensitivity-<model>-<estimator>``); returns both."""
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, write_sensitivity
+
+    config = SensitivityConfig(estimator=estimator, bits=tuple(bits), seed=seed)
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
+                                   progress=progress)
+    evaluator = Evaluator(baseline, data, quant=QuantConfig(seed=seed))
+    evaluator.calibrate()
+    df = compute_sensitivity(baseline.model, evaluator.layer_names, data.calibration, config, quant=evaluator.quant,
+                             checkpoint_sha256=baseline.sha256, qmodel=evaluator.qmodel, progress=progress)
+    out = Path(out_dir or f"studies/sensitivity-{model}-{estimator}")
+    out.mkdir(parents=True, exist_ok=True)
+    return df, write_sensitivity(df, out, f"{model} on {data.info.name}: {estimator} sensitivity")
+
+
+
+def profile_kernels(model: str, dataset: str, *, device: str = "cpu", precisions: Sequence[str] | None = None,
+                    batch_size: int = 32, window_s: float = 1.0, energy_meter: str | None = "auto", threads: int | None = None,
+                    seed: int = 0, out_dir: str | Path | None = None, data_dir: str | None = None,
+                    progress: bool = True) -> tuple[Any, Path]:
+    """Time (and meter, where a meter can measure) every conv/linear layer of ``model`` alone at
+    each precision the device runs; writes ``table.json`` and ``table.csv`` to ``out_dir``
+    (default ``studies/profile-<model>-<device>``). Returns the kernel table and that folder."""
+    import torch
+
+    from mpsearch.cost import count_costs
+    from mpsearch.cost.kernel_table import profile_layers
+    from mpsearch.cost.kernels import KERNELS
+    from mpsearch.data import load_dataset
+    from mpsearch.zoo import create_model, resolve_model_name
+
+    resolve_model_name(model)
+    device = device.strip().lower()
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"device {device!r}: use cpu, cuda or cuda:N", fields=("device",))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device}: torch sees no CUDA GPU here; profile on the cpu or on a GPU machine",
+                        fields=("device",))
+    for p in precisions or ():
+        KERNELS.get(p)
+    if batch_size < 1:
+        raise UserError(f"batch_size: must be >= 1, got {batch_size}", fields=("batch_size",))
+    if not window_s > 0:
+        raise UserError(f"window: must be > 0 seconds, got {window_s}", fields=("window",))
+    if energy_meter not in (None, "auto", "rapl", "nvml"):
+        raise UserError(f"energy_meter {energy_meter!r}: use auto, rapl, nvml or none", fields=("energy_meter",))
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"run.torch_threads: must be >= 1, got {threads}", fields=("run.torch_threads",))
+        torch.set_num_threads(threads)
+    data = load_dataset(dataset, data_dir=data_dir)
+    torch.manual_seed(seed)
+    net = create_model(model, data.info)
+    table = count_costs(net, (data.info.in_chans, data.info.image_size, data.info.image_size))
+    kernels = profile_layers(net, table, model_name=model, dataset=data.info.name, device=device,
+                             precisions=list(precisions) if precisions else None, batch_size=batch_size, window_s=window_s,
+                             energy_meter=energy_meter, seed=seed, progress=progress)
+    out = Path(out_dir or f"studies/profile-{model}-{device.replace(':', '')}")
+    out.mkdir(parents=True, exist_ok=True)
+    kernels.save(out / "table.json")
+    kernels.to_frame().to_csv(out / "table.csv", index=False)
+    return kernels, out
