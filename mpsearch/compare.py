@@ -194,10 +194,9 @@ def seed_summary(results: list[Any]) -> Any:
             for _, row in method_scores(r.trials, objectives, r.ref_point).iterrows():
                 values.setdefault(f"hypervolume {row['method']}", []).append(float(row["hypervolume"]))
         if r.front is not None and len(r.front):
-            metrics = r.pick("knee").provenance["metrics"]
-            values.setdefault("knee test accuracy (%)", []).append(100 * metrics["test_accuracy"])
-            values.setdefault("knee test drop (pp)", []).append(100 * metrics["test_drop"])
-            cost_key = "rel_" + r.cost_column[len("rel_"):].replace("energy_", "energy:", 1)
-            values.setdefault(f"knee {r.cost_column} (% of fp32)", []).append(100 * metrics.get(cost_key, float("nan")))
+            knee = r.front[r.front["trial"] == r.pick("knee").provenance["trial"]].iloc[0]
+            values.setdefault("knee test accuracy (%)", []).append(100 * knee["test_accuracy"])
+            values.setdefault("knee test drop (pp)", []).append(knee["test_drop_pp"])
+            values.setdefault(f"knee {r.cost_column} (% of fp32)", []).append(100 * knee[r.cost_column])
     return pd.DataFrame([{"quantity": k, "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                           "seeds": len(v)} for k, v in values.items()])
