@@ -86,9 +86,8 @@ def _check_registries(quant: QuantConfig, profiles: Sequence[str]) -> None:
 
 @dataclass
 class _Prepared:
-    evaluator: Any
-    policy: Policy
-    settings: MeasurementSettings
+    evaluator: Any  # mpsearch.evaluate.Evaluator, fine-tuned weights attached where the policy has them
+    policy: Policy  # resolved and validated for the evaluator's model
 
 
 def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mapping[str, Any] | None, *,
@@ -110,7 +109,7 @@ def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mappi
     resolved = evaluator.resolve_policy(given)
     if isinstance(policy, (str, Path)) and Path(policy).is_file() and attach_finetuned(evaluator, resolved, Path(policy).parent):
         logger.info(f"using the fine-tuned weights and quantizers of {resolved.provenance['finetune']['checkpoint']}")
-    return _Prepared(evaluator, resolved, settings)
+    return _Prepared(evaluator, resolved)
 
 
 def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, split: str = "val", limit: int | None = None,
