@@ -3,10 +3,33 @@ arithmetic runs natively."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 
-__all__ = ["describe_machine", "native_bf16"]
+__all__ = ["available_cores", "describe_machine", "native_bf16", "torch_threads"]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says, else every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, then restore the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def describe_machine() -> str:

@@ -8,7 +8,9 @@ then batch-norm statistics are re-estimated). Batches and augmentation are seede
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,9 @@ from mpsearch.data import DatasetInfo, Split
 from mpsearch.machine import native_bf16
 
 __all__ = ["augment", "train_model"]
+
+logger = logging.getLogger(__name__)
+_ETA_STEPS = 10  # steps timed (after the first) before the expected training time is logged
 
 
 def augment(x: torch.Tensor, recipe: TrainRecipe, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -102,6 +107,7 @@ def train_model(
         steps = math.ceil(epoch_images[epoch] / recipe.batch_size)
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe.epochs} @{size}px", disable=not progress, leave=True)
         seen = 0
+        timed_from = time.perf_counter()
         # Running sums stay on the device: reading them every step would stall a GPU's queue.
         correct = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -128,6 +134,10 @@ def train_model(
             correct += (logits.argmax(1) == y).sum()
             loss_sum += loss.detach() * len(y)
             bar.update(1)
+            if epoch == 0 and step == 0:
+                timed_from = time.perf_counter()  # after the first step, which pays for one-time setup
+            elif epoch == 0 and step == _ETA_STEPS:
+                _log_expected_time(time.perf_counter() - timed_from, recipe, epoch_images, size, info.image_size)
             if step % 10 == 0 or seen == epoch_images[epoch]:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
         bar.close()
@@ -135,6 +145,16 @@ def train_model(
         _recalibrate_batch_norm(model, train, recipe, device, memory_format, gen, progress)
     model.to(device="cpu", memory_format=torch.contiguous_format).eval()
     return model
+
+
+def _log_expected_time(seconds: float, recipe: TrainRecipe, epoch_images: list[int], first_size: int, native: int) -> None:
+    """Log the expected training time from the first steps: a step's time scales with the
+    pixels it trains on (the image sizes of later epochs) and the steps with the images per epoch."""
+    per_pixel_step = seconds / _ETA_STEPS / first_size**2
+    total = sum(math.ceil(n / recipe.batch_size) * recipe.image_size(e, native) ** 2 * per_pixel_step
+                for e, n in enumerate(epoch_images))
+    logger.info(f"training: expected about {total / 60:.1f} min ({torch.get_num_threads()} threads; "
+                f"from the first {_ETA_STEPS} steps)")
 
 
 def _pick_by_loss(last_loss: torch.Tensor, n_keep: int, gen: torch.Generator) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``create_model(name, info)`` is ``timm.create_model(name, num_classes, in_chans)`` plus, for
 inputs of at most 64 pixels, the adaptation that keeps small images from being downsampled to
-nothing: ResNets get a 3x3 stride-1 stem and no max-pool, ViTs a patch size that gives a 7x7
-grid on 28x28.
+nothing (:mod:`mpsearch.small_images`); a model that cannot run on the images is refused in one
+line that names the smallest size it runs on.
 
 ``get_baseline`` returns the fp32 model a study quantizes: from a checkpoint file, from timm's
 hub (``pretrained``), or trained by mpsearch with a :class:`TrainRecipe` (:mod:`mpsearch.train`)
@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,15 @@ from mpsearch.config import TrainRecipe
 from mpsearch.data import DatasetInfo, DataSplits
 from mpsearch.errors import UserError, read_user_file
 from mpsearch.files import atomic_write, atomic_write_text
-from mpsearch.machine import describe_machine, native_bf16
+from mpsearch.machine import available_cores, describe_machine, native_bf16, torch_threads
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
+from mpsearch.small_images import SMALL_IMAGE_MAX, build_small, check_runs, refusal
 from mpsearch.train import train_model
 
 __all__ = [
-    "MODEL_ALIASES", "VIT_RECIPE", "Baseline", "create_model", "default_recipe", "get_baseline",
-    "is_vision_transformer", "resolve_model_name", "sha256_file", "state_sha256",
+    "CONVNET_ADAMW_RECIPE", "MODEL_ALIASES", "VIT_RECIPE", "Baseline", "create_model", "default_recipe", "get_baseline",
+    "is_vision_transformer", "model_family", "resolve_model_name", "sha256_file", "state_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ MODEL_ALIASES = {
     "deit_small": "deit_small_patch16_224",
     "vit_tiny": "vit_tiny_patch16_224",
 }
-SMALL_IMAGE_MAX = 64  # inputs up to this size get the small-image adaptation
 _ADAPTATION_VERSION = 1  # part of the checkpoint cache key: bump when the adaptation changes
 
 
@@ -62,10 +62,15 @@ def resolve_model_name(name: str) -> str:
     return timm_name
 
 
+def model_family(name: str) -> str:
+    """The timm module that defines model ``name``: ``"resnet"``, ``"vision_transformer"``,
+    ``"mobilenetv3"``, ``"convnext"``, ``"efficientnet"``, ... (timm's families)."""
+    return timm.models.model_entrypoint(resolve_model_name(name)).__module__.rsplit(".", 1)[-1]
+
+
 def is_vision_transformer(name: str) -> bool:
     """Whether ``name`` is one of timm's plain vision transformers (ViT, DeiT and relatives)."""
-    entry = timm.models.model_entrypoint(resolve_model_name(name))
-    return entry.__module__.rsplit(".", 1)[-1] in ("vision_transformer", "deit")
+    return model_family(name) in ("vision_transformer", "deit")
 
 
 # Vision transformers trained from scratch get AdamW with strong weight decay and crop/flip
@@ -77,56 +82,77 @@ VIT_RECIPE = TrainRecipe(
     epochs=3, batch_size=128, lr=1e-3, momentum=0.9, weight_decay=0.05, label_smoothing=0.1, warmup_fraction=0.2,
     crop_padding=2, hflip=True, bf16=True, channels_last=True, image_scales=(1.0,), optimizer="adamw", keep_fraction=1.0,
 )
+# Every other family (MobileNets, EfficientNets, ConvNeXts, RegNets, NFNets, MaxViTs, ...):
+# depthwise convolutions, squeeze-excite and norms other than batch norm diverge or stall under
+# the ResNet recipe's SGD at lr 0.3 (an EfficientNet stays at chance, an NFNet overflows). AdamW
+# with warm-up trains them; the learning rate comes from a brief measured sweep
+# (scripts/sweep_family_recipe.py, docs/baseline.md). The schedule is the ResNet recipe's.
+CONVNET_ADAMW_RECIPE = TrainRecipe(
+    epochs=11, batch_size=128, lr=3e-3, momentum=0.9, weight_decay=0.05, label_smoothing=0.1, warmup_fraction=0.2,
+    crop_padding=0, hflip=False, bf16=True, channels_last=True,
+    image_scales=(0.64, 0.64, 0.64, 0.64, 0.64, 0.64, 0.64, 0.86, 0.86, 1.0, 1.0), optimizer="adamw", keep_fraction=0.5,
+)
+_TRANSFORMER_FAMILIES = ("vision_transformer", "deit", "vision_transformer_relpos")
 
 
 def default_recipe(name: str) -> TrainRecipe:
-    """The documented baseline recipe for model ``name``: :data:`VIT_RECIPE` for vision
-    transformers, :class:`TrainRecipe`'s defaults for everything else."""
-    return VIT_RECIPE if is_vision_transformer(name) else TrainRecipe()
+    """The documented baseline recipe for model ``name``, by family: :class:`TrainRecipe`'s
+    defaults (SGD) for ResNets, :data:`VIT_RECIPE` for vision transformers,
+    :data:`CONVNET_ADAMW_RECIPE` for every other family (at native size only where the network's
+    attention is sized for one input size, as in CoAtNet and MaxViT)."""
+    family = model_family(name)
+    if family == "resnet":
+        return TrainRecipe()
+    if family in _TRANSFORMER_FAMILIES:
+        return VIT_RECIPE
+    if family == "maxxvit":
+        return replace(CONVNET_ADAMW_RECIPE, image_scales=(1.0,))
+    return CONVNET_ADAMW_RECIPE
 
 
-def _vit_patch_size(image_size: int) -> int:
-    # 28 -> 4 (7x7 = 49 tokens), 32 -> 4 (8x8), 8 -> 2 (4x4), 64 -> 8 (8x8).
-    for patch in (2, 4, 8):
-        if image_size % patch == 0 and image_size // patch >= 4 and (image_size // patch <= 8 or patch == 8):
-            return patch
-    return 1
-
-
-def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> None:
-    stem = model.conv1
-    if isinstance(stem, nn.Conv2d):
-        model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    else:  # timm's deep stems are a Sequential whose first conv carries the stride
-        first = next(m for m in stem.modules() if isinstance(m, nn.Conv2d))
-        first.stride = (1, 1)
-    model.maxpool = nn.Identity()
-
-
-def create_model(name: str, info: DatasetInfo, *, pretrained: bool = False) -> nn.Module:
-    """A timm model for ``info``'s images and classes, adapted to small inputs (see module doc)."""
+def _build(name: str, info: DatasetInfo, *, pretrained: bool = False, explain: bool = True) -> tuple[nn.Module, list[str]]:
+    """The model of :func:`create_model` and the small-image changes made to it (:mod:`mpsearch.small_images`).
+    A model that cannot run on the images is refused (``explain``: in one line that names the
+    smallest size it runs on; otherwise a bare ValueError)."""
     timm_name = resolve_model_name(name)
     kwargs: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
-    small = info.image_size <= SMALL_IMAGE_MAX
-    probe = timm.create_model(timm_name, pretrained=False, **kwargs)
-    is_vit = isinstance(probe, timm.models.vision_transformer.VisionTransformer)
-    if is_vit:
-        kwargs.update(img_size=info.image_size, patch_size=_vit_patch_size(info.image_size) if small else None)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if pretrained:
+
+    def create(timm_name: str, **more: Any) -> nn.Module:
+        if not pretrained:
+            return timm.create_model(timm_name, pretrained=False, **more)
         try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+            return timm.create_model(timm_name, pretrained=True, **more)
         except Exception as exc:  # noqa: BLE001 - hub failures come in many types
             raise UserError(
                 f"cannot load timm hub weights for {timm_name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                 "pretrained weights need internet access to the Hugging Face hub: use a checkpoint file instead, "
                 "or let mpsearch train a baseline"
             ) from None
-    else:
-        model = probe if not is_vit else timm.create_model(timm_name, pretrained=False, **kwargs)
-    if small and isinstance(model, timm.models.resnet.ResNet):
-        _adapt_resnet_stem(model, info.in_chans)
-    return model
+
+    try:
+        if info.image_size > SMALL_IMAGE_MAX:
+            model, changes = create(timm_name, **kwargs), []
+        else:
+            model, changes = build_small(timm_name, info.image_size, create, reuse_probe=not pretrained, **kwargs)
+        check_runs(model, info.image_size, info.in_chans)
+    except ValueError as exc:
+        if not explain:
+            raise
+        raise refusal(timm_name, info.image_size, str(exc), runs_at=lambda size: _runs(name, replace(info, image_size=size))) from None
+    return model, changes
+
+
+def _runs(name: str, info: DatasetInfo) -> bool:
+    try:
+        _build(name, info, explain=False)
+        return True
+    except ValueError:
+        return False
+
+
+def create_model(name: str, info: DatasetInfo, *, pretrained: bool = False) -> nn.Module:
+    """A timm model for ``info``'s images and classes, adapted to small inputs (see module doc)."""
+    return _build(name, info, pretrained=pretrained)[0]
 
 
 def sha256_file(path: Path) -> str:
@@ -152,7 +178,8 @@ def state_sha256(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # Flattened first: a 0-d tensor has no byte view, and a contiguous tensor with size-1 dims may keep odd strides.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -185,12 +212,14 @@ def _versions() -> dict[str, str]:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__}
 
 
-def _cache_dir(name: str, data: DataSplits, recipe: TrainRecipe, seed: int) -> Path:
-    key = recipe.key()
-    ident = json.dumps({
+def _cache_dir(name: str, data: DataSplits, recipe: TrainRecipe, seed: int, adapted: list[str]) -> Path:
+    key = {
         "model": name, "dataset": data.info.name, "train_images": len(data.train),
-        "recipe": key, "seed": seed, "adapt": _ADAPTATION_VERSION,
-    })
+        "recipe": recipe.key(), "seed": seed, "adapt": _ADAPTATION_VERSION,
+    }
+    if adapted:  # the generic small-image rule: its exact changes (ResNets and ViTs keep their version-1 keys)
+        key["adapted"] = adapted
+    ident = json.dumps(key)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
     safe_ds = data.info.name.replace("/", "_").replace(":", "_")[-40:]
     return cache_root() / "checkpoints" / f"{name}__{safe_ds}__seed{seed}__{digest}"
@@ -260,28 +289,37 @@ def get_baseline(
     if pretrained:
         model = create_model(name, data.info, pretrained=True)
         return Baseline(name, _ready(model), None, None, {"source": "timm hub"})
-    folder = _cache_dir(name, data, recipe, seed)
+    model, adapted = _build(name, data.info)
+    folder = _cache_dir(name, data, recipe, seed, adapted)
     path, meta_path = folder / "model.pt", folder / "meta.json"
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         sha = sha256_file(path)
         if meta.get("sha256") != sha:
             raise UserError(f"cached checkpoint {path} is corrupt (sha256 mismatch); delete {folder} to retrain")
-        model = create_model(name, data.info)
         _load_into(model, load_state_dict_file(path), path, name)
         return Baseline(name, _ready(model), path, sha, meta)
-    logger.info(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now "
-                f"({recipe.epochs} epochs, cached in {folder}).")
+    cores = available_cores()
+    logger.info(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now on all {cores} cores "
+                f"({recipe.epochs} epochs, {recipe.optimizer} lr {recipe.lr:g}, cached in {folder}).")
     no_bf16 = native_bf16("cpu") if recipe.bf16 else None  # train_model's reason to train in fp32 instead
     if no_bf16 is not None:
         logger.info(f"Training in fp32 instead of bf16 autocast: {no_bf16}.")
     torch.manual_seed(seed)
     model = create_model(name, data.info)
     start = time.perf_counter()
-    train_model(model, data.train, data.info, recipe, seed=seed, progress=progress)
-    wall = time.perf_counter() - start
-    _ready(model)
-    val_mask, test_mask = correct_mask(model, data.val), correct_mask(model, data.test)
+    # Training happens once per baseline and nothing else runs meanwhile: every core, whatever
+    # thread count the caller measures with.
+    with torch_threads(cores):
+        train_model(model, data.train, data.info, recipe, seed=seed, progress=progress)
+        wall = time.perf_counter() - start
+        _ready(model)
+        try:
+            val_mask, test_mask = correct_mask(model, data.val), correct_mask(model, data.test)
+        except FloatingPointError:
+            raise UserError(f"training {name} diverged: the trained model outputs NaN/inf ({recipe.optimizer} at lr "
+                            f"{recipe.lr:g}); train it with a lower learning rate (mpsearch train --lr) and pass "
+                            "--checkpoint") from None
     val_acc, test_acc = int(val_mask.sum()) / len(val_mask), int(test_mask.sum()) / len(test_mask)
     atomic_write(path, lambda f: torch.save(model.state_dict(), f), binary=True, what="checkpoint")
     sha = sha256_file(path)

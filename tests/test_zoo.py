@@ -36,6 +36,81 @@ def test_small_image_vit_uses_a_7x7_patch_grid():
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_other_families_keep_at_most_8_fold_reduction_on_small_images():
+    convnext = create_model("test_convnext", FMNIST_INFO)
+    stem = convnext.stem[0]  # the 4x4 stride-4 patchify stem: a 5x5 stride-1 conv, same size
+    assert stem.kernel_size == (5, 5) and stem.stride == (1, 1) and stem.padding == (2, 2)
+    assert convnext.forward_features(torch.zeros(1, 1, 28, 28)).shape[-2:] == (3, 3)  # 28 -> 28, 14, 7, 3
+    effnet = create_model("test_efficientnet", FMNIST_INFO)
+    assert effnet.conv_stem.stride == (1, 1) and effnet.forward_features(torch.zeros(1, 1, 28, 28)).shape[-2:] == (4, 4)
+    big = create_model("test_efficientnet", DatasetInfo("x", 5, 3, 224, (0.5,) * 3, (0.5,) * 3))
+    assert big.conv_stem.stride == (2, 2)  # large images: timm's network as it is
+
+
+def test_small_image_adaptation_keeps_what_a_seed_initializes():
+    """The adaptation probes a model without drawing random numbers of its own: a seed gives the
+    weights timm's factory gives (the cached baselines depend on it)."""
+    torch.manual_seed(0)
+    adapted = create_model("test_efficientnet", FMNIST_INFO).state_dict()
+    torch.manual_seed(0)
+    plain = timm.create_model("test_efficientnet", num_classes=10, in_chans=1).state_dict()
+    assert adapted.keys() == plain.keys() and all(torch.equal(adapted[k], plain[k]) for k in plain)
+
+
+def test_a_model_that_cannot_run_on_the_images_is_refused_with_the_sizes_it_runs_on():
+    with pytest.raises(UserError) as refused:
+        create_model("test_maxvit", FMNIST_INFO)
+    message = str(refused.value)
+    assert "\n" not in message and "model test_maxvit cannot run on 28 px images" in message
+    assert "it runs on 8, 16, 24, 32, 40, 48, 56, 64 px images" in message
+    assert create_model("test_maxvit", DatasetInfo("x", 10, 1, 32, (0.5,), (0.5,)))(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_recipes_by_family():
+    from mpsearch.config import TrainRecipe
+    from mpsearch.zoo import CONVNET_ADAMW_RECIPE, VIT_RECIPE, default_recipe, model_family
+
+    assert default_recipe("resnet18") == TrainRecipe() and default_recipe("test_resnet").optimizer == "sgd"
+    assert default_recipe("deit_tiny") is VIT_RECIPE and default_recipe("test_vit_relpos") is VIT_RECIPE
+    assert default_recipe("mobilenetv3_small_100") is CONVNET_ADAMW_RECIPE and CONVNET_ADAMW_RECIPE.optimizer == "adamw"
+    assert default_recipe("test_convnext") is CONVNET_ADAMW_RECIPE
+    assert default_recipe("test_maxvit").image_scales == (1.0,)  # attention sized for one input size
+    assert model_family("efficientnet_b0") == "efficientnet"
+
+
+def test_a_baseline_trains_on_every_core_and_says_how_long_it_will_take(digits, messages, monkeypatch):
+    import mpsearch.zoo as zoo
+    from mpsearch.config import TrainRecipe
+    from mpsearch.machine import available_cores
+
+    seen = []
+    real = zoo.train_model
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zoo, "train_model", spy)
+    monkeypatch.setattr(zoo, "available_cores", lambda: 2)  # as on a 2-core machine, whatever this one has
+    torch.set_num_threads(1)
+    try:
+        get_baseline("test_resnet", digits, recipe=TrainRecipe(epochs=2, batch_size=32, bf16=False), seed=5, progress=False)
+        assert torch.get_num_threads() == 1  # the caller's setting is back
+    finally:
+        torch.set_num_threads(min(2, available_cores()))
+    assert seen == [2]
+    assert any("training one now on all 2 cores" in m for m in messages)
+    assert any(m.startswith("training: expected about") and "min" in m for m in messages)
+
+
+def test_training_that_diverges_is_refused_in_one_line(digits):
+    from mpsearch.config import TrainRecipe
+
+    with pytest.raises(UserError, match="diverged: the trained model outputs NaN/inf"):
+        get_baseline("test_resnet", digits, recipe=TrainRecipe(epochs=1, lr=1e9, label_smoothing=0.0, bf16=False),
+                     seed=3, progress=False)
+
+
 def test_unknown_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown model 'resnet1800'"):
         resolve_model_name("resnet1800")

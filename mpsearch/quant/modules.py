@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,3 +127,8 @@ class QuantConv2d(QuantWrapper):
 class QuantLinear(QuantWrapper):
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.current_bias())
+
+
+# timm's Linear (MobileNetV3, EfficientNet and others' classifiers) is nn.Linear that casts its
+# weight to the input's dtype for TorchScript: in float32 it computes exactly what nn.Linear does.
+register_wrapper(timm.layers.Linear)(QuantLinear)

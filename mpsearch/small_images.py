@@ -1,0 +1,206 @@
+"""Small images for every timm family: keep a 28 px (or 8 px) image from being downsampled to nothing.
+
+timm's models are built for 160-224 px inputs and reduce them 32-fold (ResNet, EfficientNet,
+ConvNeXt, MaxViT, ...) or cut them into 16 px patches (ViT). On Fashion-MNIST's 28 px that leaves
+less than one pixel. Inputs of at most :data:`SMALL_IMAGE_MAX` px are adapted:
+
+* **Patch-embedding transformers** (ViT, DeiT, ViT with relative positions): built for the
+  image size with a patch size that gives a 4x4 to 8x8 token grid (28 px: 4 px patches, 7x7).
+* **ResNets**: a 3x3 stride-1 stem and no max-pool (the CIFAR stem), 8-fold reduction.
+* **Every other network**: a probe forward pass finds every strided convolution and pooling in
+  the order they run, grouped into downsampling steps (the layers that read the same feature map
+  size: a block's main path and its shortcut are one step). Steps are made stride-1 from the
+  first until the network reduces at most :data:`MAX_REDUCTION`-fold: a strided conv keeps its
+  weights and is padded to keep the size (a patchify conv, kernel = stride, becomes a kernel+1
+  conv), a strided pooling becomes the identity. Networks whose attention tables are sized from
+  the image size at construction (CoAtNet, MaxViT) are built for the size the remaining steps see.
+
+A network that still cannot run on the images is refused with one line that names the smallest
+input size it runs on (:func:`check_runs`). The changes made are returned, and are part of the
+baseline cache key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mpsearch.errors import UserError
+
+__all__ = ["MAX_REDUCTION", "SMALL_IMAGE_MAX", "build_small", "check_runs", "patch_size_for"]
+
+SMALL_IMAGE_MAX = 64  # inputs up to this size are adapted
+MAX_REDUCTION = 8  # adapted networks reduce the input at most this many times (28 px -> 4x4, like ResNet)
+_PROBE = 256  # probe forward size: a power of two, so each step's reduction is exact
+
+
+def patch_size_for(image_size: int) -> int:
+    """Patch size that gives a transformer a 4x4 to 8x8 token grid: 28 -> 4 (7x7), 32 -> 4 (8x8), 8 -> 2 (4x4), 64 -> 8."""
+    for patch in (2, 4, 8):
+        if image_size % patch == 0 and image_size // patch >= 4 and (image_size // patch <= 8 or patch == 8):
+            return patch
+    return 1
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    """Whether ``model``'s constructor takes ``argument`` (following ``**kwargs`` up to the base classes)."""
+    for cls in type(model).__mro__:
+        parameters = inspect.signature(cls.__init__).parameters
+        if argument in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return False
+
+
+def _downsampling_steps(model: nn.Module, size: int, in_chans: int) -> list[tuple[int, list[str]]]:
+    """(stride, layer names) per downsampling step, in the order the steps run on a ``size`` px input."""
+    seen: dict[str, int] = {}  # layer -> width of the feature map it reads, in the order the layers run
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            seen.setdefault(name, args[0].shape[-1])
+
+        return hook
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and _stride(module) > 1:
+            hooks.append(module.register_forward_hook(record(name)))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_chans, size, size))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    steps: dict[int, list[str]] = {}
+    for name, width in seen.items():
+        steps.setdefault(width, []).append(name)
+    modules = dict(model.named_modules())
+    return [(max(_stride(modules[n]) for n in names), names) for _, names in sorted(steps.items(), key=lambda kv: -kv[0])]
+
+
+def _stride(module: nn.Module) -> int:
+    stride = module.stride if module.stride is not None else module.kernel_size
+    return max(stride) if isinstance(stride, tuple) else int(stride)
+
+
+def _unstride(model: nn.Module, name: str) -> str:
+    """Make layer ``name`` stride-1 without shrinking its output; returns what was done."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module = getattr(parent, child)
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        setattr(parent, child, nn.Identity())
+        return f"{name}: pooling -> identity"
+    kernel, dilation = module.kernel_size, module.dilation
+    if all(k == s for k, s in zip(kernel, module.stride)) and all(k % 2 == 0 for k in kernel) and module.padding == (0, 0):
+        # A patchify conv (ConvNeXt stems and downsamplers): an odd kernel one larger, padded to keep the size.
+        if type(module) is not nn.Conv2d:
+            raise ValueError(f"its layer {name} ({type(module).__name__}) downsamples with a patchify convolution")
+        setattr(parent, child, nn.Conv2d(module.in_channels, module.out_channels, tuple(k + 1 for k in kernel),
+                                         padding=tuple(k // 2 for k in kernel), groups=module.groups,
+                                         bias=module.bias is not None))
+        return f"{name}: stride-{kernel[0]} {kernel[0]}x{kernel[1]} conv -> {kernel[0] + 1}x{kernel[1] + 1} stride-1"
+    module.stride = (1, 1)
+    if isinstance(module.padding, tuple):  # timm's Conv2dSame pads in forward from its stride
+        module.padding = tuple(max(p, d * (k - 1) // 2) for p, d, k in zip(module.padding, dilation, kernel))
+    return f"{name}: stride 1"
+
+
+def _adapt_strides(model: nn.Module, in_chans: int, *, keep: int) -> list[str]:
+    """Remove strides from the first steps until at most ``keep``-fold reduction remains."""
+    steps = _downsampling_steps(model, _PROBE, in_chans)
+    total = math.prod(stride for stride, _ in steps)
+    changes: list[str] = []
+    for stride, names in steps:
+        if total <= keep:
+            break
+        for name in names:
+            changes.append(_unstride(model, name))
+        total //= stride
+    return changes
+
+
+def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> list[str]:
+    stem = model.conv1
+    if isinstance(stem, nn.Conv2d):
+        model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    else:  # timm's deep stems are a Sequential whose first conv carries the stride
+        first = next(m for m in stem.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    model.maxpool = nn.Identity()
+    return []  # the CIFAR stem is version 1 of the adaptation: no changes listed, cache keys unchanged
+
+
+def build_small(timm_name: str, image_size: int, create: Callable[..., nn.Module], *, reuse_probe: bool,
+                **kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """``create(timm_name, **kwargs)`` adapted to ``image_size`` px inputs (see the module doc),
+    and the changes made beyond the ResNet and ViT rules (empty for those).
+
+    A probe model built with timm's defaults decides the rule; ``reuse_probe`` lets it be the
+    model itself where the rule keeps its constructor arguments (no hub weights wanted), so that a
+    seed initializes the same weights as a plain ``timm.create_model``."""
+    in_chans = kwargs.get("in_chans", 3)
+    probe = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if hasattr(probe, "patch_embed") and _accepts(probe, "patch_size") and _accepts(probe, "img_size"):
+        return create(timm_name, img_size=image_size, patch_size=patch_size_for(image_size), **kwargs), []
+    same_arguments = probe if reuse_probe else None
+    if isinstance(probe, timm.models.resnet.ResNet):
+        model = same_arguments or create(timm_name, **kwargs)
+        return model, _adapt_resnet_stem(model, in_chans)
+    if _accepts(probe, "img_size"):
+        return _built_for_remaining_steps(timm_name, image_size, create, probe, **kwargs)
+    model = same_arguments or create(timm_name, **kwargs)
+    return model, _adapt_strides(model, in_chans, keep=MAX_REDUCTION)
+
+
+def _built_for_remaining_steps(timm_name: str, image_size: int, create: Callable[..., nn.Module], probe: nn.Module,
+                               **kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """A network whose attention is sized at construction (CoAtNet, MaxViT): built for the image
+    size its later stages would see at full reduction, then its first steps made stride-1."""
+    reduction = probe.feature_info[-1]["reduction"] if getattr(probe, "feature_info", None) else MAX_REDUCTION
+    scale = max(1, reduction // MAX_REDUCTION)
+    model = create(timm_name, img_size=image_size * scale, **kwargs)
+    try:
+        steps = _downsampling_steps(model, image_size * scale, kwargs.get("in_chans", 3))
+    except Exception as exc:  # noqa: BLE001 - whatever the network's own checks raise
+        raise ValueError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+    changes, removed = [f"built for {image_size * scale} px"], 1
+    for stride, names in steps:
+        if removed >= scale:
+            break
+        changes += [_unstride(model, n) for n in names]
+        removed *= stride
+    return model, changes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else ""
+
+
+def check_runs(model: nn.Module, image_size: int, in_chans: int) -> None:
+    """Raise ValueError (why, in one line) when ``model`` cannot run a forward pass on ``image_size`` px images."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, in_chans, image_size, image_size))
+    except Exception as exc:  # noqa: BLE001 - shape errors of many kinds
+        raise ValueError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def refusal(timm_name: str, image_size: int, why: str, runs_at: Callable[[int], bool]) -> UserError:
+    """The one-line refusal of a model that cannot run on ``image_size`` px images, naming the
+    small sizes (multiples of 8 up to :data:`SMALL_IMAGE_MAX`) it runs on by ``runs_at(size)``."""
+    sizes = [str(size) for size in range(8, SMALL_IMAGE_MAX + 1, 8) if runs_at(size)]
+    where = f"it runs on {', '.join(sizes)} px images" if sizes else f"it runs on no size from 8 to {SMALL_IMAGE_MAX} px"
+    return UserError(f"model {timm_name} cannot run on {image_size} px images ({why}); {where}: resize the images "
+                     "(imagefolder: --image-size) or choose another model")
