@@ -152,6 +152,50 @@ def test_hutchinson_parameter_outside_the_loss_has_zero_trace():
     assert est.traces == pytest.approx((8.0, 0.0))
 
 
+def test_finite_difference_hessian_vector_products_match_autograd_on_a_smooth_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    params = [net[0].weight, net[2].weight]
+
+    def loss():
+        return nn.functional.cross_entropy(net(x), y)
+
+    exact = hutchinson_trace(loss, params, min_probes=4, max_probes=4, hvp="autograd")
+    by_differences = hutchinson_trace(loss, params, min_probes=4, max_probes=4, hvp="finite-difference")
+    assert all(abs(t) > 1e-3 for t in exact.traces)
+    assert by_differences.traces == pytest.approx(exact.traces, rel=1e-6)
+    assert all(torch.equal(p, q) for p, q in zip(params, [net[0].weight, net[2].weight]))  # weights restored
+    with pytest.raises(ValueError, match="hvp must be one of"):
+        hutchinson_trace(loss, params, hvp="exact")
+
+
+class _ClampHardsigmoid(nn.Module):
+    """Hard-sigmoid written with clamp, whose double backward exists: the same function as nn.Hardsigmoid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x + 3, 0, 6) / 6
+
+
+def _gated_net(activation: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), activation, nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                         activation, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_hessian_of_a_net_without_double_backward_falls_back_to_finite_differences(digits, messages):
+    """nn.Hardsigmoid has no double backward (MobileNetV3's squeeze-excite gates): the estimator
+    takes differences of gradients instead, and gets the traces autograd gets for the same
+    function written with clamp."""
+    layers = ["0", "2", "6"]
+    config = replace(FAST, bits=(4,), max_probes=6, min_probes=6)
+    fallback = HessianEstimator().estimate(_gated_net(nn.Hardsigmoid()), layers, digits.calibration, config, quant=QUANT)
+    assert any("finite differences" in m and "hardsigmoid" in m.lower() for m in messages)
+    exact = HessianEstimator().estimate(_gated_net(_ClampHardsigmoid()), layers, digits.calibration, config, quant=QUANT)
+    assert fallback["trace"].abs().min() > 0
+    assert list(fallback["trace"]) == pytest.approx(list(exact["trace"]), rel=1e-3)
+
+
 # -- the digits model ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(digits_baseline):

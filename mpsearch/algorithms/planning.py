@@ -30,6 +30,7 @@ import numpy as np
 
 from mpsearch.algorithms.base import SearchAlgorithm, register_algorithm
 from mpsearch.algorithms.space import BoundSpace
+from mpsearch.errors import UserError
 
 __all__ = ["Unit", "plan_units", "unit_costs", "ilp_plans", "IntegerLinearProgram", "GreedyLowering"]
 
@@ -84,6 +85,13 @@ def unit_costs(costs, units: list[Unit], widest: np.ndarray) -> tuple[np.ndarray
     base = np.asarray(costs(widest), dtype=float)
     deltas = [np.array([np.asarray(costs(_apply(widest, u, o)), dtype=float) - base for o in range(len(u.bits))])
               for u in units]
+    for unit, delta in zip(units, deltas):
+        bad = np.argwhere(~np.isfinite(delta + base))
+        if len(bad):
+            option, objective = bad[0]
+            raise UserError(f"the cost of layer {unit.layers[0]} at {unit.bits[option]} bits is not finite "
+                            f"({delta[option, objective] + base[objective]} for cost objective {objective + 1}): "
+                            "check the energy profile's numbers")
     return base, deltas
 
 

@@ -10,12 +10,19 @@ HAWQ-V2 (Dong et al., "HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neu
 NeurIPS 2020) scores quantizing layer ``l`` to ``b`` bits by
 ``tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2``: the mean curvature times the weight perturbation.
 
+Some activations have no double backward in PyTorch (hard-swish and hard-sigmoid of the
+MobileNetV3s, custom ``once_differentiable`` functions). There the Hessian-vector product is
+taken by central differences of gradients instead, ``H v ~ (g(w + e v) - g(w - e v)) / 2e``, in
+float64 on a copy of the model (``e`` is 1e-4 of the weights' RMS), exact up to ``O(e^2)`` where
+the loss is smooth; :class:`HessianEstimator` switches to it by itself and says so.
+
 This is our own implementation; PyHessian (the HAWQ authors' library) is GPL-3 and is not used.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +45,11 @@ from mpsearch.sensitivity.base import (
     weight_errors,
 )
 
-__all__ = ["TraceEstimate", "hutchinson_trace", "HessianEstimator"]
+__all__ = ["HVP_METHODS", "TraceEstimate", "hutchinson_trace", "HessianEstimator", "no_double_backward"]
+
+logger = logging.getLogger(__name__)
+HVP_METHODS = ("autograd", "finite-difference")
+_RELATIVE_STEP = 1e-4  # finite-difference step as a fraction of the weights' RMS
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,45 @@ def _vhv(
     return out
 
 
+def _vhv_finite_difference(
+    losses: Sequence[Callable[[], torch.Tensor]], params: Sequence[torch.Tensor], probes: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``v_l^T (H v)_l`` by central differences of first-order gradients (no double backward);
+    ``params`` are moved by ``+-step * v`` in place and restored exactly."""
+    with torch.no_grad():
+        rms = torch.sqrt(sum((p.double() ** 2).sum() for p in params) / sum(p.numel() for p in params))
+        step = float(_RELATIVE_STEP * rms) or _RELATIVE_STEP
+        saved = [p.detach().clone() for p in params]
+
+    def gradients(sign: float) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for p, w, v in zip(params, saved, probes):
+                p.copy_(w + sign * step * v)
+        total = [torch.zeros_like(p) for p in params]
+        for loss in losses:
+            grads = torch.autograd.grad(loss(), params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t += g
+        return total
+
+    try:
+        plus, minus = gradients(1.0), gradients(-1.0)
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+    return torch.stack([((gp - gm).double() * v.double()).sum() / (2 * step) for gp, gm, v in zip(plus, minus, probes)])
+
+
+def no_double_backward(exc: BaseException) -> bool:
+    """Whether ``exc`` is autograd saying some operation has no second derivative."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        ("derivative for" in text and "not implemented" in text) or "once_differentiable" in text or "double backward" in text
+    )
+
+
 def hutchinson_trace(
     losses: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]],
     params: Sequence[torch.Tensor],
@@ -84,6 +134,7 @@ def hutchinson_trace(
     tolerance: float = 0.02,
     seed: int = 0,
     progress: str | None = None,
+    hvp: str = "autograd",
 ) -> TraceEstimate:
     """Hutchinson's estimate of the Hessian trace block of each tensor in ``params``.
 
@@ -93,12 +144,17 @@ def hutchinson_trace(
     Probes stop when, after ``min_probes``, every tensor's running mean moved by at most
     ``tolerance`` (relative) over the last ``max(1, min_probes // 2)`` probes (a window, because
     a one-probe change shrinks like 1/k and would stop too early), or at ``max_probes``.
-    ``progress`` labels a progress bar (none when ``None``).
+    ``progress`` labels a progress bar (none when ``None``). ``hvp``: how Hessian-vector
+    products are taken, ``"autograd"`` (double backprop) or ``"finite-difference"`` (central
+    differences of gradients, for functions without a double backward; see the module doc).
     """
     closures = [losses] if callable(losses) else list(losses)
     params = list(params)
     if not params:
         raise ValueError("hutchinson_trace needs at least one parameter tensor")
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+    vhv = _vhv if hvp == "autograd" else _vhv_finite_difference
     if not 1 <= min_probes <= max_probes:
         raise ValueError(f"need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
     generator = torch.Generator().manual_seed(seed)
@@ -112,7 +168,7 @@ def hutchinson_trace(
         with torch.enable_grad():
             for k in range(1, max_probes + 1):
                 probes = [_rademacher(p, generator) for p in params]
-                sample = _vhv(closures, params, probes)
+                sample = vhv(closures, params, probes)
                 total += sample
                 total_sq += sample * sample
                 history.append(total / k)
@@ -164,37 +220,16 @@ class HessianEstimator(SensitivityEstimator):
         progress: bool = False,
     ) -> pd.DataFrame:
         errors = weight_errors(model, layers, config.bits, observer=quant.weight_observer)
-        work = copy.deepcopy(model).eval()
-        # Only the layer weights need gradients; freezing the rest saves their Hessian products.
-        for p in work.parameters():
-            p.requires_grad_(False)
-        weights = list(layer_weights(work, layers).values())
-        for w in weights:
-            w.requires_grad_(True)
-        device = weights[0].device
         batches = calibration_batches(calibration, config)
-        images = sum(len(y) for _, y in batches)
-
-        def batch_loss(x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-            # Sum over the batch / all images: the closures add up to the mean loss over all batches.
-            # Attention through the math kernel: the fused CPU kernels have no double backward,
-            # which Hessian-vector products need (vision transformers).
-            def loss() -> torch.Tensor:
-                with sdpa_kernel(SDPBackend.MATH):
-                    return F.cross_entropy(work(x), y, reduction="sum") / images
-
-            return loss
-
-        closures = [batch_loss(x.to(device), y.to(device)) for x, y in batches]
-        est = hutchinson_trace(
-            closures,
-            weights,
-            max_probes=config.max_probes,
-            min_probes=config.min_probes,
-            tolerance=config.tolerance,
-            seed=config.seed,
-            progress="hessian trace" if progress else None,
-        )
+        try:
+            est, weights = self._traces(model, layers, batches, config, hvp="autograd", progress=progress)
+        except RuntimeError as exc:
+            if not no_double_backward(exc):
+                raise
+            what = str(exc).strip().splitlines()[0]
+            logger.info(f"hessian: the model has an operation without a double backward ({what}); "
+                        "taking Hessian-vector products by finite differences of gradients in float64 instead")
+            est, weights = self._traces(model, layers, batches, config, hvp="finite-difference", progress=progress)
         rows = []
         for name, w, trace, stderr in zip(layers, weights, est.traces, est.stderr):
             n = w.numel()
@@ -212,3 +247,44 @@ class HessianEstimator(SensitivityEstimator):
                     "probes": est.probes,
                 })
         return pd.DataFrame(rows)
+
+    @staticmethod
+    def _traces(model: nn.Module, layers: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                config: SensitivityConfig, *, hvp: str, progress: bool) -> tuple[TraceEstimate, list[torch.Tensor]]:
+        """Hutchinson traces of ``layers``' weights on a copy of ``model`` in eval mode (BatchNorm
+        uses its running statistics); finite differences run in float64, where the step is exact."""
+        dtype = torch.float64 if hvp == "finite-difference" else None
+        work = copy.deepcopy(model).eval()
+        if dtype is not None:
+            work = work.to(dtype)
+        # Only the layer weights need gradients; freezing the rest saves their Hessian products.
+        for p in work.parameters():
+            p.requires_grad_(False)
+        weights = list(layer_weights(work, layers).values())
+        for w in weights:
+            w.requires_grad_(True)
+        device = weights[0].device
+        images = sum(len(y) for _, y in batches)
+
+        def batch_loss(x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+            # Sum over the batch / all images: the closures add up to the mean loss over all batches.
+            # Attention through the math kernel: the fused CPU kernels have no double backward,
+            # which Hessian-vector products need (vision transformers).
+            def loss() -> torch.Tensor:
+                with sdpa_kernel(SDPBackend.MATH):
+                    return F.cross_entropy(work(x), y, reduction="sum") / images
+
+            return loss
+
+        closures = [batch_loss(x.to(device=device, dtype=dtype or x.dtype), y.to(device)) for x, y in batches]
+        est = hutchinson_trace(
+            closures,
+            weights,
+            max_probes=config.max_probes,
+            min_probes=config.min_probes,
+            tolerance=config.tolerance,
+            seed=config.seed,
+            progress=f"hessian trace ({hvp})" if progress else None,
+            hvp=hvp,
+        )
+        return est, weights

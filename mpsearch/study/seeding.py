@@ -14,6 +14,7 @@ import numpy as np
 from mpsearch.algorithms.base import SearchContext
 from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
+from mpsearch.errors import UserError
 
 __all__ = ["UNIFORM_SHORTHANDS", "Seeds", "study_seeds", "weight_scores"]
 
@@ -50,7 +51,8 @@ def weight_scores(config: StudyConfig, evaluator: Any, space: BoundSpace, *, pro
         return None
     search = config.search
     scfg = SensitivityConfig(estimator=search.sensitivity, bits=tuple(choices), seed=config.seed,
-                             batches=search.sensitivity_batches, max_probes=search.sensitivity_probes)
+                             batches=search.sensitivity_batches, max_probes=search.sensitivity_probes,
+                             min_probes=min(SensitivityConfig.min_probes, search.sensitivity_probes))
     logger.info(f"sensitivity ({search.sensitivity}) of {len(free)} searched layers (cached per checkpoint) ...")
     # Once per checkpoint and settings, cached on disk, so the driver lends it every core;
     # evaluations keep their fixed thread count.
@@ -63,7 +65,24 @@ def weight_scores(config: StudyConfig, evaluator: Any, space: BoundSpace, *, pro
         )
     finally:
         torch.set_num_threads(threads)
+    _check_finite(df, search.sensitivity)
     return {(str(n), int(b)): float(v) for n, b, v in df[["layer", "bits", "score"]].itertuples(index=False)}
+
+
+def _check_finite(df: Any, estimator: str) -> None:
+    """Refuse, naming the layer and the cause, sensitivity scores that are NaN or infinite: the
+    ILP and the samplers would rank by them silently."""
+    import math
+
+    for row in df.to_dict("records"):
+        if math.isfinite(row["score"]):
+            continue
+        parts = [f"{column} {value}" for column, value in row.items()
+                 if column != "score" and isinstance(value, float) and not math.isfinite(value)]
+        cause = ", ".join(parts) or f"score {row['score']}"
+        raise UserError(f"sensitivity ({estimator}) of layer {row['layer']} at {row['bits']} bits is not finite ({cause}): "
+                        "the baseline's loss or weights are not finite on the calibration images; retrain it "
+                        "(mpsearch train) or use search.sensitivity none", fields=("search.sensitivity",))
 
 
 def _ilp_seeds(space: BoundSpace, context: SearchContext, n_seeds: int) -> list[tuple[np.ndarray, str]]:
