@@ -41,13 +41,14 @@ class NamedSource:
     data_dir: str | None = None
     calibration_size: int = 512
     seed: int = 0
+    image_size: int | None = None
 
     def load(self) -> tuple[Any, Any]:
         from mpsearch.data import load_dataset
         from mpsearch.zoo import get_baseline
 
         data = load_dataset(self.dataset, data_dir=self.data_dir, calibration_size=self.calibration_size,
-                            calibration_seed=self.seed)
+                            calibration_seed=self.seed, image_size=self.image_size)
         return get_baseline(self.model, data, checkpoint=self.checkpoint), data
 
 

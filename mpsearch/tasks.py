@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CALIBRATION = 512  # calibration images drawn from the training split
 
 
-def load_baseline(model: str, dataset: str, *, data_dir: str | None = None, seed: int = 0, checkpoint: str | None = None,
+def load_baseline(model: str, dataset: str, *, data_dir: str | None = None, image_size: int | None = None, seed: int = 0,
+                  checkpoint: str | None = None,
                   pretrained: bool = False, recipe: TrainRecipe | None = None, calibration_size: int = DEFAULT_CALIBRATION,
                   progress: bool = True) -> tuple[Any, Any]:
     """(baseline, data): the data set's splits and the fp32 model (checkpoint, hub weights, cache,
@@ -35,7 +36,8 @@ def load_baseline(model: str, dataset: str, *, data_dir: str | None = None, seed
     resolve_model_name(model)  # fail on a typo before loading data
     if calibration_size < 1:
         raise UserError(f"calibration_size: must be >= 1, got {calibration_size}", fields=("calibration_size",))
-    data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seed)
+    data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seed,
+                        image_size=image_size)
     baseline = get_baseline(model, data, recipe=recipe, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
                             progress=progress)
     return baseline, data
@@ -92,7 +94,7 @@ class _Prepared:
 
 def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mapping[str, Any] | None, *,
              calibration_size: int | None, torch_threads: int | None, seed: int | None, profiles: Sequence[str],
-             checkpoint: str | None, data_dir: str | None, pretrained: bool, progress: bool) -> _Prepared:
+             checkpoint: str | None, data_dir: str | None, image_size: int | None, pretrained: bool, progress: bool) -> _Prepared:
     import torch
 
     from mpsearch.evaluate import Evaluator
@@ -103,7 +105,7 @@ def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mappi
     _check_registries(settings.quant, profiles)
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    baseline, data = load_baseline(model, dataset, data_dir=data_dir, seed=settings.quant.seed, checkpoint=checkpoint,
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, image_size=image_size, seed=settings.quant.seed, checkpoint=checkpoint,
                                    pretrained=pretrained, calibration_size=settings.calibration_size, progress=progress)
     evaluator = Evaluator(baseline, data, quant=settings.quant, profiles=tuple(profiles))
     resolved = evaluator.resolve_policy(given)
@@ -115,7 +117,7 @@ def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mappi
 def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, split: str = "val", limit: int | None = None,
                    quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, torch_threads: int | None = None,
                    seed: int | None = None, profiles: Sequence[str] = ("horowitz45nm", "seed-lab4"),
-                   checkpoint: str | None = None, data_dir: str | None = None, pretrained: bool = False,
+                   checkpoint: str | None = None, data_dir: str | None = None, image_size: int | None = None, pretrained: bool = False,
                    save_policy: str | Path | None = None, progress: bool = False) -> Any:
     """Measure ``policy`` (file, shorthand or object) on ``split`` of the data set: accuracy with
     95 % CIs against fp32 on the same images, and modeled costs. Settings not given come from the
@@ -123,7 +125,8 @@ def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, spl
     if limit is not None and limit < 1:
         raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
     prepared = _prepare(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed,
-                        profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, pretrained=pretrained, progress=progress)
+                        profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size, pretrained=pretrained,
+                        progress=progress)
     if save_policy:
         prepared.policy.save(save_policy)
     prepared.evaluator.calibrate()
@@ -133,7 +136,8 @@ def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, spl
 def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, config: FinetuneConfig, output: str | Path | None = None,
                     quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, torch_threads: int | None = None,
                     profiles: Sequence[str] = ("horowitz45nm", "seed-lab4"), checkpoint: str | None = None,
-                    data_dir: str | None = None, pretrained: bool = False, progress: bool = True) -> tuple[Any, Path]:
+                    data_dir: str | None = None, image_size: int | None = None, pretrained: bool = False,
+                    progress: bool = True) -> tuple[Any, Path]:
     """Fine-tune ``policy`` (LSQ + distillation from fp32) and write the fine-tuned policy JSON
     (``output``; default ``<policy>.finetuned.json`` beside a policy file, else under
     ``studies/finetuned/``) with its checkpoint beside it (``.pt``). Returns the result and the path."""
@@ -149,7 +153,8 @@ def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, co
     if path.suffix != ".json":
         raise UserError(f"output {path}: name the policy file with a .json suffix", fields=("output",))
     prepared = _prepare(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
-                        seed=config.seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, pretrained=pretrained,
+                        seed=config.seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size,
+                        pretrained=pretrained,
                         progress=progress)
     if prepared.policy.provenance.get("finetune"):
         raise UserError(f"policy {policy} is already fine-tuned; fine-tune the policy it came from")
@@ -161,7 +166,7 @@ def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, co
     return result, path
 
 
-def layer_table(model: str, dataset: str, *, data_dir: str | None = None) -> list[dict[str, Any]]:
+def layer_table(model: str, dataset: str, *, data_dir: str | None = None, image_size: int | None = None) -> list[dict[str, Any]]:
     """Every layer of ``model`` (built for the data set's images) with its kind, MACs, parameters
     and whether a policy can quantize it, in the order the forward pass runs them."""
     from mpsearch.cost import count_costs
@@ -169,7 +174,7 @@ def layer_table(model: str, dataset: str, *, data_dir: str | None = None) -> lis
     from mpsearch.evaluate import policy_layers
     from mpsearch.zoo import create_model
 
-    data = load_dataset(dataset, data_dir=data_dir)
+    data = load_dataset(dataset, data_dir=data_dir, image_size=image_size)
     net = create_model(model, data.info)
     table = count_costs(net, (data.info.in_chans, data.info.image_size, data.info.image_size))
     names = set(policy_layers(net, table))
@@ -178,14 +183,15 @@ def layer_table(model: str, dataset: str, *, data_dir: str | None = None) -> lis
 
 
 def outlier_report(model: str, dataset: str, *, alpha: float = 0.5, calibration_size: int = DEFAULT_CALIBRATION, seed: int = 0,
-                   checkpoint: str | None = None, data_dir: str | None = None, pretrained: bool = False,
+                   checkpoint: str | None = None, data_dir: str | None = None, image_size: int | None = None, pretrained: bool = False,
                    progress: bool = True) -> Any:
     """Per-layer activation outliers and SmoothQuant smoothing factors at ``alpha`` (a DataFrame)."""
     from mpsearch.evaluate import Evaluator
     from mpsearch.quant.smoothing import outlier_table
 
     quant = QuantConfig(seed=seed, smoothquant_alpha=alpha)  # checks alpha before the model loads
-    baseline, data = load_baseline(model, dataset, data_dir=data_dir, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, image_size=image_size, seed=seed, checkpoint=checkpoint,
+                                   pretrained=pretrained,
                                    calibration_size=calibration_size, progress=progress)
     evaluator = Evaluator(baseline, data, quant=quant)
     evaluator.calibrate()
@@ -196,14 +202,16 @@ def outlier_report(model: str, dataset: str, *, alpha: float = 0.5, calibration_
 
 def sensitivity_report(model: str, dataset: str, *, estimator: str = "hessian", bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
                        seed: int = 0, out_dir: str | Path | None = None, checkpoint: str | None = None,
-                       data_dir: str | None = None, pretrained: bool = False, progress: bool = True) -> tuple[Any, dict[str, Path]]:
+                       data_dir: str | None = None, image_size: int | None = None, pretrained: bool = False,
+                       progress: bool = True) -> tuple[Any, dict[str, Path]]:
     """Per-layer sensitivity (cached per checkpoint) as a frame, written as CSV and a bar chart to
     ``out_dir`` (default ``studies/sensitivity-<model>-<estimator>``); returns both."""
     from mpsearch.evaluate import Evaluator
     from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, write_sensitivity
 
     config = SensitivityConfig(estimator=estimator, bits=tuple(bits), seed=seed)
-    baseline, data = load_baseline(model, dataset, data_dir=data_dir, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, image_size=image_size, seed=seed, checkpoint=checkpoint,
+                                   pretrained=pretrained,
                                    progress=progress)
     evaluator = Evaluator(baseline, data, quant=QuantConfig(seed=seed))
     evaluator.calibrate()
@@ -217,7 +225,7 @@ def sensitivity_report(model: str, dataset: str, *, estimator: str = "hessian", 
 
 def profile_kernels(model: str, dataset: str, *, device: str = "cpu", precisions: Sequence[str] | None = None,
                     batch_size: int = 32, window_s: float = 1.0, energy_meter: str | None = "auto", threads: int | None = None,
-                    seed: int = 0, out_dir: str | Path | None = None, data_dir: str | None = None,
+                    seed: int = 0, out_dir: str | Path | None = None, data_dir: str | None = None, image_size: int | None = None,
                     progress: bool = True) -> tuple[Any, Path]:
     """Time (and meter, where a meter can measure) every conv/linear layer of ``model`` alone at
     each precision the device runs; writes ``table.json`` and ``table.csv`` to ``out_dir``
@@ -249,7 +257,7 @@ def profile_kernels(model: str, dataset: str, *, device: str = "cpu", precisions
         if threads < 1:
             raise UserError(f"run.torch_threads: must be >= 1, got {threads}", fields=("run.torch_threads",))
         torch.set_num_threads(threads)
-    data = load_dataset(dataset, data_dir=data_dir)
+    data = load_dataset(dataset, data_dir=data_dir, image_size=image_size)
     torch.manual_seed(seed)
     net = create_model(model, data.info)
     table = count_costs(net, (data.info.in_chans, data.info.image_size, data.info.image_size))

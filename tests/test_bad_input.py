@@ -24,7 +24,7 @@ OPT = ["optimize", "--model", "test_resnet", "--dataset", "digits", "--budget", 
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory, digits_baseline):
+def ctx(tmp_path_factory, digits_baseline, digits):
     """Files for the cases, and one finished study (``kept``) that refused runs must not touch."""
     root = tmp_path_factory.mktemp("bad-input")
     ckpt = str(digits_baseline.checkpoint)
@@ -58,9 +58,30 @@ def ctx(tmp_path_factory, digits_baseline):
         "config_bad_field": _write(root / "study.yaml", "model: test_resnet\nsearch:\n  budgt: 3\n"),
         "retrained_ckpt": _save(root / "retrained.pt", {k: v + 0.01 if v.is_floating_point() else v
                                                         for k, v in torch.load(ckpt, weights_only=True).items()}),
+        "weak_ckpt": _save(root / "untrained.pt", _untrained_state(digits.info)),
+        "small_images": _image_folder(root / "small-images", size=28),
     }
     assert main([*OPT, "--checkpoint", ckpt, "--out-dir", files["root"] + "/kept", "--name", "kept"]) == 0
     return files
+
+
+def _untrained_state(info) -> dict[str, torch.Tensor]:
+    """test_resnet as initialized, not trained: chance accuracy on digits."""
+    from mpsearch.zoo import create_model
+
+    torch.manual_seed(0)
+    return create_model("test_resnet", info).state_dict()
+
+
+def _image_folder(root: Path, size: int) -> str:
+    """Two classes of three gray images each: the smallest image folder."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (size, size), color=(40 * i, 100 if label == "a" else 200, 0)).save(root / label / f"{i}.png")
+    return str(root)
 
 
 class _Custom:
@@ -213,6 +234,16 @@ CASES = [
     ("calibrate-missing-table", ["calibrate-energy", "--table", "{root}/nope.json"], "write one with `mpsearch profile"),
     ("calibrate-table-not-json", ["calibrate-energy", "--table", "{not_json}"], "is not JSON"),
     ("calibrate-table-array", ["calibrate-energy", "--table", "{array}"], "reads version 1"),
+    # models: one that cannot run on the images, a baseline that has not learned
+    ("optimize-model-refused-at-this-size", [*OPT, "--model", "test_maxvit", "--dataset", "imagefolder:{small_images}",
+                                             "--image-size", "28", "--out-dir", "{root}/new"],
+     "model test_maxvit cannot run on 28 px images"),
+    ("layers-model-refused-at-this-size", ["layers", "--model", "test_coatnet", "--dataset", "imagefolder:{small_images}",
+                                           "--image-size", "28"], "it runs on 8, 16, 24, 32"),
+    ("optimize-weak-baseline", [*OPT, "--checkpoint", "{weak_ckpt}", "--out-dir", "{root}/new"],
+     "within 10 points of chance (10.0% for 10 classes)"),
+    ("optimize-image-size-on-fixed-data", [*OPT, "--checkpoint", "{ckpt}", "--out-dir", "{root}/new", "--image-size", "16"],
+     "--image-size applies to imagefolder:PATH data sets"),
     ("compare-unknown-method", ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", "{ckpt}",
                                 "--out-dir", "{root}/new", "--algorithm", "nsga2+mf,nsga3"], "unknown search algorithm 'nsga3'"),
 ]

@@ -324,6 +324,19 @@ def test_imagefolder_single(tmp_path: Path) -> None:
     assert order(5) == order(5)
 
 
+def test_imagefolder_at_a_small_image_size_is_normalized_by_its_own_statistics(tmp_path: Path) -> None:
+    root = _png_folder(tmp_path / "imgs", 10)  # half pure red, half pure blue
+    d = load_dataset(f"imagefolder:{root}", calibration_size=4, image_size=8)
+    assert d.info.image_size == 8 and d.info.name == f"imagefolder:{root.resolve()}@8px"
+    # Red channel: 1 in half the images, 0 in the other half -> mean 0.5, std 0.5 (over the 16 training images).
+    assert d.info.mean == pytest.approx((0.5, 0.0, 0.5), abs=1e-4) and d.info.std == pytest.approx((0.5, 1.0, 0.5), abs=1e-4)
+    xs, ys = next(d.train.batches(16))
+    assert xs.shape == (16, 3, 8, 8)
+    assert torch.allclose(xs[ys == 0][:, 0], torch.ones(1)) and torch.allclose(xs[ys == 1][:, 0], -torch.ones(1))
+    with pytest.raises(UserError, match="image_size applies to imagefolder:PATH data sets"):
+        load_dataset("digits", image_size=16)
+
+
 def test_imagefolder_train_val(tmp_path: Path) -> None:
     _png_folder(tmp_path / "imgs" / "train", 10)
     _png_folder(tmp_path / "imgs" / "val", 3)

@@ -9,7 +9,17 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from mpsearch.cli.flags import add_json, add_out_dir, add_output, add_progress, add_quant, add_subject, int_list, quant_overrides
+from mpsearch.cli.flags import (
+    add_image_size,
+    add_json,
+    add_out_dir,
+    add_output,
+    add_progress,
+    add_quant,
+    add_subject,
+    int_list,
+    quant_overrides,
+)
 
 __all__ = ["register"]
 
@@ -21,7 +31,8 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def _subject(args: argparse.Namespace) -> dict[str, Any]:
-    return {"checkpoint": args.checkpoint, "data_dir": args.data_dir, "pretrained": getattr(args, "pretrained", False)}
+    return {"checkpoint": args.checkpoint, "data_dir": args.data_dir, "image_size": args.image_size,
+            "pretrained": getattr(args, "pretrained", False)}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -105,7 +116,7 @@ def finetune(args: argparse.Namespace) -> int:
 def layers(args: argparse.Namespace) -> int:
     from mpsearch.tasks import layer_table
 
-    rows = layer_table(args.model, args.dataset, data_dir=args.data_dir)
+    rows = layer_table(args.model, args.dataset, data_dir=args.data_dir, image_size=args.image_size)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -131,7 +142,7 @@ def profile(args: argparse.Namespace) -> int:
     kernels, out = profile_kernels(args.model, args.dataset, device=args.device, precisions=precisions, batch_size=args.batch_size,
                                    window_s=args.window, energy_meter=None if args.energy_meter == "none" else args.energy_meter,
                                    threads=args.threads, seed=args.seed, out_dir=args.out_dir, data_dir=args.data_dir,
-                                   progress=not args.no_progress)
+                                   image_size=args.image_size, progress=not args.no_progress)
     wide = kernels.microseconds()
     totals = {p: float(wide[p].sum()) for p in wide.columns}
     if args.json:
@@ -264,6 +275,7 @@ def register(sub: Any) -> None:
     ls.add_argument("--model", default="resnet18")
     ls.add_argument("--dataset", default="fashion-mnist", help="sets the input shape and classes (no training needed)")
     ls.add_argument("--data-dir", default=None)
+    add_image_size(ls)
     add_json(ls, "the layer table")
     ls.set_defaults(handler=layers)
 
@@ -273,6 +285,7 @@ def register(sub: Any) -> None:
     pr.add_argument("--model", default="resnet18")
     pr.add_argument("--dataset", default="fashion-mnist", help="sets the input shape and classes (no training needed)")
     pr.add_argument("--data-dir", default=None)
+    add_image_size(pr)
     pr.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     pr.add_argument("--precisions", default=None, help="comma list of fp32, bf16, fp16, int8 (default: every one the device runs)")
     pr.add_argument("--batch-size", type=int, default=32, help="samples per kernel call (default 32); rows are per sample")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["FIELD_FLAGS", "add_subject", "add_quant", "quant_overrides", "add_output", "add_out_dir", "add_progress", "add_json", "int_list"]
+__all__ = ["FIELD_FLAGS", "add_image_size", "add_subject",
+           "add_quant", "quant_overrides", "add_output", "add_out_dir", "add_progress", "add_json", "int_list"]
 
 # config field -> the flag that sets it (in the commands that have the flag)
 FIELD_FLAGS = {
     "model": "--model", "dataset": "--dataset", "data_dir": "--data-dir", "seed": "--seed", "checkpoint": "--checkpoint",
+    "allow_weak_baseline": "--allow-weak-baseline", "image_size": "--image-size",
     "calibration_size": "--calibration-size", "limit": "--limit", "output": "--output", "device": "--device",
     "window": "--window", "batch_size": "--batch-size", "energy_meter": "--energy-meter", "target": "--target",
     "float_kernel": "--float-kernel", "policies": "--policies", "name": "--name",
@@ -37,11 +39,19 @@ def add_subject(p: argparse.ArgumentParser, *, pretrained: bool = True) -> None:
                    help="fashion-mnist (default), digits, cifar10, cifar100 or imagefolder:PATH")
     p.add_argument("--data-dir", default=None,
                    help="folder holding the data set files (else $MPSEARCH_DATA, the cache, system paths)")
+    add_image_size(p)
     p.add_argument("--seed", type=int, default=None, help="seed of baseline training and calibration (default 0)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="fp32 state dict to quantize instead of the cached/trained baseline")
     if pretrained:
         src.add_argument("--pretrained", action="store_true", help="use timm hub weights (needs internet)")
+
+
+def add_image_size(p: argparse.ArgumentParser) -> None:
+    """--image-size: an image folder's images resized to this size instead of ImageNet's 224."""
+    p.add_argument("--image-size", type=int, default=None,
+                   help="imagefolder: resize images to this many pixels, normalized by the folder's own mean/std "
+                        "(default 224 with the ImageNet transform)")
 
 
 def add_quant(p: argparse.ArgumentParser) -> None:

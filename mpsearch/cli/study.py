@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpsearch.cli.flags import add_output, add_progress, int_list
+from mpsearch.cli.flags import add_image_size, add_output, add_progress, int_list
 from mpsearch.errors import UserError
 
 __all__ = ["register", "study_configs"]
@@ -24,6 +24,7 @@ STUDIES = Path("studies")
 # flag dest -> the config field it sets (flags left unset keep the config's value)
 _OPTIMIZE_FIELDS = {
     "model": "model", "dataset": "dataset", "checkpoint": "checkpoint", "seed": "seed", "name": "name",
+    "allow_weak_baseline": "allow_weak_baseline", "image_size": "image_size",
     "budget": "search.budget", "population": "search.population_size", "algorithm": "search.algorithm",
     "objectives": "search.objectives", "space": "search.space", "energy_profile": "search.energy_profile",
     "sensitivity": "search.sensitivity", "eval_images": "search.eval_images", "ptq": "quant.ptq",
@@ -130,7 +131,10 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
                    help="set any config field, e.g. --set search.ilp_seeds=6 --set quant.act_observer=percentile (repeatable)")
     o.add_argument("--model", default=None, help="timm model name or alias (default resnet18)")
     o.add_argument("--dataset", default=None, help="fashion-mnist (default), digits, cifar10, cifar100 or imagefolder:PATH")
+    add_image_size(o)
     o.add_argument("--checkpoint", default=None, help="fp32 state dict to quantize instead of the cached/trained baseline")
+    o.add_argument("--allow-weak-baseline", action="store_true", default=None,
+                   help="search a baseline within 10 points of chance accuracy (refused otherwise)")
     o.add_argument("--seed", type=int, default=None, help="seeds calibration, quantizers and search (default 0)")
     o.add_argument("--seeds", default=None, help="one study per seed, comma separated (e.g. 0,1,2), and their mean and spread")
     o.add_argument("--algorithm", default=COMPARE_METHODS if name == "compare" else None, help=algorithm_help)

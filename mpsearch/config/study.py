@@ -98,7 +98,8 @@ class RunConfig(Config):
 
 # Settings a resumed study may change: they decide how much to run and where, not what a trial
 # measures. Every other field must match the study's stored config.
-RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "data_dir", "checkpoint", "finetune")
+RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "data_dir", "checkpoint", "finetune",
+                    "allow_weak_baseline")
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,10 @@ class StudyConfig(Config):
 
     ``model`` is a timm name (or the name of a model object handed to :func:`mpsearch.search`),
     ``dataset`` a data set name (``mpsearch.data.DATASETS``, ``imagefolder:PATH``) or a custom
-    data set's name; ``checkpoint`` an fp32 state dict to quantize instead of the cached
-    baseline. ``seed`` seeds everything: the calibration draw, the quantizers, the search and
+    data set's name (``image_size``: an image folder's images resized to it instead of 224 px);
+    ``checkpoint`` an fp32 state dict to quantize instead of the cached
+    baseline; ``allow_weak_baseline`` searches a baseline within 10 points of chance accuracy,
+    which is otherwise refused. ``seed`` seeds everything: the calibration draw, the quantizers, the search and
     fine-tuning (``quant.seed`` and ``finetune.seed`` always follow it). ``finetune`` (off when null) fine-tunes
     every re-measured Pareto point with LSQ + distillation.
     """
@@ -121,7 +124,9 @@ class StudyConfig(Config):
     model: str = "resnet18"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
+    image_size: int | None = None
     checkpoint: str | None = None
+    allow_weak_baseline: bool = False
     seed: int = 0
     calibration_size: int = 512
     quant: QuantConfig = field(default_factory=QuantConfig)

@@ -85,7 +85,7 @@ class _Loaded:
     source: str
 
 
-_Loader = Callable[[str, Path | None, bool], _Loaded]  # (argument after ':', data_dir, download)
+_Loader = Callable[[str, Path | None, bool, int | None], _Loaded]  # (argument after ':', data_dir, download, image size)
 _LOADERS: Registry[_Loader] = Registry("dataset")
 # A name ending in ':' takes an argument (``imagefolder:PATH``).
 _register = _LOADERS.register
@@ -175,7 +175,7 @@ def _download_fashion_mnist(dest: Path) -> None:
 
 
 @_register("fashion-mnist")
-def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
     dirs = fashion_mnist_search_dirs(data_dir)
     folder = next((d for d in dirs if all((d / f).is_file() for f in FASHION_MNIST_FILES)), None)
     if folder is None:
@@ -209,7 +209,7 @@ def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool) -> _Loa
 
 
 @_register("digits")
-def _load_digits(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+def _load_digits(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -252,26 +252,28 @@ def _load_cifar(name: str, data_dir: Path | None, download: bool) -> _Loaded:
 
 
 @_register("cifar10")
-def _load_cifar10(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+def _load_cifar10(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
     return _load_cifar("cifar10", data_dir, download)
 
 
 @_register("cifar100")
-def _load_cifar100(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+def _load_cifar100(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
     return _load_cifar("cifar100", data_dir, download)
 
 
 # ---------------------------------------------------------------------------- imagefolder
 
 
-def _image_folder(path: Path) -> Any:
-    """A torchvision ImageFolder with the ImageNet eval transform, or a UserError."""
+def _image_folder(path: Path, image_size: int | None = None, mean: tuple[float, ...] = _IMAGENET_MEAN,
+                  std: tuple[float, ...] = _IMAGENET_STD) -> Any:
+    """A torchvision ImageFolder, or a UserError: the ImageNet eval transform (resize to 256, crop
+    224) without ``image_size``, else resized and center-cropped to ``image_size``, normalized
+    by ``mean``/``std``."""
     import torchvision
     from torchvision import transforms as T
 
-    transform = T.Compose(
-        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
-    )
+    size = [T.Resize(256), T.CenterCrop(224)] if image_size is None else [T.Resize(image_size), T.CenterCrop(image_size)]
+    transform = T.Compose([*size, T.ToTensor(), T.Normalize(mean, std)])
     try:
         ds = torchvision.datasets.ImageFolder(str(path), transform=transform)
     except (FileNotFoundError, OSError) as e:
@@ -281,15 +283,43 @@ def _image_folder(path: Path) -> Any:
     return ds
 
 
+_STATS_IMAGES = 2000  # training images the mean/std of a resized image folder come from
+
+
+def _channel_stats(split: Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of (up to :data:`_STATS_IMAGES` seeded) images of ``split``, as
+    loaded; a channel that never varies gets std 1."""
+    sample = split.select(_perm(len(split))[:_STATS_IMAGES].sort().values)
+    total = total_sq = count = 0
+    for x, _ in sample.batches(256):
+        total = total + x.sum(dim=(0, 2, 3))
+        total_sq = total_sq + (x.double() ** 2).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total.double() / count
+    std = (total_sq / count - mean**2).clamp_min(0).sqrt()
+    std = torch.where(std < 1e-3, torch.ones_like(std), std)  # a constant channel: nothing to scale
+    return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
+
+
 @_register(IMAGEFOLDER_PREFIX)
-def _load_imagefolder(arg: str, data_dir: Path | None, download: bool) -> _Loaded:
+def _load_imagefolder(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
+    """``image_size``: resize and crop to it, normalized by the training split's own mean/std
+    (small images are not blown up to 224 px); without it, the ImageNet transform (hub models)."""
+    if image_size is None:
+        return _imagefolder_splits(arg, None, _IMAGENET_MEAN, _IMAGENET_STD)
+    unnormalized = _imagefolder_splits(arg, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    mean, std = _channel_stats(unnormalized.train)
+    return _imagefolder_splits(arg, image_size, mean, std)
+
+
+def _imagefolder_splits(arg: str, image_size: int | None, mean: tuple[float, ...], std: tuple[float, ...]) -> _Loaded:
     if not arg:
         raise UserError("imagefolder needs a path; write it as imagefolder:/path/to/images")
     path = Path(arg).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"image folder {path} does not exist; pass imagefolder:PATH with an existing folder")
     if (path / "train").is_dir() and (path / "val").is_dir():
-        train_ds, test_ds = _image_folder(path / "train"), _image_folder(path / "val")
+        train_ds, test_ds = _image_folder(path / "train", image_size, mean, std), _image_folder(path / "val", image_size, mean, std)
         if train_ds.classes != test_ds.classes:
             raise UserError(f"{path}/train and {path}/val have different class subfolders; make them match")
         n = len(train_ds)
@@ -297,12 +327,13 @@ def _load_imagefolder(arg: str, data_dir: Path | None, download: bool) -> _Loade
         train, val = FolderSplit(train_ds, train_idx), FolderSplit(train_ds, val_idx)
         test = FolderSplit(test_ds, torch.arange(len(test_ds)))
     else:
-        train_ds = _image_folder(path)
+        train_ds = _image_folder(path, image_size, mean, std)
         perm, k = _perm(len(train_ds)), len(train_ds) // 10
         test = FolderSplit(train_ds, perm[:k].sort().values)
         val = FolderSplit(train_ds, perm[k : 2 * k].sort().values)
         train = FolderSplit(train_ds, perm[2 * k :].sort().values)
-    info = DatasetInfo(f"{IMAGEFOLDER_PREFIX}{path}", len(train_ds.classes), 3, 224, _IMAGENET_MEAN, _IMAGENET_STD)
+    info = DatasetInfo(f"{IMAGEFOLDER_PREFIX}{path}" + (f"@{image_size}px" if image_size else ""), len(train_ds.classes), 3,
+                       image_size or 224, mean, std)
     return _Loaded(info, train, val, test, source=str(path))
 
 
@@ -318,8 +349,10 @@ def load_dataset(
     calibration_size: int = 512,
     calibration_seed: int = 0,
     download: bool = True,
+    image_size: int | None = None,
 ) -> DataSplits:
-    """Load data set ``name`` (one of DATASETS or ``imagefolder:PATH``) into its four fixed splits."""
+    """Load data set ``name`` (one of DATASETS or ``imagefolder:PATH``) into its four fixed splits.
+    ``image_size`` (image folders only) resizes the images to that many pixels instead of 224."""
     key, arg = name.strip().lower(), ""
     if key.startswith(IMAGEFOLDER_PREFIX):
         key, arg = IMAGEFOLDER_PREFIX, name.strip()[len(IMAGEFOLDER_PREFIX) :]
@@ -328,7 +361,12 @@ def load_dataset(
         raise UserError(f"unknown dataset {name!r}; use one of {known}")
     if calibration_size < 0:
         raise UserError(f"calibration size must be >= 0, got {calibration_size}; pass a non-negative count")
-    loaded = _LOADERS.get(key)(arg, Path(data_dir) if data_dir is not None else None, download)
+    if image_size is not None and key != IMAGEFOLDER_PREFIX:
+        raise UserError(f"image_size applies to imagefolder:PATH data sets; {name} has a fixed image size",
+                        fields=("image_size",))
+    if image_size is not None and not 1 <= image_size <= 4096:
+        raise UserError(f"image_size: must be 1 to 4096 pixels, got {image_size}", fields=("image_size",))
+    loaded = _LOADERS.get(key)(arg, Path(data_dir) if data_dir is not None else None, download, image_size)
     n_cal = min(calibration_size, len(loaded.train))
     gen = torch.Generator().manual_seed(calibration_seed)
     calibration = loaded.train.select(torch.randperm(len(loaded.train), generator=gen)[:n_cal].sort().values)

@@ -14,10 +14,8 @@ evaluated, so the resumed study ends with the same trials, numbers included, as 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from mpsearch.algorithms.methods import Method, parse_methods
 from mpsearch.algorithms.space import BoundSpace, SearchSpace, default_space_for
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
+from mpsearch.machine import torch_threads
 from mpsearch.objectives import front_hypervolume, hypervolume_reference, objective_profiles, objective_vector
 from mpsearch.policy import MeasurementSettings, Policy
 from mpsearch.runtime import NamedSource, ObjectSource, WorkerSpec, create_executor, default_workers
@@ -54,7 +53,7 @@ class Subject:
     source: NamedSource | ObjectSource
 
     @classmethod
-    def resolve(cls, config: StudyConfig, model: Any = None, data: Any = None) -> Subject:
+    def resolve(cls, config: StudyConfig, model: Any = None, data: Any = None, *, progress: bool = True) -> Subject:
         """From ``config`` (a timm model and data set by name) or from objects: ``model`` an
         ``nn.Module`` or :class:`~mpsearch.zoo.Baseline`, ``data`` a :class:`~mpsearch.data.DataSplits`."""
         from mpsearch.data import load_dataset
@@ -63,31 +62,18 @@ class Subject:
         by_name = data is None
         if data is None:
             data = load_dataset(config.dataset, data_dir=config.data_dir, calibration_size=config.calibration_size,
-                                calibration_seed=config.seed)
+                                calibration_seed=config.seed, image_size=config.image_size)
         if model is None:
-            baseline = get_baseline(config.model, data, seed=config.seed, checkpoint=config.checkpoint)
+            baseline = get_baseline(config.model, data, seed=config.seed, checkpoint=config.checkpoint, progress=progress)
         else:
             baseline = model if isinstance(model, Baseline) else Baseline.from_module(model, config.model)
         if by_name and baseline.checkpoint is not None:
             source: NamedSource | ObjectSource = NamedSource(
                 model=config.model, dataset=config.dataset, checkpoint=str(baseline.checkpoint), data_dir=config.data_dir,
-                calibration_size=config.calibration_size, seed=config.seed)
+                calibration_size=config.calibration_size, seed=config.seed, image_size=config.image_size)
         else:
             source = ObjectSource(baseline, data)
         return cls(baseline, data, source)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Measure with ``n`` torch threads (fixed, so numbers do not depend on the machine's cores)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _check(config: StudyConfig, methods: list[Method], model: Any) -> None:
@@ -110,6 +96,21 @@ def _check(config: StudyConfig, methods: list[Method], model: Any) -> None:
     QK_CALIBRATIONS.get(config.quant.attention_calibration)
     if model is None:
         resolve_model_name(config.model)
+
+
+WEAK_BASELINE_POINTS = 10  # a baseline within this many points of chance has not learned
+
+
+def _check_learned(name: str, correct: Any, num_classes: int) -> None:
+    """Refuse a baseline whose validation accuracy is within :data:`WEAK_BASELINE_POINTS` of
+    chance: every policy of it measures as noise, and the front would look like a result."""
+    accuracy, chance = float(correct.float().mean()), 1.0 / num_classes
+    if accuracy < chance + WEAK_BASELINE_POINTS / 100:
+        raise UserError(
+            f"baseline {name} has {accuracy:.1%} validation accuracy, within {WEAK_BASELINE_POINTS} points of chance "
+            f"({chance:.1%} for {num_classes} classes): it has not learned; train it longer (mpsearch train --model "
+            f"{name} --epochs N) and pass it as checkpoint, or use allow_weak_baseline to search it anyway",
+            fields=("allow_weak_baseline", "checkpoint"))
 
 
 def run_study(config: StudyConfig, *, model: Any = None, data: Any = None, progress: bool = True,
@@ -160,8 +161,8 @@ class _Driver:
             study, recorded = existing_study(config, space_def.to_dict(), self.url)  # checks only: a refused run writes nothing
             if study is not None and self.lock:
                 self.lock.acquire_lease(study)
-            subject = Subject.resolve(config, model, data)  # a baseline trained here trains on every core
-            with _torch_threads(config.run.torch_threads):
+            subject = Subject.resolve(config, model, data, progress=self.progress)  # a baseline trained here trains on every core
+            with torch_threads(config.run.torch_threads):  # fixed, so numbers do not depend on the machine's cores
                 return self._measure(subject, space_def, study, recorded)
         except KeyboardInterrupt:
             logger.info(f"interrupted: every finished trial of study {config.study_name!r} is recorded; run it again to resume it")
@@ -185,6 +186,8 @@ class _Driver:
             logger.info(f"resuming study {name!r}: {recorded} of {search.budget} trials recorded in {self.url}")
         profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
         evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
+        if not config.allow_weak_baseline:
+            _check_learned(baseline.name, evaluator.fp32_mask("val", min(search.eval_images, len(data.val))), data.info.num_classes)
         evaluator.calibrate()
         space = BoundSpace(space_def, evaluator.policy_layers)
         if study is None:
