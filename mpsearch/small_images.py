@@ -33,7 +33,7 @@ from torch import nn
 
 from mpsearch.errors import UserError
 
-__all__ = ["MAX_REDUCTION", "SMALL_IMAGE_MAX", "build_small", "check_runs", "patch_size_for"]
+__all__ = ["MAX_REDUCTION", "SMALL_IMAGE_MAX", "build_for_size", "check_runs", "patch_size_for", "refusal"]
 
 SMALL_IMAGE_MAX = 64  # inputs up to this size are adapted
 MAX_REDUCTION = 8  # adapted networks reduce the input at most this many times (28 px -> 4x4, like ResNet)
@@ -141,19 +141,23 @@ def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> list[str]:
     return []  # the CIFAR stem is version 1 of the adaptation: no changes listed, cache keys unchanged
 
 
-def build_small(timm_name: str, image_size: int, create: Callable[..., nn.Module], *, reuse_probe: bool,
-                **kwargs: Any) -> tuple[nn.Module, list[str]]:
-    """``create(timm_name, **kwargs)`` adapted to ``image_size`` px inputs (see the module doc),
-    and the changes made beyond the ResNet and ViT rules (empty for those).
+def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Module], *, reuse_probe: bool,
+                   **kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """``create(timm_name, **kwargs)`` for ``image_size`` px inputs: adapted when they are small
+    (see the module doc), with the changes made beyond the ResNet and ViT rules (empty for those);
+    above :data:`SMALL_IMAGE_MAX` px as timm builds it, a patch-embedding transformer for the size.
 
     A probe model built with timm's defaults decides the rule; ``reuse_probe`` lets it be the
     model itself where the rule keeps its constructor arguments (no hub weights wanted), so that a
     seed initializes the same weights as a plain ``timm.create_model``."""
     in_chans = kwargs.get("in_chans", 3)
     probe = timm.create_model(timm_name, pretrained=False, **kwargs)
-    if hasattr(probe, "patch_embed") and _accepts(probe, "patch_size") and _accepts(probe, "img_size"):
-        return create(timm_name, img_size=image_size, patch_size=patch_size_for(image_size), **kwargs), []
     same_arguments = probe if reuse_probe else None
+    patch_embedding = hasattr(probe, "patch_embed") and _accepts(probe, "patch_size") and _accepts(probe, "img_size")
+    if image_size > SMALL_IMAGE_MAX:
+        return (create(timm_name, img_size=image_size, **kwargs) if patch_embedding else same_arguments or create(timm_name, **kwargs)), []
+    if patch_embedding:
+        return create(timm_name, img_size=image_size, patch_size=patch_size_for(image_size), **kwargs), []
     if isinstance(probe, timm.models.resnet.ResNet):
         model = same_arguments or create(timm_name, **kwargs)
         return model, _adapt_resnet_stem(model, in_chans)
@@ -190,11 +194,14 @@ def _first_line(exc: BaseException) -> str:
 
 def check_runs(model: nn.Module, image_size: int, in_chans: int) -> None:
     """Raise ValueError (why, in one line) when ``model`` cannot run a forward pass on ``image_size`` px images."""
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(2, in_chans, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 - shape errors of many kinds
         raise ValueError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+    finally:
+        model.train(was_training)
 
 
 def refusal(timm_name: str, image_size: int, why: str, runs_at: Callable[[int], bool]) -> UserError:
