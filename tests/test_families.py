@@ -20,6 +20,7 @@ from mpsearch.config import SearchConfig, StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.policy import Policy
 from mpsearch.quant import quantizable_layers
+from mpsearch.quant.apply import quantizable_matmuls
 from mpsearch.zoo import default_recipe, get_baseline
 
 MODELS = timm.list_models("test_*")
@@ -65,8 +66,10 @@ def test_family_runs_end_to_end_or_is_refused_in_one_line(name, size, small_data
     assert len(result.front) >= 1
     assert all(math.isfinite(v) for v in result.trials["value_accuracy"])  # every trial measured
     policy = result.pick("knee")
-    # The policy covers the documented layers: every plain conv and linear (depthwise and grouped included).
-    assert set(policy.layers) <= set(quantizable_layers(baseline.model)) and policy.layers
+    # The policy covers the documented layers: every plain conv and linear (depthwise and grouped
+    # included) and the attention matmuls of timm's ViT/DeiT.
+    covered = set(quantizable_layers(baseline.model)) | set(quantizable_matmuls(baseline.model))
+    assert policy.layers and set(policy.layers) <= covered
     policy.save(tmp_path / "policy.json")
     loaded = Policy.load(tmp_path / "policy.json")
     quantized = mpsearch.quantize(baseline.model, loaded, data)
