@@ -10,8 +10,8 @@ HAWQ-V2 (Dong et al., "HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neu
 NeurIPS 2020) scores quantizing layer ``l`` to ``b`` bits by
 ``tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2``: the mean curvature times the weight perturbation.
 
-Some activations have no double backward in PyTorch (hard-swish and hard-sigmoid of the
-MobileNetV3s, custom ``once_differentiable`` functions). There the Hessian-vector product is
+Some operations have no double backward in PyTorch (the hard-sigmoid of MobileNetV3's
+squeeze-excite gates, custom ``once_differentiable`` functions). There the Hessian-vector product is
 taken by central differences of gradients instead, ``H v ~ (g(w + e v) - g(w - e v)) / 2e``, in
 float64 on a copy of the model (``e`` is 1e-4 of the weights' RMS), exact up to ``O(e^2)`` where
 the loss is smooth; :class:`HessianEstimator` switches to it by itself and says so.
