@@ -285,7 +285,9 @@ def get_baseline(
     if pretrained:
         model = create_model(name, data.info, pretrained=True)
         return Baseline(name, _ready(model), None, None, {"source": "timm hub"})
-    model, adapted = _build(name, data.info)
+    with torch.random.fork_rng(devices=[]):  # seeded as training needs it, the caller's generator untouched
+        torch.manual_seed(seed)
+        model, adapted = _build(name, data.info)
     folder = _cache_dir(name, data, recipe, seed, adapted)
     path, meta_path = folder / "model.pt", folder / "meta.json"
     if path.exists() and meta_path.exists():
@@ -301,8 +303,6 @@ def get_baseline(
     no_bf16 = native_bf16("cpu") if recipe.bf16 else None  # train_model's reason to train in fp32 instead
     if no_bf16 is not None:
         logger.info(f"Training in fp32 instead of bf16 autocast: {no_bf16}.")
-    torch.manual_seed(seed)
-    model = create_model(name, data.info)
     start = time.perf_counter()
     # Training happens once per baseline and nothing else runs meanwhile: every core, whatever
     # thread count the caller measures with.

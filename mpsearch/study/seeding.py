@@ -4,7 +4,6 @@ the HAWQ-V3 ILP's solutions at evenly spaced energy budgets (sensitivity seeds t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from mpsearch.algorithms.base import SearchContext
 from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
+from mpsearch.machine import available_cores, torch_threads
 
 __all__ = ["UNIFORM_SHORTHANDS", "Seeds", "study_seeds", "weight_scores"]
 
@@ -40,7 +40,6 @@ def weight_scores(config: StudyConfig, evaluator: Any, space: BoundSpace, *, pro
     (HAWQ-V2's Hessian trace x squared weight error, or the empirical estimator's measured drop);
     None when the space searches no weight width. Seeds and planning algorithms rank layers by
     it, which needs far fewer probes than precise traces (``search.sensitivity_probes``)."""
-    import torch
 
     from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity
 
@@ -56,15 +55,11 @@ def weight_scores(config: StudyConfig, evaluator: Any, space: BoundSpace, *, pro
     logger.info(f"sensitivity ({search.sensitivity}) of {len(free)} searched layers (cached per checkpoint) ...")
     # Once per checkpoint and settings, cached on disk, so the driver lends it every core;
     # evaluations keep their fixed thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with torch_threads(available_cores()):
         df = compute_sensitivity(
             evaluator.baseline.model, free, evaluator.data.calibration, scfg, quant=evaluator.quant,
             checkpoint_sha256=evaluator.baseline.sha256, qmodel=evaluator.qmodel, progress=progress,
         )
-    finally:
-        torch.set_num_threads(threads)
     _check_finite(df, search.sensitivity)
     return {(str(n), int(b)): float(v) for n, b, v in df[["layer", "bits", "score"]].itertuples(index=False)}
 
