@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "search": "mpsearch.api",
     "quantize": "mpsearch.api",
+    "export_onnx": "mpsearch.api",
     "SearchResult": "mpsearch.study",
     "load_result": "mpsearch.study",
     "make_data": "mpsearch.data",

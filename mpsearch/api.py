@@ -25,7 +25,7 @@ from mpsearch.errors import UserError
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
 from mpsearch.study import SearchResult, run_study
 
-__all__ = ["search", "quantize"]
+__all__ = ["search", "quantize", "export_onnx"]
 
 
 def search(
@@ -100,6 +100,11 @@ def quantize(model: nn.Module, policy: Policy | str | Path, calibration: Any, *,
     Returns:
         The quantized copy in eval mode: call it like ``model``.
     """
+    return _quantized(model, policy, calibration, quant).module
+
+
+def _quantized(model: nn.Module, policy: Policy | str | Path, calibration: Any, quant: QuantConfig | None) -> Any:
+    """The calibrated :class:`~mpsearch.quant.QuantizedModel` of ``model`` with ``policy`` applied."""
     from mpsearch.cost import count_costs
     from mpsearch.evaluate import architecture_fingerprint, policy_layers
     from mpsearch.quant import QuantizedModel
@@ -121,7 +126,7 @@ def quantize(model: nn.Module, policy: Policy | str | Path, calibration: Any, *,
     qmodel = QuantizedModel(baseline.model, config=quant or (settings.quant if settings else QuantConfig()), layers=layers)
     qmodel.calibrate(x for x, _ in split.batches(qmodel.config.calibration_batch_size))
     qmodel.apply(policy)
-    return qmodel.module
+    return qmodel
 
 
 def _model_name(model: Any) -> str:
@@ -139,3 +144,19 @@ def _splits(data: Any) -> DataSplits:
         raise UserError(f"data: expected a DataSplits or a data set name, got {type(data).__name__}; build one from your "
                         "tensors, Datasets or DataLoaders with mpsearch.make_data(val=..., test=..., train=...)")
     return data
+
+
+def export_onnx(model: nn.Module, policy: Policy | str | Path, calibration: Any, path: str | Path, *,
+                quant: QuantConfig | None = None) -> Path:
+    """Write ``model`` quantized by ``policy`` to the ONNX file ``path``, its quantized layers on
+    integer kernels (``ConvInteger`` / ``MatMulInteger``, see :mod:`mpsearch.export`); returns the path.
+
+    Arguments as in :func:`quantize`. The file records the policy in its metadata
+    (``mpsearch.policy``); onnxruntime runs it: ``mpsearch.export.OnnxClassifier(path)``.
+    """
+    from mpsearch.export import save_onnx
+
+    qmodel = _quantized(model, policy, calibration, quant)
+    split = calibration.calibration if isinstance(calibration, DataSplits) else as_split(calibration, "calibration")
+    example = next(iter(split.batches(2)))[0]
+    return save_onnx(qmodel.module, example, path, metadata={"policy": qmodel.policy.to_dict()})

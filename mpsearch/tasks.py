@@ -17,7 +17,8 @@ from mpsearch.config import FinetuneConfig, QuantConfig, TrainRecipe
 from mpsearch.errors import UserError
 from mpsearch.policy import MeasurementSettings, Policy, parse_shorthand
 
-__all__ = ["load_baseline", "measurement_settings", "measure_policy", "finetune_policy", "layer_table", "outlier_report",
+__all__ = ["load_baseline", "measurement_settings", "prepare_measurement", "PreparedMeasurement", "measure_policy",
+           "finetune_policy", "layer_table", "outlier_report",
            "sensitivity_report", "profile_kernels", "DEFAULT_CALIBRATION"]
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,19 @@ def _check_registries(quant: QuantConfig, profiles: Sequence[str]) -> None:
 
 
 @dataclass
-class _Prepared:
+class PreparedMeasurement:
+    """A baseline's evaluator and a policy resolved for it: what measuring or exporting a policy starts from."""
+
     evaluator: Any  # mpsearch.evaluate.Evaluator, fine-tuned weights attached where the policy has them
     policy: Policy  # resolved and validated for the evaluator's model
 
 
-def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mapping[str, Any] | None, *,
-             calibration_size: int | None, torch_threads: int | None, seed: int | None, profiles: Sequence[str],
-             checkpoint: str | None, data_dir: str | None, image_size: int | None, pretrained: bool, progress: bool) -> _Prepared:
+def prepare_measurement(model: str, dataset: str, policy: str | Path | Policy, quant: Mapping[str, Any] | None, *,
+                        calibration_size: int | None, seed: int | None, checkpoint: str | None, data_dir: str | None,
+                        image_size: int | None, pretrained: bool, progress: bool, torch_threads: int | None = None,
+                        profiles: Sequence[str] = ("horowitz45nm", "seed-lab4")) -> PreparedMeasurement:
+    """Load ``model``'s baseline on ``dataset`` and resolve ``policy`` (file, shorthand or object)
+    for it, with the measurement settings the policy records unless overridden."""
     import torch
 
     from mpsearch.evaluate import Evaluator
@@ -111,7 +117,7 @@ def _prepare(model: str, dataset: str, policy: str | Path | Policy, quant: Mappi
     resolved = evaluator.resolve_policy(given)
     if isinstance(policy, (str, Path)) and Path(policy).is_file() and attach_finetuned(evaluator, resolved, Path(policy).parent):
         logger.info(f"using the fine-tuned weights and quantizers of {resolved.provenance['finetune']['checkpoint']}")
-    return _Prepared(evaluator, resolved)
+    return PreparedMeasurement(evaluator, resolved)
 
 
 def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, split: str = "val", limit: int | None = None,
@@ -124,7 +130,7 @@ def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, spl
     policy's provenance (see :func:`measurement_settings`); ``save_policy`` writes the resolved policy."""
     if limit is not None and limit < 1:
         raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
-    prepared = _prepare(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed,
+    prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed,
                         profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size, pretrained=pretrained,
                         progress=progress)
     if save_policy:
@@ -152,7 +158,7 @@ def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, co
         path = Path("studies") / "finetuned" / f"{model}-{label.replace(':', '_').replace(' ', '_')}.json"
     if path.suffix != ".json":
         raise UserError(f"output {path}: name the policy file with a .json suffix", fields=("output",))
-    prepared = _prepare(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
+    prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
                         seed=config.seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size,
                         pretrained=pretrained,
                         progress=progress)

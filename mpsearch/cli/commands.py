@@ -20,6 +20,7 @@ from mpsearch.cli.flags import (
     int_list,
     quant_overrides,
 )
+from mpsearch.errors import UserError
 
 __all__ = ["register"]
 
@@ -69,7 +70,12 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from mpsearch.tasks import measure_policy
 
-    result = measure_policy(args.model, args.dataset, args.policy, split=args.split, limit=args.limit, quant=quant_overrides(args),
+    if args.onnx:
+        return _evaluate_onnx(args)
+    if args.policy is None:
+        raise UserError("evaluate needs --policy (a policy JSON file or shorthand such as w8a8) or --onnx FILE")
+    result = measure_policy(args.model or "resnet18", args.dataset or "fashion-mnist", args.policy, split=args.split,
+                            limit=args.limit, quant=quant_overrides(args),
                             calibration_size=args.calibration_size, torch_threads=args.threads, seed=args.seed,
                             profiles=_profiles(args), save_policy=args.output, progress=not args.no_progress, **_subject(args))
     if args.json:
@@ -88,6 +94,29 @@ def evaluate(args: argparse.Namespace) -> int:
     for name, value in c.energy.items():
         print(f"  energy     {value:,.4g} {c.energy_units[name]} per image [{name}]  ({rel['energy:' + name]:.1%} of fp32, "
               f"{1 - rel['energy:' + name]:.1%} saved)")
+    return 0
+
+
+def _evaluate_onnx(args: argparse.Namespace) -> int:
+    """evaluate --onnx: the file in onnxruntime next to the fake-quantized model of its policy."""
+    from mpsearch.export.deploy import compare_onnx
+
+    if quant_overrides(args) or args.calibration_size is not None:
+        raise UserError("evaluate --onnx measures the file's own quantizers; drop the quantizer flags")
+    result = compare_onnx(args.onnx, split=args.split, limit=args.limit, model=args.model, dataset=args.dataset,
+                          policy=args.policy, checkpoint=args.checkpoint, data_dir=args.data_dir, image_size=args.image_size,
+                          threads=args.threads, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    threads = f"{result.threads} threads" if result.threads else "onnxruntime's default threads"
+    print(f"{result.model} on {result.dataset}, {result.split} split ({result.images} images), policy {result.policy}")
+    for label, accuracy, (lo, hi) in (("onnxruntime", result.onnx_accuracy, result.onnx_ci95),
+                                      ("fake quant", result.fake_quant_accuracy, result.fake_quant_ci95)):
+        print(f"  {label:<12} {accuracy:.2%}  (95% CI {lo:.2%} to {hi:.2%})")
+    print(f"  difference   {(result.onnx_accuracy - result.fake_quant_accuracy) * 100:+.2f} pp; "
+          f"both predict the same class on {result.agreement:.2%} of images")
+    print(f"  {result.path}: {result.onnx_seconds:.1f} s in onnxruntime ({threads})")
     return 0
 
 
@@ -244,10 +273,13 @@ def register(sub: Any) -> None:
     add_json(t, "the checkpoint metadata")
     t.set_defaults(handler=train)
 
-    e = sub.add_parser("evaluate", help="measure a policy: quantized accuracy (95%% CI) and modeled costs")
-    add_subject(e)
-    e.add_argument("--policy", required=True,
+    e = sub.add_parser("evaluate", help="measure a policy: quantized accuracy (95%% CI) and modeled costs; "
+                                        "or an exported ONNX file against its policy")
+    add_subject(e, file_default="the ONNX file")
+    e.add_argument("--policy", default=None,
                    help="policy JSON file or shorthand: fp32, w8a8, w6a6, w4a8, w4a4, w2a8, w8 (weights only), w4a4:all")
+    e.add_argument("--onnx", default=None, metavar="FILE",
+                   help="run this exported model in onnxruntime and compare it with the fake-quantized model of its policy")
     e.add_argument("--split", choices=("val", "test"), default="val", help="val (default; searches use it) or test (final reports)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     add_quant(e)

@@ -32,11 +32,17 @@ FIELD_FLAGS = {
 }
 
 
-def add_subject(p: argparse.ArgumentParser, *, pretrained: bool = True) -> None:
-    """--model, --dataset, --data-dir, --seed, --checkpoint (and --pretrained): the baseline a command quantizes."""
-    p.add_argument("--model", default="resnet18", help="timm model name or alias (resnet18, deit_tiny, test_resnet, ...)")
-    p.add_argument("--dataset", default="fashion-mnist",
-                   help="fashion-mnist (default), digits, cifar10, cifar100 or imagefolder:PATH")
+def add_subject(p: argparse.ArgumentParser, *, pretrained: bool = True, file_default: str = "") -> None:
+    """--model, --dataset, --data-dir, --seed, --checkpoint (and --pretrained): the baseline a command quantizes.
+
+    ``file_default`` names a file the command reads model and data set from when the flags are
+    not given (they default to None then, and the command falls back to resnet18 / fashion-mnist)."""
+    model_default, dataset_default = ("resnet18", "fashion-mnist") if not file_default else (None, None)
+    suffix = f"; default: {file_default}'s" if file_default else ""
+    p.add_argument("--model", default=model_default,
+                   help=f"timm model name or alias (resnet18, deit_tiny, test_resnet, ...{suffix})")
+    p.add_argument("--dataset", default=dataset_default,
+                   help=f"fashion-mnist (default{suffix}), digits, cifar10, cifar100 or imagefolder:PATH")
     p.add_argument("--data-dir", default=None,
                    help="folder holding the data set files (else $MPSEARCH_DATA, the cache, system paths)")
     add_image_size(p)

@@ -70,6 +70,11 @@ class MatmulQuantizer(nn.Module):
             b = fake_quantize(b, self.second)
         return a, b
 
+    def multiply(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The matmul itself, on the operands :meth:`forward` returned (``b`` transposed where the
+        attention needs it). Exported models replace this module by one that runs it on integers."""
+        return a @ b
+
     def extra_repr(self) -> str:
         bits = lambda qp: "fp32" if qp is None else qp.bits  # noqa: E731
         return f"first={bits(self.first)}, second={bits(self.second)}"
@@ -117,14 +122,14 @@ class QuantAttention(nn.Module):
             )
         else:
             q, k = qk(q * self.scale, k)
-            attn = q @ k.transpose(-2, -1)
+            attn = qk.multiply(q, k.transpose(-2, -1))
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
             attn = attn.softmax(dim=-1)
             if self.record is not None:
                 self.record.append(attn.detach())
             attn = self.attn_drop(attn)
             attn, v = av(attn, v)
-            x = attn @ v
+            x = av.multiply(attn, v)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

@@ -1,0 +1,210 @@
+"""ONNX export of a quantized model, and running the file in onnxruntime.
+
+:func:`save_onnx` exports the integer form of a model (:mod:`mpsearch.export.integer`) with
+PyTorch's ONNX exporter, translating mpsearch's integer operators into standard ONNX:
+
+- ``integer_conv2d`` / ``integer_linear``: ``Clip -> QuantizeLinear`` on the input (uint8 or int8
+  with the calibrated zero point), ``ConvInteger`` / ``MatMulInteger`` with the integer weight and
+  its per-channel zero points (int32 accumulation), ``Cast -> Mul`` by input scale x weight scale
+  per output channel, ``Add`` the bias. A layer with a float input dequantizes its weight
+  (``DequantizeLinear``, axis 0) and runs ``Conv`` / ``MatMul``.
+- ``integer_matmul``: both operands quantized, ``MatMulInteger``, rescaled.
+- ``quantize_dequantize``: ``Clip -> QuantizeLinear -> DequantizeLinear``.
+
+What the file is (model, data set, policy, quantization settings) is written into its metadata,
+so that ``mpsearch evaluate --onnx`` can rebuild the same policy in PyTorch and compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpsearch.errors import UserError
+from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
+
+__all__ = ["save_onnx", "check_onnx_output", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts", "INTEGER_KERNELS",
+           "METADATA_PREFIX", "OPSET"]
+
+logger = logging.getLogger(__name__)
+
+METADATA_PREFIX = "mpsearch."
+OPSET = 18
+# ONNX element types of the integer containers.
+_UINT8, _INT8, _FLOAT = 2, 3, 1
+# Operators that run a layer's products on integers in onnxruntime's optimized graph.
+INTEGER_KERNELS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+
+
+def _translations() -> dict[Any, Any]:
+    """onnxscript functions for mpsearch's operators (imported here: onnxscript is needed only to export)."""
+    from onnxscript import opset18 as op
+
+    def zero_point(value: int, signed: bool):
+        return op.Cast(op.Constant(value_int=value), to=_INT8 if signed else _UINT8)
+
+    def quantize(x, scale: float, zp: int, qmin: int, qmax: int):
+        """x clipped to its grid's range, then on integers (Clip keeps a narrow width narrow)."""
+        lo = op.Constant(value_float=float((qmin - zp) * scale))
+        hi = op.Constant(value_float=float((qmax - zp) * scale))
+        return op.QuantizeLinear(op.Clip(x, lo, hi), op.Constant(value_float=scale), zero_point(zp, qmin < 0))
+
+    def rescale(y, scale, bias, channel_shape: list[int]):
+        y = op.Mul(op.Cast(y, to=_FLOAT), op.Reshape(scale, op.Constant(value_ints=channel_shape)))
+        if bias is not None:
+            y = op.Add(y, op.Reshape(bias, op.Constant(value_ints=channel_shape)))
+        return y
+
+    def dequantized_weight(weight, weight_scale, weight_zero_point):
+        return op.DequantizeLinear(weight, weight_scale, weight_zero_point, axis=0)
+
+    def integer_conv2d(x, weight, weight_scale, weight_zero_point, bias, act_scale: float, act_zero_point: int,
+                       act_qmin: int, act_qmax: int, stride, padding, dilation, groups: int):
+        attrs = dict(strides=list(stride), pads=list(padding) + list(padding), dilations=list(dilation), group=groups)
+        if act_scale == 0.0:
+            w = dequantized_weight(weight, weight_scale, weight_zero_point)
+            return op.Conv(x, w, bias, **attrs) if bias is not None else op.Conv(x, w, **attrs)
+        xq = quantize(x, act_scale, act_zero_point, act_qmin, act_qmax)
+        y = op.ConvInteger(xq, weight, zero_point(act_zero_point, act_qmin < 0), weight_zero_point, **attrs)
+        return rescale(y, op.Mul(weight_scale, op.Constant(value_float=act_scale)), bias, [1, -1, 1, 1])
+
+    def integer_linear(x, weight, weight_scale, weight_zero_point, bias, act_scale: float, act_zero_point: int,
+                       act_qmin: int, act_qmax: int):
+        if act_scale == 0.0:
+            y = op.MatMul(x, op.Transpose(dequantized_weight(weight, weight_scale, weight_zero_point), perm=[1, 0]))
+            return op.Add(y, bias) if bias is not None else y
+        xq = quantize(x, act_scale, act_zero_point, act_qmin, act_qmax)
+        y = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero_point(act_zero_point, act_qmin < 0), weight_zero_point)
+        return rescale(y, op.Mul(weight_scale, op.Constant(value_float=act_scale)), bias, [-1])
+
+    def integer_matmul(a, b, a_scale: float, a_zero_point: int, a_qmin: int, a_qmax: int,
+                       b_scale: float, b_zero_point: int, b_qmin: int, b_qmax: int):
+        y = op.MatMulInteger(quantize(a, a_scale, a_zero_point, a_qmin, a_qmax), quantize(b, b_scale, b_zero_point, b_qmin, b_qmax),
+                             zero_point(a_zero_point, a_qmin < 0), zero_point(b_zero_point, b_qmin < 0))
+        return op.Mul(op.Cast(y, to=_FLOAT), op.Constant(value_float=a_scale * b_scale))
+
+    def quantize_dequantize(x, scale: float, zero_point_: int, qmin: int, qmax: int):
+        return op.DequantizeLinear(quantize(x, scale, zero_point_, qmin, qmax), op.Constant(value_float=scale),
+                                   zero_point(zero_point_, qmin < 0))
+
+    functions = {"integer_conv2d": integer_conv2d, "integer_linear": integer_linear,
+                 "integer_matmul": integer_matmul, "quantize_dequantize": quantize_dequantize}
+    return {INTEGER_OPERATORS[name]: fn for name, fn in functions.items()}
+
+
+def check_onnx_output(path: str | Path) -> Path:
+    """``path`` if an ONNX file can be written there (checked before any work is done)."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise UserError(f"output: an ONNX file's name ends in .onnx, got {path}", fields=("output",))
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise UserError(f"output: {path.parent} {what}; write the file into an existing folder", fields=("output",))
+    return path
+
+
+def save_onnx(quantized: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Export ``quantized`` (a model with a policy applied) to ``path`` in integer form; returns the path.
+
+    ``example`` is one input batch (its batch size is exported as dynamic). ``metadata`` values
+    (JSON-serialized where not strings) are stored as ``mpsearch.<key>`` metadata properties.
+    The file passes ``onnx.checker``.
+    """
+    import onnx
+
+    path = check_onnx_output(path)
+    integer = to_integer_model(quantized)
+    example = example[:2].float().contiguous()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter prints its progress with print(): keep it out of mpsearch's output.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            integer, (example,), dynamo=True, opset_version=OPSET, custom_translation_table=_translations(),
+            dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key = METADATA_PREFIX + key
+        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.save(proto, str(path))
+    except OSError as e:
+        raise UserError(f"output: cannot write {path} ({e.strerror}); choose a writable path", fields=("output",)) from None
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``mpsearch.*`` metadata of an ONNX file (values JSON-decoded where they parse)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise UserError(f"onnx: no file {path}", fields=("onnx",)) from None
+    except Exception as e:  # noqa: BLE001 - onnx raises DecodeError and others for a non-ONNX file
+        raise UserError(f"onnx: {path} is not an ONNX model ({type(e).__name__})", fields=("onnx",)) from None
+    out: dict[str, Any] = {}
+    for entry in proto.metadata_props:
+        if entry.key.startswith(METADATA_PREFIX):
+            try:
+                out[entry.key[len(METADATA_PREFIX):]] = json.loads(entry.value)
+            except json.JSONDecodeError:
+                out[entry.key[len(METADATA_PREFIX):]] = entry.value
+    return out
+
+
+class OnnxClassifier:
+    """An ONNX image classifier in an onnxruntime CPU session (all graph optimizations on)."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimized_path: str | Path | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if optimized_path is not None:
+            options.optimized_model_filepath = str(optimized_path)
+        self.path = Path(path)
+        self.threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x.float().contiguous().numpy()})[0]
+
+    def predict(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Predicted classes of every image in ``batches``, in order."""
+        return torch.cat([torch.from_numpy(self.logits(x).argmax(axis=-1)) for x in batches])
+
+
+def onnx_operator_counts(path: str | Path) -> dict[str, int]:
+    """How many nodes of each operator type the ONNX file ``path`` holds."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def integer_kernel_ops(path: str | Path, optimized_path: str | Path) -> dict[str, int]:
+    """:func:`onnx_operator_counts` of onnxruntime's optimized graph of ``path`` (written to
+    ``optimized_path``): what the session runs; :data:`INTEGER_KERNELS` are the integer operators."""
+    OnnxClassifier(path, optimized_path=optimized_path)
+    return onnx_operator_counts(optimized_path)

@@ -1,0 +1,117 @@
+"""ONNX export: the file computes what the fake-quantized model computes, on integer kernels."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import mpsearch
+from mpsearch.cli import main
+from mpsearch.export import INTEGER_KERNELS, OnnxClassifier, integer_kernel_ops, read_metadata, to_integer_model
+from mpsearch.policy import LayerPrecision, Policy
+
+
+def _policy(model: torch.nn.Module, shorthand: str, digits) -> Policy:
+    """``shorthand`` resolved for ``model`` (every layer listed, ends at 8 bits), by mpsearch.quantize's rules."""
+    from mpsearch.api import _quantized
+
+    return _quantized(model, shorthand, digits, None).policy
+
+
+def _test_images(digits, n: int = 256) -> torch.Tensor:
+    return torch.cat([x for x, _ in digits.test.subset(n).batches(128)])
+
+
+@pytest.fixture(scope="module")
+def models(digits_baseline, digits_vit_baseline):
+    return {"cnn": digits_baseline.model, "vit": digits_vit_baseline.model}
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+@pytest.mark.parametrize("shorthand", ["w8a8", "w4a4"])
+def test_the_integer_form_computes_the_fake_quantized_model(models, digits, kind, shorthand):
+    quantized = mpsearch.quantize(models[kind], shorthand, digits)
+    integer = to_integer_model(quantized)
+    x = _test_images(digits)
+    with torch.no_grad():
+        expected, got = quantized(x), integer(x)
+    # Equal up to float32 summation order: convolutions in other memory layouts add in other
+    # orders, so an input that lands on a rounding tie can move one step at a quantizer, and that
+    # image's logits move a little. Every other image's logits agree to float precision.
+    moved = (got - expected).abs().amax(dim=1) > 1e-4 * float(expected.abs().max())
+    assert float(moved.float().mean()) <= 0.02
+    assert float((got.argmax(1) == expected.argmax(1)).float().mean()) >= 0.99
+    assert not torch.allclose(expected, models[kind](x), atol=1e-3)  # quantization changed something
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, digits, kind, tmp_path):
+    model = models[kind]
+    policy = _policy(model, "w4a8", digits)
+    off = next(iter(policy.layers))  # the first layer stays fp32: its conv / matmul must stay float
+    policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None)})
+    path = mpsearch.export_onnx(model, policy, digits, tmp_path / f"{kind}.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    assert read_metadata(path)["policy"]["layers"] == policy.to_dict()["layers"]
+
+    x = _test_images(digits)
+    with torch.no_grad():
+        fake = mpsearch.quantize(model, policy, digits)(x)
+    logits = OnnxClassifier(path, threads=1).logits(x)
+    agreement = float((torch.from_numpy(logits).argmax(1) == fake.argmax(1)).float().mean())
+    assert agreement >= 0.99
+    # Most images' logits equal to float precision; a few move where an input sits on a rounding tie.
+    assert float(np.median(np.abs(logits - fake.numpy()).max(axis=1))) < 1e-4 * float(fake.abs().max())
+
+    ops = integer_kernel_ops(path, tmp_path / "optimized.onnx")
+    quantized_layers = sum(1 for p in policy.layers.values() if p.weight_bits and p.act_bits)
+    assert sum(ops.get(op, 0) for op in INTEGER_KERNELS) == quantized_layers
+    assert sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")) >= 1  # the fp32 layer
+
+
+def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
+    """A W4A4 layer holds 4-bit integers in its int8 container and clips its input to 16 levels."""
+    model = models["cnn"]
+    path = mpsearch.export_onnx(model, "w4a4", digits, tmp_path / "w4a4.onnx")
+    graph = onnx.load(str(path)).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [initializers[n.input[1]] for n in graph.node if n.op_type == "ConvInteger"]
+    assert all(w.dtype == np.int8 for w in weights)
+    narrow = [w for w in weights if w.min() >= -8 and w.max() <= 7]
+    assert len(narrow) == len(weights) - 1  # every conv but the first (8 bits) is 4-bit
+    assert any(w.min() < -8 or w.max() > 7 for w in weights)
+
+    constants = {}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = float(numpy_helper.to_array(node.attribute[0].t))
+    levels = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            clip = next(n for n in graph.node if n.output[0] == node.input[0])
+            if clip.op_type == "Clip":
+                lo, hi = (constants.get(name, initializers.get(name)) for name in clip.input[1:3])
+                levels.append(round(float((hi - lo) / constants.get(node.input[1], initializers.get(node.input[1])))))
+    assert levels.count(15) == len(weights) - 1  # 4-bit inputs: 16 levels, 15 steps
+
+
+def test_export_and_evaluate_onnx_on_the_command_line(digits_baseline, digits, tmp_path, capsys):
+    checkpoint = tmp_path / "model.pt"
+    torch.save(digits_baseline.model.state_dict(), checkpoint)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(checkpoint),
+                 "--policy", "w4a8", "-o", str(out), "--no-progress"]) == 0
+    assert "integer convolutions/matmuls" in capsys.readouterr().out
+    assert main(["evaluate", "--onnx", str(out), "--split", "test", "--checkpoint", str(checkpoint), "--json",
+                 "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "test_resnet" and result["images"] == len(digits.test)
+    assert result["agreement"] >= 0.99
+    assert abs(result["onnx_accuracy"] - result["fake_quant_accuracy"]) <= 0.01
+    assert result["onnx_accuracy"] > 0.5  # a trained model, not chance
