@@ -184,6 +184,8 @@ CASES = [
                                    "--policy", "{other_model}", "-o", "{root}/m.onnx"], "resnet50"),
     ("evaluate-onnx-not-onnx", ["evaluate", "--onnx", "{not_json}"], "is not an ONNX model"),
     ("evaluate-onnx-missing", ["evaluate", "--onnx", "/nonexistent/m.onnx"], "no file /nonexistent/m.onnx"),
+    ("latency-too-few-runs", ["latency", "--onnx", "{not_json}", "--runs", "5"], "--runs: at least 30 timings per batch size"),
+    ("latency-not-onnx", ["latency", "--onnx", "{not_json}"], "is not an ONNX model"),
     ("dashboard-unknown-study", ["dashboard", "--study", "{root}/nope"], "no finished study"),
     # fine-tuning, ablation, SmoothQuant
     ("finetune-steps-zero", [*FT, "--checkpoint", "{ckpt}", "--policy", "w4a4", "--steps", "0"], "--steps: must be >= 1"),

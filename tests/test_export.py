@@ -115,3 +115,12 @@ def test_export_and_evaluate_onnx_on_the_command_line(digits_baseline, digits, t
     assert result["agreement"] >= 0.99
     assert abs(result["onnx_accuracy"] - result["fake_quant_accuracy"]) <= 0.01
     assert result["onnx_accuracy"] > 0.5  # a trained model, not chance
+
+    assert main(["latency", "--onnx", str(out), "--checkpoint", str(checkpoint), "--runs", "30", "--warmup", "2",
+                 "--batch-sizes", "1,4", "--threads", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["label"].split(" ")[0], r["batch_size"]) for r in rows] == [("fp32", 1), ("fp32", 4), ("m.onnx", 1), ("m.onnx", 4)]
+    for row in rows:
+        assert row["runs"] == 30 and row["threads"] == 1 and 0 < row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
+    fp32, quantized = rows[1], rows[3]
+    assert quantized["speedup_vs_fp32"] == pytest.approx(fp32["median_ms"] / quantized["median_ms"])

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from mpsearch.cli import commands, study
+from mpsearch.cli import commands, deploy, study
 from mpsearch.cli.flags import FIELD_FLAGS
 from mpsearch.errors import UserError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.register(sub)
     study.register(sub)
+    deploy.register(sub)
     for command in sub.choices.values():  # which flags a command has: errors name those, not config fields
         command.set_defaults(flags=frozenset(s for action in command._actions for s in action.option_strings))
     return parser

@@ -1,4 +1,4 @@
-"""Study commands: optimize (and compare, the same with several methods), export, dashboard.
+"""Study commands: optimize (and compare, the same with several methods), dashboard.
 
 A study's settings come from a config file (``--config``), then the everyday flags below, then
 ``--set FIELD=VALUE`` for any other field; the CLI writes every study to a folder (``--out-dir``,
@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpsearch.cli.flags import add_image_size, add_output, add_progress, int_list
+from mpsearch.cli.flags import add_image_size, add_progress, int_list
 from mpsearch.errors import UserError
 
-__all__ = ["register", "study_configs"]
+__all__ = ["register", "study_configs", "study_folder"]
 
 logger = logging.getLogger("mpsearch.cli")
 COMPARE_METHODS = "nsga2+mf,random,ilp,greedy"
@@ -93,73 +93,16 @@ def optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _folder(study: str) -> Path:
+def study_folder(study: str) -> Path:
     """A study's folder: the path given, else ``studies/<name>``."""
     path = Path(study)
     return path if path.is_dir() else STUDIES / study
 
 
-def _export_format(args: argparse.Namespace) -> str:
-    """--format, else what -o's name ends in."""
-    suffix = Path(args.output).suffix.lower()
-    fmt = args.format or {".json": "json", ".onnx": "onnx"}.get(suffix)
-    if fmt is None:
-        raise UserError(f"--output {args.output}: name a .json (policy) or .onnx (model) file, or pass --format json|onnx")
-    if fmt == "onnx" and suffix != ".onnx":
-        raise UserError(f"--output {args.output}: an ONNX model's file name ends in .onnx")
-    return fmt
-
-
-def export(args: argparse.Namespace) -> int:
-    from mpsearch.policy import Policy
-    from mpsearch.study import load_result
-
-    fmt = _export_format(args)
-    if (args.study is None) == (args.policy is None):
-        raise UserError("export takes a study (--study S --pick knee) or a policy (--model M --policy p.json), exactly one")
-    subject = {"model": args.model, "dataset": args.dataset, "checkpoint": args.checkpoint, "data_dir": args.data_dir,
-               "image_size": args.image_size}
-    if args.study is not None:
-        folder = _folder(args.study)
-        policy, why = load_result(folder).choose(args.pick)
-        if fmt == "json":
-            policy.save(args.output)
-            logger.info(f"{why} -> {args.output}")
-            return 0
-        from mpsearch.config import StudyConfig
-
-        config = StudyConfig.load(folder / "config.yaml")
-        study_subject = {key: getattr(config, key) for key in subject}
-        given = [f"--{key.replace('_', '-')}" for key, value in subject.items() if value is not None and value != study_subject[key]]
-        if given:
-            raise UserError(f"{given[0]}: the study fixes the model and its data; drop it (or export with --policy)")
-        subject = study_subject
-    else:
-        if fmt == "json":
-            raise UserError("--policy is already a policy; export it with --format onnx -o FILE.onnx")
-        policy = args.policy
-        if Path(policy).is_file():
-            recorded = Policy.load(policy)
-            subject["model"] = subject["model"] or recorded.model
-            subject["dataset"] = subject["dataset"] or recorded.dataset
-        why = f"policy {policy}"
-    from mpsearch.export.deploy import export_policy
-
-    path, resolved = export_policy(subject.pop("model") or "resnet18", subject.pop("dataset") or "fashion-mnist", policy,
-                                   args.output, progress=not args.no_progress, **subject)
-    from mpsearch.export import onnx_operator_counts
-
-    ops = onnx_operator_counts(path)
-    integer = sum(ops.get(op, 0) for op in ("ConvInteger", "MatMulInteger"))
-    print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, "
-          f"{integer} integer convolutions/matmuls, {ops.get('Conv', 0) + ops.get('MatMul', 0) + ops.get('Gemm', 0)} float)")
-    return 0
-
-
 def dashboard(args: argparse.Namespace) -> int:
     from mpsearch.config import StudyConfig
 
-    folder = _folder(args.study)
+    folder = study_folder(args.study)
     if not (folder / "config.yaml").is_file():
         raise UserError(f"no finished study in {folder}; run `mpsearch optimize` for it first, or pass its folder")
     storage = StudyConfig.load(folder / "config.yaml").run.storage
@@ -214,23 +157,6 @@ def register(sub: Any) -> None:
                   f"search method (default nsga2): {methods}")
     _add_optimize(sub, "compare", "optimize with several methods on one study: hypervolume per method, one plot",
                   f"methods, comma separated (default {COMPARE_METHODS}): {methods}")
-
-    x = sub.add_parser("export", help="write a study's chosen policy as JSON, or the model quantized by a policy as ONNX "
-                                      "(integer kernels)")
-    x.add_argument("--study", default=None, help="the study's folder, or its name under studies/")
-    x.add_argument("--pick", default="knee",
-                   help='knee (default), max-accuracy, min-energy, trial:N, "energy<=X", "accuracy>=Y" (X relative to fp32)')
-    x.add_argument("--policy", default=None, help="without a study: policy JSON file or shorthand (w8a8, w4a8, ...) to export")
-    x.add_argument("--model", default=None, help="with --policy: timm model name (default: the policy's)")
-    x.add_argument("--dataset", default=None, help="with --policy: data set (default: the policy's)")
-    x.add_argument("--data-dir", default=None, help="folder holding the data set files")
-    add_image_size(x)
-    x.add_argument("--checkpoint", default=None, help="fp32 state dict the policy quantizes (default: the cached baseline)")
-    x.add_argument("--format", choices=("json", "onnx"), default=None,
-                   help="json: the policy; onnx: the quantized model (default: from the output's name)")
-    add_output(x, "file to write: policy .json or model .onnx", required=True)
-    add_progress(x)
-    x.set_defaults(handler=export)
 
     d = sub.add_parser("dashboard", help="open optuna-dashboard on a study")
     d.add_argument("--study", required=True, help="the study's folder, or its name under studies/")

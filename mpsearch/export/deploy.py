@@ -1,10 +1,12 @@
-"""The commands' side of export: a zoo model's policy to an ONNX file, and that file measured
-against the fake-quantized model it came from (``mpsearch export``, ``mpsearch evaluate --onnx``)."""
+"""The commands' side of export: a zoo model's policy to an ONNX file, that file measured against
+the fake-quantized model it came from, and timed next to the fp32 model of the same baseline
+(``mpsearch export``, ``mpsearch evaluate --onnx``, ``mpsearch latency``)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,12 @@ from typing import Any
 import torch
 
 from mpsearch.errors import UserError
+from mpsearch.export.latency import LatencyResult, check_timing, measure_latency
 from mpsearch.export.onnx import OnnxClassifier, check_onnx_output, read_metadata, save_onnx
 from mpsearch.metrics import wilson_interval
 from mpsearch.policy import Policy
 
-__all__ = ["export_policy", "compare_onnx", "OnnxComparison"]
+__all__ = ["export_policy", "compare_onnx", "OnnxComparison", "export_float", "latency_report", "LatencyRow"]
 
 
 def export_policy(model: str, dataset: str, policy: str | Path | Policy, output: str | Path, *,
@@ -119,3 +122,57 @@ def compare_onnx(path: str | Path, *, split: str = "test", limit: int | None = N
         fake_quant_accuracy=fake_right / n, fake_quant_ci95=wilson_interval(fake_right, n),
         agreement=float((onnx_pred == fake_pred).float().mean()), onnx_seconds=onnx_seconds, threads=threads,
     )
+
+
+def _subject(path: str | Path, checkpoint: str | None, data_dir: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(baseline, data, metadata) of the ONNX file ``path``, the baseline checked against the file's."""
+    from mpsearch.tasks import load_baseline
+
+    meta = read_metadata(path)
+    if not meta.get("model") or not meta.get("dataset"):
+        raise UserError(f"onnx: {path} does not say which model and data set it is (not written by mpsearch export)",
+                        fields=("onnx",))
+    baseline, data = load_baseline(meta["model"], meta["dataset"], data_dir=data_dir, image_size=meta.get("image_size"),
+                                   checkpoint=checkpoint or meta.get("checkpoint"), progress=False)
+    if meta.get("baseline_sha256") and meta["baseline_sha256"] != baseline.sha256:
+        raise UserError(f"onnx: {path} was exported from another baseline of {meta['model']}; pass its --checkpoint",
+                        fields=("onnx",))
+    return baseline, data, meta
+
+
+def export_float(path: str | Path, output: str | Path, *, checkpoint: str | None = None, data_dir: str | None = None) -> Path:
+    """The fp32 baseline that the mpsearch ONNX file ``path`` was quantized from, as ONNX at ``output``."""
+    baseline, data, meta = _subject(path, checkpoint, data_dir)
+    example = next(iter(data.calibration.batches(2)))[0]
+    keep = {k: meta[k] for k in ("model", "dataset", "image_size", "checkpoint", "baseline_sha256") if k in meta}
+    return save_onnx(baseline.model, example, output, metadata=keep)
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    label: str  # "fp32" or the file's name and policy
+    latency: LatencyResult
+    speedup: float | None  # fp32 median / this median at the same batch size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, **self.latency.to_dict(), "speedup_vs_fp32": self.speedup}
+
+
+def latency_report(path: str | Path, *, compare_fp32: bool = True, batch_sizes: Sequence[int] = (1, 64), runs: int = 50,
+                   warmup: int = 10, threads: int | None = None, checkpoint: str | None = None,
+                   data_dir: str | None = None) -> list[LatencyRow]:
+    """End-to-end onnxruntime latency of ``path`` (and of its fp32 baseline, exported to a temporary
+    file and timed in the same run, unless ``compare_fp32`` is false) at each batch size."""
+    check_timing(batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
+    meta = read_metadata(path)
+    policy = Policy.from_dict(meta["policy"]).summary() if meta.get("policy") else "?"
+    label = f"{Path(path).name} ({policy})"
+    timed = measure_latency(path, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
+    if not compare_fp32:
+        return [LatencyRow(label, t, None) for t in timed]
+    with tempfile.TemporaryDirectory(prefix="mpsearch-fp32-") as tmp:
+        fp32_path = export_float(path, Path(tmp) / "fp32.onnx", checkpoint=checkpoint, data_dir=data_dir)
+        reference = measure_latency(fp32_path, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
+    rows = [LatencyRow("fp32 (same baseline)", r, 1.0) for r in reference]
+    rows += [LatencyRow(label, t, r.median_ms / t.median_ms) for t, r in zip(timed, reference)]
+    return rows

@@ -32,6 +32,8 @@ from torch import nn
 
 from mpsearch.errors import UserError
 from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
+from mpsearch.quant.attention import MatmulQuantizer
+from mpsearch.quant.modules import QuantWrapper
 
 __all__ = ["save_onnx", "check_onnx_output", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts", "INTEGER_KERNELS",
            "METADATA_PREFIX", "OPSET"]
@@ -113,8 +115,9 @@ def check_onnx_output(path: str | Path) -> Path:
     return path
 
 
-def save_onnx(quantized: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Export ``quantized`` (a model with a policy applied) to ``path`` in integer form; returns the path.
+def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Export ``model`` to ``path``; returns the path. A quantized model (a policy applied) is
+    written in integer form (:func:`~mpsearch.export.integer.to_integer_model`), a float one as it is.
 
     ``example`` is one input batch (its batch size is exported as dynamic). ``metadata`` values
     (JSON-serialized where not strings) are stored as ``mpsearch.<key>`` metadata properties.
@@ -123,14 +126,15 @@ def save_onnx(quantized: nn.Module, example: torch.Tensor, path: str | Path, *, 
     import onnx
 
     path = check_onnx_output(path)
-    integer = to_integer_model(quantized)
+    quantized = any(isinstance(m, (QuantWrapper, MatmulQuantizer)) for m in model.modules())
+    exported = to_integer_model(model) if quantized else model.eval()
     example = example[:2].float().contiguous()
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter prints its progress with print(): keep it out of mpsearch's output.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            integer, (example,), dynamo=True, opset_version=OPSET, custom_translation_table=_translations(),
+            exported, (example,), dynamo=True, opset_version=OPSET, custom_translation_table=_translations(),
             dynamic_shapes=({0: batch},), optimize=True, verbose=False,
         )
     proto = program.model_proto

@@ -1,0 +1,85 @@
+"""End-to-end latency of an ONNX model in onnxruntime: the whole network, timed as a user runs it.
+
+Each batch size gets its own warm-up runs (sessions allocate and pack on the first calls), then
+``runs`` timed calls of ``session.run`` on one fixed random batch; the median and the interquartile
+range are reported, with the thread count the session ran on.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpsearch.errors import UserError
+from mpsearch.export.onnx import OnnxClassifier
+
+__all__ = ["LatencyResult", "measure_latency", "check_timing", "MIN_RUNS"]
+
+MIN_RUNS = 30  # fewer timed runs give a median too noisy to compare two files by
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """One file at one batch size."""
+
+    path: str
+    batch_size: int
+    runs: int
+    threads: int | None  # None: onnxruntime's default (every core)
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / (self.median_ms / 1e3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": self.images_per_s}
+
+
+def _input_shape(classifier: OnnxClassifier) -> tuple[int, ...]:
+    dims = classifier.session.get_inputs()[0].shape[1:]
+    if not all(isinstance(d, int) for d in dims):
+        raise UserError(f"onnx: {classifier.path}'s input has no fixed image shape ({dims}); export it with mpsearch export")
+    return tuple(dims)
+
+
+def check_timing(*, batch_sizes: Sequence[int], runs: int, warmup: int, threads: int | None) -> None:
+    """Refuse timing settings that cannot give a meaningful median (before anything is loaded)."""
+    if runs < MIN_RUNS:
+        raise UserError(f"runs: at least {MIN_RUNS} timings per batch size give a stable median, got {runs}", fields=("runs",))
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UserError(f"batch_sizes: each must be >= 1, got {list(batch_sizes)}", fields=("batch_sizes",))
+    if warmup < 1:
+        raise UserError(f"warmup: must be >= 1 run, got {warmup}", fields=("warmup",))
+    if threads is not None and threads < 1:
+        raise UserError(f"threads: must be >= 1, got {threads}", fields=("threads",))
+
+
+def measure_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 64), runs: int = 50, warmup: int = 10,
+                    threads: int | None = None, seed: int = 0) -> list[LatencyResult]:
+    """Time ``path`` in an onnxruntime CPU session at each batch size (see the module doc)."""
+    check_timing(batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
+    classifier = OnnxClassifier(path, threads=threads)
+    shape = _input_shape(classifier)
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for batch in batch_sizes:
+        feed = {classifier.input_name: torch.randn((batch, *shape), generator=generator).numpy()}
+        for _ in range(warmup):
+            classifier.session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            classifier.session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1e3)
+        q1, median, q3 = statistics.quantiles(times, n=4)
+        results.append(LatencyResult(str(path), batch, runs, threads, median, q1, q3))
+    return results
