@@ -50,6 +50,22 @@ def test_the_integer_form_computes_the_fake_quantized_model(models, digits, kind
     assert not torch.allclose(expected, models[kind](x), atol=1e-3)  # quantization changed something
 
 
+@pytest.mark.parametrize("quant", [{"ptq": "gptq"}, {"bias_correction": True, "smoothquant_alpha": 0.5}],
+                         ids=["gptq", "bias-correction+smoothquant"])
+def test_the_integer_form_keeps_ptq_weights_and_smoothing(digits_baseline, digits, quant):
+    """Rounded by GPTQ, biases corrected, inputs smoothed: the integer form still computes what
+    the fake-quantized model computes (its weights are that method's integers)."""
+    model = digits_baseline.model
+    quantized = mpsearch.quantize(model, "w4a8", digits, quant=mpsearch.QuantConfig(**quant))
+    integer = to_integer_model(quantized)
+    x = _test_images(digits)
+    with torch.no_grad():
+        expected, got, rtn = quantized(x), integer(x), mpsearch.quantize(model, "w4a8", digits)(x)
+    moved = (got - expected).abs().amax(dim=1) > 1e-4 * float(expected.abs().max())
+    assert float(moved.float().mean()) <= 0.05  # smoothed inputs land on rounding ties a little more often
+    assert float((expected - rtn).abs().max()) > 1e-3  # the method changed the model, and the export kept it
+
+
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
 def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, digits, kind, tmp_path):
     model = models[kind]
