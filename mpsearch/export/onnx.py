@@ -5,13 +5,13 @@ PyTorch's ONNX exporter, translating mpsearch's integer operators into standard 
 
 - ``integer_conv2d`` / ``integer_linear``: ``Clip -> QuantizeLinear`` on the input (uint8 or int8
   with the calibrated zero point), ``ConvInteger`` / ``MatMulInteger`` with the integer weight and
-  its per-channel zero points (int32 accumulation), ``Cast -> Mul`` by input scale x weight scale
+  its zero point (int32 accumulation), ``Cast -> Mul`` by input scale x weight scale
   per output channel, ``Add`` the bias. A layer with a float input dequantizes its weight
   (``DequantizeLinear``, axis 0) and runs ``Conv`` / ``MatMul``.
 - ``integer_matmul``: both operands quantized, ``MatMulInteger``, rescaled.
 - ``quantize_dequantize``: ``Clip -> QuantizeLinear -> DequantizeLinear``.
 
-What the file is (model, data set, policy, quantization settings) is written into its metadata,
+What the file is (model, data set, baseline, the policy with its quantization settings) is written into its metadata,
 so that ``mpsearch evaluate --onnx`` can rebuild the same policy in PyTorch and compare.
 """
 
