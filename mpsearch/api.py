@@ -110,7 +110,7 @@ def _quantized(model: nn.Module, policy: Policy | str | Path, calibration: Any, 
     from mpsearch.quant import QuantizedModel
     from mpsearch.zoo import Baseline
 
-    split = calibration.calibration if isinstance(calibration, DataSplits) else as_split(calibration, "calibration")
+    split = _calibration_split(calibration)
     baseline = Baseline.from_module(model)
     x0 = next(iter(split.batches(1)))[0]
     layers = policy_layers(baseline.model, count_costs(baseline.model, tuple(x0.shape[1:])))
@@ -127,6 +127,11 @@ def _quantized(model: nn.Module, policy: Policy | str | Path, calibration: Any, 
     qmodel.calibrate(x for x, _ in split.batches(qmodel.config.calibration_batch_size))
     qmodel.apply(policy)
     return qmodel
+
+
+def _calibration_split(calibration: Any) -> Any:
+    """The images to calibrate on: a DataSplits' calibration split, or ``calibration`` as a split."""
+    return calibration.calibration if isinstance(calibration, DataSplits) else as_split(calibration, "calibration")
 
 
 def _model_name(model: Any) -> str:
@@ -157,6 +162,6 @@ def export_onnx(model: nn.Module, policy: Policy | str | Path, calibration: Any,
     from mpsearch.export import save_onnx
 
     qmodel = _quantized(model, policy, calibration, quant)
-    split = calibration.calibration if isinstance(calibration, DataSplits) else as_split(calibration, "calibration")
+    split = _calibration_split(calibration)
     example = next(iter(split.batches(2)))[0]
     return save_onnx(qmodel.module, example, path, metadata={"policy": qmodel.policy.to_dict()})

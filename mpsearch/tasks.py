@@ -17,7 +17,7 @@ from mpsearch.config import FinetuneConfig, QuantConfig, TrainRecipe
 from mpsearch.errors import UserError
 from mpsearch.policy import MeasurementSettings, Policy, parse_shorthand
 
-__all__ = ["load_baseline", "measurement_settings", "prepare_measurement", "PreparedMeasurement", "measure_policy",
+__all__ = ["load_baseline", "measurement_settings", "prepare_measurement", "PreparedMeasurement", "check_limit", "measure_policy",
            "finetune_policy", "layer_table", "outlier_report",
            "sensitivity_report", "profile_kernels", "DEFAULT_CALIBRATION"]
 
@@ -120,6 +120,12 @@ def prepare_measurement(model: str, dataset: str, policy: str | Path | Policy, q
     return PreparedMeasurement(evaluator, resolved)
 
 
+def check_limit(limit: int | None) -> None:
+    """Refuse an image limit below one before anything is loaded."""
+    if limit is not None and limit < 1:
+        raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
+
+
 def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, split: str = "val", limit: int | None = None,
                    quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, torch_threads: int | None = None,
                    seed: int | None = None, profiles: Sequence[str] = ("horowitz45nm", "seed-lab4"),
@@ -128,11 +134,10 @@ def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, spl
     """Measure ``policy`` (file, shorthand or object) on ``split`` of the data set: accuracy with
     95 % CIs against fp32 on the same images, and modeled costs. Settings not given come from the
     policy's provenance (see :func:`measurement_settings`); ``save_policy`` writes the resolved policy."""
-    if limit is not None and limit < 1:
-        raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
-    prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed,
-                        profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size, pretrained=pretrained,
-                        progress=progress)
+    check_limit(limit)
+    prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
+                                   seed=seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size,
+                                   pretrained=pretrained, progress=progress)
     if save_policy:
         prepared.policy.save(save_policy)
     prepared.evaluator.calibrate()
@@ -159,9 +164,8 @@ def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, co
     if path.suffix != ".json":
         raise UserError(f"output {path}: name the policy file with a .json suffix", fields=("output",))
     prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
-                        seed=config.seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size,
-                        pretrained=pretrained,
-                        progress=progress)
+                                   seed=config.seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir,
+                                   image_size=image_size, pretrained=pretrained, progress=progress)
     if prepared.policy.provenance.get("finetune"):
         raise UserError(f"policy {policy} is already fine-tuned; fine-tune the policy it came from")
     if all(spec.is_float for spec in prepared.policy.layers.values()):

@@ -66,10 +66,10 @@ def export(args: argparse.Namespace) -> int:
 
     path, resolved = export_policy(subject.pop("model") or "resnet18", subject.pop("dataset") or "fashion-mnist", policy,
                                    args.output, progress=not args.no_progress, **subject)
-    from mpsearch.export import onnx_operator_counts
+    from mpsearch.export import INTEGER_KERNELS, onnx_operator_counts
 
     ops = onnx_operator_counts(path)
-    integer = sum(ops.get(op, 0) for op in ("ConvInteger", "MatMulInteger"))
+    integer = sum(ops.get(op, 0) for op in INTEGER_KERNELS)
     print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, "
           f"{integer} integer convolutions/matmuls, {ops.get('Conv', 0) + ops.get('MatMul', 0) + ops.get('Gemm', 0)} float)")
     return 0

@@ -47,6 +47,22 @@ def export_policy(model: str, dataset: str, policy: str | Path | Policy, output:
     return path, resolved
 
 
+def _named_subject(path: str | Path, model: str | None, dataset: str | None) -> tuple[str, str]:
+    """(model, dataset) an ONNX file is measured on: given, or from its metadata."""
+    if not model or not dataset:
+        raise UserError(f"onnx: {path} does not say which model and data set it is (not written by mpsearch export); "
+                        "pass --model and --dataset", fields=("onnx",))
+    return model, dataset
+
+
+def _check_same_baseline(path: str | Path, meta: Mapping[str, Any], baseline: Any) -> None:
+    """Refuse a baseline other than the one the file was exported from (its weights would differ)."""
+    if meta.get("baseline_sha256") and meta["baseline_sha256"] != baseline.sha256:
+        raise UserError(f"onnx: {path} was exported from another baseline of {baseline.name} (sha256 "
+                        f"{meta['baseline_sha256'][:12]}, this one {baseline.sha256[:12]}); pass the checkpoint it came from "
+                        "with --checkpoint", fields=("onnx",))
+
+
 @dataclass(frozen=True)
 class OnnxComparison:
     """An ONNX file and the fake-quantized model of the same policy, on the same images."""
@@ -76,14 +92,11 @@ def compare_onnx(path: str | Path, *, split: str = "test", limit: int | None = N
     """Run the ONNX file ``path`` in onnxruntime on ``split`` and the fake-quantized model of its
     policy (from the file's metadata, or ``policy``: a fine-tuned policy's file brings its
     weights) in PyTorch on the same images; accuracy of both with 95 % CIs and their agreement."""
-    from mpsearch.tasks import prepare_measurement
+    from mpsearch.tasks import check_limit, prepare_measurement
 
+    check_limit(limit)
     meta = read_metadata(path)
-    model = model or meta.get("model")
-    dataset = dataset or meta.get("dataset")
-    if not model or not dataset:
-        raise UserError(f"onnx: {path} does not say which model and data set it is (not written by mpsearch export); "
-                        "pass --model and --dataset", fields=("onnx",))
+    model, dataset = _named_subject(path, model or meta.get("model"), dataset or meta.get("dataset"))
     if policy is None:
         if "policy" not in meta:
             raise UserError(f"onnx: {path} carries no policy; pass the policy it was exported from with --policy", fields=("onnx",))
@@ -95,12 +108,7 @@ def compare_onnx(path: str | Path, *, split: str = "test", limit: int | None = N
                                    checkpoint=checkpoint or meta.get("checkpoint"), data_dir=data_dir,
                                    image_size=image_size or meta.get("image_size"), pretrained=False, progress=progress)
     evaluator, resolved = prepared.evaluator, prepared.policy
-    if meta.get("baseline_sha256") and meta["baseline_sha256"] != evaluator.baseline.sha256:
-        raise UserError(f"onnx: {path} was exported from another baseline of {model} (sha256 {meta['baseline_sha256'][:12]}, "
-                        f"this one {evaluator.baseline.sha256[:12]}); pass the checkpoint it came from with --checkpoint",
-                        fields=("onnx",))
-    if limit is not None and limit < 1:
-        raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
+    _check_same_baseline(path, meta, evaluator.baseline)
     part = evaluator.data.split(split).subset(limit)
     evaluator.calibrate()
     evaluator.qmodel.apply(resolved)
@@ -129,14 +137,10 @@ def _subject(path: str | Path, checkpoint: str | None, data_dir: str | None) -> 
     from mpsearch.tasks import load_baseline
 
     meta = read_metadata(path)
-    if not meta.get("model") or not meta.get("dataset"):
-        raise UserError(f"onnx: {path} does not say which model and data set it is (not written by mpsearch export)",
-                        fields=("onnx",))
-    baseline, data = load_baseline(meta["model"], meta["dataset"], data_dir=data_dir, image_size=meta.get("image_size"),
+    model, dataset = _named_subject(path, meta.get("model"), meta.get("dataset"))
+    baseline, data = load_baseline(model, dataset, data_dir=data_dir, image_size=meta.get("image_size"),
                                    checkpoint=checkpoint or meta.get("checkpoint"), progress=False)
-    if meta.get("baseline_sha256") and meta["baseline_sha256"] != baseline.sha256:
-        raise UserError(f"onnx: {path} was exported from another baseline of {meta['model']}; pass its --checkpoint",
-                        fields=("onnx",))
+    _check_same_baseline(path, meta, baseline)
     return baseline, data, meta
 
 

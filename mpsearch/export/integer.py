@@ -26,7 +26,7 @@ from torch import nn
 from mpsearch.errors import UserError
 from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantConv2d, QuantLinear, QuantWrapper
-from mpsearch.quant.primitives import QParams
+from mpsearch.quant.primitives import QParams, fake_quantize
 
 __all__ = ["IntegerInput", "to_integer_model", "integer_weight", "INTEGER_OPERATORS"]
 
@@ -60,11 +60,10 @@ _FLOAT_INPUT = (0.0, 0, 0, 0)  # the operators' encoding of "no input quantizer"
 
 
 def _quantize_input(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """The input on its grid, dequantized: what :func:`~mpsearch.quant.primitives.fake_quantize` computes."""
+    """The input on its grid, dequantized: :func:`~mpsearch.quant.primitives.fake_quantize` itself."""
     if scale == 0.0:
         return x
-    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    return fake_quantize(x, QParams(torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32), qmin, qmax))
 
 
 def _dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
