@@ -41,6 +41,7 @@ def search(
     storage: str | None = None,
     out: str | Path | None = None,
     config: StudyConfig | None = None,
+    latency: bool = True,
     progress: bool = True,
 ) -> SearchResult:
     """Search per-layer weight/activation bit widths of ``model``; every candidate is measured.
@@ -64,8 +65,11 @@ def search(
         storage: an Optuna storage URL to record the study in (resumable, optuna-dashboard shows it).
         out: a folder for the study's files (trials, front, policies, plots, report.md).
             Without ``storage`` and ``out`` nothing is written.
-        config: every other setting (quantizers, search details, fine-tuning); the arguments
-            above replace its fields.
+        config: every other setting (quantizers, search details, fine-tuning, how the front is
+            timed); the arguments above replace its fields.
+        latency: export each re-measured Pareto point to ONNX and time it in onnxruntime
+            (columns ``onnx_mib``, ``latency_b1_ms``, ``speedup_b1``, ... of ``.front``);
+            False skips it.
         progress: show progress bars.
 
     Returns:
@@ -80,6 +84,8 @@ def search(
         "run.workers": -1 if workers is None else workers, "run.storage": storage,
         "run.out_dir": None if out is None else str(out),
     }
+    if not latency:
+        overrides["latency"] = None
     return run_study(with_overrides(config or StudyConfig(), overrides), model=model_obj, data=data_obj, progress=progress)
 
 

@@ -31,8 +31,20 @@ def _front_x(pareto: Any, config: StudyConfig) -> Any:
     return pareto[xcol]
 
 
+def _latency_labels(pareto: Any) -> list[str]:
+    """Each Pareto point's onnxruntime latency at the smallest batch size timed ("" where untimed)."""
+    timed = sorted((int(c[len("latency_b"):-len("_ms")]), c) for c in pareto.columns
+                   if c.startswith("latency_b") and c.endswith("_ms"))
+    if not timed:
+        return [""] * len(pareto)
+    batch, column = timed[0]
+    return ["" if v != v else f"{v:.1f} ms at batch {batch}" for v in pareto[column]]
+
+
 def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
-    """A matplotlib figure: every trial, the re-measured front on test (if any), the uniform policies.
+    """A matplotlib figure: every trial, the re-measured front on test (if any, labelled with its
+    onnxruntime latency where timed: once in the legend when every point has the same), the
+    uniform policies.
 
     Uniform policies are the trials whose ``method`` attribute starts with ``uniform``.
     """
@@ -48,9 +60,14 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
     ax.scatter(ok[x_col], 100 * ok["value_accuracy"], s=10, c="#bbbbbb", label=f"trials ({len(ok)}, val subset)")
     if pareto is not None and len(pareto):
         px = _front_x(pareto, config)
+        labels = _latency_labels(pareto)
+        shared = len(set(labels)) == 1  # one timing for every point (one graph): said once, in the legend
         ax.errorbar(px, 100 * pareto["test_accuracy"],
                     yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
-                    fmt="o-", color="#d62728", ms=4, capsize=2, label="Pareto set, test split (95% CI)")
+                    fmt="o-", color="#d62728", ms=4, capsize=2,
+                    label="Pareto set, test split (95% CI)" + (f"; each {labels[0]} in onnxruntime" if shared and labels[0] else ""))
+        for x, y, text in zip(px, 100 * pareto["test_accuracy"], [] if shared else labels):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=6, color="#d62728")
     for _, row in uniform.iterrows():
         ax.scatter(row[x_col], 100 * row["value_accuracy"], marker="s", s=40, edgecolor="black", facecolor="#1f77b4", zorder=5)
         ax.annotate(str(row["attr_method"]).split(":")[1].upper(), (row[x_col], 100 * row["value_accuracy"]),
@@ -62,7 +79,7 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
     search = config.search
     ax.set_title(f"{config.model} on {config.dataset}: {search.algorithm}, budget {search.budget}, seed {config.seed}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
@@ -86,7 +103,8 @@ def plot_front(trials: Any, pareto: Any, config: StudyConfig, out: Path) -> None
                               text=[f"trial {t}: {p}" for t, p in zip(ok["trial"], ok["attr_policy"])]))
     if len(pareto):
         fig2.add_trace(go.Scatter(x=px, y=100 * pareto["test_accuracy"], mode="lines+markers", name="Pareto set (test)",
-                                  text=[f"trial {t}: {p}" for t, p in zip(pareto["trial"], pareto["policy"])],
+                                  text=[f"trial {t}: {p} {lat}" for t, p, lat in
+                                        zip(pareto["trial"], pareto["policy"], _latency_labels(pareto))],
                                   error_y={"type": "data", "symmetric": False,
                                            "array": 100 * (pareto["test_ci_high"] - pareto["test_accuracy"]),
                                            "arrayminus": 100 * (pareto["test_accuracy"] - pareto["test_ci_low"])}))
@@ -96,6 +114,24 @@ def plot_front(trials: Any, pareto: Any, config: StudyConfig, out: Path) -> None
                                   textposition="bottom right", marker={"symbol": "square", "size": 9}))
     fig2.update_layout(title=f"{config.model} on {config.dataset}", xaxis_title=_x_label(config), yaxis_title="top-1 accuracy (%)")
     atomic_write_text(out / "front.html", fig2.to_html(include_plotlyjs="inline"), what="plot")
+
+
+def _latency_columns(frame: Any) -> list[str]:
+    """The per-point onnxruntime columns of a timed front (:mod:`mpsearch.study.latency`)."""
+    return [c for c in frame.columns if c == "onnx_mib" or c.startswith(("latency_b", "speedup_b"))]
+
+
+def _latency_lines(pareto: Any, config: StudyConfig) -> list[str]:
+    if "fp32_onnx_mib" not in pareto.columns or pareto.empty or config.latency is None:
+        return []
+    first = pareto.iloc[0]
+    fp32 = ", ".join(f"batch {c[len('fp32_latency_b'):-len('_ms')]} {first[c]:.2f} ms" for c in pareto.columns
+                     if c.startswith("fp32_latency_b"))
+    return [f"Latency: each point exported to ONNX (`mpsearch export`) and run in onnxruntime {first['onnxruntime']} on "
+            f"{int(first['latency_threads'])} thread(s), median of {config.latency.runs} timed runs after {config.latency.warmup} "
+            "warm-up runs per batch size; speed-up over the fp32 ONNX "
+            f"of the same baseline, timed in the same run ({fp32}; {first['fp32_onnx_mib']:.2f} MiB). Points with the same "
+            "graph share one timing.", ""]
 
 
 def _markdown_table(df, columns: list[str], formats: dict[str, str]) -> str:
@@ -131,11 +167,11 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
     energy_col = f"rel_energy_{search.energy_profile}"
     cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_boot_low", "test_boot_high",
             "test_drop_pp", "val_accuracy",
-            energy_col, "rel_size", "rel_bops", "qat_test_accuracy", "qat_test_drop_pp"]
+            energy_col, "rel_size", "rel_bops", *_latency_columns(pareto), "qat_test_accuracy", "qat_test_drop_pp"]
     fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_boot_low": ".4f", "test_boot_high": ".4f",
            "test_drop_pp": "+.2f",
            "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
-           "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f"}
+           "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f", **{c: ".2f" for c in _latency_columns(pareto)}}
     search_s = result.phases.get("search", result.wall_s)
     lines = [
         f"# Study {config.study_name}",
@@ -158,6 +194,7 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         "",
         _markdown_table(pareto, [c for c in cols if c in pareto.columns], fmt),
         "",
+        *_latency_lines(pareto, config),
         *_proxy_lines(proxies or {}),
         "Files: `trials.csv` / `trials.parquet` (every trial), `pareto.csv`, `policies/trial-NNNN.json`, "
         "`front.png`, `front.html`, `config.yaml` (run it again to resume: `mpsearch optimize --config config.yaml`).",

@@ -181,7 +181,8 @@ def test_prefix_cache_turns_itself_off_for_a_vit(digits, digits_vit_baseline):
 
 
 TINY = {"model": "test_resnet", "dataset": "digits", "search.budget": 24, "search.population_size": 6, "search.eval_images": 120,
-        "search.multi_fidelity_images": 30, "calibration_size": 256, "search.ilp_seeds": 3, "run.workers": 0}
+        "search.multi_fidelity_images": 30, "calibration_size": 256, "search.ilp_seeds": 3, "run.workers": 0,
+        "latency": None}
 BUDGET = TINY["search.budget"]
 OBJECTIVES = ("accuracy", "energy")
 
@@ -284,7 +285,7 @@ def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, c
 
     args = ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(digits_baseline.checkpoint),
             "--budget", "8", "--population", "4", "--eval-images", "60", "--workers", "0", "--set", "search.remeasure_points=1",
-            "--set", "calibration_size=128", "--algorithm", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
+            "--set", "calibration_size=128", "--no-latency", "--algorithm", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
             "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out

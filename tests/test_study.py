@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from mpsearch.runtime import EvalTask, run_task
 from mpsearch.study import load_result, run_study, storage_url
 
 TINY = {"model": "test_resnet", "dataset": "digits", "search.budget": 16, "search.population_size": 8,
-        "search.eval_images": 120, "calibration_size": 256, "search.ilp_seeds": 3}
+        "search.eval_images": 120, "calibration_size": 256, "search.ilp_seeds": 3, "latency": None}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,23 @@ def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(tmp_path, 
     assert capped.front["trial"].tolist() == [full.front["trial"].iloc[0], full.front["trial"].iloc[-1]]
     pd.testing.assert_frame_equal(capped.front.drop(columns="policy_file"),
                                   full.front.iloc[[0, -1]].reset_index(drop=True).drop(columns="policy_file"))
+
+
+def test_the_front_is_exported_and_timed_in_onnxruntime(tmp_path, tiny_checkpoint):
+    _, result = _run(tmp_path, "tiny-timed", tiny_checkpoint, **{"search.budget": 8, "search.remeasure_points": 2,
+                                                                  "latency.batch_sizes": [1, 8]})
+    front = result.front
+    assert len(front) == 2 and front["latency_threads"].eq(os.cpu_count()).all()
+    for batch in (1, 8):
+        assert (front[f"latency_b{batch}_ms"] > 0).all() and front[f"fp32_latency_b{batch}_ms"].nunique() == 1
+        np.testing.assert_allclose(front[f"speedup_b{batch}"], front[f"fp32_latency_b{batch}_ms"] / front[f"latency_b{batch}_ms"])
+    assert (front["latency_b8_ms"] > front["latency_b1_ms"]).all()  # eight images take longer than one
+    # The cheapest point quantizes every layer: int8 weights, a quarter of the fp32 bytes plus the graph.
+    assert front["onnx_mib"].iloc[0] < 0.5 * front["fp32_onnx_mib"].iloc[0]
+    saved = pd.read_csv(result.out_dir / "pareto.csv")
+    np.testing.assert_allclose(saved["latency_b1_ms"], front["latency_b1_ms"])
+    report = (result.out_dir / "report.md").read_text()
+    assert "latency_b8_ms" in report and "Latency: each point exported to ONNX" in report
 
 
 def test_search_only_stops_before_the_front(tmp_path, tiny_checkpoint):

@@ -3,7 +3,8 @@
 A config is a frozen dataclass that subclasses :class:`Config`: defaults on every field, value
 checks in ``__post_init__`` (errors name the field, e.g. ``search.budget``), a ``version``.
 Sections compose: a field whose default is another config (or ``None`` with the type listed in
-``SECTIONS``) holds a nested config, written as a nested mapping in JSON and YAML.
+``SECTIONS``) holds a nested config, written as a nested mapping in JSON and YAML. A section
+typed ``X | None`` may be null (off), whatever its default.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def config_from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
         default, path = defaults[name], _join(where, name)
         section = cls.SECTIONS.get(name)
         if section is not None:
-            values[name] = None if value is None and default is None else config_from_dict(section, value, path)
+            optional = default is None or "None" in str(next(f.type for f in fields(cls) if f.name == name))
+            values[name] = None if value is None and optional else config_from_dict(section, value, path)
             continue
         if default is None:  # optional fields (None by default) are checked by the class itself
             continue

@@ -1,6 +1,7 @@
 """One search study as data: what to quantize (:class:`StudyConfig`), how to search
 (:class:`SearchConfig`), how to quantize (:class:`~mpsearch.config.QuantConfig`), whether to
-fine-tune the front (:class:`~mpsearch.config.FinetuneConfig`) and where it runs (:class:`RunConfig`).
+fine-tune the front (:class:`~mpsearch.config.FinetuneConfig`), how its front is timed in
+onnxruntime (:class:`LatencyConfig`) and where it runs (:class:`RunConfig`).
 
 A study config is a YAML file (``mpsearch optimize --config studies/resnet18.yaml``) whose
 sections are these classes; a study writes the config it ran with as ``config.yaml`` next to
@@ -18,7 +19,7 @@ from mpsearch.config.quant import FinetuneConfig, QuantConfig
 from mpsearch.errors import UserError, parse_user_yaml, read_user_file
 from mpsearch.objectives import is_objective, profile_name_ok
 
-__all__ = ["SearchConfig", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS"]
+__all__ = ["SearchConfig", "LatencyConfig", "MIN_TIMED_RUNS", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,39 @@ class SearchConfig(Config):
                                                        "`mpsearch calibrate-energy` installs a fitted profile under its name")
 
 
+MIN_TIMED_RUNS = 30  # fewer timed runs give a median too noisy to compare two models by
+
+
+@dataclass(frozen=True)
+class LatencyConfig(Config):
+    """How each re-measured Pareto point is timed end to end: exported to ONNX (its quantized
+    layers on integer kernels, :mod:`mpsearch.export`) and run in onnxruntime on this CPU.
+
+    At each of ``batch_sizes``: ``warmup`` untimed runs, then the median of ``runs`` timed ones,
+    on ``threads`` threads (None: every core; the search's workers are
+    done by then). Points whose files have the same graph (the same layers on integer kernels,
+    widths <= 8 sharing one int8 kernel) share one timing.
+    """
+
+    SECTION = "latency"
+
+    version: int = 1
+    batch_sizes: tuple[int, ...] = (1, 64)
+    runs: int = 30
+    warmup: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or not all(type(b) is int and b >= 1 for b in self.batch_sizes):
+            raise field_error("latency.batch_sizes", f"one or more batch sizes >= 1, got {list(self.batch_sizes)}")
+        if self.runs < MIN_TIMED_RUNS:
+            raise field_error("latency.runs", f"at least {MIN_TIMED_RUNS} timed runs give a stable median, got {self.runs}")
+        if self.warmup < 1:
+            raise field_error("latency.warmup", f"must be >= 1, got {self.warmup}")
+        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
+            raise field_error("latency.threads", f"must be >= 1 or null (every core), got {self.threads!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig(Config):
     """Where and how a study runs; a resumed study may change any of it.
@@ -99,7 +133,7 @@ class RunConfig(Config):
 # Settings a resumed study may change: they decide how much to run and where, not what a trial
 # measures. Every other field must match the study's stored config.
 RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "data_dir", "checkpoint", "finetune",
-                    "allow_weak_baseline")
+                    "latency", "allow_weak_baseline")
 
 
 @dataclass(frozen=True)
@@ -113,11 +147,12 @@ class StudyConfig(Config):
     baseline; ``allow_weak_baseline`` searches a baseline within 10 points of chance accuracy,
     which is otherwise refused. ``seed`` seeds everything: the calibration draw, the quantizers, the search and
     fine-tuning (``quant.seed`` and ``finetune.seed`` always follow it). ``finetune`` (off when null) fine-tunes
-    every re-measured Pareto point with LSQ + distillation.
+    every re-measured Pareto point with LSQ + distillation. ``latency`` (off when null) exports every
+    re-measured Pareto point to ONNX and times it in onnxruntime, next to the fp32 model.
     """
 
     SECTIONS: ClassVar[dict[str, type]] = {"quant": QuantConfig, "search": SearchConfig, "finetune": FinetuneConfig,
-                                           "run": RunConfig}
+                                           "latency": LatencyConfig, "run": RunConfig}
 
     version: int = 1
     name: str = ""
@@ -132,6 +167,7 @@ class StudyConfig(Config):
     quant: QuantConfig = field(default_factory=QuantConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig | None = None
+    latency: LatencyConfig | None = field(default_factory=LatencyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

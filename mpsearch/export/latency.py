@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 
+from mpsearch.config import MIN_TIMED_RUNS
 from mpsearch.errors import UserError
 from mpsearch.export.onnx import OnnxClassifier
 
-__all__ = ["LatencyResult", "measure_latency", "check_timing", "MIN_RUNS"]
-
-MIN_RUNS = 30  # fewer timed runs give a median too noisy to compare two files by
+__all__ = ["LatencyResult", "measure_latency", "check_timing"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,8 @@ def _input_shape(classifier: OnnxClassifier) -> tuple[int, ...]:
 
 def check_timing(*, batch_sizes: Sequence[int], runs: int, warmup: int, threads: int | None) -> None:
     """Refuse timing settings that cannot give a meaningful median (before anything is loaded)."""
-    if runs < MIN_RUNS:
-        raise UserError(f"runs: at least {MIN_RUNS} timings per batch size give a stable median, got {runs}", fields=("runs",))
+    if runs < MIN_TIMED_RUNS:
+        raise UserError(f"runs: at least {MIN_TIMED_RUNS} timings per batch size give a stable median, got {runs}", fields=("runs",))
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UserError(f"batch_sizes: each must be >= 1, got {list(batch_sizes)}", fields=("batch_sizes",))
     if warmup < 1:

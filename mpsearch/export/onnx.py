@@ -35,8 +35,8 @@ from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
 from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantWrapper
 
-__all__ = ["save_onnx", "check_onnx_output", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts", "INTEGER_KERNELS",
-           "METADATA_PREFIX", "OPSET"]
+__all__ = ["save_onnx", "check_onnx_output", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts",
+           "graph_signature", "INTEGER_KERNELS", "METADATA_PREFIX", "OPSET"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,34 @@ def onnx_operator_counts(path: str | Path) -> dict[str, int]:
     for node in onnx.load(str(path)).graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def graph_signature(path: str | Path) -> str:
+    """A hash of what decides the ONNX file ``path``'s speed, not of its numbers: each node's
+    operator, its integer and string attributes (strides, groups, the integer types it casts
+    to), and the types and shapes of the tensors it reads from the file. Float values (scales,
+    clip bounds) are left out, and so is which node shares which stored constant (the exporter
+    merges equal ones). Two policies that put the same layers on integer kernels get the same
+    signature whatever their widths (<= 8 bits share one int8 kernel), so one timing serves both."""
+    import hashlib
+
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    stored = {init.name: f"{init.data_type}{list(init.dims)}" for init in graph.initializer}
+    parts = []
+    for node in graph.node:
+        attributes = []
+        for attr in node.attribute:
+            value = onnx.helper.get_attribute_value(attr)
+            if attr.type == onnx.AttributeProto.TENSOR:
+                value = f"{value.data_type}{list(value.dims)}"
+            elif attr.type in (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS):
+                value = "float"
+            attributes.append(f"{attr.name}={value}")
+        inputs = [stored.get(name, "") for name in node.input]
+        parts.append(f"{node.domain}:{node.op_type}({','.join(inputs)}){';'.join(attributes)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def integer_kernel_ops(path: str | Path, optimized_path: str | Path) -> dict[str, int]:

@@ -4,7 +4,8 @@
 user's model object and data), calibrates the quantizers once, seeds and runs each method's
 :class:`~mpsearch.study.loop.SearchLoop` on an executor (in process or a pool of Ray workers:
 the numbers do not depend on which), re-measures the Pareto set on the full validation and test
-splits, and writes the study's files when it has a folder.
+splits, times it end to end in onnxruntime (:mod:`mpsearch.study.latency`), and writes the study's
+files when it has a folder.
 
 Resuming: running the same study again continues it. Each algorithm is rebuilt by replaying the
 recorded generations through ask/tell, checked generation by generation against
@@ -33,6 +34,7 @@ from mpsearch.policy import MeasurementSettings, Policy
 from mpsearch.runtime import NamedSource, ObjectSource, WorkerSpec, create_executor, default_workers
 from mpsearch.study.checkpoint import SearchCheckpoint, checkpoint_file
 from mpsearch.study.front import finetune_front, remeasure_front
+from mpsearch.study.latency import time_front
 from mpsearch.study.loop import SearchLoop, StudyRun
 from mpsearch.study.outputs import write_outputs, write_policies
 from mpsearch.study.result import SearchResult
@@ -229,6 +231,10 @@ class _Driver:
                 mark = time.perf_counter()
                 pareto, policies = remeasure_front(config, evaluator, executor, space, trials, to_policy, progress=self.progress)
                 self.phases["remeasure"] = time.perf_counter() - mark
+        if pareto is not None and config.latency is not None:
+            mark = time.perf_counter()
+            pareto = time_front(config, evaluator, pareto, policies, progress=self.progress)
+            self.phases["latency"] = time.perf_counter() - mark
         if pareto is not None and self.out is not None:
             pareto = write_policies(self.out, pareto, policies)
             if config.finetune is not None:
