@@ -14,6 +14,7 @@ from onnx import numpy_helper
 import mpsearch
 from mpsearch.cli import main
 from mpsearch.export import INTEGER_KERNELS, OnnxClassifier, integer_kernel_ops, read_metadata, to_integer_model
+from mpsearch.export.onnx import graph_signature
 from mpsearch.policy import LayerPrecision, Policy
 
 
@@ -91,6 +92,18 @@ def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, dig
     assert sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")) >= 1  # the fp32 layer
 
 
+def test_one_graph_signature_per_set_of_layers_on_integer_kernels(models, digits, tmp_path):
+    """Widths <= 8 share the int8 kernels: W8A8 and W4A4 files time alike; a layer left fp32 does not."""
+    model = models["cnn"]
+    w8a8 = mpsearch.export_onnx(model, "w8a8", digits, tmp_path / "w8a8.onnx")
+    w4a4 = mpsearch.export_onnx(model, "w4a4", digits, tmp_path / "w4a4.onnx")
+    policy = _policy(model, "w8a8", digits)
+    off = list(policy.layers)[1]
+    policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None)})
+    one_float = mpsearch.export_onnx(model, policy, digits, tmp_path / "one-float.onnx")
+    assert graph_signature(w8a8) == graph_signature(w4a4) != graph_signature(one_float)
+
+
 def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
     """A W4A4 layer holds 4-bit integers in its int8 container and clips its input to 16 levels."""
     model = models["cnn"]
@@ -140,3 +153,16 @@ def test_export_and_evaluate_onnx_on_the_command_line(digits_baseline, digits, t
         assert row["runs"] == 30 and row["threads"] == 1 and 0 < row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
     fp32, quantized = rows[1], rows[3]
     assert quantized["speedup_vs_fp32"] == pytest.approx(fp32["median_ms"] / quantized["median_ms"])
+
+
+def test_a_file_exported_from_python_is_evaluated_on_the_model_and_data_named(digits_baseline, digits, tmp_path, capsys):
+    """mpsearch.export_onnx records no data set, and the model by its class: --model/--dataset say which."""
+    checkpoint = tmp_path / "model.pt"
+    torch.save(digits_baseline.model.state_dict(), checkpoint)
+    path = mpsearch.export_onnx(digits_baseline.model, "w8a8", digits, tmp_path / "api.onnx")
+    assert main(["evaluate", "--onnx", str(path), "--split", "test", "--no-progress"]) == 2
+    assert "pass --model and --dataset" in capsys.readouterr().err
+    assert main(["evaluate", "--onnx", str(path), "--model", "test_resnet", "--dataset", "digits", "--checkpoint",
+                 str(checkpoint), "--split", "test", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["policy"] == "W8 A8" and result["images"] == len(digits.test) and result["agreement"] >= 0.99

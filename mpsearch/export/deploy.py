@@ -100,7 +100,9 @@ def compare_onnx(path: str | Path, *, split: str = "test", limit: int | None = N
     if policy is None:
         if "policy" not in meta:
             raise UserError(f"onnx: {path} carries no policy; pass the policy it was exported from with --policy", fields=("onnx",))
-        policy = Policy.from_dict(meta["policy"])
+        # A file exported from Python (mpsearch.export_onnx) names no data set in its policy, and
+        # its model by class name: the policy is measured on the model and data set given here.
+        policy = Policy.from_dict({**meta["policy"], "model": model, "dataset": dataset})
         if "finetune" in policy.provenance:
             raise UserError("policy: the file was exported from a fine-tuned policy; pass that policy's JSON file with --policy "
                             "so its fine-tuned weights are loaded", fields=("policy",))
