@@ -1,0 +1,98 @@
+"""Exported models measured end to end: for each policy, the fake-quantized accuracy (PyTorch), the
+accuracy of its ONNX file in onnxruntime, the share of images on which both predict the same
+class, the file's latency at batch 1 and 64 with its speed-up over the fp32 ONNX of the same
+baseline, and the file's size.
+
+    python scripts/bench_export.py --model resnet18 --study studies/resnet18-fashion-mnist-nsga2-s0 \\
+        --out docs/export_bench.md
+    python scripts/bench_export.py --model deit_tiny --policies fp32,w8a8 --out docs/export_bench.md --append
+
+``--policies`` are shorthands (fp32, w8a8, w4a8, w4a4) or policy JSON files; ``--picks`` adds
+searched policies of ``--study`` (knee, min-energy, trial:N, ...). Accuracy is on the test split
+(``--limit``: its first N images). Each row says whether it is within the export's tolerance:
+agreement >= 99.5 % and accuracies within 0.15 pp. The table states the machine and the threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from mpsearch.export.deploy import compare_onnx, export_policy
+from mpsearch.export.latency import measure_latency
+from mpsearch.machine import describe_machine
+
+AGREEMENT_MIN, ACCURACY_PP_MAX = 0.995, 0.15
+MIB = 2 ** 20
+
+
+def _policies(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(label, policy) for each row: the shorthands and files given, then the study's picks."""
+    from mpsearch.study import load_result
+
+    rows: list[tuple[str, object]] = [(p, p) for p in args.policies.split(",") if p]
+    if args.study:
+        result = load_result(args.study)
+        for pick in args.picks.split(","):
+            policy, _ = result.choose(pick)
+            rows.append((f"searched {pick} (trial {policy.provenance['trial']})", policy))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--policies", default="fp32,w8a8,w4a8,w4a4", help="shorthands or policy JSON files; fp32 first: "
+                                                                     "the speed-up reference")
+    ap.add_argument("--study", default=None, help="a finished study's folder: its --picks are added")
+    ap.add_argument("--picks", default="knee,max-accuracy")
+    ap.add_argument("--limit", type=int, default=None, help="first N test images (default: all)")
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per batch size (after 10 warm-up runs)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads (default: every core)")
+    ap.add_argument("--out", default=None, help="markdown file to write the table to (default: print only)")
+    ap.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    args = ap.parse_args()
+    if not args.policies.startswith("fp32"):
+        ap.error("--policies must start with fp32: the other rows' speed-ups are over it")
+
+    start = time.perf_counter()
+    lines = [f"### {args.model} on {args.dataset}", "",
+             "| policy | fake quant | onnxruntime | diff (pp) | agreement | batch 1 (ms) | speed-up | batch 64 (ms) | "
+             "speed-up | file (MiB) | within tolerance |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    reference: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        for i, (label, policy) in enumerate(_policies(args)):
+            path, resolved = export_policy(args.model, args.dataset, policy, Path(tmp) / f"row{i}.onnx")
+            compared = compare_onnx(path, split="test", limit=args.limit, threads=args.threads)
+            timed = {r.batch_size: r.median_ms for r in
+                     measure_latency(path, batch_sizes=(1, 64), runs=args.runs, warmup=10, threads=args.threads)}
+            reference = reference or timed
+            diff_pp = 100 * (compared.onnx_accuracy - compared.fake_quant_accuracy)
+            ok = compared.agreement >= AGREEMENT_MIN and abs(diff_pp) <= ACCURACY_PP_MAX
+            summary = resolved.summary()
+            shown = label if label.lower() == summary.lower() else f"{label}: {summary}"
+            lines.append(
+                f"| {shown} | {100 * compared.fake_quant_accuracy:.2f} % | {100 * compared.onnx_accuracy:.2f} % "
+                f"| {diff_pp:+.2f} | {100 * compared.agreement:.2f} % | {timed[1]:.2f} | {reference[1] / timed[1]:.2f}x "
+                f"| {timed[64]:.1f} | {reference[64] / timed[64]:.2f}x | {path.stat().st_size / MIB:.2f} | {'yes' if ok else 'no'} |")
+            print(lines[-1], flush=True)
+    lines += ["", f"{compared.images} test images; onnxruntime CPU, {args.threads} thread(s), median of {args.runs} timed runs "
+                  f"after 10 warm-up runs; machine: {describe_machine()}; {(time.perf_counter() - start) / 60:.1f} min. "
+                  f"Command: `python scripts/bench_export.py --model {args.model} --dataset {args.dataset} "
+                  f"--policies {args.policies} --threads {args.threads}"
+                  + (f" --study {args.study} --picks {args.picks}" if args.study else "")
+                  + (f" --limit {args.limit}" if args.limit else "") + "`", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "a" if args.append else "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
