@@ -20,7 +20,7 @@ EVAL = ["evaluate", "--model", "test_resnet", "--dataset", "digits", "--no-progr
 FT = ["finetune", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
 ABL = ["ablate", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
 OPT = ["optimize", "--model", "test_resnet", "--dataset", "digits", "--budget", "6", "--population", "3",
-       "--eval-images", "60", "--workers", "0", "--sensitivity", "none", "--no-latency", "--no-progress"]
+       "--eval-images", "60", "--workers", "0", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
     common = trained
     folder = tmp_path / "cli"
     out = run("optimize", *common, "--budget", "8", "--population", "4", "--eval-images", "100", "--workers", "0",
-              "--sensitivity", "none", "--no-latency", "--out-dir", str(folder), "--name", "cli", cache=cli_cache)
+              "--sensitivity", "none", "--set", "latency=null", "--out-dir", str(folder), "--name", "cli", cache=cli_cache)
     assert out.returncode == 0, out.stderr
     assert "8 trials" in out.stdout and "Pareto points" in out.stdout
     policy_path = tmp_path / "picked.json"
@@ -191,7 +191,7 @@ def test_study_examples_load_and_the_tour_runs(cli_cache, trained, tmp_path):
     assert configs["resnet18"] == with_overrides(StudyConfig(), {"name": "resnet18-fashion-mnist"})  # the default, written out
     assert configs["deit_tiny"].quant.attention_calibration == "ranking" and configs["deit_tiny"].search.space == "deit_tiny"
     out = run("optimize", "--config", str(studies / "digits-tour.yaml"), "--checkpoint", trained[-1], "--budget", "8",
-              "--out-dir", str(tmp_path / "tour"), "--no-latency", "--no-progress", cache=cli_cache)
+              "--out-dir", str(tmp_path / "tour"), "--set", "latency=null", "--no-progress", cache=cli_cache)
     assert out.returncode == 0, out.stderr
     ran = StudyConfig.load(tmp_path / "tour" / "config.yaml")
     assert ran.search.budget == 8 and ran.search.algorithm == "nsga2+mf" and ran.name == "digits-tour"

@@ -285,7 +285,7 @@ def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, c
 
     args = ["compare", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(digits_baseline.checkpoint),
             "--budget", "8", "--population", "4", "--eval-images", "60", "--workers", "0", "--set", "search.remeasure_points=1",
-            "--set", "calibration_size=128", "--no-latency", "--algorithm", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
+            "--set", "calibration_size=128", "--set", "latency=null", "--algorithm", "random,ilp", "--seeds", "0,1", "--name", "cli-cmp",
             "--out-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out

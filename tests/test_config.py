@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mpsearch.config import FinetuneConfig, QuantConfig, RunConfig, SearchConfig, StudyConfig, TrainRecipe, with_overrides
+from mpsearch.config import (FinetuneConfig, LatencyConfig, QuantConfig, RunConfig, SearchConfig, StudyConfig, TrainRecipe,
+                             with_overrides)
 from mpsearch.errors import UserError
 
 
@@ -13,7 +14,9 @@ from mpsearch.errors import UserError
                                     FinetuneConfig(), FinetuneConfig(steps=50, temperature=2.0, label_weight=0.5),
                                     SearchConfig(), SearchConfig(algorithm="nsga2+mf,random", objectives=("accuracy", "size")),
                                     RunConfig(), RunConfig(workers=0, storage="sqlite:///x.db"), StudyConfig(),
-                                    StudyConfig(seed=2, quant=QuantConfig(ptq="gptq"), finetune=FinetuneConfig(steps=7))])
+                                    StudyConfig(seed=2, quant=QuantConfig(ptq="gptq"), finetune=FinetuneConfig(steps=7)),
+                                    LatencyConfig(), LatencyConfig(batch_sizes=(1, 32), runs=40, threads=1),
+                                    StudyConfig(latency=None)])
 def test_every_config_round_trips_through_json(config):
     restored = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
@@ -35,6 +38,20 @@ def test_keys_change_with_settings_and_configs_reject_bad_values():
     assert TrainRecipe.from_dict({"lr": 1}).lr == 1  # an int is a fine float
     with pytest.raises(UserError, match="finetune.steps"):
         FinetuneConfig(steps=0)
+
+
+def test_the_latency_section_is_on_by_default_may_be_null_and_checks_its_values():
+    assert StudyConfig().latency == LatencyConfig() and StudyConfig().latency.batch_sizes == (1, 64)
+    assert StudyConfig.from_dict({"latency": None}).latency is None  # typed "| None": may be off
+    assert with_overrides(StudyConfig(latency=None), {"latency.runs": 50}).latency == LatencyConfig(runs=50)
+    with pytest.raises(UserError, match="quant: expected a mapping"):
+        StudyConfig.from_dict({"quant": None})  # a section that may not be off
+    with pytest.raises(UserError, match="latency.runs: at least 30"):
+        LatencyConfig(runs=10)
+    with pytest.raises(UserError, match="latency.batch_sizes"):
+        LatencyConfig(batch_sizes=(1, 0))
+    with pytest.raises(UserError, match="latency.threads"):
+        StudyConfig.from_dict({"latency": {"threads": 0}})
 
 
 def test_a_study_config_composes_its_sections_and_reads_yaml(tmp_path):

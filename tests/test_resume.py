@@ -22,7 +22,7 @@ from mpsearch.study import run_study
 
 POP, BUDGET = 6, 24
 FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET), "--population", str(POP),
-         "--eval-images", "180", "--sensitivity", "none", "--no-latency", "--no-progress"]
+         "--eval-images", "180", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
 SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
             "search.eval_images": 180, "search.sensitivity": "none", "run.workers": 0, "latency": None}
 SAME = ["trial", "state", "attr_generation", "attr_slot", "attr_method", "attr_correct"]

@@ -23,7 +23,7 @@ FIELD_FLAGS = {
     "search.objectives": "--objectives", "search.space": "--space", "search.energy_profile": "--energy-profile",
     "search.sensitivity": "--sensitivity", "search.eval_images": "--eval-images",
     "run.workers": "--workers", "run.torch_threads": "--threads", "run.ray_address": "--ray-address",
-    "run.storage": "--storage", "run.out_dir": "--out-dir", "latency": "--no-latency",
+    "run.storage": "--storage", "run.out_dir": "--out-dir",
     "quant.ptq": "--ptq", "quant.weight_observer": "--weight-observer", "quant.act_observer": "--act-observer",
     "quant.smoothquant_alpha": "--smoothquant", "quant.attention_calibration": "--attention-calibration",
     "quant.bias_correction": "--bias-correction",

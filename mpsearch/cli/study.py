@@ -56,8 +56,6 @@ def study_configs(args: argparse.Namespace) -> list[Any]:
         value = getattr(args, dest)
         if value is not None:
             overrides[field] = [o.strip() for o in value.split(",") if o.strip()] if dest == "objectives" else value
-    if args.no_latency:
-        overrides["latency"] = None
     overrides.update(_setting(text) for text in args.set or ())
     config = with_overrides(base, overrides)
     seeds = [config.seed] if args.seeds is None else list(int_list(args.seeds, "--seeds"))
@@ -148,9 +146,6 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     o.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<out-dir>/study.db)")
     o.add_argument("--name", default=None, help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
     o.add_argument("--out-dir", default=None, help="folder for the study's files (default studies/<name>)")
-    o.add_argument("--no-latency", action="store_true",
-                   help="skip exporting each re-measured Pareto point to ONNX and timing it in onnxruntime "
-                        "(tune the timing with --set latency.runs=50, latency.batch_sizes=[1,32], latency.threads=N)")
     add_progress(o)
     o.set_defaults(handler=optimize)
 
