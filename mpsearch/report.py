@@ -31,10 +31,14 @@ def _front_x(pareto: Any, config: StudyConfig) -> Any:
     return pareto[xcol]
 
 
+def _timed_batches(frame: Any, prefix: str) -> list[tuple[int, str]]:
+    """(batch size, column) of the ``{prefix}{B}_ms`` latency columns of a timed front, smallest batch first."""
+    return sorted((int(c[len(prefix):-len("_ms")]), c) for c in frame.columns if c.startswith(prefix) and c.endswith("_ms"))
+
+
 def _latency_labels(pareto: Any) -> list[str]:
     """Each Pareto point's onnxruntime latency at the smallest batch size timed ("" where untimed)."""
-    timed = sorted((int(c[len("latency_b"):-len("_ms")]), c) for c in pareto.columns
-                   if c.startswith("latency_b") and c.endswith("_ms"))
+    timed = _timed_batches(pareto, "latency_b")
     if not timed:
         return [""] * len(pareto)
     batch, column = timed[0]
@@ -125,8 +129,7 @@ def _latency_lines(pareto: Any, config: StudyConfig) -> list[str]:
     if "fp32_onnx_mib" not in pareto.columns or pareto.empty or config.latency is None:
         return []
     first = pareto.iloc[0]
-    fp32 = ", ".join(f"batch {c[len('fp32_latency_b'):-len('_ms')]} {first[c]:.2f} ms" for c in pareto.columns
-                     if c.startswith("fp32_latency_b"))
+    fp32 = ", ".join(f"batch {batch} {first[c]:.2f} ms" for batch, c in _timed_batches(pareto, "fp32_latency_b"))
     return [f"Latency: each point exported to ONNX (`mpsearch export`) and run in onnxruntime {first['onnxruntime']} on "
             f"{int(first['latency_threads'])} thread(s), median of {config.latency.runs} timed runs after {config.latency.warmup} "
             "warm-up runs per batch size; speed-up over the fp32 ONNX "

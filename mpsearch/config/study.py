@@ -19,7 +19,7 @@ from mpsearch.config.quant import FinetuneConfig, QuantConfig
 from mpsearch.errors import UserError, parse_user_yaml, read_user_file
 from mpsearch.objectives import is_objective, profile_name_ok
 
-__all__ = ["SearchConfig", "LatencyConfig", "MIN_TIMED_RUNS", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS"]
+__all__ = ["SearchConfig", "LatencyConfig", "timing_problem", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,20 @@ class SearchConfig(Config):
 MIN_TIMED_RUNS = 30  # fewer timed runs give a median too noisy to compare two models by
 
 
+def timing_problem(*, batch_sizes: Any, runs: int, warmup: int, threads: int | None) -> tuple[str, str] | None:
+    """(field, what is wrong) with these latency timing settings, or None: one rule for a study's
+    ``latency:`` section and for ``mpsearch latency``'s flags."""
+    if runs < MIN_TIMED_RUNS:
+        return "runs", f"at least {MIN_TIMED_RUNS} timings per batch size give a stable median, got {runs}"
+    if not batch_sizes or not all(type(b) is int and b >= 1 for b in batch_sizes):
+        return "batch_sizes", f"each must be >= 1, got {list(batch_sizes)}"
+    if warmup < 1:
+        return "warmup", f"must be >= 1 run, got {warmup}"
+    if threads is not None and (type(threads) is not int or threads < 1):
+        return "threads", f"must be >= 1 (unset: every core), got {threads!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class LatencyConfig(Config):
     """How each re-measured Pareto point is timed end to end: exported to ONNX (its quantized
@@ -94,14 +108,9 @@ class LatencyConfig(Config):
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.batch_sizes or not all(type(b) is int and b >= 1 for b in self.batch_sizes):
-            raise field_error("latency.batch_sizes", f"one or more batch sizes >= 1, got {list(self.batch_sizes)}")
-        if self.runs < MIN_TIMED_RUNS:
-            raise field_error("latency.runs", f"at least {MIN_TIMED_RUNS} timed runs give a stable median, got {self.runs}")
-        if self.warmup < 1:
-            raise field_error("latency.warmup", f"must be >= 1, got {self.warmup}")
-        if self.threads is not None and (type(self.threads) is not int or self.threads < 1):
-            raise field_error("latency.threads", f"must be >= 1 or null (every core), got {self.threads!r}")
+        problem = timing_problem(batch_sizes=self.batch_sizes, runs=self.runs, warmup=self.warmup, threads=self.threads)
+        if problem:
+            raise field_error(f"latency.{problem[0]}", problem[1])
 
 
 @dataclass(frozen=True)

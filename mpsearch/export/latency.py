@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mpsearch.config import MIN_TIMED_RUNS
+from mpsearch.config import timing_problem
 from mpsearch.errors import UserError
 from mpsearch.export.onnx import OnnxClassifier
 
@@ -52,14 +52,9 @@ def _input_shape(classifier: OnnxClassifier) -> tuple[int, ...]:
 
 def check_timing(*, batch_sizes: Sequence[int], runs: int, warmup: int, threads: int | None) -> None:
     """Refuse timing settings that cannot give a meaningful median (before anything is loaded)."""
-    if runs < MIN_TIMED_RUNS:
-        raise UserError(f"runs: at least {MIN_TIMED_RUNS} timings per batch size give a stable median, got {runs}", fields=("runs",))
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise UserError(f"batch_sizes: each must be >= 1, got {list(batch_sizes)}", fields=("batch_sizes",))
-    if warmup < 1:
-        raise UserError(f"warmup: must be >= 1 run, got {warmup}", fields=("warmup",))
-    if threads is not None and threads < 1:
-        raise UserError(f"threads: must be >= 1, got {threads}", fields=("threads",))
+    problem = timing_problem(batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
+    if problem:
+        raise UserError(f"{problem[0]}: {problem[1]}", fields=(problem[0],))
 
 
 def measure_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 64), runs: int = 50, warmup: int = 10,
