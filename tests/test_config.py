@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from mpsearch.config import (FinetuneConfig, LatencyConfig, QuantConfig, RunConfig, SearchConfig, StudyConfig, TrainRecipe,
-                             with_overrides)
+from mpsearch.config import FinetuneConfig, LatencyConfig, QuantConfig, RunConfig, SearchConfig, StudyConfig, TrainRecipe, with_overrides
 from mpsearch.errors import UserError
 
 
