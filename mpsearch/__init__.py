@@ -25,6 +25,7 @@ _EXPORTS = {
     "search": "mpsearch.api",
     "quantize": "mpsearch.api",
     "export_onnx": "mpsearch.api",
+    "export_pt2e": "mpsearch.api",
     "SearchResult": "mpsearch.study",
     "load_result": "mpsearch.study",
     "make_data": "mpsearch.data",

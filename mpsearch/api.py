@@ -25,7 +25,7 @@ from mpsearch.errors import UserError
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
 from mpsearch.study import SearchResult, run_study
 
-__all__ = ["search", "quantize", "export_onnx"]
+__all__ = ["search", "quantize", "export_onnx", "export_pt2e"]
 
 
 def search(
@@ -171,3 +171,22 @@ def export_onnx(model: nn.Module, policy: Policy | str | Path, calibration: Any,
     split = _calibration_split(calibration)
     example = next(iter(split.batches(2)))[0]
     return save_onnx(qmodel.module, example, path, metadata={"policy": qmodel.policy.to_dict()})
+
+
+def export_pt2e(model: nn.Module, policy: Policy | str | Path, calibration: Any, path: str | Path, *,
+                quant: QuantConfig | None = None) -> Path:
+    """Write ``model`` quantized by ``policy`` to ``path`` (``.pt2``) as a PT2E int8 program:
+    torchao's ``X86InductorQuantizer`` flow with the policy's own scales, which ``torch.compile``
+    runs on oneDNN int8 kernels (see :mod:`mpsearch.export.pt2e`; needs torchao). Returns the path.
+
+        program = torch.export.load(path)          # after import torchao
+        model = torch.compile(program.module())    # with torch._inductor.config.freezing = True
+
+    Arguments as in :func:`quantize`; ``mpsearch.export.pt2e.Pt2eClassifier(path)`` runs the file.
+    """
+    from mpsearch.export.dispatch import save_exported
+
+    qmodel = _quantized(model, policy, calibration, quant)
+    split = _calibration_split(calibration)
+    example = next(iter(split.batches(2)))[0]
+    return save_exported(qmodel.module, example, path, "pt2e", metadata={"policy": qmodel.policy.to_dict()})

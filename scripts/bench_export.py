@@ -1,11 +1,13 @@
 """Exported models measured end to end: for each policy, the fake-quantized accuracy (PyTorch), the
-accuracy of its ONNX file in onnxruntime, the share of images on which both predict the same
-class, the file's latency at batch 1 and 64 with its speed-up over the fp32 ONNX of the same
-baseline, and the file's size.
+accuracy of its exported file in its runtime (ONNX in onnxruntime, or with ``--format pt2e`` a PT2E
+program compiled by ``torch.compile``), the share of images on which both predict the same class,
+the file's latency at batch 1 and 64 with its speed-up over the fp32 model of the same baseline
+in the same runtime, and the file's size.
 
     python scripts/bench_export.py --model resnet18 --study studies/resnet18-fashion-mnist-nsga2-s0 \\
         --out docs/export_bench.md
     python scripts/bench_export.py --model deit_tiny --policies fp32,w8a8 --out docs/export_bench.md --append
+    python scripts/bench_export.py --model resnet18 --format pt2e --policies fp32,w8a8,w4a4 --out docs/export_bench.md --append
 
 ``--policies`` are shorthands (fp32, w8a8, w4a8, w4a4) or policy JSON files; ``--picks`` adds
 searched policies of ``--study`` (knee, min-energy, trial:N, ...). Accuracy is on the test split
@@ -21,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpsearch.export.deploy import compare_onnx, export_policy
+from mpsearch.export.deploy import compare_exported, export_policy
+from mpsearch.export.formats import FORMATS
 from mpsearch.export.latency import measure_latency
 from mpsearch.machine import describe_machine
 
@@ -52,7 +55,8 @@ def main() -> None:
     ap.add_argument("--picks", default="knee,max-accuracy")
     ap.add_argument("--limit", type=int, default=None, help="first N test images (default: all)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per batch size (after 10 warm-up runs)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads (default: every core)")
+    ap.add_argument("--format", choices=tuple(FORMATS), default="onnx", help="onnx (onnxruntime) or pt2e (torch.compile)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="runtime threads (default: every core)")
     ap.add_argument("--out", default=None, help="markdown file to write the table to (default: print only)")
     ap.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = ap.parse_args()
@@ -60,31 +64,33 @@ def main() -> None:
         ap.error("--policies must start with fp32: the other rows' speed-ups are over it")
 
     start = time.perf_counter()
-    lines = [f"### {args.model} on {args.dataset}", "",
-             "| policy | fake quant | onnxruntime | diff (pp) | agreement | batch 1 (ms) | speed-up | batch 64 (ms) | "
+    runtime = {"onnx": "onnxruntime", "pt2e": "torch.compile"}[args.format]
+    lines = [f"### {args.model} on {args.dataset}" + (", PT2E int8 in torch.compile" if args.format == "pt2e" else ""), "",
+             f"| policy | fake quant | {runtime} | diff (pp) | agreement | batch 1 (ms) | speed-up | batch 64 (ms) | "
              "speed-up | file (MiB) | within tolerance |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     reference: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         for i, (label, policy) in enumerate(_policies(args)):
-            path, resolved = export_policy(args.model, args.dataset, policy, Path(tmp) / f"row{i}.onnx")
-            compared = compare_onnx(path, split="test", limit=args.limit, threads=args.threads)
+            path, resolved = export_policy(args.model, args.dataset, policy, Path(tmp) / f"row{i}{FORMATS[args.format]}", fmt=args.format)
+            compared = compare_exported(path, split="test", limit=args.limit, threads=args.threads)
             timed = {r.batch_size: r.median_ms for r in
                      measure_latency(path, batch_sizes=(1, 64), runs=args.runs, warmup=10, threads=args.threads)}
             reference = reference or timed
-            diff_pp = 100 * (compared.onnx_accuracy - compared.fake_quant_accuracy)
+            diff_pp = 100 * (compared.exported_accuracy - compared.fake_quant_accuracy)
             ok = compared.agreement >= AGREEMENT_MIN and abs(diff_pp) <= ACCURACY_PP_MAX
             summary = resolved.summary()
             shown = label if label.lower() == summary.lower() else f"{label}: {summary}"
             lines.append(
-                f"| {shown} | {100 * compared.fake_quant_accuracy:.2f} % | {100 * compared.onnx_accuracy:.2f} % "
+                f"| {shown} | {100 * compared.fake_quant_accuracy:.2f} % | {100 * compared.exported_accuracy:.2f} % "
                 f"| {diff_pp:+.2f} | {100 * compared.agreement:.2f} % | {timed[1]:.2f} | {reference[1] / timed[1]:.2f}x "
                 f"| {timed[64]:.1f} | {reference[64] / timed[64]:.2f}x | {path.stat().st_size / MIB:.2f} | {'yes' if ok else 'no'} |")
             print(lines[-1], flush=True)
-    lines += ["", f"{compared.images} test images; onnxruntime CPU, {args.threads} thread(s), median of {args.runs} timed runs "
+    lines += ["", f"{compared.images} test images; {runtime} CPU, {args.threads} thread(s), median of {args.runs} timed runs "
                   f"after 10 warm-up runs; machine: {describe_machine()}; {(time.perf_counter() - start) / 60:.1f} min. "
                   f"Command: `python scripts/bench_export.py --model {args.model} --dataset {args.dataset} "
-                  f"--policies {args.policies} --threads {args.threads}"
+                  + (f"--format {args.format} " if args.format != "onnx" else "")
+                  + f"--policies {args.policies} --threads {args.threads}"
                   + (f" --study {args.study} --picks {args.picks}" if args.study else "")
                   + (f" --limit {args.limit}" if args.limit else "") + "`", ""]
     text = "\n".join(lines)

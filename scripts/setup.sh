@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up this checkout on a fresh machine: a virtual environment in .venv with mpsearch and its
-# test tools, and the Fashion-MNIST data package where apt is available. Safe to run again.
+# Set up this checkout on a fresh machine: a virtual environment in .venv with mpsearch, its
+# test tools and torchao (for --format pt2e), and the Fashion-MNIST data package where apt is available. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision pinned to the newest releases mpsearch is tested with.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,pt2e]"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
   SUDO=""

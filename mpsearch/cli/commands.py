@@ -70,10 +70,10 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from mpsearch.tasks import measure_policy
 
-    if args.onnx:
-        return _evaluate_onnx(args)
+    if args.onnx or args.pt2e:
+        return _evaluate_exported(args)
     if args.policy is None:
-        raise UserError("evaluate needs --policy (a policy JSON file or shorthand such as w8a8) or --onnx FILE")
+        raise UserError("evaluate needs --policy (a policy JSON file or shorthand such as w8a8), --onnx FILE or --pt2e FILE")
     result = measure_policy(args.model or "resnet18", args.dataset or "fashion-mnist", args.policy, split=args.split,
                             limit=args.limit, quant=quant_overrides(args),
                             calibration_size=args.calibration_size, torch_threads=args.threads, seed=args.seed,
@@ -97,26 +97,28 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_onnx(args: argparse.Namespace) -> int:
-    """evaluate --onnx: the file in onnxruntime next to the fake-quantized model of its policy."""
-    from mpsearch.export.deploy import compare_onnx
+def _evaluate_exported(args: argparse.Namespace) -> int:
+    """evaluate --onnx / --pt2e: the file in its runtime next to the fake-quantized model of its policy."""
+    from mpsearch.cli.deploy import model_file
+    from mpsearch.export.deploy import compare_exported
 
+    path = model_file(args)
     if quant_overrides(args) or args.calibration_size is not None:
-        raise UserError("evaluate --onnx measures the file's own quantizers; drop the quantizer flags")
-    result = compare_onnx(args.onnx, split=args.split, limit=args.limit, model=args.model, dataset=args.dataset,
+        raise UserError(f"evaluate --{'onnx' if args.onnx else 'pt2e'} measures the file's own quantizers; drop the quantizer flags")
+    result = compare_exported(path, split=args.split, limit=args.limit, model=args.model, dataset=args.dataset,
                           policy=args.policy, checkpoint=args.checkpoint, data_dir=args.data_dir, image_size=args.image_size,
                           threads=args.threads, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
-    threads = f"{result.threads} threads" if result.threads else "onnxruntime's default threads"
+    threads = f"{result.threads} threads" if result.threads else f"{result.runtime}'s default threads"
     print(f"{result.model} on {result.dataset}, {result.split} split ({result.images} images), policy {result.policy}")
-    for label, accuracy, (lo, hi) in (("onnxruntime", result.onnx_accuracy, result.onnx_ci95),
+    for label, accuracy, (lo, hi) in ((result.runtime, result.exported_accuracy, result.exported_ci95),
                                       ("fake quant", result.fake_quant_accuracy, result.fake_quant_ci95)):
-        print(f"  {label:<12} {accuracy:.2%}  (95% CI {lo:.2%} to {hi:.2%})")
-    print(f"  difference   {(result.onnx_accuracy - result.fake_quant_accuracy) * 100:+.2f} pp; "
+        print(f"  {label:<13} {accuracy:.2%}  (95% CI {lo:.2%} to {hi:.2%})")
+    print(f"  difference    {(result.exported_accuracy - result.fake_quant_accuracy) * 100:+.2f} pp; "
           f"both predict the same class on {result.agreement:.2%} of images")
-    print(f"  {result.path}: {result.onnx_seconds:.1f} s in onnxruntime ({threads})")
+    print(f"  {result.path}: {result.exported_seconds:.1f} s in {result.runtime} ({threads})")
     return 0
 
 
@@ -275,11 +277,13 @@ def register(sub: Any) -> None:
 
     e = sub.add_parser("evaluate", help="measure a policy: quantized accuracy (95%% CI) and modeled costs; "
                                         "or an exported ONNX file against its policy")
-    add_subject(e, file_default="the ONNX file")
+    add_subject(e, file_default="the model file")
     e.add_argument("--policy", default=None,
                    help="policy JSON file or shorthand: fp32, w8a8, w6a6, w4a8, w4a4, w2a8, w8 (weights only), w4a4:all")
     e.add_argument("--onnx", default=None, metavar="FILE",
                    help="run this exported model in onnxruntime and compare it with the fake-quantized model of its policy")
+    e.add_argument("--pt2e", default=None, metavar="FILE",
+                   help="the same for a .pt2 program (mpsearch export --format pt2e), compiled by torch.compile")
     e.add_argument("--split", choices=("val", "test"), default="val", help="val (default; searches use it) or test (final reports)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     add_quant(e)

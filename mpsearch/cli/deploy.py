@@ -1,5 +1,5 @@
-"""Commands that hand a model out: export (a policy as JSON, or the quantized model as ONNX) and
-latency (an ONNX file timed end to end in onnxruntime, next to the fp32 model)."""
+"""Commands that hand a model out: export (a policy as JSON, or the quantized model as ONNX or as a
+PT2E program) and latency (a model file timed end to end in its runtime, next to the fp32 model)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,38 @@ from mpsearch.cli.flags import add_image_size, add_json, add_output, add_progres
 from mpsearch.cli.study import study_folder
 from mpsearch.errors import UserError
 
-__all__ = ["register"]
+__all__ = ["register", "model_file"]
 
 logger = logging.getLogger("mpsearch.cli")
+
+
+_SUFFIXES = {".json": "json", ".onnx": "onnx", ".pt2": "pt2e"}
 
 
 def _export_format(args: argparse.Namespace) -> str:
     """--format, else what -o's name ends in."""
     suffix = Path(args.output).suffix.lower()
-    fmt = args.format or {".json": "json", ".onnx": "onnx"}.get(suffix)
+    fmt = args.format or _SUFFIXES.get(suffix)
     if fmt is None:
-        raise UserError(f"--output {args.output}: name a .json (policy) or .onnx (model) file, or pass --format json|onnx")
-    if fmt == "onnx" and suffix != ".onnx":
-        raise UserError(f"--output {args.output}: an ONNX model's file name ends in .onnx")
+        raise UserError(f"--output {args.output}: name a .json (policy), .onnx or .pt2 (model) file, or pass --format json|onnx|pt2e")
+    wanted = {name: ending for ending, name in _SUFFIXES.items()}[fmt]
+    if suffix != wanted:
+        raise UserError(f"--output {args.output}: a {fmt} file's name ends in {wanted}")
     return fmt
+
+
+def model_file(args: argparse.Namespace) -> str:
+    """--onnx or --pt2e, exactly one."""
+    if (args.onnx is None) == (args.pt2e is None):
+        raise UserError("name the model file with --onnx FILE.onnx or --pt2e FILE.pt2, exactly one")
+    from mpsearch.export.formats import format_of
+
+    path, flag = (args.onnx, "onnx") if args.onnx is not None else (args.pt2e, "pt2e")
+    if format_of(path) != flag:
+        other = "pt2e" if flag == "onnx" else "onnx"
+        raise UserError(f"--{flag} {path}: .pt2 files are PT2E programs: pass them with --pt2e" if flag == "onnx" else
+                        f"--{flag} {path}: a PT2E program's name ends in .pt2 (an ONNX file goes with --{other})")
+    return path
 
 
 def export(args: argparse.Namespace) -> int:
@@ -65,7 +83,14 @@ def export(args: argparse.Namespace) -> int:
     from mpsearch.export.deploy import export_policy
 
     path, resolved = export_policy(subject.pop("model") or "resnet18", subject.pop("dataset") or "fashion-mnist", policy,
-                                   args.output, progress=not args.no_progress, **subject)
+                                   args.output, fmt=fmt, progress=not args.no_progress, **subject)
+    if fmt == "pt2e":
+        from mpsearch.export.dispatch import exported_metadata
+
+        float_matmuls = exported_metadata(path).get("float_matmuls", 0)
+        matmuls = f", {float_matmuls} attention matmuls float" if float_matmuls else ""
+        print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, PT2E int8 for torch.compile{matmuls})")
+        return 0
     from mpsearch.export import INTEGER_KERNELS, onnx_operator_counts
 
     ops = onnx_operator_counts(path)
@@ -78,14 +103,15 @@ def export(args: argparse.Namespace) -> int:
 def latency(args: argparse.Namespace) -> int:
     from mpsearch.export.deploy import latency_report
 
-    rows = latency_report(args.onnx, compare_fp32=not args.no_fp32, batch_sizes=int_list(args.batch_sizes, "--batch-sizes"),
+    rows = latency_report(model_file(args), compare_fp32=not args.no_fp32, batch_sizes=int_list(args.batch_sizes, "--batch-sizes"),
                           runs=args.runs, warmup=args.warmup, threads=args.threads, checkpoint=args.checkpoint,
                           data_dir=args.data_dir)
     if args.json:
         print(json.dumps([row.to_dict() for row in rows]))
         return 0
-    threads = f"{args.threads} threads" if args.threads else "onnxruntime's default threads (every core)"
-    print(f"onnxruntime CPU, {threads}, median of {args.runs} timed runs after {args.warmup} warm-up runs (IQR in brackets)")
+    runtime = rows[0].latency.runtime
+    threads = f"{args.threads} threads" if args.threads else f"{runtime}'s default threads (every core)"
+    print(f"{runtime} CPU, {threads}, median of {args.runs} timed runs after {args.warmup} warm-up runs (IQR in brackets)")
     print(f"  {'model':<44} {'batch':>5} {'median ms':>10} {'IQR ms':>17} {'images/s':>9} {'vs fp32':>7}")
     for row in rows:
         speedup = f"{row.speedup:.2f}x" if row.speedup is not None else ""
@@ -97,7 +123,7 @@ def latency(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add these commands' parsers to ``sub`` (argparse sub-parsers)."""
     x = sub.add_parser("export", help="write a study's chosen policy as JSON, or the model quantized by a policy as ONNX "
-                                      "(integer kernels)")
+                                      "or PT2E (integer kernels)")
     x.add_argument("--study", default=None, help="the study's folder, or its name under studies/")
     x.add_argument("--pick", default="knee",
                    help='knee (default), max-accuracy, min-energy, trial:N, "energy<=X", "accuracy>=Y" (X relative to fp32)')
@@ -107,18 +133,21 @@ def register(sub: Any) -> None:
     x.add_argument("--data-dir", default=None, help="folder holding the data set files")
     add_image_size(x)
     x.add_argument("--checkpoint", default=None, help="fp32 state dict the policy quantizes (default: the cached baseline)")
-    x.add_argument("--format", choices=("json", "onnx"), default=None,
-                   help="json: the policy; onnx: the quantized model (default: from the output's name)")
-    add_output(x, "file to write: policy .json or model .onnx", required=True)
+    x.add_argument("--format", choices=("json", "onnx", "pt2e"), default=None,
+                   help="json: the policy; onnx: the quantized model for onnxruntime; pt2e: a torch.export program "
+                        "for torch.compile (int8 oneDNN kernels; needs torchao) (default: from the output's name)")
+    add_output(x, "file to write: policy .json, model .onnx or .pt2", required=True)
     add_progress(x)
     x.set_defaults(handler=export)
 
-    t = sub.add_parser("latency", help="time an ONNX model end to end in onnxruntime (CPU), next to the fp32 model")
-    t.add_argument("--onnx", required=True, metavar="FILE", help="the model file (written by mpsearch export)")
+    t = sub.add_parser("latency", help="time a model file end to end (ONNX in onnxruntime, .pt2 in torch.compile; CPU), "
+                                       "next to the fp32 model")
+    t.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX model file (written by mpsearch export)")
+    t.add_argument("--pt2e", default=None, metavar="FILE", help="a .pt2 program (mpsearch export --format pt2e), run by torch.compile")
     t.add_argument("--batch-sizes", default="1,64", help="batch sizes to time, comma separated (default 1,64)")
     t.add_argument("--runs", type=int, default=50, help="timed runs per batch size (default 50, at least 30)")
     t.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
-    t.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: every core)")
+    t.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every core)")
     t.add_argument("--no-fp32", action="store_true", help="do not export and time the fp32 model of the same baseline")
     t.add_argument("--checkpoint", default=None, help="fp32 state dict the file was exported from (default: its metadata's)")
     t.add_argument("--data-dir", default=None, help="folder holding the data set files")

@@ -1,6 +1,7 @@
-"""The commands' side of export: a zoo model's policy to an ONNX file, that file measured against
-the fake-quantized model it came from, and timed next to the fp32 model of the same baseline
-(``mpsearch export``, ``mpsearch evaluate --onnx``, ``mpsearch latency``)."""
+"""The commands' side of export: a zoo model's policy to a model file (ONNX or PT2E, see
+:mod:`mpsearch.export.formats`), that file measured against the fake-quantized model it came from,
+and timed next to the fp32 model of the same baseline in the same runtime (``mpsearch export``,
+``mpsearch evaluate --onnx/--pt2e``, ``mpsearch latency``)."""
 
 from __future__ import annotations
 
@@ -14,26 +15,33 @@ from typing import Any
 import torch
 
 from mpsearch.errors import UserError
+from mpsearch.export.dispatch import exported_metadata, open_exported, save_exported
+from mpsearch.export.formats import check_output, format_of
 from mpsearch.export.latency import LatencyResult, check_timing, measure_latency
-from mpsearch.export.onnx import OnnxClassifier, check_onnx_output, read_metadata, save_onnx
 from mpsearch.metrics import wilson_interval
 from mpsearch.policy import Policy
 
-__all__ = ["export_policy", "compare_onnx", "OnnxComparison", "export_float", "latency_report", "LatencyRow"]
+__all__ = ["export_policy", "compare_exported", "ExportComparison", "export_float", "latency_report", "LatencyRow"]
 
 
-def export_policy(model: str, dataset: str, policy: str | Path | Policy, output: str | Path, *,
+def export_policy(model: str, dataset: str, policy: str | Path | Policy, output: str | Path, *, fmt: str = "onnx",
                   quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, seed: int | None = None,
                   checkpoint: str | None = None, data_dir: str | None = None, image_size: int | None = None,
                   pretrained: bool = False, progress: bool = False) -> tuple[Path, Policy]:
-    """Quantize ``model``'s baseline with ``policy`` and write it to the ONNX file ``output``.
+    """Quantize ``model``'s baseline with ``policy`` and write it to ``output`` as ``fmt``
+    (``onnx`` or ``pt2e``).
 
     The file's metadata names the model, data set, baseline and the resolved policy, so that
-    :func:`compare_onnx` can rebuild the same fake-quantized model. Returns (path, policy).
+    :func:`compare_exported` can rebuild the same fake-quantized model. Returns (path, policy).
     """
     from mpsearch.tasks import prepare_measurement
 
-    check_onnx_output(output)
+    check_output(output, fmt)
+    if fmt == "pt2e":
+        from mpsearch.export.pt2e import torchao_problem
+
+        if torchao_problem():
+            raise UserError(torchao_problem(), fields=("format",))
     prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, seed=seed,
                                    checkpoint=checkpoint, data_dir=data_dir, image_size=image_size, pretrained=pretrained,
                                    progress=progress)
@@ -43,63 +51,67 @@ def export_policy(model: str, dataset: str, policy: str | Path | Policy, output:
     example = next(iter(evaluator.data.calibration.batches(2)))[0]
     metadata = {"model": model, "dataset": dataset, "image_size": image_size, "checkpoint": checkpoint,
                 "baseline_sha256": evaluator.baseline.sha256, "policy": resolved.to_dict()}
-    path = save_onnx(evaluator.qmodel.module, example, output, metadata={k: v for k, v in metadata.items() if v is not None})
+    path = save_exported(evaluator.qmodel.module, example, output, fmt, metadata={k: v for k, v in metadata.items() if v is not None})
     return path, resolved
 
 
 def _named_subject(path: str | Path, model: str | None, dataset: str | None) -> tuple[str, str]:
-    """(model, dataset) an ONNX file is measured on: given, or from its metadata."""
+    """(model, dataset) a model file is measured on: given, or from its metadata."""
     if not model or not dataset:
-        raise UserError(f"onnx: {path} does not say which model and data set it is (not written by mpsearch export); "
-                        "pass --model and --dataset", fields=("onnx",))
+        field = format_of(path)
+        raise UserError(f"{field}: {path} does not say which model and data set it is (not written by mpsearch export); "
+                        "pass --model and --dataset", fields=(field,))
     return model, dataset
 
 
 def _check_same_baseline(path: str | Path, meta: Mapping[str, Any], baseline: Any) -> None:
     """Refuse a baseline other than the one the file was exported from (its weights would differ)."""
     if meta.get("baseline_sha256") and meta["baseline_sha256"] != baseline.sha256:
-        raise UserError(f"onnx: {path} was exported from another baseline of {baseline.name} (sha256 "
+        field = format_of(path)
+        raise UserError(f"{field}: {path} was exported from another baseline of {baseline.name} (sha256 "
                         f"{meta['baseline_sha256'][:12]}, this one {baseline.sha256[:12]}); pass the checkpoint it came from "
-                        "with --checkpoint", fields=("onnx",))
+                        "with --checkpoint", fields=(field,))
 
 
 @dataclass(frozen=True)
-class OnnxComparison:
-    """An ONNX file and the fake-quantized model of the same policy, on the same images."""
+class ExportComparison:
+    """A model file in its runtime and the fake-quantized model of the same policy, on the same images."""
 
     path: str
+    runtime: str  # onnxruntime or torch.compile
     model: str
     dataset: str
     split: str
     images: int
     policy: str  # summary, e.g. "W4-8 A8"
-    onnx_accuracy: float
-    onnx_ci95: tuple[float, float]
+    exported_accuracy: float
+    exported_ci95: tuple[float, float]
     fake_quant_accuracy: float
     fake_quant_ci95: tuple[float, float]
     agreement: float  # share of images on which both predict the same class
-    onnx_seconds: float
+    exported_seconds: float
     threads: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def compare_onnx(path: str | Path, *, split: str = "test", limit: int | None = None, model: str | None = None,
+def compare_exported(path: str | Path, *, split: str = "test", limit: int | None = None, model: str | None = None,
                  dataset: str | None = None, policy: str | Path | None = None, checkpoint: str | None = None,
                  data_dir: str | None = None, image_size: int | None = None, threads: int | None = None,
-                 batch_size: int = 256, progress: bool = False) -> OnnxComparison:
-    """Run the ONNX file ``path`` in onnxruntime on ``split`` and the fake-quantized model of its
-    policy (from the file's metadata, or ``policy``: a fine-tuned policy's file brings its
+                 batch_size: int = 256, progress: bool = False) -> ExportComparison:
+    """Run the model file ``path`` (ONNX in onnxruntime, ``.pt2`` in ``torch.compile``) on ``split``
+    and the fake-quantized model of its policy (from the file's metadata, or ``policy``: a fine-tuned policy's file brings its
     weights) in PyTorch on the same images; accuracy of both with 95 % CIs and their agreement."""
     from mpsearch.tasks import check_limit, prepare_measurement
 
     check_limit(limit)
-    meta = read_metadata(path)
+    field = format_of(path)
+    meta = exported_metadata(path)
     model, dataset = _named_subject(path, model or meta.get("model"), dataset or meta.get("dataset"))
     if policy is None:
         if "policy" not in meta:
-            raise UserError(f"onnx: {path} carries no policy; pass the policy it was exported from with --policy", fields=("onnx",))
+            raise UserError(f"{field}: {path} carries no policy; pass the policy it was exported from with --policy", fields=(field,))
         # A file exported from Python (mpsearch.export_onnx) names no data set in its policy, and
         # its model by class name: the policy is measured on the model and data set given here.
         policy = Policy.from_dict({**meta["policy"], "model": model, "dataset": dataset})
@@ -119,26 +131,26 @@ def compare_onnx(path: str | Path, *, split: str = "test", limit: int | None = N
         for x, y in part.batches(batch_size):
             fake.append(evaluator.qmodel.module(x.contiguous(memory_format=torch.channels_last)).argmax(dim=1))
             labels.append(y)
-    session = OnnxClassifier(path, threads=threads)
+    classifier = open_exported(path, threads=threads)
     start = time.perf_counter()
-    onnx_pred = session.predict(x for x, _ in part.batches(batch_size))
-    onnx_seconds = time.perf_counter() - start
+    exported_pred = classifier.predict(x for x, _ in part.batches(batch_size))
+    exported_seconds = time.perf_counter() - start
     y, fake_pred = torch.cat(labels), torch.cat(fake)
     n = len(y)
-    onnx_right, fake_right = int((onnx_pred == y).sum()), int((fake_pred == y).sum())
-    return OnnxComparison(
-        path=str(path), model=model, dataset=dataset, split=split, images=n, policy=resolved.summary(),
-        onnx_accuracy=onnx_right / n, onnx_ci95=wilson_interval(onnx_right, n),
+    exported_right, fake_right = int((exported_pred == y).sum()), int((fake_pred == y).sum())
+    return ExportComparison(
+        path=str(path), runtime=classifier.runtime, model=model, dataset=dataset, split=split, images=n, policy=resolved.summary(),
+        exported_accuracy=exported_right / n, exported_ci95=wilson_interval(exported_right, n),
         fake_quant_accuracy=fake_right / n, fake_quant_ci95=wilson_interval(fake_right, n),
-        agreement=float((onnx_pred == fake_pred).float().mean()), onnx_seconds=onnx_seconds, threads=threads,
+        agreement=float((exported_pred == fake_pred).float().mean()), exported_seconds=exported_seconds, threads=threads,
     )
 
 
 def _subject(path: str | Path, checkpoint: str | None, data_dir: str | None) -> tuple[Any, Any, dict[str, Any]]:
-    """(baseline, data, metadata) of the ONNX file ``path``, the baseline checked against the file's."""
+    """(baseline, data, metadata) of the model file ``path``, the baseline checked against the file's."""
     from mpsearch.tasks import load_baseline
 
-    meta = read_metadata(path)
+    meta = exported_metadata(path)
     model, dataset = _named_subject(path, meta.get("model"), meta.get("dataset"))
     baseline, data = load_baseline(model, dataset, data_dir=data_dir, image_size=meta.get("image_size"),
                                    checkpoint=checkpoint or meta.get("checkpoint"), progress=False)
@@ -147,11 +159,11 @@ def _subject(path: str | Path, checkpoint: str | None, data_dir: str | None) -> 
 
 
 def export_float(path: str | Path, output: str | Path, *, checkpoint: str | None = None, data_dir: str | None = None) -> Path:
-    """The fp32 baseline that the mpsearch ONNX file ``path`` was quantized from, as ONNX at ``output``."""
+    """The fp32 baseline that the mpsearch model file ``path`` was quantized from, at ``output`` in the same format."""
     baseline, data, meta = _subject(path, checkpoint, data_dir)
     example = next(iter(data.calibration.batches(2)))[0]
     keep = {k: meta[k] for k in ("model", "dataset", "image_size", "checkpoint", "baseline_sha256") if k in meta}
-    return save_onnx(baseline.model, example, output, metadata=keep)
+    return save_exported(baseline.model, example, output, format_of(path), metadata=keep)
 
 
 @dataclass(frozen=True)
@@ -167,17 +179,18 @@ class LatencyRow:
 def latency_report(path: str | Path, *, compare_fp32: bool = True, batch_sizes: Sequence[int] = (1, 64), runs: int = 50,
                    warmup: int = 10, threads: int | None = None, checkpoint: str | None = None,
                    data_dir: str | None = None) -> list[LatencyRow]:
-    """End-to-end onnxruntime latency of ``path`` (and of its fp32 baseline, exported to a temporary
-    file and timed in the same run, unless ``compare_fp32`` is false) at each batch size."""
+    """End-to-end latency of the model file ``path`` in its runtime (and of its fp32 baseline,
+    exported to a temporary file of the same format and timed in the same run, unless
+    ``compare_fp32`` is false) at each batch size."""
     check_timing(batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
-    meta = read_metadata(path)
+    meta = exported_metadata(path)
     policy = Policy.from_dict(meta["policy"]).summary() if meta.get("policy") else "?"
     label = f"{Path(path).name} ({policy})"
     timed = measure_latency(path, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
     if not compare_fp32:
         return [LatencyRow(label, t, None) for t in timed]
     with tempfile.TemporaryDirectory(prefix="mpsearch-fp32-") as tmp:
-        fp32_path = export_float(path, Path(tmp) / "fp32.onnx", checkpoint=checkpoint, data_dir=data_dir)
+        fp32_path = export_float(path, Path(tmp) / f"fp32{Path(path).suffix}", checkpoint=checkpoint, data_dir=data_dir)
         reference = measure_latency(fp32_path, batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
     rows = [LatencyRow("fp32 (same baseline)", r, 1.0) for r in reference]
     rows += [LatencyRow(label, t, r.median_ms / t.median_ms) for t, r in zip(timed, reference)]

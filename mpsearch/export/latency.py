@@ -1,8 +1,9 @@
-"""End-to-end latency of an ONNX model in onnxruntime: the whole network, timed as a user runs it.
+"""End-to-end latency of an exported model (ONNX in onnxruntime, ``.pt2`` in ``torch.compile``):
+the whole network, timed as a user runs it.
 
-Each batch size gets its own warm-up runs (sessions allocate and pack on the first calls), then
-``runs`` timed calls of ``session.run`` on one fixed random batch; the median and the interquartile
-range are reported, with the thread count the session ran on.
+Each batch size gets its own warm-up runs (sessions allocate and pack on the first calls;
+``torch.compile`` compiles for the batch size), then ``runs`` timed calls on one fixed random
+batch; the median and the interquartile range are reported, with the thread count it ran on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from mpsearch.config import timing_problem
 from mpsearch.errors import UserError
-from mpsearch.export.onnx import OnnxClassifier
+from mpsearch.export.dispatch import open_exported
 
 __all__ = ["LatencyResult", "measure_latency", "check_timing"]
 
@@ -28,6 +29,7 @@ class LatencyResult:
     """One file at one batch size."""
 
     path: str
+    runtime: str  # onnxruntime or torch.compile
     batch_size: int
     runs: int
     threads: int | None  # None: onnxruntime's default (every core)
@@ -43,13 +45,6 @@ class LatencyResult:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-def _input_shape(classifier: OnnxClassifier) -> tuple[int, ...]:
-    dims = classifier.session.get_inputs()[0].shape[1:]
-    if not all(isinstance(d, int) for d in dims):
-        raise UserError(f"onnx: {classifier.path}'s input has no fixed image shape ({dims}); export it with mpsearch export")
-    return tuple(dims)
-
-
 def check_timing(*, batch_sizes: Sequence[int], runs: int, warmup: int, threads: int | None) -> None:
     """Refuse timing settings that cannot give a meaningful median (before anything is loaded)."""
     problem = timing_problem(batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
@@ -59,21 +54,20 @@ def check_timing(*, batch_sizes: Sequence[int], runs: int, warmup: int, threads:
 
 def measure_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 64), runs: int = 50, warmup: int = 10,
                     threads: int | None = None, seed: int = 0) -> list[LatencyResult]:
-    """Time ``path`` in an onnxruntime CPU session at each batch size (see the module doc)."""
+    """Time ``path`` on the CPU at each batch size (see the module doc)."""
     check_timing(batch_sizes=batch_sizes, runs=runs, warmup=warmup, threads=threads)
-    classifier = OnnxClassifier(path, threads=threads)
-    shape = _input_shape(classifier)
+    classifier = open_exported(path, threads=threads)
     generator = torch.Generator().manual_seed(seed)
     results = []
     for batch in batch_sizes:
-        feed = {classifier.input_name: torch.randn((batch, *shape), generator=generator).numpy()}
+        x = torch.randn((batch, *classifier.input_shape), generator=generator)
         for _ in range(warmup):
-            classifier.session.run(None, feed)
+            classifier.logits(x)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            classifier.session.run(None, feed)
+            classifier.logits(x)
             times.append((time.perf_counter() - start) * 1e3)
         q1, median, q3 = statistics.quantiles(times, n=4)
-        results.append(LatencyResult(str(path), batch, runs, threads, median, q1, q3))
+        results.append(LatencyResult(str(path), classifier.runtime, batch, runs, threads, median, q1, q3))
     return results

@@ -26,16 +26,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from mpsearch.errors import UserError
+from mpsearch.export.formats import check_output
 from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
 from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantWrapper
 
-__all__ = ["save_onnx", "check_onnx_output", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts",
+__all__ = ["save_onnx", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts",
            "graph_signature", "INTEGER_KERNELS", "METADATA_PREFIX", "OPSET"]
 
 logger = logging.getLogger(__name__)
@@ -104,17 +104,6 @@ def _translations() -> dict[Any, Any]:
     return {INTEGER_OPERATORS[name]: fn for name, fn in functions.items()}
 
 
-def check_onnx_output(path: str | Path) -> Path:
-    """``path`` if an ONNX file can be written there (checked before any work is done)."""
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise UserError(f"output: an ONNX file's name ends in .onnx, got {path}", fields=("output",))
-    if not path.parent.is_dir():
-        what = "is not a folder" if path.parent.exists() else "does not exist"
-        raise UserError(f"output: {path.parent} {what}; write the file into an existing folder", fields=("output",))
-    return path
-
-
 def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Export ``model`` to ``path``; returns the path. A quantized model (a policy applied) is
     written in integer form (:func:`~mpsearch.export.integer.to_integer_model`), a float one as it is.
@@ -125,7 +114,7 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, meta
     """
     import onnx
 
-    path = check_onnx_output(path)
+    path = check_output(path, "onnx")
     quantized = any(isinstance(m, (QuantWrapper, MatmulQuantizer)) for m in model.modules())
     exported = to_integer_model(model) if quantized else model.eval()
     example = example[:2].float().contiguous()
@@ -173,6 +162,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 class OnnxClassifier:
     """An ONNX image classifier in an onnxruntime CPU session (all graph optimizations on)."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, path: str | Path, *, threads: int | None = None, optimized_path: str | Path | None = None) -> None:
         import onnxruntime as ort
 
@@ -189,12 +180,20 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def logits(self, x: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x.float().contiguous().numpy()})[0]
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One image's shape (the input's dimensions after the batch)."""
+        dims = self.session.get_inputs()[0].shape[1:]
+        if not all(isinstance(d, int) for d in dims):
+            raise UserError(f"onnx: {self.path}'s input has no fixed image shape ({dims}); export it with mpsearch export")
+        return tuple(dims)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.float().contiguous().numpy()})[0])
 
     def predict(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
         """Predicted classes of every image in ``batches``, in order."""
-        return torch.cat([torch.from_numpy(self.logits(x).argmax(axis=-1)) for x in batches])
+        return torch.cat([self.logits(x).argmax(dim=-1) for x in batches])
 
 
 def onnx_operator_counts(path: str | Path) -> dict[str, int]:
