@@ -21,12 +21,15 @@ __all__ = [
 ]
 
 # Objective name -> (direction, trial metric it reads). Accuracy is measured on the validation
-# subset; the others are modeled costs relative to the fp32 model (1.0 = fp32).
+# subset; energy, size and bops are modeled costs relative to the fp32 model (1.0 = fp32);
+# latency is the policy's ONNX model timed in onnxruntime over the fp32 model's time
+# (mpsearch.study.latency.PatternLatency).
 OBJECTIVES = {
     "accuracy": ("maximize", "accuracy"),
     "energy": ("minimize", "rel_energy"),
     "size": ("minimize", "rel_size"),
     "bops": ("minimize", "rel_bops"),
+    "latency": ("minimize", "rel_latency"),
 }
 # "energy@PROFILE": relative energy under another profile than the study's energy profile, e.g. a
 # profile fitted to measured kernels (``mpsearch calibrate-energy``) searched beside the analytical one.

@@ -71,8 +71,9 @@ def test_the_integer_form_keeps_ptq_weights_and_smoothing(digits_baseline, digit
 def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, digits, kind, tmp_path):
     model = models[kind]
     policy = _policy(model, "w4a8", digits)
-    off = next(iter(policy.layers))  # the first layer stays fp32: its conv / matmul must stay float
-    policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None)})
+    off, weight_only = list(policy.layers)[:2]  # the first layer stays fp32: its conv / matmul must stay float
+    policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None),
+                                     weight_only: LayerPrecision(weight_bits=4, act_bits=None)})
     path = mpsearch.export_onnx(model, policy, digits, tmp_path / f"{kind}.onnx")
     onnx.checker.check_model(str(path), full_check=True)
     assert read_metadata(path)["policy"]["layers"] == policy.to_dict()["layers"]
@@ -90,6 +91,7 @@ def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, dig
     quantized_layers = sum(1 for p in policy.layers.values() if p.weight_bits and p.act_bits)
     assert sum(ops.get(op, 0) for op in INTEGER_KERNELS) == quantized_layers
     assert sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")) >= 1  # the fp32 layer
+    assert ops.get("DequantizeLinear", 0) >= 1  # the weight-only layer's integers, dequantized per channel
 
 
 def test_one_graph_signature_per_set_of_layers_on_integer_kernels(models, digits, tmp_path):

@@ -112,6 +112,38 @@ def test_the_front_is_exported_and_timed_in_onnxruntime(tmp_path, tiny_checkpoin
     assert "latency_b8_ms" in report and "Latency: each point exported to ONNX" in report
 
 
+def _pattern(layers_json: str) -> str:
+    """mpsearch.study.latency.layer_pattern of a trial's recorded layers."""
+    return "".join("i" if w and a else "w" if w else "a" if a else "f" for w, a in json.loads(layers_json).values())
+
+
+def test_the_latency_objective_is_timed_once_per_layer_pattern_and_kept_for_resume(tmp_path, tiny_checkpoint):
+    with pytest.raises(UserError, match="keep the latency section"):
+        with_overrides(StudyConfig(), {"search.objectives": ["accuracy", "latency"], "latency": None})
+    fields = {"search.objectives": ["accuracy", "latency"], "search.space": "int8_or_float", "search.budget": 8,
+              "search.population_size": 4, "search.sensitivity": "none", "search.remeasure_points": 2,
+              "latency.batch_sizes": [1], "latency.warmup": 1, "latency.threads": 1}
+    _, result = _run(tmp_path, "tiny-latency", tiny_checkpoint, **fields)
+    stored = json.loads((result.out_dir / "latency_objective.json").read_text())
+    assert stored["settings"]["batch_size"] == 1 and stored["settings"]["threads"] == 1
+    timings = stored["patterns"]
+    done = result.trials[result.trials["state"] == "COMPLETE"]
+    patterns = [_pattern(layers) for layers in done["attr_layers"]]
+    fp32 = timings["f" * len(patterns[0])]
+    # Every trial's value is its pattern's one timing over the fp32 model's: equal patterns, equal values.
+    np.testing.assert_allclose(done["value_latency"], [timings[p] / fp32 for p in patterns])
+    assert len(set(patterns)) >= 2  # the space offers float layers: candidates differ in kernels, not only widths
+    front = result.front.set_index("trial")
+    np.testing.assert_allclose(front["rel_latency"], done.set_index("trial").loc[front.index, "value_latency"])
+
+    # Resumed with a larger budget: the recorded trials keep their values, and the timings their file.
+    _, resumed = _run(tmp_path, "tiny-latency", tiny_checkpoint, **{**fields, "search.budget": 12})
+    again = resumed.trials.set_index("trial").loc[done["trial"], "value_latency"]
+    np.testing.assert_array_equal(again.to_numpy(), done["value_latency"].to_numpy())
+    kept = json.loads((result.out_dir / "latency_objective.json").read_text())["patterns"]
+    assert all(kept[p] == t for p, t in timings.items()) and len(resumed.trials) == 12
+
+
 def test_search_only_stops_before_the_front(tmp_path, tiny_checkpoint):
     cfg = tiny_config(tmp_path, "search-only", tiny_checkpoint, **{"search.budget": 8})
     result = run_study(cfg, progress=False, remeasure=False)

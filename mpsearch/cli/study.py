@@ -132,7 +132,8 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     o.add_argument("--algorithm", default=COMPARE_METHODS if name == "compare" else None, help=algorithm_help)
     o.add_argument("--budget", type=int, default=None, help="full evaluations per method (default 200)")
     o.add_argument("--population", type=int, default=None, help="population / batch size per generation (default 20)")
-    o.add_argument("--objectives", default=None, help="accuracy plus any of energy, size, bops, energy@PROFILE (default accuracy,energy)")
+    o.add_argument("--objectives", default=None, help="accuracy plus any of energy, size, bops, latency (measured in onnxruntime), "
+                                                           "energy@PROFILE (default accuracy,energy)")
     o.add_argument("--energy-profile", default=None, help="energy profile the search optimises (default horowitz45nm)")
     o.add_argument("--space", default=None, help="search space YAML path or name in search_spaces/ (default: by model family)")
     o.add_argument("--sensitivity", default=None, help="estimator seeding the search: hessian (default), empirical, "

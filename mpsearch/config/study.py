@@ -64,7 +64,7 @@ class SearchConfig(Config):
         objectives = self.objectives
         if (not all(is_objective(o) for o in objectives) or len(objectives) < 2 or objectives[0] != "accuracy"
                 or len(set(objectives)) != len(objectives)):
-            raise field_error("search.objectives", "accuracy first, then one or more of energy, size, bops, energy@PROFILE "
+            raise field_error("search.objectives", "accuracy first, then one or more of energy, size, bops, latency, energy@PROFILE "
                                                    f"(no repeats); got {list(objectives)}")
         if not profile_name_ok(self.energy_profile):
             raise field_error("search.energy_profile", f"a profile name (see `mpsearch profiles`), got {self.energy_profile!r}; "
@@ -96,7 +96,8 @@ class LatencyConfig(Config):
     At each of ``batch_sizes``: ``warmup`` untimed runs, then the median of ``runs`` timed ones,
     on ``threads`` threads (None: every core; the search's workers are
     done by then). Points whose files have the same graph (the same layers on integer kernels,
-    widths <= 8 sharing one int8 kernel) share one timing.
+    widths <= 8 sharing one int8 kernel) share one timing. The ``latency`` objective
+    (``search.objectives``) times candidates the same way at the first of ``batch_sizes``.
     """
 
     SECTION = "latency"
@@ -190,6 +191,9 @@ class StudyConfig(Config):
         if self.finetune is not None and self.quant.smoothquant_alpha is not None:
             raise UserError("finetune: fine-tuning cannot start from SmoothQuant-smoothed models; "
                             "turn off finetune or quant.smoothquant_alpha", fields=("finetune", "quant.smoothquant_alpha"))
+        if "latency" in self.search.objectives and self.latency is None:
+            raise UserError("search.objectives: latency is timed with the latency section's settings; "
+                            "keep the latency section (do not set latency=null)", fields=("search.objectives", "latency"))
         if self.name and not all(c.isalnum() or c in "-_." for c in self.name):
             raise field_error("name", f"letters, digits, '-', '_' and '.' only, got {self.name!r}")
 

@@ -68,7 +68,8 @@ def _translations() -> dict[Any, Any]:
         return y
 
     def dequantized_weight(weight, weight_scale, weight_zero_point):
-        return op.DequantizeLinear(weight, weight_scale, weight_zero_point, axis=0)
+        # Per-axis DequantizeLinear takes one zero point per channel: the tensor's one, repeated.
+        return op.DequantizeLinear(weight, weight_scale, op.Expand(weight_zero_point, op.Shape(weight_scale)), axis=0)
 
     def integer_conv2d(x, weight, weight_scale, weight_zero_point, bias, act_scale: float, act_zero_point: int,
                        act_qmin: int, act_qmax: int, stride, padding, dilation, groups: int):
@@ -170,6 +171,9 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # A weight-only layer (int8 weights -> DequantizeLinear -> MatMul) is fused into MatMulNBits,
+        # which by default quantizes its input to int8 as well: the policy leaves that input float.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

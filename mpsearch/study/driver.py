@@ -34,7 +34,7 @@ from mpsearch.policy import MeasurementSettings, Policy
 from mpsearch.runtime import NamedSource, ObjectSource, WorkerSpec, create_executor, default_workers
 from mpsearch.study.checkpoint import SearchCheckpoint, checkpoint_file
 from mpsearch.study.front import finetune_front, remeasure_front
-from mpsearch.study.latency import time_front
+from mpsearch.study.latency import LatencyMeteredExecutor, PatternLatency, time_front
 from mpsearch.study.loop import SearchLoop, StudyRun
 from mpsearch.study.outputs import write_outputs, write_policies
 from mpsearch.study.result import SearchResult
@@ -203,11 +203,17 @@ class _Driver:
         def to_policy(x: np.ndarray) -> Policy:
             return replace(template, layers=space.decode(x))
 
+        latency = PatternLatency(config, evaluator, self.out) if "latency" in search.objectives else None
+
         def costs_of(x: np.ndarray) -> np.ndarray:
-            """The cost objectives of ``x`` (computed, exact): what planning algorithms budget with."""
-            relative = policy_costs(evaluator.cost_table, to_policy(x), profiles).relative()
+            """The cost objectives of ``x``: what planning algorithms budget with (computed exactly;
+            the latency objective measured, once per pattern of integer and float layers)."""
+            policy = to_policy(x)
+            relative = policy_costs(evaluator.cost_table, policy, profiles).relative()
             metrics = {f"rel_{k}": v for k, v in relative.items()}
             metrics["rel_energy"] = metrics[f"rel_energy:{profiles[0]}"]
+            if latency is not None:
+                metrics["rel_latency"] = latency.relative(policy)
             return objective_vector({"accuracy": 1.0, **metrics}, search.objectives)[1:]
 
         self.phases["setup"] = time.perf_counter() - self.start
@@ -216,6 +222,8 @@ class _Driver:
         workers = default_workers(config.run.torch_threads) if config.run.workers == -1 else config.run.workers
         spec = WorkerSpec(subject.source, quant=config.quant.to_dict(), profiles=profiles, torch_threads=config.run.torch_threads)
         with create_executor(spec, workers, address=config.run.ray_address, evaluator=evaluator) as executor:
+            if latency is not None:
+                executor = LatencyMeteredExecutor(executor, latency)
             run = StudyRun(config=config, study=study, space=space, executor=executor, to_policy=to_policy, costs=costs_of,
                            records=records_by_slot(study), seeds=seeds, full=min(search.eval_images, len(data.val)), ref=ref,
                            progress=self.progress)
@@ -225,6 +233,9 @@ class _Driver:
                 logger.info(f"{executor.replaced} worker(s) died during the search and were replaced; "
                             "their evaluations were retried")
             self.phases["search"] = time.perf_counter() - self.start - self.phases["setup"]
+            if latency is not None:
+                logger.info(f"latency objective: {len(latency.ms)} layer pattern(s) timed ({latency.timed} in this run) "
+                            f"at batch {latency.batch} on {latency.threads} threads")
             trials = load_trials(study)
             pareto, policies = None, {}
             if self.remeasure:

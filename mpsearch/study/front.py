@@ -91,6 +91,7 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             "test_accuracy": test.accuracy, "test_ci95": list(test.accuracy_ci95),
             "test_drop": test.drop, "test_drop_ci95": list(test.drop_ci95 or ()),
             **{f"rel_{k}": v for k, v in test.costs.relative().items()},
+            **({"rel_latency": float(row["value_latency"])} if "value_latency" in row else {}),
         }
         policies[trial_no] = policy.with_provenance(study=config.study_name, trial=trial_no, seed=config.seed,
                                                     metrics=metrics).with_settings(settings)
@@ -103,6 +104,7 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             "test_drop_pp": 100 * (test.drop or 0.0),
             "fp32_test_accuracy": test.fp32_accuracy,
             **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},
+            **({"rel_latency": float(row["value_latency"])} if "value_latency" in row else {}),
         })
     pareto = pd.DataFrame(rows)
     energy_col = f"rel_energy_{config.search.energy_profile}"

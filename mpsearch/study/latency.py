@@ -1,25 +1,28 @@
-"""The re-measured front as files a user would ship: each point exported to ONNX (its quantized
-layers on integer kernels) and timed end to end in onnxruntime, next to the fp32 model.
+"""Measured end-to-end latency in a study: the re-measured front timed as files a user would
+ship (:func:`time_front`), and the ``latency`` objective searched on (:class:`PatternLatency`).
 
-This is a measurement of the whole network as deployed, not a sum of per-layer costs: the
+Both export policies to ONNX (quantized layers on integer kernels) and time the whole network in
+onnxruntime, next to the fp32 ONNX of the same baseline on the same threads: a measurement of
+the network as deployed, not a sum of per-layer costs. :func:`time_front` gives each point its
 file's size and, at each batch size, the median of ``latency.runs`` timed runs and the speed-up
-over the fp32 ONNX of the same baseline, timed in the same run on the same threads. Files with
-the same graph (:func:`~mpsearch.export.onnx.graph_signature`) share one timing. The files are
-temporary: ``mpsearch export --study S --pick trial:N`` writes any point again.
+over fp32; files with the same graph (:func:`~mpsearch.export.onnx.graph_signature`) share one
+timing. The files are temporary: ``mpsearch export --study S --pick trial:N`` writes any point again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mpsearch.config import StudyConfig
 from mpsearch.policy import Policy
 
-__all__ = ["time_front"]
+__all__ = ["time_front", "PatternLatency", "LatencyMeteredExecutor"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +85,105 @@ def time_front(config: StudyConfig, evaluator: Any, pareto: Any, policies: dict[
             "latency_threads": threads, "onnxruntime": onnxruntime.__version__}
     timings = pd.DataFrame(rows, index=pareto.index).assign(**fp32)
     return pd.concat([pareto, timings], axis=1)
+
+
+def layer_pattern(policy: Policy, layers: tuple[str, ...]) -> str:
+    """Which kernel each layer runs on, in order: ``i`` integer (weights and input quantized), ``w``
+    weights only, ``a`` input only, ``f`` float. Widths <= 8 share the int8 kernels, so two
+    policies with one pattern have one graph and one latency."""
+    kinds = []
+    for name in layers:
+        p = policy.layers.get(name)
+        weight, act = (p.weight_bits, p.act_bits) if p is not None else (None, None)
+        kinds.append("i" if weight and act else "w" if weight else "a" if act else "f")
+    return "".join(kinds)
+
+
+class PatternLatency:
+    """The ``latency`` objective: a policy's ONNX model timed in onnxruntime at the first of
+    ``latency.batch_sizes`` (median of ``latency.runs`` after ``latency.warmup``), over the fp32
+    ONNX model's time, measured once per :func:`layer_pattern`.
+
+    Timings run in the driver before a batch of candidates goes to the workers, so they do not
+    share the cores with evaluations. They are kept in ``latency_objective.json`` in the study's
+    folder: a resumed study reads its candidates' values back rather than timing them again, so
+    its trials repeat; a fresh study times afresh, and its values (and so its search) move with
+    the machine's timing noise, unlike the modeled costs.
+    """
+
+    FILE = "latency_objective.json"
+
+    def __init__(self, config: StudyConfig, evaluator: Any, folder: Path | None) -> None:
+        settings = config.latency
+        assert settings is not None
+        self.settings = settings
+        self.batch = settings.batch_sizes[0]
+        self.threads = settings.threads or os.cpu_count() or 1
+        self.evaluator = evaluator
+        self.layers = tuple(evaluator.policy_layers)
+        self.seed = config.seed
+        self.path = folder / self.FILE if folder is not None else None
+        self.key = {"batch_size": self.batch, "runs": settings.runs, "warmup": settings.warmup, "threads": self.threads,
+                    "baseline_sha256": evaluator.baseline.sha256}
+        self.ms: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            stored = json.loads(self.path.read_text())
+            if stored.get("settings") == self.key:
+                self.ms = {k: float(v) for k, v in stored["patterns"].items()}
+            else:
+                logger.info(f"latency objective: {self.path} was timed with other settings; timing again")
+        self.timed = 0  # patterns timed by this run (the rest came from the file)
+
+    def _time(self, model: Any, tmp: str, label: str) -> float:
+        from mpsearch.export.latency import measure_latency
+        from mpsearch.export.onnx import save_onnx
+
+        example = next(iter(self.evaluator.data.calibration.batches(2)))[0]
+        path = save_onnx(model, example, Path(tmp) / f"{label}.onnx")
+        result = measure_latency(path, batch_sizes=(self.batch,), runs=self.settings.runs, warmup=self.settings.warmup,
+                                 threads=self.threads, seed=self.seed)
+        return result[0].median_ms
+
+    def milliseconds(self, policy: Policy) -> float:
+        """The policy's median latency in ms (timed now unless its pattern already was)."""
+        pattern = layer_pattern(policy, self.layers)
+        float_pattern = "f" * len(self.layers)
+        if pattern in self.ms:
+            return self.ms[pattern]
+        with tempfile.TemporaryDirectory(prefix="mpsearch-latency-") as tmp:
+            if float_pattern not in self.ms:
+                self.ms[float_pattern] = self._time(self.evaluator.baseline.model, tmp, "fp32")
+                self.timed += 1
+            if pattern != float_pattern:
+                self.evaluator.qmodel.apply(policy)
+                self.ms[pattern] = self._time(self.evaluator.qmodel.module, tmp, "candidate")
+                self.timed += 1
+        if self.path is not None:
+            self.path.write_text(json.dumps({"settings": self.key, "patterns": self.ms}, indent=1, sort_keys=True))
+        return self.ms[pattern]
+
+    def relative(self, policy: Policy) -> float:
+        """The policy's latency over the fp32 model's (1.0 = fp32), what the search minimises."""
+        ms = self.milliseconds(policy)
+        return ms / self.ms["f" * len(self.layers)]
+
+
+class LatencyMeteredExecutor:
+    """An executor whose outcomes carry ``rel_latency`` (:class:`PatternLatency`) beside the
+    worker's metrics. A batch's new patterns are timed before the batch is handed to the workers."""
+
+    def __init__(self, inner: Any, latency: PatternLatency) -> None:
+        self.inner = inner
+        self.latency = latency
+
+    def __getattr__(self, name: str) -> Any:  # workers, replaced, ... of the executor it wraps
+        return getattr(self.inner, name)
+
+    def map(self, tasks: list[Any], on_done: Any = None) -> list[Any]:
+        relative = {task.index: self.latency.relative(Policy.from_dict(task.policy)) for task in tasks}
+
+        def metered(outcome: Any) -> Any:
+            return replace(outcome, metrics={**outcome.metrics, "rel_latency": relative[outcome.index]}) if outcome.ok else outcome
+
+        outcomes = self.inner.map(tasks, on_done=(lambda outcome: on_done(metered(outcome))) if on_done else None)
+        return [metered(outcome) for outcome in outcomes]
