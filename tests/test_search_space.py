@@ -43,7 +43,7 @@ def space(**overrides) -> SearchSpace:
 
 # -- the shipped spaces -----------------------------------------------------------------------------
 def test_shipped_spaces_load_and_bind():
-    assert available_spaces() == ["default", "deit_tiny", "resnet18"]
+    assert available_spaces() == ["default", "deit_tiny", "int8_or_float", "resnet18"]
     r18 = BoundSpace(SearchSpace.load("resnet18"), R18, model="resnet18")
     assert len(R18) == 21 and R18[7] == "layer2.0.downsample.0"
     assert r18.n_var == 38 and len(r18.free_layers) == 19
@@ -60,6 +60,11 @@ def test_shipped_spaces_load_and_bind():
 
     default = BoundSpace(SearchSpace.load("default"), ["a", "b", "c"])
     assert default.free_layers == ("b",) and default.n_var == 2
+
+    # The latency space: every layer integer or float (null is the last, widest choice).
+    latency = BoundSpace(SearchSpace.load("int8_or_float"), ["a", "b"])
+    assert latency.genes[0].choices == (4, 8, None) and latency.genes[1].choices == (8, None) and latency.n_var == 4
+    assert latency.decode(latency.xu) == {"a": LayerPrecision(None, None), "b": LayerPrecision(None, None)}
     # by path as well as by name
     assert SearchSpace.load(str(SPACES_DIR / "resnet18.yaml")) == SearchSpace.load("resnet18")
 
@@ -218,7 +223,7 @@ def test_bad_spaces_give_one_line_errors(change, message):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(UserError, match=r"unknown search space 'resnet19'; choose one of default, deit_tiny, resnet18"):
+    with pytest.raises(UserError, match=r"unknown search space 'resnet19'; choose one of default, deit_tiny, int8_or_float, resnet18"):
         SearchSpace.load("resnet19")
     with pytest.raises(UserError, match=r"cannot read it"):
         SearchSpace.load(str(tmp_path / "missing.yaml"))

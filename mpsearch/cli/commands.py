@@ -118,7 +118,8 @@ def _evaluate_exported(args: argparse.Namespace) -> int:
         print(f"  {label:<13} {accuracy:.2%}  (95% CI {lo:.2%} to {hi:.2%})")
     print(f"  difference    {(result.exported_accuracy - result.fake_quant_accuracy) * 100:+.2f} pp; "
           f"both predict the same class on {result.agreement:.2%} of images")
-    print(f"  {result.path}: {result.exported_seconds:.1f} s in {result.runtime} ({threads})")
+    compiling = ", compilation included" if result.runtime == "torch.compile" else ""
+    print(f"  {result.path}: {result.exported_seconds:.1f} s in {result.runtime} ({threads}{compiling})")
     return 0
 
 

@@ -89,7 +89,8 @@ def export(args: argparse.Namespace) -> int:
 
         float_matmuls = exported_metadata(path).get("float_matmuls", 0)
         matmuls = f", {float_matmuls} attention matmuls float" if float_matmuls else ""
-        print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, PT2E int8 for torch.compile{matmuls})")
+        print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, PT2E program for torch.compile, "
+              f"int8 kernels on its quantized layers{matmuls})")
         return 0
     from mpsearch.export import INTEGER_KERNELS, onnx_operator_counts
 

@@ -40,8 +40,8 @@ def export_policy(model: str, dataset: str, policy: str | Path | Policy, output:
     if fmt == "pt2e":
         from mpsearch.export.pt2e import torchao_problem
 
-        if torchao_problem():
-            raise UserError(torchao_problem(), fields=("format",))
+        if problem := torchao_problem():
+            raise UserError(problem, fields=("format",))
     prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, seed=seed,
                                    checkpoint=checkpoint, data_dir=data_dir, image_size=image_size, pretrained=pretrained,
                                    progress=progress)
@@ -97,12 +97,13 @@ class ExportComparison:
 
 
 def compare_exported(path: str | Path, *, split: str = "test", limit: int | None = None, model: str | None = None,
-                 dataset: str | None = None, policy: str | Path | None = None, checkpoint: str | None = None,
-                 data_dir: str | None = None, image_size: int | None = None, threads: int | None = None,
-                 batch_size: int = 256, progress: bool = False) -> ExportComparison:
+                     dataset: str | None = None, policy: str | Path | None = None, checkpoint: str | None = None,
+                     data_dir: str | None = None, image_size: int | None = None, threads: int | None = None,
+                     batch_size: int = 256, progress: bool = False) -> ExportComparison:
     """Run the model file ``path`` (ONNX in onnxruntime, ``.pt2`` in ``torch.compile``) on ``split``
-    and the fake-quantized model of its policy (from the file's metadata, or ``policy``: a fine-tuned policy's file brings its
-    weights) in PyTorch on the same images; accuracy of both with 95 % CIs and their agreement."""
+    and the fake-quantized model of its policy (from the file's metadata, or ``policy``: a
+    fine-tuned policy's file brings its weights) in PyTorch on the same images; accuracy of both
+    with 95 % CIs and their agreement. ``exported_seconds`` includes ``torch.compile``'s compilation."""
     from mpsearch.tasks import check_limit, prepare_measurement
 
     check_limit(limit)

@@ -138,8 +138,6 @@ def _plain_model(quantized: nn.Module) -> tuple[nn.Module, dict[str, QuantWrappe
     for name, module in list(model.named_modules()):
         if isinstance(module, MatmulQuantizer):  # passes its operands through: the float matmul runs as traced
             module.first = module.second = None
-    if not quantized_layers:
-        raise UserError("export: the model holds no quantized layers; pass the output of mpsearch.quantize (a policy applied)")
     return model, quantized_layers, float_matmuls
 
 
@@ -220,6 +218,8 @@ def to_pt2e(quantized: nn.Module, example: torch.Tensor) -> tuple[torch.fx.Graph
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
     model, wrappers, float_matmuls = _plain_model(quantized)
+    if not wrappers:  # an fp32 policy: the float model as it is
+        return model, float_matmuls
     quantizer = X86InductorQuantizer()
     for name, wrapper in wrappers.items():
         quantizer.set_module_name_qconfig(name, _layer_config(wrapper))
@@ -229,7 +229,22 @@ def to_pt2e(quantized: nn.Module, example: torch.Tensor) -> tuple[torch.fx.Graph
         prepared = prepare_pt2e(program.module(), quantizer)
         prepared(example)  # the observers take their shapes
         _set_observers(prepared, wrappers)
-        return convert_pt2e(prepared), float_matmuls
+        converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
+    return converted, float_matmuls
+
+
+def _drop_unused_tensors(module: torch.fx.GraphModule) -> None:
+    """Delete the parameters and buffers no node reads: ``convert_pt2e`` stores each quantized
+    weight as a new int8 constant and leaves the float one behind, which the file would carry."""
+    used = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    called = tuple(f"{node.target}." for node in module.graph.nodes if node.op == "call_module")
+    names = [n for n, _ in (*module.named_parameters(), *module.named_buffers())]
+    for name in [n for n in names if n not in used and not n.startswith(called)]:
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
 
 
 def save_pt2e(quantized: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
@@ -291,8 +306,8 @@ class Pt2eClassifier:
         program, self.metadata = _load(path)
         self.path = Path(path)
         self.threads = threads
-        self.input_shape = tuple(int(d) for d in program.module().graph.find_nodes(op="placeholder")[0].meta["val"].shape[1:])
         self.module = program.module()
+        self.input_shape = tuple(int(d) for d in self.module.graph.find_nodes(op="placeholder")[0].meta["val"].shape[1:])
         self._compiled = torch.compile(self.module, dynamic=False)  # one graph per batch size: static shapes
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
