@@ -1,4 +1,4 @@
-"""The file formats a quantized model is exported to, and how each one is opened and run.
+"""The file formats a quantized model is exported to: their names, suffixes and output checks.
 
 =======  ========  ==========================================  ============================
 format   suffix    written by                                  runs in
