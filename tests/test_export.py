@@ -133,8 +133,7 @@ def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
 
 
 def test_export_and_evaluate_onnx_on_the_command_line(digits_baseline, digits, tmp_path, capsys):
-    checkpoint = tmp_path / "model.pt"
-    torch.save(digits_baseline.model.state_dict(), checkpoint)
+    checkpoint = digits_baseline.checkpoint  # the cached baseline's state dict, named as a user would
     out = tmp_path / "m.onnx"
     assert main(["export", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(checkpoint),
                  "--policy", "w4a8", "-o", str(out), "--no-progress"]) == 0
@@ -159,8 +158,7 @@ def test_export_and_evaluate_onnx_on_the_command_line(digits_baseline, digits, t
 
 def test_a_file_exported_from_python_is_evaluated_on_the_model_and_data_named(digits_baseline, digits, tmp_path, capsys):
     """mpsearch.export_onnx records no data set, and the model by its class: --model/--dataset say which."""
-    checkpoint = tmp_path / "model.pt"
-    torch.save(digits_baseline.model.state_dict(), checkpoint)
+    checkpoint = digits_baseline.checkpoint  # the cached baseline's state dict, named as a user would
     path = mpsearch.export_onnx(digits_baseline.model, "w8a8", digits, tmp_path / "api.onnx")
     assert main(["evaluate", "--onnx", str(path), "--split", "test", "--no-progress"]) == 2
     assert "pass --model and --dataset" in capsys.readouterr().err

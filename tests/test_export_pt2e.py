@@ -52,8 +52,7 @@ def test_the_compiled_program_computes_the_fake_quantized_model_on_int8_kernels(
 
 
 def test_export_and_evaluate_pt2e_on_the_command_line(digits_baseline, digits, tmp_path, capsys):
-    checkpoint = tmp_path / "model.pt"
-    torch.save(digits_baseline.model.state_dict(), checkpoint)
+    checkpoint = digits_baseline.checkpoint  # the cached baseline's state dict, named as a user would
     out = tmp_path / "m.pt2"
     assert main(["export", "--model", "test_resnet", "--dataset", "digits", "--checkpoint", str(checkpoint),
                  "--policy", "w4a8", "-o", str(out), "--no-progress"]) == 0

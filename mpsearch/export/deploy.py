@@ -38,10 +38,9 @@ def export_policy(model: str, dataset: str, policy: str | Path | Policy, output:
 
     check_output(output, fmt)
     if fmt == "pt2e":
-        from mpsearch.export.pt2e import torchao_problem
+        from mpsearch.export.pt2e import require_torchao
 
-        if problem := torchao_problem():
-            raise UserError(problem, fields=("format",))
+        require_torchao()
     prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, seed=seed,
                                    checkpoint=checkpoint, data_dir=data_dir, image_size=image_size, pretrained=pretrained,
                                    progress=progress)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import UserError
-from mpsearch.export.formats import check_output, format_of
+from mpsearch.export.formats import format_of
 from mpsearch.export.onnx import OnnxClassifier, read_metadata, save_onnx
 from mpsearch.export.pt2e import Pt2eClassifier, read_pt2e_metadata, save_pt2e
 
@@ -23,8 +23,8 @@ __all__ = ["open_exported", "exported_metadata", "save_exported"]
 
 def save_exported(model: nn.Module, example: torch.Tensor, path: str | Path, fmt: str, *,
                   metadata: Mapping[str, Any] | None = None) -> Path:
-    """``model`` (quantized by a policy, or float) written as ``fmt`` to ``path``."""
-    check_output(path, fmt)
+    """``model`` (quantized by a policy, or float) written as ``fmt`` to ``path`` (each writer
+    checks ``path`` first)."""
     if fmt == "pt2e":
         return save_pt2e(model, example, path, metadata=metadata)
     return save_onnx(model, example, path, metadata=metadata)

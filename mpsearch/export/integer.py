@@ -28,7 +28,7 @@ from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantConv2d, QuantLinear, QuantWrapper
 from mpsearch.quant.primitives import QParams, fake_quantize
 
-__all__ = ["IntegerInput", "to_integer_model", "integer_weight", "INTEGER_OPERATORS"]
+__all__ = ["IntegerInput", "to_integer_model", "integer_weight", "check_frozen", "INTEGER_OPERATORS"]
 
 # How far a weight may sit from its grid point (relative to the step) and still be "on the grid":
 # float32 rounding of q * s, nothing more.
@@ -164,15 +164,20 @@ def integer_weight(weight: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, tor
     return shifted.to(torch.int8).contiguous(), scale, torch.zeros(1, dtype=torch.int8)
 
 
+def check_frozen(wrapper: QuantWrapper) -> None:
+    """Refuse a layer still holding learned (LSQ) quantizers: an export stores fixed grids."""
+    if wrapper.weight_quantizer is not None or wrapper.act_quantizer is not None:
+        raise UserError("export: the model still holds learned (LSQ) quantizers; freeze them first "
+                        "(mpsearch.quant.lsq.freeze_learned_quantizers)")
+
+
 class _IntegerLayer(nn.Module):
     """The common part of an exported Conv2d / Linear: an optional SmoothQuant divisor, the
     input quantizer, the integer weight (or the float layer where the weight stays float)."""
 
     def __init__(self, wrapper: QuantWrapper) -> None:
         super().__init__()
-        if wrapper.weight_quantizer is not None or wrapper.act_quantizer is not None:
-            raise UserError("export: the model still holds learned (LSQ) quantizers; freeze them first "
-                            "(mpsearch.quant.lsq.freeze_learned_quantizers)")
+        check_frozen(wrapper)
         self.input = IntegerInput.of(wrapper.act_qparams)
         self.input_divisor = None if wrapper.input_divisor is None else wrapper.input_divisor.detach().clone()
         self.float_layer = None

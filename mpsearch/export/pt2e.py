@@ -39,11 +39,13 @@ from torch import nn
 
 from mpsearch.errors import UserError
 from mpsearch.export.formats import check_output
+from mpsearch.export.integer import check_frozen
 from mpsearch.machine import torch_threads
 from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantConv2d, QuantLinear, QuantWrapper
 
-__all__ = ["save_pt2e", "read_pt2e_metadata", "Pt2eClassifier", "compiled_int8_ops", "torchao_problem", "METADATA_FILE", "INT8_KERNELS"]
+__all__ = ["save_pt2e", "read_pt2e_metadata", "Pt2eClassifier", "compiled_int8_ops", "torchao_problem", "require_torchao",
+           "METADATA_FILE", "INT8_KERNELS"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ def torchao_problem() -> str | None:
     return None
 
 
-def _require_torchao() -> None:
+def require_torchao() -> None:
+    """Refuse, in one line, to run the PT2E flow without torchao."""
     problem = torchao_problem()
     if problem:
         raise UserError(problem, fields=("format",))
@@ -88,9 +91,7 @@ def _require_torchao() -> None:
 # -- step 1: the policy's layers as plain layers with clamped inputs ------------------------------
 def _plain_layer(name: str, wrapper: QuantWrapper) -> nn.Module:
     """``wrapper``'s layer holding its quantized weight and bias, its input clamped to its grid."""
-    if wrapper.weight_quantizer is not None or wrapper.act_quantizer is not None:
-        raise UserError("export: the model still holds learned (LSQ) quantizers; freeze them first "
-                        "(mpsearch.quant.lsq.freeze_learned_quantizers)")
+    check_frozen(wrapper)
     if wrapper.input_divisor is not None:
         raise UserError(f"export: {name} is smoothed (SmoothQuant); PT2E has no per-channel input divisor: use --format onnx")
     if not isinstance(wrapper, (QuantConv2d, QuantLinear)):
@@ -125,8 +126,9 @@ def _plain_model(quantized: nn.Module) -> tuple[nn.Module, dict[str, QuantWrappe
     quantized_layers: dict[str, QuantWrapper] = {}
     float_matmuls = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, MatmulQuantizer):
+        if isinstance(module, MatmulQuantizer):  # passes its operands through: the float matmul runs as traced
             float_matmuls += int(module.first is not None or module.second is not None)
+            module.first = module.second = None
             continue
         if not isinstance(module, QuantWrapper):
             continue
@@ -135,9 +137,6 @@ def _plain_model(quantized: nn.Module) -> tuple[nn.Module, dict[str, QuantWrappe
             quantized_layers[name] = module
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MatmulQuantizer):  # passes its operands through: the float matmul runs as traced
-            module.first = module.second = None
     return model, quantized_layers, float_matmuls
 
 
@@ -213,7 +212,7 @@ def _dynamic_batch() -> tuple[dict[int, Any]]:
 def to_pt2e(quantized: nn.Module, example: torch.Tensor) -> tuple[torch.fx.GraphModule, int]:
     """``quantized`` (a model whose policy is applied) converted by PT2E with the policy's
     quantizers; returns (the converted graph module, attention matmuls left float)."""
-    _require_torchao()
+    require_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mpsearch.config import StudyConfig
+from mpsearch.config import LatencyConfig, StudyConfig
 from mpsearch.policy import Policy
 
 __all__ = ["time_front", "PatternLatency", "LatencyMeteredExecutor"]
@@ -38,17 +38,14 @@ def time_front(config: StudyConfig, evaluator: Any, pareto: Any, policies: dict[
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from mpsearch.export.latency import measure_latency
     from mpsearch.export.onnx import graph_signature, save_onnx
 
     settings = config.latency
     assert settings is not None
-    threads = settings.threads or os.cpu_count() or 1
+    threads = _threads(settings)
 
     def timed(path: Path) -> dict[int, float]:
-        results = measure_latency(path, batch_sizes=settings.batch_sizes, runs=settings.runs, warmup=settings.warmup,
-                                  threads=threads, seed=config.seed)
-        return {r.batch_size: r.median_ms for r in results}
+        return _medians(path, settings, settings.batch_sizes, config.seed)
 
     example = next(iter(evaluator.data.calibration.batches(2)))[0]
     logger.info(f"timing {len(pareto)} Pareto points and the fp32 model in onnxruntime {onnxruntime.__version__} "
@@ -87,6 +84,20 @@ def time_front(config: StudyConfig, evaluator: Any, pareto: Any, policies: dict[
     return pd.concat([pareto, timings], axis=1)
 
 
+def _threads(settings: LatencyConfig) -> int:
+    """The threads a timing runs on: the section's, else every core."""
+    return settings.threads or os.cpu_count() or 1
+
+
+def _medians(path: Path, settings: LatencyConfig, batch_sizes: tuple[int, ...], seed: int) -> dict[int, float]:
+    """Batch size -> median ms of the ONNX file ``path``, timed with the latency section's settings."""
+    from mpsearch.export.latency import measure_latency
+
+    results = measure_latency(path, batch_sizes=batch_sizes, runs=settings.runs, warmup=settings.warmup,
+                              threads=_threads(settings), seed=seed)
+    return {r.batch_size: r.median_ms for r in results}
+
+
 def layer_pattern(policy: Policy, layers: tuple[str, ...]) -> str:
     """Which kernel each layer runs on, in order: ``i`` integer (weights and input quantized), ``w``
     weights only, ``a`` input only, ``f`` float. Widths <= 8 share the int8 kernels, so two
@@ -118,9 +129,11 @@ class PatternLatency:
         assert settings is not None
         self.settings = settings
         self.batch = settings.batch_sizes[0]
-        self.threads = settings.threads or os.cpu_count() or 1
+        self.threads = _threads(settings)
         self.evaluator = evaluator
+        self.example = next(iter(evaluator.data.calibration.batches(2)))[0]
         self.layers = tuple(evaluator.policy_layers)
+        self.fp32_pattern = "f" * len(self.layers)
         self.seed = config.seed
         self.path = folder / self.FILE if folder is not None else None
         self.key = {"batch_size": self.batch, "runs": settings.runs, "warmup": settings.warmup, "threads": self.threads,
@@ -135,26 +148,21 @@ class PatternLatency:
         self.timed = 0  # patterns timed by this run (the rest came from the file)
 
     def _time(self, model: Any, tmp: str, label: str) -> float:
-        from mpsearch.export.latency import measure_latency
         from mpsearch.export.onnx import save_onnx
 
-        example = next(iter(self.evaluator.data.calibration.batches(2)))[0]
-        path = save_onnx(model, example, Path(tmp) / f"{label}.onnx")
-        result = measure_latency(path, batch_sizes=(self.batch,), runs=self.settings.runs, warmup=self.settings.warmup,
-                                 threads=self.threads, seed=self.seed)
-        return result[0].median_ms
+        path = save_onnx(model, self.example, Path(tmp) / f"{label}.onnx")
+        return _medians(path, self.settings, (self.batch,), self.seed)[self.batch]
 
     def milliseconds(self, policy: Policy) -> float:
         """The policy's median latency in ms (timed now unless its pattern already was)."""
         pattern = layer_pattern(policy, self.layers)
-        float_pattern = "f" * len(self.layers)
         if pattern in self.ms:
             return self.ms[pattern]
         with tempfile.TemporaryDirectory(prefix="mpsearch-latency-") as tmp:
-            if float_pattern not in self.ms:
-                self.ms[float_pattern] = self._time(self.evaluator.baseline.model, tmp, "fp32")
+            if self.fp32_pattern not in self.ms:
+                self.ms[self.fp32_pattern] = self._time(self.evaluator.baseline.model, tmp, "fp32")
                 self.timed += 1
-            if pattern != float_pattern:
+            if pattern != self.fp32_pattern:
                 self.evaluator.qmodel.apply(policy)
                 self.ms[pattern] = self._time(self.evaluator.qmodel.module, tmp, "candidate")
                 self.timed += 1
@@ -165,7 +173,7 @@ class PatternLatency:
     def relative(self, policy: Policy) -> float:
         """The policy's latency over the fp32 model's (1.0 = fp32), what the search minimises."""
         ms = self.milliseconds(policy)
-        return ms / self.ms["f" * len(self.layers)]
+        return ms / self.ms[self.fp32_pattern]
 
 
 class LatencyMeteredExecutor:
