@@ -8,9 +8,10 @@ same study would append the same trials again. Two mechanisms, by storage:
   systems; drivers that must run at the same time (one per seed, algorithm or model, on several
   nodes) share a PostgreSQL or MySQL storage instead. The kernel drops the lock when its process
   dies, so a study killed with ``kill -9`` resumes at once.
-* Server databases (PostgreSQL, MySQL): a lease in the study's user attributes, renewed by a
-  heartbeat thread every ``HEARTBEAT_S``. Another driver may take the study over only when the
-  lease is older than ``LEASE_S`` (its driver is gone).
+* Server databases (PostgreSQL, MySQL) and journal files: a lease in the study's user
+  attributes, renewed by a heartbeat thread every ``lease_s() / 4.5`` seconds. Another driver may
+  take the study over only when the lease is older than the holder's lease time (its driver is
+  gone): 90 s, or ``MPSEARCH_LEASE_S`` seconds in the holder's environment.
 """
 
 from __future__ import annotations
@@ -27,11 +28,26 @@ from typing import Any
 
 from mpsearch.errors import UserError
 
-__all__ = ["StudyLock", "check_lease", "sqlite_path", "LEASE_ATTR", "HEARTBEAT_S", "LEASE_S"]
+__all__ = ["StudyLock", "check_lease", "lease_s", "sqlite_path", "LEASE_ATTR", "HEARTBEAT_S", "LEASE_S", "LEASE_ENV"]
 
 LEASE_ATTR = "mpsearch_driver"
-HEARTBEAT_S = 20.0
 LEASE_S = 90.0
+HEARTBEAT_S = LEASE_S / 4.5
+LEASE_ENV = "MPSEARCH_LEASE_S"
+
+
+def lease_s() -> float:
+    """How long this driver's lease lives without a heartbeat (``MPSEARCH_LEASE_S``, else ``LEASE_S``)."""
+    text = os.environ.get(LEASE_ENV)
+    if not text:
+        return LEASE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise UserError(f"{LEASE_ENV}={text!r}: give the lease time in seconds (> 0), or unset it for {LEASE_S:g} s")
+    return value
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -56,7 +72,7 @@ class StudyLock:
     def __init__(self, url: str, study_name: str) -> None:
         self.url = url
         self.study_name = study_name
-        self.owner = _me()
+        self.owner = {**_me(), "lease_s": lease_s()}
         self._fd: int | None = None
         self._study: Any = None
         self._stop = threading.Event()
@@ -94,8 +110,12 @@ class StudyLock:
         if self.url.startswith("sqlite"):  # the file lock covers it
             return
         check_lease(study, self.study_name, self.owner)
+        study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
+        # Two drivers that checked at the same moment both wrote a lease: the last write stands,
+        # and the driver that reads back another's lease steps back (leaving that lease alone).
+        time.sleep(0.2)
+        check_lease(study, self.study_name, self.owner)
         self._study = study
-        self._renew()
         self._thread = threading.Thread(target=self._heartbeat, name="mpsearch-lease", daemon=True)
         self._thread.start()
 
@@ -103,7 +123,7 @@ class StudyLock:
         self._study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self.owner["lease_s"] / 4.5):
             try:
                 self._renew()
             except Exception:  # noqa: BLE001 - a dropped connection must not kill the driver; the next beat retries
@@ -138,8 +158,9 @@ def check_lease(study: Any, study_name: str, owner: dict[str, Any], now: float |
     if not isinstance(lease, dict) or lease.get("id") == owner["id"]:
         return
     age = (time.time() if now is None else now) - float(lease.get("heartbeat", 0.0))
-    if age < LEASE_S:
+    held_for = float(lease.get("lease_s", LEASE_S))
+    if age < held_for:
         raise UserError(
             f"study {study_name!r} is being run by another driver (pid {lease.get('pid')} on {lease.get('host')}, "
-            f"heartbeat {age:.0f} s ago); one driver per study: wait for it, or if it is gone, retry in {LEASE_S - age:.0f} s"
+            f"heartbeat {age:.0f} s ago); one driver per study: wait for it, or if it is gone, retry in {held_for - age:.0f} s"
         )

@@ -191,7 +191,7 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
         f"- wall time {result.wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
         f"{config.run.torch_threads} torch thread(s); machine: {machine}; {platform_}",
-        f"- storage: `{result.storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- storage: `{result.shown_storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
         "## Pareto set (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the same images)",
         "",

@@ -10,24 +10,23 @@ workers there are.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError
+from mpsearch.ray_cluster import RayPlacement, check_capacity, deferred_interrupt, join_cluster, ship_code_by_value, start_private_ray
 
 __all__ = [
-    "NamedSource", "ObjectSource", "WorkerSpec", "EvalTask", "EvalOutcome", "Executor", "InProcessExecutor", "RayExecutor",
-    "create_executor", "default_workers",
+    "NamedSource", "ObjectSource", "WorkerSpec", "EvalTask", "EvalOutcome", "RayPlacement", "Executor", "InProcessExecutor",
+    "RayExecutor", "create_executor", "default_workers",
 ]
+
 
 
 @dataclass(frozen=True)
@@ -202,38 +201,51 @@ class RayExecutor(Executor):
     depend on which actor measured them (fixed torch threads), so a retry gives the same numbers.
     """
 
-    def __init__(self, spec: WorkerSpec, workers: int, *, address: str | None = None, max_retries: int = 2) -> None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    def __init__(self, spec: WorkerSpec, workers: int, *, placement: RayPlacement | None = None, max_retries: int = 2) -> None:
+        placement = placement or RayPlacement()
         import ray
 
-        if workers < 1:
-            raise UserError(f"run.workers: must be >= 1 for Ray (0 runs in-process), got {workers}", fields=("run.workers",))
+        if workers < -1 or workers == 0:
+            raise UserError(f"run.workers: must be >= 1 for Ray (0 runs in-process, -1 fills the machine or cluster), got {workers}",
+                            fields=("run.workers",))
+        cpus = placement.cpus_per_worker or float(spec.torch_threads)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            try:
-                if address:
-                    ray.init(address=address, include_dashboard=False, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=workers * spec.torch_threads, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as exc:
-                raise UserError(f"cannot join the Ray cluster at {address!r} ({exc}); check run.ray_address",
-                                fields=("run.ray_address",)) from None
-        import torch
-
-        gpus = 1 if torch.cuda.is_available() and not address else 0
-        self._actor_cls = ray.remote(num_cpus=spec.torch_threads, num_gpus=gpus, max_restarts=0)(_EvalActor)
-        _ship_code_by_value(spec.source)
+            if placement.joins_cluster:
+                join_cluster(placement.address)
+            else:
+                workers = default_workers(spec.torch_threads) if workers == -1 else workers
+                start_private_ray(workers, cpus, placement)
+        if workers == -1:  # fill the cluster
+            workers = max(1, int(ray.cluster_resources().get("CPU", 0) // cpus))
+        check_capacity(workers, cpus, placement.gpus_per_worker)
+        # SPREAD puts the actors on as many nodes as possible: each holds a model and data set, and a
+        # node that dies takes as few of them with it as it can.
+        strategy = "SPREAD" if placement.joins_cluster else "DEFAULT"
+        self._actor_cls = ray.remote(num_cpus=cpus, num_gpus=placement.gpus_per_worker, max_restarts=0,
+                                     scheduling_strategy=strategy)(_EvalActor)
+        ship_code_by_value(spec.source)
         self._spec = ray.put(spec)  # once: every actor gets a reference, not a copy of the model and data
         self.max_retries = max_retries
+        self.placement_timeout_s = 600.0
         self.replaced = 0  # actors replaced after dying (reported by the study)
+        self._starting: dict[Any, int] = {}  # ready() of replacement actors -> their slot
         self.actors = [self._start(i) for i in range(workers)]
-        ray.get([a.ready.remote() for a in self.actors])  # surface start-up errors here, once
         self.workers = workers
+        try:
+            ray.get([a.ready.remote() for a in self.actors])  # surface start-up errors here, once
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            cause = next((line.strip() for line in str(exc).splitlines() if "because" in line), type(exc).__name__)
+            raise UserError(f"Ray could not start mpsearch's workers ({cause[:300]}); on a cluster, check that this driver "
+                            "and the cluster use the same RAY_AUTH_MODE (`ray status` works from here)",
+                            fields=("run.ray_address",)) from None
 
     def _start(self, slot: int):
         return self._actor_cls.remote(self._spec, f"worker-{slot}")
 
     def _replace(self, slot: int) -> None:
+        """Start a fresh actor in ``slot``; it takes tasks once it is ready (see ``_starting``)."""
         import ray
 
         try:
@@ -241,34 +253,67 @@ class RayExecutor(Executor):
         except Exception:  # noqa: BLE001 - it is usually dead already
             pass
         self.actors[slot] = self._start(slot)
+        self._starting[self.actors[slot].ready.remote()] = slot
         self.replaced += 1
 
     def map(self, tasks: list[EvalTask], on_done: Callable[[EvalOutcome], None] | None = None) -> list[EvalOutcome]:
         # Results come as soon as any actor finishes (progress bars, in-order recording by the
-        # caller); the returned list is put back in task order.
+        # caller); the returned list is put back in task order. A replaced actor takes tasks
+        # only once it is ready: on a cluster that lost a node it may wait for room, and the
+        # surviving actors carry on meanwhile.
         import ray
 
         queue = [(task, 0) for task in reversed(tasks)]  # a stack: pop() takes the first task
-        idle = list(range(len(self.actors)))
+        starting = set(self._starting.values())
+        idle = [slot for slot in range(len(self.actors)) if slot not in starting]
         running: dict[Any, tuple[int, EvalTask, int]] = {}
         outcomes: list[EvalOutcome] = []
-        with _deferred_interrupt() as interrupted:
+        stalled_since: float | None = None
+        with deferred_interrupt() as interrupted:
             while queue or running:
                 while queue and idle:
                     slot = idle.pop(0)
                     task, attempt = queue.pop()
                     running[self.actors[slot].run.remote(task)] = (slot, task, attempt)
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+                ready, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=0.2)
                 if interrupted.is_set():
                     raise KeyboardInterrupt
-                if ready:
+                if ready and ready[0] in self._starting:
+                    self._started(ready[0], idle)
+                elif ready:
                     self._collect(ready[0], running, queue, idle, outcomes, on_done)
+                stalled_since = self._check_stall(running, stalled_since)
         return sorted(outcomes, key=lambda o: o.index)
+
+    def _started(self, ref, idle: list[int]) -> None:
+        """A replacement actor finished starting (or died starting: start another)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        slot = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:
+            self._replace(slot)
+            return
+        idle.append(slot)
+
+    def _check_stall(self, running: dict, since: float | None) -> float | None:
+        """Nothing measuring and every actor still waiting to be placed: give up after ``placement_timeout_s``."""
+        if running or not self._starting:
+            return None
+        now = time.monotonic()
+        if since is None:
+            return now
+        if now - since > self.placement_timeout_s:
+            raise UserError(f"no Ray worker could be placed for {self.placement_timeout_s:.0f} s (the cluster lost the nodes "
+                            "with room for them); the study is recorded up to here: add nodes and run it again to resume")
+        return since
 
     def _collect(self, ref, running, queue, idle, outcomes: list[EvalOutcome], on_done) -> None:
         """Take one finished evaluation: its outcome, or a replaced actor and a retry."""
         import ray
-        from ray.exceptions import RayActorError  # ActorDiedError (killed, OOM, crash) and kin
+        from ray.exceptions import RayActorError  # ActorDiedError (killed, OOM, crash, lost node) and kin
 
         slot, task, attempt = running.pop(ref)
         try:
@@ -277,11 +322,14 @@ class RayExecutor(Executor):
             self._replace(slot)
             if attempt < self.max_retries:
                 queue.append((task, attempt + 1))
-                idle.append(slot)
                 return
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             outcome = EvalOutcome(task.index, 0, 0, {}, 0.0, worker=f"worker-{slot}",
                                   error=f"worker died {attempt + 1} times on this policy ({type(exc).__name__}: {cause[:200]})")
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome)
+            return
         idle.append(slot)
         outcomes.append(outcome)
         if on_done is not None:
@@ -325,62 +373,14 @@ class _EvalActor:
         return os.getpid()
 
 
-def _ship_code_by_value(source: NamedSource | ObjectSource) -> None:
-    """Let workers unpickle the user's own classes (a model defined in a notebook, a test or a
-    script, a Dataset subclass): their modules travel with the objects unless workers can import
-    them (installed packages and the standard library)."""
-    import site
-    import sys
-    import sysconfig
-
-    from ray import cloudpickle
-
-    if not isinstance(source, ObjectSource):
-        return
-    installed = tuple(str(p) for p in (*site.getsitepackages(), sysconfig.get_paths()["stdlib"]))
-    objects = [*source.baseline.model.modules()]
-    objects += [getattr(split, "dataset", None) for split in (source.data.train, source.data.calibration, source.data.val,
-                                                               source.data.test)]
-    for name in {type(o).__module__ for o in objects if o is not None}:
-        module = sys.modules.get(name)
-        path = getattr(module, "__file__", None)
-        if module is None or name == "__main__" or path is None or name.split(".")[0] == "mpsearch" or path.startswith(installed):
-            continue
-        cloudpickle.register_pickle_by_value(module)
-
-
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[threading.Event]:
-    """While waiting on Ray, Ctrl-C only sets an event that the wait loop turns into KeyboardInterrupt.
-
-    A SIGINT that lands inside Ray's own calls can be lost there; the event cannot. A second
-    Ctrl-C interrupts at once. Outside the main thread (where signals cannot be handled) nothing
-    changes.
-    """
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def create_executor(spec: WorkerSpec, workers: int, *, address: str | None = None, evaluator=None) -> Executor:
-    """``workers == 0``: in this process; otherwise a Ray actor pool of that size."""
-    if workers < 0:
-        raise UserError(f"run.workers: must be >= 0, got {workers}", fields=("run.workers",))
+def create_executor(spec: WorkerSpec, workers: int, *, placement: RayPlacement | None = None, evaluator=None) -> Executor:
+    """``workers == 0``: in this process; otherwise a Ray actor pool of that size (-1: as many
+    as the machine's cores, or the cluster's CPUs, hold)."""
+    if workers < -1:
+        raise UserError(f"run.workers: must be >= -1, got {workers}", fields=("run.workers",))
     if workers == 0:
         return InProcessExecutor(spec, evaluator)
-    return RayExecutor(spec, workers, address=address)
+    return RayExecutor(spec, workers, placement=placement)
 
 
 def default_workers(torch_threads: int = 1) -> int:

@@ -23,6 +23,7 @@ FIELD_FLAGS = {
     "search.objectives": "--objectives", "search.space": "--space", "search.energy_profile": "--energy-profile",
     "search.sensitivity": "--sensitivity", "search.eval_images": "--eval-images",
     "run.workers": "--workers", "run.torch_threads": "--threads", "run.ray_address": "--ray-address",
+    "run.cpus_per_worker": "--cpus-per-worker", "run.gpus_per_worker": "--gpus-per-worker", "run.ray_dashboard": "--ray-dashboard",
     "run.storage": "--storage", "run.out_dir": "--out-dir",
     "quant.ptq": "--ptq", "quant.weight_observer": "--weight-observer", "quant.act_observer": "--act-observer",
     "quant.smoothquant_alpha": "--smoothquant", "quant.attention_calibration": "--attention-calibration",

@@ -28,8 +28,9 @@ _OPTIMIZE_FIELDS = {
     "budget": "search.budget", "population": "search.population_size", "algorithm": "search.algorithm",
     "objectives": "search.objectives", "space": "search.space", "energy_profile": "search.energy_profile",
     "sensitivity": "search.sensitivity", "eval_images": "search.eval_images", "ptq": "quant.ptq",
-    "workers": "run.workers", "threads": "run.torch_threads", "ray_address": "run.ray_address", "storage": "run.storage",
-    "out_dir": "run.out_dir",
+    "workers": "run.workers", "threads": "run.torch_threads", "ray_address": "run.ray_address",
+    "cpus_per_worker": "run.cpus_per_worker", "gpus_per_worker": "run.gpus_per_worker", "ray_dashboard": "run.ray_dashboard",
+    "storage": "run.storage", "out_dir": "run.out_dir",
 }
 
 
@@ -106,13 +107,15 @@ def dashboard(args: argparse.Namespace) -> int:
     folder = study_folder(args.study)
     if not (folder / "config.yaml").is_file():
         raise UserError(f"no finished study in {folder}; run `mpsearch optimize` for it first, or pass its folder")
+    from mpsearch.study.storage import open_storage, shown_url
+
     storage = StudyConfig.load(folder / "config.yaml").run.storage
     try:
         from optuna_dashboard import run_server
     except ImportError:
         raise UserError("optuna-dashboard is not installed; pip install optuna-dashboard") from None
-    logger.info(f"optuna-dashboard on http://{args.host}:{args.port} for {storage} (Ctrl-C to stop)")
-    run_server(storage, host=args.host, port=args.port)
+    logger.info(f"optuna-dashboard on http://{args.host}:{args.port} for {shown_url(storage)} (Ctrl-C to stop)")
+    run_server(open_storage(storage), host=args.host, port=args.port)
     return 0
 
 
@@ -140,11 +143,19 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
                                                        "attention-ranking (ViTs), none")
     o.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround, brecq")
     o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
-    o.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core; 0: in this process)")
+    o.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
+                                                             "cluster's CPUs hold; 0: in this process)")
     o.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1; fixed so results do not "
                                                              "depend on --workers)")
-    o.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
-    o.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<out-dir>/study.db)")
+    o.add_argument("--ray-address", default=None, help="join a running Ray cluster (HEAD_IP:6379, or auto; default: "
+                                                       "$RAY_ADDRESS, else a private Ray on 127.0.0.1)")
+    o.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray worker reserves (default --threads)")
+    o.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs each Ray worker reserves (default 0: "
+                                                                       "candidates are measured on CPUs)")
+    o.add_argument("--ray-dashboard", action="store_true", default=None,
+                   help="start the private Ray instance's dashboard on 127.0.0.1 (needs mpsearch[cluster])")
+    o.add_argument("--storage", default=None, help="Optuna storage: a URL (sqlite:///, postgresql://, mysql://) or "
+                                                   "journal:PATH (default sqlite:///<out-dir>/study.db)")
     o.add_argument("--name", default=None, help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
     o.add_argument("--out-dir", default=None, help="folder for the study's files (default studies/<name>)")
     add_progress(o)

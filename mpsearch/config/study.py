@@ -119,9 +119,15 @@ class RunConfig(Config):
     """Where and how a study runs; a resumed study may change any of it.
 
     ``workers`` 0 measures in this process, -1 starts one Ray worker per core (at
-    ``torch_threads`` each, fixed so that numbers do not depend on the worker count);
-    ``ray_address`` joins an existing Ray cluster. ``storage`` is an Optuna storage URL and
-    ``out_dir`` the folder for the study's files; with neither, nothing is written.
+    ``torch_threads`` each, fixed so that numbers do not depend on the worker count) or, on a
+    cluster, as many as its CPUs hold. ``ray_address`` (else the ``RAY_ADDRESS`` environment
+    variable; ``auto`` finds a cluster started on this machine) joins an existing Ray cluster;
+    without either, a private Ray instance starts on the loopback address. Each worker reserves
+    ``cpus_per_worker`` CPUs (default ``torch_threads``) and ``gpus_per_worker`` GPUs (default
+    0: candidates are measured on CPUs); ``ray_dashboard`` starts the private instance's
+    dashboard on 127.0.0.1. ``storage`` is an Optuna storage URL (or ``journal:PATH`` for a
+    journal file) and ``out_dir`` the folder for the study's files; with neither, nothing is
+    written.
     """
 
     SECTION = "run"
@@ -130,12 +136,19 @@ class RunConfig(Config):
     workers: int = -1
     torch_threads: int = 1
     ray_address: str | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float = 0.0
+    ray_dashboard: bool = False
     storage: str | None = None
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.torch_threads < 1:
             raise field_error("run.torch_threads", f"must be >= 1, got {self.torch_threads}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise field_error("run.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if not self.gpus_per_worker >= 0:
+            raise field_error("run.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.workers < -1:
             raise field_error("run.workers", f"-1 (one per core), 0 (in-process) or a count, got {self.workers}")
 

@@ -31,7 +31,7 @@ from mpsearch.errors import UserError
 from mpsearch.machine import torch_threads
 from mpsearch.objectives import front_hypervolume, hypervolume_reference, objective_profiles, objective_vector
 from mpsearch.policy import MeasurementSettings, Policy
-from mpsearch.runtime import NamedSource, ObjectSource, WorkerSpec, create_executor, default_workers
+from mpsearch.runtime import NamedSource, ObjectSource, RayPlacement, WorkerSpec, create_executor
 from mpsearch.study.checkpoint import SearchCheckpoint, checkpoint_file
 from mpsearch.study.front import finetune_front, remeasure_front
 from mpsearch.study.latency import LatencyMeteredExecutor, PatternLatency, time_front
@@ -39,7 +39,7 @@ from mpsearch.study.loop import SearchLoop, StudyRun
 from mpsearch.study.outputs import write_outputs, write_policies
 from mpsearch.study.result import SearchResult
 from mpsearch.study.seeding import study_seeds
-from mpsearch.study.storage import create_study, existing_study, load_trials, record_settings, records_by_slot, storage_url
+from mpsearch.study.storage import create_study, existing_study, load_trials, record_settings, records_by_slot, shown_url, storage_url
 
 __all__ = ["run_study", "Subject"]
 
@@ -185,7 +185,7 @@ class _Driver:
                             f"{str(baseline.sha256)[:12]}...; resume it with the same checkpoint, or start another study "
                             "under another name")
         if recorded:
-            logger.info(f"resuming study {name!r}: {recorded} of {search.budget} trials recorded in {self.url}")
+            logger.info(f"resuming study {name!r}: {recorded} of {search.budget} trials recorded in {shown_url(self.url)}")
         profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
         evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
         if not config.allow_weak_baseline:
@@ -219,9 +219,12 @@ class _Driver:
         self.phases["setup"] = time.perf_counter() - self.start
         seeds = study_seeds(config, evaluator, space, costs_of, progress=self.progress)
         ref = hypervolume_reference(space, costs_of)
-        workers = default_workers(config.run.torch_threads) if config.run.workers == -1 else config.run.workers
-        spec = WorkerSpec(subject.source, quant=config.quant.to_dict(), profiles=profiles, torch_threads=config.run.torch_threads)
-        with create_executor(spec, workers, address=config.run.ray_address, evaluator=evaluator) as executor:
+        run_config = config.run
+        spec = WorkerSpec(subject.source, quant=config.quant.to_dict(), profiles=profiles, torch_threads=run_config.torch_threads)
+        placement = RayPlacement(address=run_config.ray_address, cpus_per_worker=run_config.cpus_per_worker,
+                                 gpus_per_worker=run_config.gpus_per_worker, dashboard=run_config.ray_dashboard)
+        with create_executor(spec, run_config.workers, placement=placement, evaluator=evaluator) as executor:
+            workers = executor.workers
             if latency is not None:
                 executor = LatencyMeteredExecutor(executor, latency)
             run = StudyRun(config=config, study=study, space=space, executor=executor, to_policy=to_policy, costs=costs_of,
@@ -230,8 +233,8 @@ class _Driver:
             for method in self.methods:
                 self._search(run, method)
             if getattr(executor, "replaced", 0):
-                logger.info(f"{executor.replaced} worker(s) died during the search and were replaced; "
-                            "their evaluations were retried")
+                logger.info(f"{executor.replaced} worker(s) died during the search; their evaluations were retried "
+                            "and replacements started where Ray had room for them")
             self.phases["search"] = time.perf_counter() - self.start - self.phases["setup"]
             if latency is not None:
                 logger.info(f"latency objective: {len(latency.ms)} layer pattern(s) timed ({latency.timed} in this run) "

@@ -28,6 +28,7 @@ import numpy as np
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.policy import Policy, precision_for
+from mpsearch.study.storage import open_storage, shown_url
 
 __all__ = ["SearchResult", "load_result", "KNEE_WINDOW_PP", "PARETO_FILE", "STUDY_FILE"]
 
@@ -73,8 +74,13 @@ class SearchResult:
 
             if self.storage is None:
                 raise UserError(f"study {self.name!r} was kept in memory and is gone; give a storage to keep it")
-            self._study = optuna.load_study(study_name=self.name, storage=self.storage)
+            self._study = optuna.load_study(study_name=self.name, storage=open_storage(self.storage))
         return self._study
+
+    @property
+    def shown_storage(self) -> str:
+        """Where the study is recorded, any password hidden."""
+        return shown_url(self.storage)
 
     @property
     def cost_column(self) -> str:

@@ -18,29 +18,62 @@ from mpsearch.config import RESUMABLE_FIELDS, StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.objectives import objective_spec, objective_vector
 
-__all__ = ["storage_url", "existing_study", "create_study", "record_settings", "records_by_slot", "load_trials",
-           "told_objectives"]
+__all__ = ["JOURNAL", "storage_url", "open_storage", "shown_url", "existing_study", "create_study", "record_settings",
+           "records_by_slot", "load_trials", "told_objectives"]
+
+
+JOURNAL = "journal:"  # run.storage prefix of an Optuna journal file
 
 
 def storage_url(config: StudyConfig) -> str | None:
-    """``run.storage``, else SQLite in ``run.out_dir``; None (in memory) when the study writes nothing."""
-    if config.run.storage:
-        return config.run.storage
+    """``run.storage`` (a journal file's path made absolute), else SQLite in ``run.out_dir``;
+    None (in memory) when the study writes nothing."""
+    storage = config.run.storage
+    if storage and storage.startswith(JOURNAL):
+        path = storage[len(JOURNAL):]
+        if not path:
+            raise UserError("run.storage: journal: needs a file path, e.g. journal:studies/NAME/journal.log",
+                            fields=("run.storage",))
+        return JOURNAL + str(Path(path).expanduser().resolve())
+    if storage:
+        return storage
     if config.run.out_dir:
         return f"sqlite:///{(Path(config.run.out_dir) / 'study.db').resolve()}"
     return None
 
 
-def _storage(url: str | None) -> Any:
-    """What Optuna takes: the URL, or a fresh in-memory storage."""
+def open_storage(url: str | None) -> Any:
+    """What Optuna takes for ``url``: a fresh in-memory storage (None), a journal storage
+    (``journal:PATH``; a single file, safe for several processes, on NFS too), else the URL."""
     import optuna
 
-    return optuna.storages.InMemoryStorage() if url is None else url
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    if url.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len(JOURNAL):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return url
+
+
+def shown_url(url: str | None) -> str:
+    """``url`` with any password replaced by ``***`` (for logs, errors and reports)."""
+    if not url or "@" not in url or "://" not in url:
+        return str(url)
+    scheme, rest = url.split("://", 1)
+    credentials, at, host = rest.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}{at}{host}"
 
 
 def _storage_error(url: str, exc: Exception) -> UserError:
-    return UserError(f"cannot open study storage {url!r} ({type(exc).__name__}); give run.storage a valid Optuna storage URL",
-                     fields=("run.storage",))
+    if isinstance(exc, ModuleNotFoundError):  # psycopg2 / pymysql: the database driver
+        return UserError(f"cannot open study storage {shown_url(url)!r}: {exc} (its database driver); for PostgreSQL "
+                         "pip install 'mpsearch[cluster]'", fields=("run.storage",))
+    return UserError(f"cannot open study storage {shown_url(url)!r} ({type(exc).__name__}); give run.storage a valid Optuna "
+                     "storage URL or journal:PATH", fields=("run.storage",))
 
 
 def existing_study(config: StudyConfig, space: dict[str, Any], url: str | None) -> tuple[Any, int]:
@@ -52,7 +85,7 @@ def existing_study(config: StudyConfig, space: dict[str, Any], url: str | None) 
         return None, 0
     name = config.study_name
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:  # no such study in this storage
         return None, 0
     except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
@@ -61,7 +94,7 @@ def existing_study(config: StudyConfig, space: dict[str, Any], url: str | None) 
     directions = [objective_spec(o)[0] for o in config.search.objectives]
     if not recorded:
         if [d.name.lower() for d in study.directions] != directions:
-            raise UserError(f"study {name!r} exists in {url} with other objectives; choose another study name")
+            raise UserError(f"study {name!r} exists in {shown_url(url)} with other objectives; choose another study name")
         return study, 0
     stored = study.user_attrs.get("config")
     try:
@@ -69,7 +102,7 @@ def existing_study(config: StudyConfig, space: dict[str, Any], url: str | None) 
     except UserError:
         stored_config = None
     if stored_config is None:
-        raise UserError(f"study {name!r} in {url} holds {recorded} trials that this mpsearch did not make (no readable config); "
+        raise UserError(f"study {name!r} in {shown_url(url)} holds {recorded} trials that this mpsearch did not make (no readable config); "
                         "choose another study name")
     conflict = config.conflict_with(stored_config)
     if conflict is None and study.user_attrs.get("space", space) != space:
@@ -94,7 +127,7 @@ def create_study(config: StudyConfig, url: str | None) -> Any:
 
     directions = [objective_spec(o)[0] for o in config.search.objectives]
     try:
-        return optuna.create_study(study_name=config.study_name, storage=_storage(url), directions=directions,
+        return optuna.create_study(study_name=config.study_name, storage=open_storage(url), directions=directions,
                                    load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - bad URLs raise many types (ArgumentError, ImportError, OperationalError)
         raise _storage_error(str(url), exc) from None

@@ -1,0 +1,217 @@
+"""Ray as Ray users run it: a private instance on loopback with its authentication on, and a
+live two-node cluster (``ray start``) that a study joins, loses a node of, and finishes on.
+
+The cluster runs on this machine: a head and a second node with their own CPUs and temp dirs,
+so Ray's scheduler sees two nodes; killing the second node's raylet is what a lost machine
+looks like to the rest of the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mpsearch.config import StudyConfig, with_overrides
+from mpsearch.study import run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+POP, BUDGET = 6, 24
+FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET), "--population", str(POP),
+         "--eval-images", "360", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
+SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
+            "search.eval_images": 360, "search.sensitivity": "none", "run.workers": 0, "latency": None}
+SAME = ["trial", "state", "attr_generation", "attr_slot", "attr_method", "attr_correct"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_sockets() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening on this machine, from /proc/net."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            address, port = fields[1].split(":")
+            found.add((address if len(address) == width else "?", int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """A /proc/net address (little-endian hex words) on 127.0.0.0/8 or ::1 (v4-mapped included)."""
+    if len(address) == 8:
+        return address[6:8] == "7F"
+    words = [address[i:i + 8] for i in range(0, 32, 8)]
+    if words[:3] == ["00000000"] * 3:
+        return words[3] == "01000000"  # ::1
+    return words[:2] == ["00000000"] * 2 and words[2] == "FFFF0000" and words[3][6:8] == "7F"  # ::ffff:127.x
+
+
+def columns(trials: pd.DataFrame) -> list[str]:
+    return SAME + sorted(c for c in trials.columns if c.startswith(("param_", "value_")))
+
+
+def assert_same_study(folder: Path, reference: Path) -> None:
+    trials, ref = pd.read_csv(folder / "trials.csv"), pd.read_csv(reference / "trials.csv")
+    pd.testing.assert_frame_equal(trials[columns(ref)], ref[columns(ref)])
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "pareto.csv"), pd.read_csv(reference / "pareto.csv"))
+
+
+@pytest.fixture(scope="module")
+def local_study(tmp_path_factory, digits_baseline) -> Path:
+    """The study measured in this process: what every distributed run must reproduce."""
+    root = tmp_path_factory.mktemp("local")
+    config = with_overrides(StudyConfig(), {"name": "local", "run.out_dir": str(root / "local"),
+                                            "checkpoint": str(digits_baseline.checkpoint), **SETTINGS})
+    return run_study(config, progress=False).out_dir
+
+
+def test_no_code_in_mpsearch_turns_ray_authentication_off():
+    lines = [f"{p.relative_to(ROOT)}: {line.strip()}" for p in (ROOT / "mpsearch").rglob("*.py") for line in p.read_text().splitlines()
+             if "RAY_AUTH_MODE" in line and ("disabled" in line or "environ" in line)]
+    assert not lines, f"these lines set Ray's authentication mode: {lines}"
+
+
+def test_a_private_ray_instance_listens_on_loopback_only(digits, digits_baseline, monkeypatch):
+    from mpsearch.runtime import NamedSource, RayExecutor, WorkerSpec
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = listening_sockets()
+    spec = WorkerSpec(NamedSource("test_resnet", "digits", str(digits_baseline.checkpoint), calibration_size=256))
+    with RayExecutor(spec, 2) as executor:
+        assert len(executor.actors) == 2
+        opened = listening_sockets() - before
+    # The GCS, the raylet, the object manager, the driver's and each actor's worker server.
+    assert len(opened) >= 5, opened
+    exposed = sorted(s for s in opened if not is_loopback(s[0]))
+    assert not exposed, f"Ray ports listening beyond loopback: {exposed}"
+
+
+def _ray(*args: str, env: dict[str, str]) -> str:
+    ray_cli = Path(sys.executable).with_name("ray")
+    done = subprocess.run([str(ray_cli), *args], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, f"ray {' '.join(args)} failed: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+    return done.stdout + done.stderr
+
+
+def _processes_under(*paths: str) -> list[int]:
+    """Processes whose command line names one of ``paths`` (a node's temp dir: its raylet, GCS, agents)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if any(p in cmdline for p in paths):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A Ray head and a second node on this machine (token authentication, Ray's default, on);
+    yields (address, the second node's temp dir, env for processes that join it)."""
+    # Short temp dirs: Ray's socket paths must fit in 107 characters.
+    head_dir, node_dir = tempfile.mkdtemp(prefix="mpsh", dir="/tmp"), tempfile.mkdtemp(prefix="mpsn", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    port = free_port()
+    # Quick node-death detection (a lost node is declared dead after ~2 s instead of ~30 s).
+    health = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4})
+    try:
+        _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", head_dir, "--system-config", health, env=env)
+        # The head turned token authentication on; whatever joins it sends the token.
+        env["RAY_AUTH_MODE"] = "token"
+        _ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--disable-usage-stats", "--temp-dir", node_dir,
+             env=env)
+        yield f"127.0.0.1:{port}", node_dir, env
+    finally:
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, env=env,
+                       timeout=120)
+        deadline = time.monotonic() + 30
+        while _processes_under(head_dir, node_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stray = _processes_under(head_dir, node_dir)
+        shutil.rmtree(head_dir, ignore_errors=True)
+        shutil.rmtree(node_dir, ignore_errors=True)
+        assert not stray, f"Ray processes left after the cluster stopped: {stray}"
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _finished(db: Path) -> int:
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'FAIL')").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_study_joins_a_two_node_cluster_survives_a_lost_node_and_equals_the_local_study(
+        tmp_path, cli_cmd, digits_baseline, local_study, two_node_cluster):
+    address, node_dir, env = two_node_cluster
+    env = dict(env, RAY_ADDRESS=address, OMP_NUM_THREADS="1")  # joined the way `ray job submit` passes it
+    out = tmp_path / "c"
+    proc = subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", str(digits_baseline.checkpoint), "--out-dir", str(out),
+                                       "--name", "c"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while _finished(out / "study.db") < 2:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the study did not start on the cluster"
+        time.sleep(0.05)
+    # The second node goes away mid-study, as a lost machine does: its raylet and the workers it
+    # started (the actor it hosted among them) all at once.
+    raylets = [pid for pid in _processes_under(node_dir) if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]]
+    assert len(raylets) == 1, raylets
+    hosted = _children(raylets[0])
+    assert any(Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_EvalActor") for pid in hosted), \
+        "no mpsearch worker on the second node (the actors should spread over both)"
+    for pid in (raylets[0], *hosted):
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    joined = re.search(r"joined the Ray cluster at \S+ \(([^)]*)\): (\d+) node\(s\), 3 CPUs", err)
+    assert joined and joined.group(1) == address and joined.group(2) == "2", err[-3000:]
+    assert "died during the search; their evaluations were retried" in err, err[-3000:]
+    assert _finished(out / "study.db") == BUDGET
+    assert_same_study(out, local_study)
+    # As many workers as the cluster's CPUs hold, one thread each.
+    assert StudyConfig.load(out / "config.yaml").run.workers == 3
