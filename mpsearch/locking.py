@@ -9,7 +9,7 @@ same study would append the same trials again. Two mechanisms, by storage:
   nodes) share a PostgreSQL or MySQL storage instead. The kernel drops the lock when its process
   dies, so a study killed with ``kill -9`` resumes at once.
 * Server databases (PostgreSQL, MySQL) and journal files: a lease in the study's user
-  attributes, renewed by a heartbeat thread every ``lease_s() / 4.5`` seconds. Another driver may
+  attributes, renewed by a heartbeat thread ``BEATS_PER_LEASE`` times per lease time. Another driver may
   take the study over only when the lease is older than the holder's lease time (its driver is
   gone): 90 s, or ``MPSEARCH_LEASE_S`` seconds in the holder's environment.
 """
@@ -28,11 +28,13 @@ from typing import Any
 
 from mpsearch.errors import UserError
 
-__all__ = ["StudyLock", "check_lease", "lease_s", "sqlite_path", "LEASE_ATTR", "HEARTBEAT_S", "LEASE_S", "LEASE_ENV"]
+__all__ = ["StudyLock", "check_lease", "lease_s", "sqlite_path", "LEASE_ATTR", "HEARTBEAT_S", "BEATS_PER_LEASE", "LEASE_S",
+           "LEASE_ENV"]
 
 LEASE_ATTR = "mpsearch_driver"
 LEASE_S = 90.0
-HEARTBEAT_S = LEASE_S / 4.5
+BEATS_PER_LEASE = 4.5  # heartbeats a lease outlives: a few missed beats (a slow database) do not lose it
+HEARTBEAT_S = LEASE_S / BEATS_PER_LEASE
 LEASE_ENV = "MPSEARCH_LEASE_S"
 
 
@@ -110,7 +112,7 @@ class StudyLock:
         if self.url.startswith("sqlite"):  # the file lock covers it
             return
         check_lease(study, self.study_name, self.owner)
-        study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
+        self._renew(study)
         # Two drivers that checked at the same moment both wrote a lease: the last write stands,
         # and the driver that reads back another's lease steps back (leaving that lease alone).
         time.sleep(0.2)
@@ -119,13 +121,13 @@ class StudyLock:
         self._thread = threading.Thread(target=self._heartbeat, name="mpsearch-lease", daemon=True)
         self._thread.start()
 
-    def _renew(self) -> None:
-        self._study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
+    def _renew(self, study: Any) -> None:
+        study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.owner["lease_s"] / 4.5):
+        while not self._stop.wait(self.owner["lease_s"] / BEATS_PER_LEASE):
             try:
-                self._renew()
+                self._renew(self._study)
             except Exception:  # noqa: BLE001 - a dropped connection must not kill the driver; the next beat retries
                 pass
 

@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class NamedSource:
     """A model and data set by name, the baseline from a checkpoint file: what a worker on any
@@ -319,18 +318,15 @@ class RayExecutor(Executor):
         try:
             outcome = ray.get(ref)
         except RayActorError as exc:
-            self._replace(slot)
+            self._replace(slot)  # the slot takes tasks again once its new actor is ready
             if attempt < self.max_retries:
                 queue.append((task, attempt + 1))
                 return
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             outcome = EvalOutcome(task.index, 0, 0, {}, 0.0, worker=f"worker-{slot}",
                                   error=f"worker died {attempt + 1} times on this policy ({type(exc).__name__}: {cause[:200]})")
-            outcomes.append(outcome)
-            if on_done is not None:
-                on_done(outcome)
-            return
-        idle.append(slot)
+        else:
+            idle.append(slot)
         outcomes.append(outcome)
         if on_done is not None:
             on_done(outcome)

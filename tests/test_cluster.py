@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
+from study_checks import assert_same_study, finished_trials, processes, wait_until
 
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.study import run_study
@@ -31,7 +31,6 @@ FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET
          "--eval-images", "360", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
 SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
             "search.eval_images": 360, "search.sensitivity": "none", "run.workers": 0, "latency": None}
-SAME = ["trial", "state", "attr_generation", "attr_slot", "attr_method", "attr_correct"]
 
 
 def free_port() -> int:
@@ -67,16 +66,6 @@ def is_loopback(address: str) -> bool:
     if words[:3] == ["00000000"] * 3:
         return words[3] == "01000000"  # ::1
     return words[:2] == ["00000000"] * 2 and words[2] == "FFFF0000" and words[3][6:8] == "7F"  # ::ffff:127.x
-
-
-def columns(trials: pd.DataFrame) -> list[str]:
-    return SAME + sorted(c for c in trials.columns if c.startswith(("param_", "value_")))
-
-
-def assert_same_study(folder: Path, reference: Path) -> None:
-    trials, ref = pd.read_csv(folder / "trials.csv"), pd.read_csv(reference / "trials.csv")
-    pd.testing.assert_frame_equal(trials[columns(ref)], ref[columns(ref)])
-    pd.testing.assert_frame_equal(pd.read_csv(folder / "pareto.csv"), pd.read_csv(reference / "pareto.csv"))
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +107,7 @@ def _ray(*args: str, env: dict[str, str]) -> str:
 
 def _processes_under(*paths: str) -> list[int]:
     """Processes whose command line names one of ``paths`` (a node's temp dir: its raylet, GCS, agents)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if any(p in cmdline for p in paths):
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid, _, cmdline in processes() if any(p in b" ".join(cmdline).decode(errors="replace") for p in paths)]
 
 
 @pytest.fixture
@@ -160,31 +140,6 @@ def two_node_cluster():
         assert not stray, f"Ray processes left after the cluster stopped: {stray}"
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def _finished(db: Path) -> int:
-    import sqlite3
-
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'FAIL')").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def test_a_study_joins_a_two_node_cluster_survives_a_lost_node_and_equals_the_local_study(
         tmp_path, cli_cmd, digits_baseline, local_study, two_node_cluster):
     address, node_dir, env = two_node_cluster
@@ -192,26 +147,23 @@ def test_a_study_joins_a_two_node_cluster_survives_a_lost_node_and_equals_the_lo
     out = tmp_path / "c"
     proc = subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", str(digits_baseline.checkpoint), "--out-dir", str(out),
                                        "--name", "c"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while _finished(out / "study.db") < 2:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the study did not start on the cluster"
-        time.sleep(0.05)
+    wait_until(proc, lambda: finished_trials(out / "study.db") >= 2, timeout=300)
     # The second node goes away mid-study, as a lost machine does: its raylet and the workers it
     # started (the actor it hosted among them) all at once.
-    raylets = [pid for pid in _processes_under(node_dir) if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]]
+    found = list(processes())
+    raylets = [pid for pid, _, cmdline in found if cmdline[0].endswith(b"raylet") and node_dir.encode() in b" ".join(cmdline)]
     assert len(raylets) == 1, raylets
-    hosted = _children(raylets[0])
-    assert any(Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_EvalActor") for pid in hosted), \
+    hosted = [(pid, cmdline) for pid, parent, cmdline in found if parent == raylets[0]]
+    assert any(cmdline[0].startswith(b"ray::_EvalActor") for _, cmdline in hosted), \
         "no mpsearch worker on the second node (the actors should spread over both)"
-    for pid in (raylets[0], *hosted):
+    for pid in (raylets[0], *(pid for pid, _ in hosted)):
         os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     joined = re.search(r"joined the Ray cluster at \S+ \(([^)]*)\): (\d+) node\(s\), 3 CPUs", err)
     assert joined and joined.group(1) == address and joined.group(2) == "2", err[-3000:]
     assert "died during the search; their evaluations were retried" in err, err[-3000:]
-    assert _finished(out / "study.db") == BUDGET
+    assert finished_trials(out / "study.db") == BUDGET
     assert_same_study(out, local_study)
     # As many workers as the cluster's CPUs hold, one thread each.
     assert StudyConfig.load(out / "config.yaml").run.workers == 3

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
+from study_checks import assert_same_study, finished_trials, processes, wait_until
 
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
@@ -25,7 +23,6 @@ FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET
          "--eval-images", "180", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
 SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
             "search.eval_images": 180, "search.sensitivity": "none", "run.workers": 0, "latency": None}
-SAME = ["trial", "state", "attr_generation", "attr_slot", "attr_method", "attr_correct"]
 
 
 @pytest.fixture(scope="module")
@@ -39,41 +36,10 @@ def _config(root: Path, name: str, baseline, **fields) -> StudyConfig:
                                           **SETTINGS, **fields})
 
 
-def _columns(trials: pd.DataFrame) -> list[str]:
-    return SAME + sorted(c for c in trials.columns if c.startswith(("param_", "value_")))
-
-
-def _assert_same_study(result_dir: Path, reference) -> None:
-    trials = pd.read_csv(result_dir / "trials.csv")
-    ref = pd.read_csv(reference.out_dir / "trials.csv")
-    pd.testing.assert_frame_equal(trials[_columns(ref)], ref[_columns(ref)])
-    pareto, ref_pareto = pd.read_csv(result_dir / "pareto.csv"), pd.read_csv(reference.out_dir / "pareto.csv")
-    pd.testing.assert_frame_equal(pareto, ref_pareto)
-
-
-def _finished(db: Path) -> int:
-    """Finished trials in the study database (0 while it does not exist yet)."""
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'FAIL')").fetchone()[0]
-    except sqlite3.Error:  # the driver is creating the schema
-        return 0
-
-
 def _start(cli_cmd, root: Path, name: str, checkpoint: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", checkpoint, "--out-dir", str(root / name), "--name", name, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _wait_until(proc: subprocess.Popen, condition, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the study ended before the kill point: {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "kill point not reached in time"
-        time.sleep(0.005)
 
 
 def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, cli_cmd, digits_baseline, reference):
@@ -82,25 +48,25 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
 
     # 1. Ctrl-C in the middle of generation 0: a clean stop, one line that says how to resume.
     proc = _start(cli_cmd, tmp_path, "s", checkpoint)
-    _wait_until(proc, lambda: _finished(db) >= 2)
+    wait_until(proc, lambda: finished_trials(db) >= 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "resume" in err and "Traceback" not in err, err
-    interrupted_at = _finished(db)
+    interrupted_at = finished_trials(db)
     assert 0 < interrupted_at < BUDGET
 
     # 2. kill -9 in the middle of a later generation: nothing gets a chance to clean up.
     proc = _start(cli_cmd, tmp_path, "s", checkpoint)
-    _wait_until(proc, lambda: _finished(db) >= POP + 3)
+    wait_until(proc, lambda: finished_trials(db) >= POP + 3)
     proc.kill()
     proc.communicate(timeout=60)
-    killed_at = _finished(db)
+    killed_at = finished_trials(db)
     assert killed_at % POP != 0, f"the kill should land mid-generation, it landed after trial {killed_at}"
     assert killed_at < BUDGET
 
     # 3. kill -9 after the last trial, while the front is re-measured and the outputs written.
     proc = _start(cli_cmd, tmp_path, "s", checkpoint)
-    _wait_until(proc, lambda: _finished(db) >= BUDGET)
+    wait_until(proc, lambda: finished_trials(db) >= BUDGET)
     proc.kill()
     proc.communicate(timeout=60)
 
@@ -109,35 +75,26 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resuming study 's': {BUDGET} of {BUDGET} trials recorded" in err
-    _assert_same_study(tmp_path / "s", reference)
-    assert _finished(db) == BUDGET  # nothing duplicated
+    assert_same_study(tmp_path / "s", reference.out_dir)
+    assert finished_trials(db) == BUDGET  # nothing duplicated
 
 
 def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_path, cli_cmd, digits_baseline, reference):
     db = tmp_path / "r" / "study.db"
     proc = _start(cli_cmd, tmp_path, "r", str(digits_baseline.checkpoint), "--workers", "2")
-    _wait_until(proc, lambda: _finished(db) >= 2, timeout=600)
+    wait_until(proc, lambda: finished_trials(db) >= 2, timeout=600)
     actors = _actor_pids()
     assert actors, "no Ray actor process found"
     os.kill(actors[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "died during the search; their evaluations were retried" in err
-    _assert_same_study(tmp_path / "r", reference)
+    assert_same_study(tmp_path / "r", reference.out_dir)
 
 
 def _actor_pids() -> list[int]:
     """Processes of mpsearch's Ray actors (Ray titles them ``ray::_EvalActor...``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::_EvalActor"):
-                pids.append(int(entry.name))
-    return sorted(pids)
+    return sorted(pid for pid, _, cmdline in processes() if cmdline[0].startswith(b"ray::_EvalActor"))
 
 
 def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_path, digits_baseline, reference):
