@@ -236,9 +236,9 @@ class RayExecutor(Executor):
         except ray.exceptions.RayActorError as exc:
             self.close()
             cause = next((line.strip() for line in str(exc).splitlines() if "because" in line), type(exc).__name__)
-            raise UserError(f"Ray could not start mpsearch's workers ({cause[:300]}); on a cluster, check that this driver "
-                            "and the cluster use the same RAY_AUTH_MODE (`ray status` works from here)",
-                            fields=("run.ray_address",)) from None
+            hint = ("check that this driver and the cluster use the same RAY_AUTH_MODE (`ray status` works from here)"
+                    if placement.joins_cluster else "rerun (a study resumes), or measure without Ray: --workers 0")
+            raise UserError(f"Ray could not start mpsearch's workers ({cause[:300]}); {hint}", fields=("run.ray_address",)) from None
 
     def _start(self, slot: int):
         return self._actor_cls.remote(self._spec, f"worker-{slot}")

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,25 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from study_checks import assert_same_study, finished_trials, processes, wait_until
+from study_checks import BUDGET, assert_same_study, finished_trials, free_port, processes, start_study, study_config, wait_until
 
-from mpsearch.config import StudyConfig, with_overrides
+from mpsearch.config import StudyConfig
 from mpsearch.study import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
-POP, BUDGET = 6, 24
-FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET), "--population", str(POP),
-         "--eval-images", "360", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
-SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
-            "search.eval_images": 360, "search.sensitivity": "none", "run.workers": 0, "latency": None}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+EVAL_IMAGES = 360  # trials long enough for the node to be lost mid-study
 
 
 def listening_sockets() -> set[tuple[str, int]]:
@@ -71,9 +60,7 @@ def is_loopback(address: str) -> bool:
 @pytest.fixture(scope="module")
 def local_study(tmp_path_factory, digits_baseline) -> Path:
     """The study measured in this process: what every distributed run must reproduce."""
-    root = tmp_path_factory.mktemp("local")
-    config = with_overrides(StudyConfig(), {"name": "local", "run.out_dir": str(root / "local"),
-                                            "checkpoint": str(digits_baseline.checkpoint), **SETTINGS})
+    config = study_config(tmp_path_factory.mktemp("local"), "local", digits_baseline, EVAL_IMAGES)
     return run_study(config, progress=False).out_dir
 
 
@@ -112,19 +99,19 @@ def _processes_under(*paths: str) -> list[int]:
 
 @pytest.fixture
 def two_node_cluster():
-    """A Ray head and a second node on this machine (token authentication, Ray's default, on);
-    yields (address, the second node's temp dir, env for processes that join it)."""
+    """A Ray head and a second node on this machine, with token authentication on as a shared
+    cluster should have it; yields (address, the second node's temp dir, env for processes that
+    join it: the cluster's mode and token, as its admin hands them out)."""
     # Short temp dirs: Ray's socket paths must fit in 107 characters.
     head_dir, node_dir = tempfile.mkdtemp(prefix="mpsh", dir="/tmp"), tempfile.mkdtemp(prefix="mpsn", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     port = free_port()
     # Quick node-death detection (a lost node is declared dead after ~2 s instead of ~30 s).
     health = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4})
     try:
         _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
              "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", head_dir, "--system-config", health, env=env)
-        # The head turned token authentication on; whatever joins it sends the token.
-        env["RAY_AUTH_MODE"] = "token"
         _ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--disable-usage-stats", "--temp-dir", node_dir,
              env=env)
         yield f"127.0.0.1:{port}", node_dir, env
@@ -143,10 +130,9 @@ def two_node_cluster():
 def test_a_study_joins_a_two_node_cluster_survives_a_lost_node_and_equals_the_local_study(
         tmp_path, cli_cmd, digits_baseline, local_study, two_node_cluster):
     address, node_dir, env = two_node_cluster
-    env = dict(env, RAY_ADDRESS=address, OMP_NUM_THREADS="1")  # joined the way `ray job submit` passes it
     out = tmp_path / "c"
-    proc = subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", str(digits_baseline.checkpoint), "--out-dir", str(out),
-                                       "--name", "c"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Joined the way `ray job submit` passes the cluster's address.
+    proc = start_study(cli_cmd, out, str(digits_baseline.checkpoint), eval_images=EVAL_IMAGES, env=dict(env, RAY_ADDRESS=address))
     wait_until(proc, lambda: finished_trials(out / "study.db") >= 2, timeout=300)
     # The second node goes away mid-study, as a lost machine does: its raylet and the workers it
     # started (the actor it hosted among them) all at once.
@@ -167,3 +153,9 @@ def test_a_study_joins_a_two_node_cluster_survives_a_lost_node_and_equals_the_lo
     assert_same_study(out, local_study)
     # As many workers as the cluster's CPUs hold, one thread each.
     assert StudyConfig.load(out / "config.yaml").run.workers == 3
+    # A driver without the cluster's token is turned away, in one line.
+    intruder = start_study(cli_cmd, tmp_path / "intruder", str(digits_baseline.checkpoint), "--workers", "1",
+                           env=dict(env, RAY_ADDRESS=address, RAY_AUTH_TOKEN=secrets.token_hex(32)))
+    _, err = intruder.communicate(timeout=300)
+    assert intruder.returncode == 2 and f"cannot join the Ray cluster at '{address}'" in err and "Traceback" not in err, err[-3000:]
+    assert finished_trials(tmp_path / "intruder" / "study.db") == 0

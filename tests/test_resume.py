@@ -8,38 +8,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-from pathlib import Path
 
 import pytest
-from study_checks import assert_same_study, finished_trials, processes, wait_until
+from study_checks import BUDGET, POP, assert_same_study, finished_trials, processes, start_study, study_config, wait_until
 
-from mpsearch.config import StudyConfig, with_overrides
+from mpsearch.config import with_overrides
 from mpsearch.errors import UserError
 from mpsearch.study import run_study
-
-POP, BUDGET = 6, 24
-FLAGS = ["--model", "test_resnet", "--dataset", "digits", "--budget", str(BUDGET), "--population", str(POP),
-         "--eval-images", "180", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
-SETTINGS = {"model": "test_resnet", "dataset": "digits", "search.budget": BUDGET, "search.population_size": POP,
-            "search.eval_images": 180, "search.sensitivity": "none", "run.workers": 0, "latency": None}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits_baseline):
     """The uninterrupted study, in this process with --workers 0."""
-    return run_study(_config(tmp_path_factory.mktemp("reference"), "ref", digits_baseline), progress=False)
-
-
-def _config(root: Path, name: str, baseline, **fields) -> StudyConfig:
-    return with_overrides(StudyConfig(), {"name": name, "run.out_dir": str(root / name), "checkpoint": str(baseline.checkpoint),
-                                          **SETTINGS, **fields})
-
-
-def _start(cli_cmd, root: Path, name: str, checkpoint: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cli_cmd + ["optimize", *FLAGS, "--checkpoint", checkpoint, "--out-dir", str(root / name), "--name", name, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return run_study(study_config(tmp_path_factory.mktemp("reference"), "ref", digits_baseline), progress=False)
 
 
 def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, cli_cmd, digits_baseline, reference):
@@ -47,7 +28,7 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     db = tmp_path / "s" / "study.db"
 
     # 1. Ctrl-C in the middle of generation 0: a clean stop, one line that says how to resume.
-    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
     wait_until(proc, lambda: finished_trials(db) >= 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -56,7 +37,7 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     assert 0 < interrupted_at < BUDGET
 
     # 2. kill -9 in the middle of a later generation: nothing gets a chance to clean up.
-    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
     wait_until(proc, lambda: finished_trials(db) >= POP + 3)
     proc.kill()
     proc.communicate(timeout=60)
@@ -65,13 +46,13 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     assert killed_at < BUDGET
 
     # 3. kill -9 after the last trial, while the front is re-measured and the outputs written.
-    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
     wait_until(proc, lambda: finished_trials(db) >= BUDGET)
     proc.kill()
     proc.communicate(timeout=60)
 
     # 4. Resume to the end: the same trials (numbers, policies, measurements) and the same front.
-    proc = _start(cli_cmd, tmp_path, "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resuming study 's': {BUDGET} of {BUDGET} trials recorded" in err
@@ -81,7 +62,7 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
 
 def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_path, cli_cmd, digits_baseline, reference):
     db = tmp_path / "r" / "study.db"
-    proc = _start(cli_cmd, tmp_path, "r", str(digits_baseline.checkpoint), "--workers", "2")
+    proc = start_study(cli_cmd, tmp_path / "r", str(digits_baseline.checkpoint), "--workers", "2")
     wait_until(proc, lambda: finished_trials(db) >= 2, timeout=600)
     actors = _actor_pids()
     assert actors, "no Ray actor process found"
@@ -101,7 +82,7 @@ def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_pa
     from mpsearch.locking import StudyLock
     from mpsearch.study import storage_url
 
-    cfg = _config(tmp_path, "busy", digits_baseline)
+    cfg = study_config(tmp_path, "busy", digits_baseline)
     with StudyLock(storage_url(cfg), cfg.study_name):  # another driver holds the study
         with pytest.raises(UserError, match="in use by another mpsearch driver"):
             run_study(cfg, progress=False)
@@ -143,7 +124,7 @@ def test_a_policy_with_nan_outputs_is_a_failed_trial_and_the_study_goes_on(tmp_p
             hook.remove()
 
     monkeypatch.setattr(Evaluator, "quantized_mask", nan_at_two_bits)
-    cfg = _config(tmp_path, "nan", digits_baseline)
+    cfg = study_config(tmp_path, "nan", digits_baseline)
     result = run_study(cfg, progress=False)
     study = optuna.load_study(study_name="nan", storage=storage_url(cfg))
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
@@ -159,7 +140,7 @@ def test_a_replay_that_differs_from_the_checkpoint_refuses_to_resume(tmp_path, d
 
     from mpsearch.study import CHECKPOINT_FILE, storage_url
 
-    cfg = _config(tmp_path, "ck", digits_baseline, **{"search.budget": 2 * POP})
+    cfg = study_config(tmp_path, "ck", digits_baseline, **{"search.budget": 2 * POP})
     run_study(cfg, progress=False, remeasure=False)
     path = tmp_path / "ck" / CHECKPOINT_FILE
     doc = json.loads(path.read_text())

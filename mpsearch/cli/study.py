@@ -143,18 +143,19 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
                                                        "attention-ranking (ViTs), none")
     o.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround, brecq")
     o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
-    o.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
+    r = o.add_argument_group("where it runs (run: fields; may change when a study resumes)")
+    r.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
                                                              "cluster's CPUs hold; 0: in this process)")
-    o.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1; fixed so results do not "
+    r.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1; fixed so results do not "
                                                              "depend on --workers)")
-    o.add_argument("--ray-address", default=None, help="join a running Ray cluster (HEAD_IP:6379, or auto; default: "
+    r.add_argument("--ray-address", default=None, help="join a running Ray cluster (HEAD_IP:6379, or auto; default: "
                                                        "$RAY_ADDRESS, else a private Ray on 127.0.0.1)")
-    o.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray worker reserves (default --threads)")
-    o.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs each Ray worker reserves (default 0: "
+    r.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray worker reserves (default --threads)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs each Ray worker reserves (default 0: "
                                                                        "candidates are measured on CPUs)")
-    o.add_argument("--ray-dashboard", action="store_true", default=None,
+    r.add_argument("--ray-dashboard", action="store_true", default=None,
                    help="start the private Ray instance's dashboard on 127.0.0.1 (needs mpsearch[cluster])")
-    o.add_argument("--storage", default=None, help="Optuna storage: a URL (sqlite:///, postgresql://, mysql://) or "
+    r.add_argument("--storage", default=None, help="Optuna storage: a URL (sqlite:///, postgresql://, mysql://) or "
                                                    "journal:PATH (default sqlite:///<out-dir>/study.db)")
     o.add_argument("--name", default=None, help="study name (default <model>-<dataset>-<algorithm>-s<seed>)")
     o.add_argument("--out-dir", default=None, help="folder for the study's files (default studies/<name>)")
