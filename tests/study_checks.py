@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -42,7 +43,13 @@ def start_study(cli_cmd: list[str], out: Path, checkpoint: str, *extra: str, eva
              "--eval-images", str(eval_images), "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
     return subprocess.Popen(cli_cmd + ["optimize", *flags, "--checkpoint", checkpoint, "--out-dir", str(out), "--name", out.name, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ if env is None else env, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ if env is None else env, OMP_NUM_THREADS="1"), preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A test run started in the background (`cmd &`, nohup) ignores SIGINT, and so would the study
+    # it starts: Python turns SIGINT into KeyboardInterrupt only when it is not ignored at start.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def trial_columns(trials: pd.DataFrame) -> list[str]:
