@@ -4,9 +4,9 @@
     python scripts/bench_scale.py [--model resnet18] [--dataset fashion-mnist] [--workers 1,2,4]
 
 Each study is the same search (seed, population, space), measured on ``--eval-images`` validation
-images per candidate; only the search is timed (no re-measured front). A run with ``--workers 0``
-(in the driver's process, no Ray) gives the driver's own work per trial: the search's wall time
-minus the time spent measuring. The baseline is trained for ``--train-epochs`` epochs when none is
+images per candidate; only the search is timed (no re-measured front). A first run in the
+driver's process (no Ray) gives the driver's own work per trial: its pace of trials minus the
+time spent measuring each. The baseline is trained for ``--train-epochs`` epochs when none is
 cached: how well it is trained does not change how long a candidate takes to measure.
 """
 
@@ -41,8 +41,7 @@ def run_one(root: Path, workers: int, args: argparse.Namespace, checkpoint: Path
     # Steady state: the pace of trials once the workers are up (first to last result).
     done = sorted(t.datetime_complete for t in result.study.trials)
     steady = (done[-1] - done[0]).total_seconds() / (len(done) - 1)
-    return {"workers": workers, "wall": wall, "setup": result.phases["setup"], "search": result.phases["search"],
-            "trials": len(evals), "eval_mean": statistics.fmean(evals), "eval_median": statistics.median(evals),
+    return {"workers": workers, "wall": wall, "search": result.phases["search"], "eval_mean": statistics.fmean(evals),
             "steady": steady}
 
 
