@@ -81,6 +81,17 @@ def fmnist_baseline(fmnist_small):
                         progress=False)
 
 
+@pytest.fixture(scope="session")
+def reference_study(tmp_path_factory, digits_baseline) -> Path:
+    """The folder of tests/study_checks.py's small study run uninterrupted in this process
+    (--workers 0, SQLite): what every interrupted, resumed or moved run of it must equal."""
+    from study_checks import study_config
+
+    from mpsearch.study import run_study
+
+    return run_study(study_config(tmp_path_factory.mktemp("reference"), "ref", digits_baseline), progress=False).out_dir
+
+
 @pytest.fixture
 def messages():
     """What mpsearch logs during the test, one string per message."""

@@ -109,9 +109,10 @@ def test_import_is_lean():
 
 
 def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
-    import socket
     import time
     import urllib.request
+
+    from study_checks import free_port
 
     common = trained
     folder = tmp_path / "cli"
@@ -131,9 +132,7 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
     resumed = run("optimize", "--config", str(folder / "config.yaml"), "--no-progress", cache=cli_cache)
     assert resumed.returncode == 0 and "resuming study 'cli': 8 of 8 trials recorded" in resumed.stderr
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mpsearch.cli"]
     server = subprocess.Popen(cmd + ["dashboard", "--study", str(folder), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,13 +17,7 @@ from mpsearch.errors import UserError
 from mpsearch.study import run_study
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digits_baseline):
-    """The uninterrupted study, in this process with --workers 0."""
-    return run_study(study_config(tmp_path_factory.mktemp("reference"), "ref", digits_baseline), progress=False)
-
-
-def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, cli_cmd, digits_baseline, reference):
+def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, cli_cmd, digits_baseline, reference_study):
     checkpoint = str(digits_baseline.checkpoint)
     db = tmp_path / "s" / "study.db"
 
@@ -56,11 +50,11 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resuming study 's': {BUDGET} of {BUDGET} trials recorded" in err
-    assert_same_study(tmp_path / "s", reference.out_dir)
+    assert_same_study(tmp_path / "s", reference_study)
     assert finished_trials(db) == BUDGET  # nothing duplicated
 
 
-def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_path, cli_cmd, digits_baseline, reference):
+def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_path, cli_cmd, digits_baseline, reference_study):
     db = tmp_path / "r" / "study.db"
     proc = start_study(cli_cmd, tmp_path / "r", str(digits_baseline.checkpoint), "--workers", "2")
     wait_until(proc, lambda: finished_trials(db) >= 2, timeout=600)
@@ -70,7 +64,7 @@ def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_pat
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "died during the search; their evaluations were retried" in err
-    assert_same_study(tmp_path / "r", reference.out_dir)
+    assert_same_study(tmp_path / "r", reference_study)
 
 
 def _actor_pids() -> list[int]:
@@ -78,7 +72,7 @@ def _actor_pids() -> list[int]:
     return sorted(pid for pid, _, cmdline in processes() if cmdline[0].startswith(b"ray::_EvalActor"))
 
 
-def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_path, digits_baseline, reference):
+def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_path, digits_baseline, reference_study):
     from mpsearch.locking import StudyLock
     from mpsearch.study import storage_url
 

@@ -19,18 +19,10 @@ from glob import glob
 from pathlib import Path
 
 import pytest
-from study_checks import BUDGET, POP, assert_same_study, finished_in, finished_trials, free_port, start_study, study_config, wait_until
-
-from mpsearch.study import run_study
+from study_checks import BUDGET, POP, assert_same_study, finished_in, finished_trials, free_port, start_study, wait_until
 
 LEASE_S = 30  # the drivers' lease time here (MPSEARCH_LEASE_S): a lost driver is taken over after 30 s
 IN_PROCESS = ("--workers", "0")  # what is tested is the storage; tests/test_cluster.py covers Ray
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digits_baseline) -> Path:
-    """The uninterrupted study, in this process with --workers 0 and SQLite."""
-    return run_study(study_config(tmp_path_factory.mktemp("reference"), "ref", digits_baseline), progress=False).out_dir
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def storage(request, tmp_path) -> str:
 
 
 def test_a_second_driver_is_refused_until_the_first_is_lost_then_resumes_the_study(storage, tmp_path, cli_cmd, digits_baseline,
-                                                                                 reference):
+                                                                                 reference_study):
     name, checkpoint = "two-drivers", str(digits_baseline.checkpoint)
     env = dict(os.environ, MPSEARCH_LEASE_S=str(LEASE_S))
     first = start_study(cli_cmd, tmp_path / name, checkpoint, "--storage", storage, *IN_PROCESS, env=env)
@@ -107,10 +99,10 @@ def test_a_second_driver_is_refused_until_the_first_is_lost_then_resumes_the_stu
     assert second.returncode == 0, err[-3000:]
     assert f"resuming study '{name}'" in err
     assert finished_in(storage, name) == BUDGET
-    assert_same_study(tmp_path / name, reference)
+    assert_same_study(tmp_path / name, reference_study)
 
 
-def test_a_study_moved_from_sqlite_halfway_resumes_from_its_new_storage(storage, tmp_path, cli_cmd, digits_baseline, reference):
+def test_a_study_moved_from_sqlite_halfway_resumes_from_its_new_storage(storage, tmp_path, cli_cmd, digits_baseline, reference_study):
     import optuna
 
     from mpsearch.study.storage import open_storage
@@ -131,4 +123,4 @@ def test_a_study_moved_from_sqlite_halfway_resumes_from_its_new_storage(storage,
     assert cluster.returncode == 0, err[-3000:]
     assert f"resuming study '{name}': {recorded} of {BUDGET} trials recorded" in err, err[-3000:]
     assert not (out / "study.db").exists()
-    assert_same_study(out, reference)
+    assert_same_study(out, reference_study)
