@@ -25,6 +25,7 @@ from mpsearch.metrics import correct_mask, paired_difference_ci, wilson_interval
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
 from mpsearch.prefix_cache import PrefixCache
 from mpsearch.quant import QuantizedModel, quantizable_layers, quantizable_matmuls
+from mpsearch.quant.backends import BACKENDS, resolve_backend
 from mpsearch.zoo import Baseline
 
 __all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs", "policy_layers",
@@ -136,6 +137,9 @@ class Evaluator:
         executed = policy_layers(baseline.model, self.cost_table)
         self.architecture = architecture_fingerprint(baseline.model, executed)
         self.qmodel = QuantizedModel(baseline.model, config=self.quant, layers=executed)
+        # What runs the quantized layers (mpsearch.quant.backends); ``auto`` resolved for this machine.
+        self.backend = BACKENDS.get(resolve_backend(self.quant.backend))()
+        self.integer_layers = 0  # layers the last applied policy runs on integer kernels
         # Layer inputs of an identically quantized prefix are reused between evaluations (see
         # mpsearch.prefix_cache); not with block reconstruction, whose weights depend on neighbours.
         self.prefix_cache = PrefixCache(self.qmodel.module, self.qmodel.policy_layers) if prefix_cache else None
@@ -208,12 +212,17 @@ class Evaluator:
             )
         return self._fp32_masks[key]
 
+    def apply(self, policy: Policy) -> None:
+        """Install ``policy``'s quantizers (calibrating first if needed) and the backend's kernels for them."""
+        self.calibrate()
+        self.qmodel.apply(policy)
+        self.integer_layers = self.backend.install(self.qmodel)
+
     def quantized_mask(
         self, policy: Policy, split: str = "val", limit: int | None = None, progress: bool = False, start: int = 0
     ) -> torch.Tensor:
         """Per-image correctness of ``policy`` on images ``start`` to ``limit`` of ``split``."""
-        self.calibrate()
-        self.qmodel.apply(policy)
+        self.apply(policy)
         part = self._split(split, limit, start)
         cache = self.prefix_cache
         if cache is not None and not self.qmodel.blocks and not progress:
@@ -283,4 +292,5 @@ class Evaluator:
             drop_ci95=drop_ci,
             costs=policy_costs(self.cost_table, policy, self.profiles),
             wall_s=time.perf_counter() - start if start is not None else 0.0,
+            extra={"backend": self.backend.name, "integer_layers": self.integer_layers},
         )

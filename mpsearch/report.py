@@ -11,7 +11,22 @@ from mpsearch.config import StudyConfig
 from mpsearch.files import atomic_write, atomic_write_text
 from mpsearch.objectives import objective_spec, reference_text
 
-__all__ = ["front_figure", "plot_front", "write_report"]
+__all__ = ["front_figure", "plot_front", "write_report", "phase_summary", "PHASES"]
+
+# A study's phases in the order they run, as report.md names them.
+PHASES = {"baseline": "baseline", "calibration": "calibration", "sensitivity": "sensitivity", "search": "search",
+          "remeasure": "re-measurement", "export": "export and timing", "finetune": "fine-tuning", "other": "other"}
+
+
+def phase_summary(phases: dict[str, float]) -> str:
+    """``baseline 0.1 min, sensitivity 0.4 min, ...``: wall time by phase, in the order they run."""
+    return ", ".join(f"{PHASES.get(k, k)} {phases[k] / 60:.1f} min" for k in [*PHASES, *sorted(set(phases) - set(PHASES))]
+                     if k in phases)
+
+
+# What each evaluation backend (mpsearch.quant.backends) runs, for the report.
+_BACKEND_TEXT = {"int8": "oneDNN int8 kernels for every layer whose weight and input are quantized",
+                 "fake": "fake quantization in float32"}
 
 
 def _energy_col(config: StudyConfig) -> str:
@@ -189,8 +204,10 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         + "re-measured on the full validation and test splits",
         f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
         f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
-        f"- wall time {result.wall_s / 60:.1f} min (search {search_s / 60:.1f} min), {workers} worker(s) x "
-        f"{config.run.torch_threads} torch thread(s); machine: {machine}; {platform_}",
+        f"- wall time {result.wall_s / 60:.1f} min, {workers} worker(s) x {config.run.torch_threads} torch thread(s); "
+        f"machine: {machine}; {platform_}",
+        f"- time by phase: {phase_summary(result.phases) or f'search {search_s / 60:.1f} min'}",
+        f"- candidates measured with the **{config.quant.backend}** backend ({_BACKEND_TEXT.get(config.quant.backend, '')})",
         f"- storage: `{result.shown_storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
         "## Pareto set (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the same images)",

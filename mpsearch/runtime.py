@@ -93,6 +93,7 @@ class EvalOutcome:
     error: str | None = None  # set when the policy could not be measured (e.g. NaN outputs)
     worker: str = ""
     packed_mask: bytes | None = None  # np.packbits of the per-image correctness, when asked for
+    backend: str = ""  # the evaluation backend that measured it (mpsearch.quant.backends)
 
     @property
     def ok(self) -> bool:
@@ -134,7 +135,8 @@ def run_task(evaluator, task: EvalTask, worker: str = "") -> EvalOutcome:
     try:
         mask = evaluator.quantized_mask(policy, split=task.split, limit=task.limit, start=task.start)
     except UserError as exc:  # e.g. NaN/inf outputs at very low bit widths
-        return EvalOutcome(task.index, 0, 0, {}, time.perf_counter() - start, error=str(exc), worker=worker)
+        return EvalOutcome(task.index, 0, 0, {}, time.perf_counter() - start, error=str(exc), worker=worker,
+                           backend=evaluator.backend.name)
     result = evaluator.summarize(policy, mask, split=task.split, start=start)
     costs = result.costs
     metrics = {"accuracy": result.accuracy, "size_bytes": costs.size_bytes, "bops": costs.bops}
@@ -142,9 +144,10 @@ def run_task(evaluator, task: EvalTask, worker: str = "") -> EvalOutcome:
     relative = costs.relative()
     metrics.update({f"rel_{k}": v for k, v in relative.items()})
     metrics["rel_energy"] = relative[f"energy:{evaluator.profiles[0]}"]  # the profile the search optimises
+    metrics["integer_layers"] = evaluator.integer_layers
     packed = np.packbits(mask.numpy()).tobytes() if task.keep_mask else None
     return EvalOutcome(task.index, result.correct, result.images, metrics, time.perf_counter() - start, worker=worker,
-                       packed_mask=packed)
+                       packed_mask=packed, backend=evaluator.backend.name)
 
 
 class Executor(ABC):

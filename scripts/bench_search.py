@@ -1,7 +1,10 @@
 """Does a search beat a rule? Every method on one study per seed, scored on what it measured.
+(With --backends: does the int8 evaluation backend find the front fake quantization finds, and how
+much sooner? One method, one study per backend and seed, one table.)
 
     python scripts/bench_search.py [--model resnet18] [--budget 200] [--seeds 0,1,2]
                                    [--methods nsga2+mf,random,ilp,greedy] [--markdown FILE] [--plot FILE]
+    python scripts/bench_search.py --methods nsga2+mf --backends fake,int8 [--markdown FILE]
 
 Per seed, one study (`mpsearch compare`) runs every method with the same budget (full evaluations
 on the search subset; a multi-fidelity candidate counts the images it used) and the same
@@ -197,6 +200,63 @@ def cache_ratio(result: SearchResult, limit: int, method: str) -> tuple[float, f
     return seconds[True], seconds[False], len(policies), reuse
 
 
+def compare_backends(args: argparse.Namespace, checkpoint: str | None, machine: str) -> str:
+    """One study per (backend, seed) with ``args.methods`` and no re-measurement; one table of the
+    hypervolume at the study's reference (the search space's, the same for every backend) and the
+    wall time of the search, and whether each backend's mean lies within the seed-to-seed spread
+    of the first one's."""
+    backends, seeds = args.backends.split(","), [int(s) for s in args.seeds.split(",")]
+    rows: dict[str, list[tuple[float, float, float, int]]] = {}
+    for backend in backends:
+        for seed in seeds:
+            name = f"bench-{args.model}-b{args.budget}-s{seed}-{backend}"
+            folder = Path(args.out_dir) / name
+            if args.rescore:
+                result = load_result(folder)
+            else:
+                config = with_overrides(StudyConfig(), {
+                    "name": name, "model": args.model, "dataset": args.dataset, "seed": seed, "checkpoint": checkpoint,
+                    "search.budget": args.budget, "search.algorithm": args.methods,
+                    "search.population_size": args.population, "search.eval_images": args.eval_images,
+                    "quant.backend": backend, "run.workers": args.workers, "run.out_dir": str(folder)})
+                if folder.exists():
+                    shutil.rmtree(folder)
+                result = run_study(config, remeasure=False)
+            integer = result.trials["attr_integer_layers"].astype(float).mean() if "attr_integer_layers" in result.trials else 0.0
+            rows.setdefault(backend, []).append((result.hypervolume, result.phases.get("search", float("nan")),
+                                                 result.wall_s, integer))
+            print(f"{backend} seed {seed}: hypervolume {result.hypervolume:.4f}, search {result.phases.get('search', 0) / 60:.1f} min",
+                  flush=True)
+    first = backends[0]
+    hv_first = [r[0] for r in rows[first]]
+    lines = [
+        f"{args.model} on {args.dataset}: {args.methods}, budget {args.budget} ({args.eval_images} validation images per "
+        f"trial), population {args.population}, seeds {args.seeds}, {args.workers} worker(s) (-1: one per core) x 1 torch "
+        "thread; hypervolume of the measured front at the study's reference (0 % accuracy at the search space's costliest "
+        "policy; 1 - accuracy and relative energy, horowitz45nm). Mean ± std over seeds; no re-measurement.",
+        "",
+        "| backend | hypervolume | per seed | search wall time | study wall time | layers on integer kernels (mean per trial) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend in backends:
+        r = rows[backend]
+        lines.append(f"| {backend} | {mean_std([x[0] for x in r])} | {', '.join(f'{x[0]:.4f}' for x in r)} | "
+                     f"{mean_std([x[1] / 60 for x in r], '.1f')} min | {mean_std([x[2] / 60 for x in r], '.1f')} min | "
+                     f"{statistics.fmean(x[3] for x in r):.1f} |")
+    lines.append("")
+    for backend in backends[1:]:
+        hv = statistics.fmean(x[0] for x in rows[backend])
+        low, high = min(hv_first), max(hv_first)
+        spread = statistics.stdev(hv_first) if len(hv_first) > 1 else 0.0
+        lines.append(f"- {backend}: mean hypervolume {hv:.4f} vs {first} {statistics.fmean(hv_first):.4f} ± {spread:.4f} "
+                     f"(seeds {low:.4f} to {high:.4f}); difference {hv - statistics.fmean(hv_first):+.4f}, "
+                     + ("within" if low <= hv <= high or abs(hv - statistics.fmean(hv_first)) <= spread else "outside")
+                     + f" the seed-to-seed spread of {first}; search {statistics.fmean(x[1] for x in rows[backend]) / 60:.1f} "
+                     f"min vs {statistics.fmean(x[1] for x in rows[first]) / 60:.1f} min")
+    lines += ["", f"Measured by `python scripts/bench_search.py --methods {args.methods} --backends {args.backends}` on {machine}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18")
@@ -215,6 +275,9 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="also write the result tables to this Markdown file")
     ap.add_argument("--plot", default=None, help="also write the first seed's fronts to this PNG")
     ap.add_argument("--rescore", action="store_true", help="score the studies in --out-dir again instead of running them")
+    ap.add_argument("--backends", default=None,
+                    help="instead of comparing methods: run --methods with each of these evaluation backends (e.g. "
+                         "fake,int8) per seed and print one table of their hypervolumes and wall times")
     ap.add_argument("--checkpoint", default=None,
                     help="fp32 baseline every seed's study quantizes (default: the cached seed-0 baseline; the seeds vary "
                          "calibration and search, not the trained model)")
@@ -229,6 +292,13 @@ def main() -> None:
         from mpsearch.zoo import get_baseline
 
         checkpoint = str(get_baseline(args.model, load_dataset(args.dataset), seed=0).checkpoint)
+    if args.backends:
+        text = compare_backends(args, checkpoint, machine)
+        print()
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text + "\n")
+        return
     per_seed = []
     studies = []
     space_refs = []

@@ -15,6 +15,7 @@ from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
 from mpsearch.evaluate import Evaluator
 from mpsearch.policy import Policy
+from mpsearch.quant.backends import resolve_backend
 from mpsearch.runtime import EvalTask, run_task
 from mpsearch.study import load_result, run_study, storage_url
 
@@ -74,6 +75,8 @@ def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_ch
     cols = [c for c in first.trials.columns if c.startswith(("param_", "value_"))]
     pd.testing.assert_frame_equal(first.trials[cols], again.trials[cols])
     pd.testing.assert_frame_equal(first.trials[cols], ray2.trials[cols])
+    # ... measured by the backend "auto" chose here (int8 kernels on a CPU with int8 dot products)
+    assert set(first.trials["attr_backend"]) == set(ray2.trials["attr_backend"]) == {resolve_backend("auto")}
     # The front is re-measured on the workers: the same numbers whoever measured them.
     remeasured = ["trial", "val_accuracy", "test_accuracy", "test_drop_pp", "test_ci_low", "test_ci_high"]
     pd.testing.assert_frame_equal(first.front[remeasured], ray2.front[remeasured])

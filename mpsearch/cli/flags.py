@@ -27,7 +27,7 @@ FIELD_FLAGS = {
     "run.storage": "--storage", "run.out_dir": "--out-dir",
     "quant.ptq": "--ptq", "quant.weight_observer": "--weight-observer", "quant.act_observer": "--act-observer",
     "quant.smoothquant_alpha": "--smoothquant", "quant.attention_calibration": "--attention-calibration",
-    "quant.bias_correction": "--bias-correction",
+    "quant.bias_correction": "--bias-correction", "quant.backend": "--backend",
     "recipe.epochs": "--epochs", "recipe.batch_size": "--batch-size", "recipe.lr": "--lr", "recipe.keep_fraction": "--keep-fraction",
     "finetune.steps": "--steps", "finetune.lr": "--lr", "finetune.batch_size": "--batch-size",
     "finetune.temperature": "--temperature", "finetune.label_weight": "--label-weight",
@@ -74,6 +74,9 @@ def add_quant(p: argparse.ArgumentParser) -> None:
                    help="SmoothQuant smoothing of layers quantized on both sides, strength ALPHA (default 0.5)")
     p.add_argument("--attention-calibration", default=None, metavar="METHOD",
                    help="ranges of q and k (inputs of attention's q.k^T): observer (default) or ranking (ranking-aware)")
+    p.add_argument("--backend", default=None, choices=("auto", "fake", "int8"),
+                   help="what runs the quantized model: int8 kernels (VNNI/AMX), fake quantization in float32, or auto "
+                        "(default: the policy's, else int8 where the CPU has int8 dot products)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the policy's, else all cores)")
     p.add_argument("--profiles", default="horowitz45nm,seed-lab4", help="energy profiles (names or .toml paths), comma separated")
 
@@ -82,7 +85,7 @@ def quant_overrides(args: argparse.Namespace) -> dict:
     """The quantizer fields given on the command line (the rest come from the policy or the defaults)."""
     given = {"weight_observer": args.weight_observer, "act_observer": args.act_observer, "ptq": args.ptq,
              "bias_correction": args.bias_correction, "smoothquant_alpha": args.smoothquant,
-             "attention_calibration": args.attention_calibration}
+             "attention_calibration": args.attention_calibration, "backend": args.backend}
     return {k: v for k, v in given.items() if v is not None}
 
 

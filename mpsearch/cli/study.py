@@ -28,6 +28,7 @@ _OPTIMIZE_FIELDS = {
     "budget": "search.budget", "population": "search.population_size", "algorithm": "search.algorithm",
     "objectives": "search.objectives", "space": "search.space", "energy_profile": "search.energy_profile",
     "sensitivity": "search.sensitivity", "eval_images": "search.eval_images", "ptq": "quant.ptq",
+    "backend": "quant.backend",
     "workers": "run.workers", "threads": "run.torch_threads", "ray_address": "run.ray_address",
     "cpus_per_worker": "run.cpus_per_worker", "gpus_per_worker": "run.gpus_per_worker", "ray_dashboard": "run.ray_dashboard",
     "storage": "run.storage", "out_dir": "run.out_dir",
@@ -143,6 +144,9 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
                                                        "attention-ranking (ViTs), none")
     o.add_argument("--ptq", default=None, help="how weights are rounded: rtn (default), gptq, adaround, brecq")
     o.add_argument("--eval-images", type=int, default=None, help="validation images per trial (default 400)")
+    o.add_argument("--backend", default=None, choices=("auto", "fake", "int8"),
+                   help="what runs each candidate: int8 kernels (VNNI/AMX), fake quantization in float32, or auto "
+                        "(default: int8 where the CPU has int8 dot products)")
     r = o.add_argument_group("where it runs (run: fields; may change when a study resumes)")
     r.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
                                                              "cluster's CPUs hold; 0: in this process)")

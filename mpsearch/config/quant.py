@@ -45,6 +45,11 @@ class QuantConfig(Config):
     # "ranking" (ranking-aware, Liu et al. 2021) from q/k of the first ``qk_images`` calibration images.
     attention_calibration: str = "observer"
     qk_images: int = 8
+    # What runs the quantized model when a policy is measured (mpsearch.quant.backends): "fake"
+    # (float32 on fake-quantized values), "int8" (integer kernels for every layer whose weight and
+    # input are quantized) or "auto" (int8 where the CPU has int8 dot-product instructions). A
+    # study stores the backend "auto" resolved to, and never mixes two.
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("act_samples", "ptq_columns"):

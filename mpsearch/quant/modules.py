@@ -47,6 +47,10 @@ class QuantWrapper(nn.Module):
         # Learned quantizers (QAT): modules mapping a tensor to its fake-quantized value.
         self.weight_quantizer: nn.Module | None = None
         self.act_quantizer: nn.Module | None = None
+        # An integer kernel computing this layer for the installed quantizers (set by an
+        # evaluation backend, mpsearch.quant.backends): called with the input and the bias in
+        # eval mode; None: fake quantization in float32.
+        self.kernel: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def set_quantizers(
         self, weight: tuple[QParams, torch.Tensor] | None, act: QParams | None, bias: torch.Tensor | None = None
@@ -54,6 +58,7 @@ class QuantWrapper(nn.Module):
         self.weight_qparams, self.quantized_weight = weight if weight is not None else (None, None)
         self.quantized_bias = bias if weight is not None else None
         self.act_qparams = act
+        self.kernel = None  # made for the previous quantizers; a backend installs the new one
 
     def current_bias(self) -> torch.Tensor | None:
         if self.quantized_bias is not None and not self.training and self.weight_quantizer is None:
@@ -77,6 +82,8 @@ class QuantWrapper(nn.Module):
             x = x / self.input_divisor
         if self.stats is not None:
             self.stats.update(x)
+        elif self.kernel is not None and not self.training:
+            return self.kernel(x, self.current_bias())
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         elif self.act_qparams is not None:

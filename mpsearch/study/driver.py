@@ -31,6 +31,7 @@ from mpsearch.errors import UserError
 from mpsearch.machine import torch_threads
 from mpsearch.objectives import front_hypervolume, hypervolume_reference, objective_profiles, objective_vector
 from mpsearch.policy import MeasurementSettings, Policy
+from mpsearch.report import phase_summary
 from mpsearch.runtime import NamedSource, ObjectSource, RayPlacement, WorkerSpec, create_executor
 from mpsearch.study.checkpoint import SearchCheckpoint, checkpoint_file
 from mpsearch.study.front import finetune_front, remeasure_front
@@ -143,8 +144,11 @@ class _Driver:
         import optuna
 
         from mpsearch.locking import StudyLock
+        from mpsearch.quant.backends import resolve_backend
 
-        config = self.config
+        # The study stores the backend "auto" resolves to here: a resume elsewhere must match it.
+        config = self.config = replace(self.config, quant=replace(self.config.quant,
+                                                                  backend=resolve_backend(self.config.quant.backend)))
         _check(config, self.methods, model)
         space_def = SearchSpace.load(config.search.space or default_space_for(config.model))
         if self.out is not None:
@@ -163,7 +167,9 @@ class _Driver:
             study, recorded = existing_study(config, space_def.to_dict(), self.url)  # checks only: a refused run writes nothing
             if study is not None and self.lock:
                 self.lock.acquire_lease(study)
+            mark = time.perf_counter()
             subject = Subject.resolve(config, model, data, progress=self.progress)  # a baseline trained here trains on every core
+            self.phases["baseline"] = time.perf_counter() - mark
             with torch_threads(config.run.torch_threads):  # fixed, so numbers do not depend on the machine's cores
                 return self._measure(subject, space_def, study, recorded)
         except KeyboardInterrupt:
@@ -187,10 +193,12 @@ class _Driver:
         if recorded:
             logger.info(f"resuming study {name!r}: {recorded} of {search.budget} trials recorded in {shown_url(self.url)}")
         profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
+        mark = time.perf_counter()
         evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
         if not config.allow_weak_baseline:
             _check_learned(baseline.name, evaluator.fp32_mask("val", min(search.eval_images, len(data.val))), data.info.num_classes)
         evaluator.calibrate()
+        self.phases["calibration"] = time.perf_counter() - mark
         space = BoundSpace(space_def, evaluator.policy_layers)
         if study is None:
             study = create_study(config, self.url)
@@ -216,13 +224,15 @@ class _Driver:
                 metrics["rel_latency"] = latency.relative(policy)
             return objective_vector({"accuracy": 1.0, **metrics}, search.objectives)[1:]
 
-        self.phases["setup"] = time.perf_counter() - self.start
+        mark = time.perf_counter()
         seeds = study_seeds(config, evaluator, space, costs_of, progress=self.progress)
+        self.phases["sensitivity"] = time.perf_counter() - mark
         ref = hypervolume_reference(space, costs_of)
         run_config = config.run
         spec = WorkerSpec(subject.source, quant=config.quant.to_dict(), profiles=profiles, torch_threads=run_config.torch_threads)
         placement = RayPlacement(address=run_config.ray_address, cpus_per_worker=run_config.cpus_per_worker,
                                  gpus_per_worker=run_config.gpus_per_worker, dashboard=run_config.ray_dashboard)
+        mark = time.perf_counter()
         with create_executor(spec, run_config.workers, placement=placement, evaluator=evaluator) as executor:
             workers = executor.workers
             if latency is not None:
@@ -235,7 +245,7 @@ class _Driver:
             if getattr(executor, "replaced", 0):
                 logger.info(f"{executor.replaced} worker(s) died during the search; their evaluations were retried "
                             "and replacements started where Ray had room for them")
-            self.phases["search"] = time.perf_counter() - self.start - self.phases["setup"]
+            self.phases["search"] = time.perf_counter() - mark
             if latency is not None:
                 logger.info(f"latency objective: {len(latency.ms)} layer pattern(s) timed ({latency.timed} in this run) "
                             f"at batch {latency.batch} on {latency.threads} threads")
@@ -248,13 +258,14 @@ class _Driver:
         if pareto is not None and config.latency is not None:
             mark = time.perf_counter()
             pareto = time_front(config, evaluator, pareto, policies, progress=self.progress)
-            self.phases["latency"] = time.perf_counter() - mark
+            self.phases["export"] = time.perf_counter() - mark
         if pareto is not None and self.out is not None:
             pareto = write_policies(self.out, pareto, policies)
             if config.finetune is not None:
                 mark = time.perf_counter()
                 pareto = finetune_front(config, baseline, data, profiles, pareto, self.out, progress=self.progress)
                 self.phases["finetune"] = time.perf_counter() - mark
+        self.phases["other"] = max(0.0, time.perf_counter() - self.start - sum(self.phases.values()))
         resolved = replace(config, name=name, run=replace(config.run, storage=self.url, workers=workers))
         settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
         result = SearchResult(config=resolved, trials=trials, front=pareto, policies=policies,
@@ -267,7 +278,8 @@ class _Driver:
                           weight_scores=seeds.weight_scores)
         front = "front not re-measured" if pareto is None else f"front of {len(pareto)} points"
         logger.info(f"study {name}: {len(trials)} trials, {front}, hypervolume {result.hypervolume:.4f}, "
-                    f"{result.wall_s / 60:.1f} min" + (f"; outputs in {self.out}" if self.out else ""))
+                    f"{result.wall_s / 60:.1f} min ({phase_summary(self.phases)}; {config.quant.backend} backend)"
+                    + (f"; outputs in {self.out}" if self.out else ""))
         return result
 
     def _search(self, run: StudyRun, method: Method) -> None:

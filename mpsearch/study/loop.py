@@ -168,7 +168,7 @@ class SearchLoop:
         attrs = {
             "method": tag or self.method.name, "run": self.method.name,
             "generation": self.generation, "slot": slot, "policy": policy.summary(), "wall_s": outcome.wall_s,
-            "worker": outcome.worker, "images": outcome.images, "correct": outcome.correct,
+            "worker": outcome.worker, "backend": outcome.backend, "images": outcome.images, "correct": outcome.correct,
             "fidelity": outcome.images / run.full if outcome.ok else 1.0,
             "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in policy.layers.items()}),
             **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
