@@ -79,11 +79,11 @@ def main() -> None:
     fp32 = statistics.median(fp32_t)
     print(f"{args.model} on {args.dataset}: {len(val)} validation images, {layers} quantized "
           f"layers, median of {args.repeats} random mixed policies (weights 2-8 bits, inputs 4-8 bits) per backend")
-    print(f"fp32 pass                                  {fp32:7.2f} s")
+    print(f"{'fp32 pass':42} {fp32:7.2f} s")
     for backend, cold, warm, integer, cal_s in rows:
-        print(f"{backend:5} backend, cold (new bits, packing)   {cold:7.2f} s   ratio {cold / fp32:.3f}   "
+        print(f"{backend + ' backend, cold (new bits, packing)':42} {cold:7.2f} s   ratio {cold / fp32:.3f}   "
               f"({integer} layers on integer kernels; one-off calibration {cal_s:.1f} s)")
-        print(f"{backend:5} backend, warm (cached weights)    {warm:7.2f} s   ratio {warm / fp32:.3f}")
+        print(f"{backend + ' backend, warm (cached weights)':42} {warm:7.2f} s   ratio {warm / fp32:.3f}")
 
 
 if __name__ == "__main__":
