@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import time
 from pathlib import Path
 
 import torch
@@ -25,16 +24,15 @@ from mpsearch.machine import describe_machine
 UNIFORM = ("w8a8", "w6a6", "w4a8", "w4a4")
 
 
-def predictions(ev: Evaluator, policy: Policy, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Predicted classes, labels and seconds for ``policy`` on ``split``."""
-    start = time.perf_counter()
+def predictions(ev: Evaluator, policy: Policy, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted classes and labels for ``policy`` on ``split``."""
     ev.apply(policy)
     predicted, labels = [], []
     with torch.inference_mode():
         for x, y in ev.data.split(split).subset(limit).batches(256):
             predicted.append(ev.qmodel.module(x.contiguous(memory_format=torch.channels_last)).argmax(dim=1))
             labels.append(y)
-    return torch.cat(predicted), torch.cat(labels), time.perf_counter() - start
+    return torch.cat(predicted), torch.cat(labels)
 
 
 def main() -> None:
@@ -62,24 +60,25 @@ def main() -> None:
     rows = []
     for spec in specs:
         policy = fake.resolve_policy(spec)
-        p_fake, labels, t_fake = predictions(fake, policy, args.split, args.limit)
-        p_int8, _, t_int8 = predictions(int8, policy, args.split, args.limit)
+        p_fake, labels = predictions(fake, policy, args.split, args.limit)
+        p_int8, _ = predictions(int8, policy, args.split, args.limit)
         acc_fake = float((p_fake == labels).float().mean())
         acc_int8 = float((p_int8 == labels).float().mean())
         agree = float((p_fake == p_int8).float().mean())
         label = spec if spec in UNIFORM else f"{Path(spec).stem} ({policy.summary()})"
-        rows.append((label, acc_fake, acc_int8, agree, int8.integer_layers, t_fake, t_int8))
+        rows.append((label, acc_fake, acc_int8, agree, int8.integer_layers))
         print(f"{label}: fake {100 * acc_fake:.2f} %, int8 {100 * acc_int8:.2f} %, agreement {100 * agree:.2f} %", flush=True)
 
     images = len(labels)
+    source = Path(baseline.checkpoint).parent.name if baseline.checkpoint else "hub"
     lines = [
-        f"{args.model} on {args.dataset}, {args.split} split ({images} images); baseline {baseline.checkpoint or 'hub'}; "
+        f"{args.model} on {args.dataset}, {args.split} split ({images} images); baseline {source}; "
         f"fp32 accuracy {float(fake.fp32_mask(args.split, args.limit).float().mean()) * 100:.2f} %.",
         "",
-        "| policy | fake accuracy | int8 accuracy | difference | same prediction | layers on int8 kernels | time fake / int8 |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | fake accuracy | int8 accuracy | difference | same prediction | layers on int8 kernels |",
+        "|---|---|---|---|---|---|",
         *[f"| {label} | {100 * a:.2f} % | {100 * b:.2f} % | {100 * (b - a):+.2f} pp | {100 * g:.2f} % | {k} of "
-          f"{len(fake.layer_names)} | {tf:.1f} s / {ti:.1f} s |" for label, a, b, g, k, tf, ti in rows],
+          f"{len(fake.layer_names)} |" for label, a, b, g, k in rows],
         "",
         f"- worst agreement {100 * min(r[3] for r in rows):.2f} %, largest accuracy difference "
         f"{100 * max(abs(r[2] - r[1]) for r in rows):.2f} pp over {len(rows)} policies",

@@ -171,3 +171,16 @@ def test_a_study_records_its_backend_and_a_resume_cannot_change_it(reference_stu
         assert (tmp_path / "ref" / "study.db").read_bytes() == before  # refused before anything was written
     resumed = run_study(study_config(tmp_path, "ref", digits_baseline), progress=False)  # "auto" is int8 again here
     assert len(resumed.trials) == len(trials)
+
+
+def test_sensitivity_is_shared_between_backends(digits):
+    from mpsearch.config import QuantConfig
+    from mpsearch.sensitivity import SensitivityConfig
+    from mpsearch.sensitivity.compute import sensitivity_cache_path
+
+    config = SensitivityConfig()
+    paths = {backend: sensitivity_cache_path("0" * 64, ["conv1"], digits.calibration, config, QuantConfig(backend=backend))
+             for backend in ("auto", "fake", "int8")}
+    assert len(set(paths.values())) == 1, paths  # estimators fake-quantize whatever measures the candidates
+    other = sensitivity_cache_path("0" * 64, ["conv1"], digits.calibration, config, QuantConfig(act_observer="minmax"))
+    assert other != paths["fake"]
