@@ -306,6 +306,7 @@ def test_vision_transformers_get_the_adamw_recipe_and_every_setting_keys_the_cac
     assert len({TrainRecipe().key(), *(r.key() for r in changed)}) == 1 + len(changed)
     assert QuantConfig(attention_calibration="ranking").key() != QuantConfig().key()
     assert QuantConfig(qk_images=4).key() != QuantConfig().key()
+    assert QuantConfig(backend="fake").key() == QuantConfig(backend="int8").key() == QuantConfig().key()
     with pytest.raises(UserError, match="recipe.optimizer"):
         TrainRecipe(optimizer="adam")
 

@@ -179,7 +179,9 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
         assert isinstance(policy, Policy) and "trial" in why
     policy, _ = pick_policy(result.out_dir, "max-accuracy")
     stored = policy.provenance["metrics"]
-    assert policy.settings().quant == QuantConfig() and policy.settings().calibration_size == 256
+    # The study stores the backend "auto" resolved to on this machine.
+    assert policy.settings().quant == QuantConfig(backend=resolve_backend("auto"))
+    assert policy.settings().calibration_size == 256
     ev = Evaluator(digits_baseline, digits, quant=policy.settings().quant)
     assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == stored["test_accuracy"]
     assert ev.evaluate(ev.resolve_policy(policy), split="val").accuracy == stored["val_accuracy"]

@@ -26,9 +26,13 @@ def field_error(field: str, problem: str) -> UserError:
     return UserError(f"{field}: {problem}", fields=(field,))
 
 
-def config_key(config: Any) -> str:
-    """A stable hash of a config's JSON form (sha256 hex): caches keyed by it never reuse stale artifacts."""
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
+def config_key(config: Any, ignore: tuple[str, ...] = ()) -> str:
+    """A stable hash of a config's JSON form (sha256 hex): caches keyed by it never reuse stale artifacts.
+
+    ``ignore`` names fields that do not change what the cached artifacts hold.
+    """
+    data = {k: v for k, v in asdict(config).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _defaults(cls: type) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpsearch.config._base import Config, field_error
+from mpsearch.config._base import Config, config_key, field_error
 
 __all__ = ["QuantConfig", "FinetuneConfig"]
 
@@ -61,6 +61,12 @@ class QuantConfig(Config):
         alpha = self.smoothquant_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
             raise field_error("quant.smoothquant_alpha", f"a migration strength in [0, 1] or null (off), got {alpha!r}")
+
+    def key(self) -> str:
+        # The backend decides what runs a measurement, not what the quantized model computes
+        # (the two agree within docs/backends.md#fidelity): caches keyed by this hash, such as
+        # sensitivity tables, serve every backend.
+        return config_key(self, ignore=("backend",))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -47,7 +46,6 @@ def sensitivity_cache_path(
     checkpoint_sha256: str, layers: list[str], calibration: Split, config: SensitivityConfig, quant: QuantConfig
 ) -> Path:
     """Where :func:`compute_sensitivity` keeps this result (see the module docstring)."""
-    quant = replace(quant, backend="auto")  # the backend runs measurements; estimators always fake-quantize
     name = f"{config.estimator}-{config.key()[:12]}-{quant.key()[:12]}-{_inputs_key(layers, calibration, config)[:12]}.csv"
     return cache_root() / "sensitivity" / checkpoint_sha256 / name
 
