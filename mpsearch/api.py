@@ -36,6 +36,7 @@ def search(
     objectives: Sequence[str] = ("accuracy", "energy"),
     algorithm: str = "nsga2",
     space: str | Path | None = None,
+    max_drop: float | None = 5.0,
     seed: int = 0,
     workers: int | None = None,
     storage: str | None = None,
@@ -60,6 +61,9 @@ def search(
             ``"ilp"`` (HAWQ-V3), ``"greedy"``; ``"+mf"`` adds multi-fidelity promotions; several,
             comma separated, are compared on one study.
         space: a search space YAML path or name (default: by model family).
+        max_drop: the accuracy floor, in percentage points below fp32 on the same validation
+            images: candidates below it count as infeasible in the search and are never on the
+            front, re-measured or picked (they stay in ``.trials``); ``None``: no floor.
         seed: seeds calibration, quantizers and the search: same seed, same result.
         workers: Ray workers measuring in parallel; ``None``: one per core; ``0``: in this process.
         storage: an Optuna storage URL to record the study in (resumable, optuna-dashboard shows it).
@@ -81,6 +85,7 @@ def search(
     overrides = {
         "model": model_name, "dataset": dataset, "seed": seed, "search.budget": budget,
         "search.objectives": list(objectives), "search.algorithm": algorithm, "search.space": str(space or ""),
+        "search.max_drop": max_drop,
         "run.workers": -1 if workers is None else workers, "run.storage": storage,
         "run.out_dir": None if out is None else str(out),
     }

@@ -17,7 +17,7 @@ import numpy as np
 from mpsearch.algorithms.pareto import dominates, hypervolume, non_dominated
 from mpsearch.config import StudyConfig
 from mpsearch.files import atomic_write, atomic_write_text
-from mpsearch.objectives import full_fidelity, objective_matrix, reference_text
+from mpsearch.objectives import floor_text, full_fidelity, objective_matrix, reference_text, within_floor
 
 __all__ = ["method_scores", "plot_methods", "comparison_markdown", "proxy_kendall", "write_comparison",
            "paired_hypervolume_difference", "seed_summary"]
@@ -29,10 +29,12 @@ def _runs(trials) -> list[str]:
     return list(dict.fromkeys(trials["attr_run"].dropna().astype(str)))
 
 
-def method_scores(trials, objectives: tuple[str, ...], ref_point: float | np.ndarray = 1.0) -> Any:
+def method_scores(trials, objectives: tuple[str, ...], ref_point: float | np.ndarray = 1.0,
+                  max_drop: float | None = None) -> Any:
     """One row per method: hypervolume, front size, evaluations used, best accuracy, uniform dominance.
 
-    ``ref_point`` is the hypervolume reference: one number for every objective, or one per objective."""
+    ``ref_point`` is the hypervolume reference: one number for every objective, or one per
+    objective. Fronts and hypervolumes hold the trials within the floor ``max_drop`` only."""
     import pandas as pd
 
     rows = []
@@ -40,7 +42,8 @@ def method_scores(trials, objectives: tuple[str, ...], ref_point: float | np.nda
         mine = trials[trials["attr_run"].astype(str) == run]
         ok = full_fidelity(mine)
         F = objective_matrix(ok, objectives)
-        front = F[non_dominated(F)] if len(F) else F
+        floored = F[within_floor(ok, max_drop).to_numpy()]
+        front = floored[non_dominated(floored)] if len(floored) else floored
         methods = ok["attr_method"].astype(str).to_numpy()
         uniform = {m.split(":", 1)[1].upper(): F[i] for i, m in enumerate(methods) if m.startswith("uniform:")}
         used = mine["attr_fidelity"].fillna(1.0).astype(float).sum() if "attr_fidelity" in mine else float(len(mine))
@@ -146,10 +149,11 @@ def write_comparison(out: Path, trials, config: StudyConfig, ref_point: np.ndarr
     """compare.md and compare.png in the study folder; returns the score table. ``ref_point`` is
     the study's hypervolume reference (:func:`mpsearch.objectives.hypervolume_reference`)."""
     search = config.search
-    scores = method_scores(trials, search.objectives, ref_point)
+    scores = method_scores(trials, search.objectives, ref_point, search.max_drop)
     caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {search.budget} full evaluations per method "
                f"({search.eval_images} validation images each), objectives 1 - accuracy and {', '.join(search.objectives[1:])} "
-               f"relative to fp32, hypervolume reference point {reference_text(ref_point)}. Measured on {machine}.")
+               f"relative to fp32, hypervolume reference point {reference_text(ref_point)}; "
+               f"{floor_text(search.max_drop)}. Measured on {machine}.")
     atomic_write_text(out / "compare.md", comparison_markdown(scores, caption=caption), what="comparison table")
     plot_methods(trials, config, out / "compare.png")
     return scores
@@ -191,7 +195,7 @@ def seed_summary(results: list[Any]) -> Any:
     for r in results:
         objectives = r.config.search.objectives
         if r.trials["attr_run"].nunique() > 1:
-            for _, row in method_scores(r.trials, objectives, r.ref_point).iterrows():
+            for _, row in method_scores(r.trials, objectives, r.ref_point, r.config.search.max_drop).iterrows():
                 values.setdefault(f"hypervolume {row['method']}", []).append(float(row["hypervolume"]))
         if r.front is not None and len(r.front):
             knee = r.front[r.front["trial"] == r.pick("knee").provenance["trial"]].iloc[0]

@@ -4,7 +4,9 @@ A candidate is first measured on the first ``rungs[0]`` validation images of the
 it is promoted to the next rung (more images: only the added ones are measured) unless it is
 *surely dominated*: some policy already measured at full fidelity costs no more in every cost
 objective (costs are computed, hence exact) and is more accurate on the same images, with the
-lower end of the paired 95 % interval of the accuracy difference above zero. Most offspring of a
+lower end of the paired 95 % interval of the accuracy difference above zero; or *surely below the
+accuracy floor*: the fp32 model is more than the floor's points more accurate on the same images,
+by the same paired interval. Most offspring of a
 search that hit a fragile layer at 2 bits fail that test after a quarter of the images, so a
 budget counted in full evaluations buys more candidates. Promotions compare against full-fidelity
 results of earlier generations only, so a candidate's fate never depends on which batch-mates it
@@ -25,7 +27,7 @@ from mpsearch.metrics import paired_difference_ci
 from mpsearch.objectives import objective_vector
 from mpsearch.runtime import EvalOutcome, EvalTask, Executor
 
-__all__ = ["rungs", "pack_mask", "unpack_mask", "Archive", "climb_rungs"]
+__all__ = ["rungs", "pack_mask", "unpack_mask", "Archive", "surely_below_floor", "climb_rungs"]
 
 
 def rungs(min_images: int, full_images: int) -> list[int]:
@@ -74,14 +76,22 @@ class Archive:
         return False
 
 
+def surely_below_floor(mask: torch.Tensor, fp32_mask: torch.Tensor, max_drop: float) -> bool:
+    """Whether fp32 is more than ``max_drop`` percentage points more accurate on these images (95 %, paired)."""
+    _, low, _ = paired_difference_ci(mask, fp32_mask[: len(mask)])  # fp32 - this
+    return low > max_drop / 100
+
+
 def climb_rungs(todo: list[int], policies: Mapping[int, Any], sizes: list[int], executor: Executor, archive: Archive,
                 objectives: tuple[str, ...], *, budget_left: float, on_images: Callable[[int], None],
-                full: int) -> tuple[dict[int, EvalOutcome], dict[int, torch.Tensor]]:
+                full: int, floor: tuple[torch.Tensor, float] | None = None) -> tuple[dict[int, EvalOutcome], dict[int, torch.Tensor]]:
     """Measure the candidates in slots ``todo`` rung by rung; (final outcome, per-image mask) per slot.
 
     Every candidate pays the first rung; promotions are taken in slot order while the budget
     (``budget_left`` full evaluations of ``full`` images) lasts. A final outcome carries the
-    accuracy over every image the candidate was measured on.
+    accuracy over every image the candidate was measured on. ``floor`` (the fp32 model's
+    per-image correctness on the ``full`` images, the floor in points) stops candidates surely
+    below it.
     """
     budget_left -= len(todo) * sizes[0] / full
     outcomes: dict[int, EvalOutcome] = {}
@@ -112,6 +122,8 @@ def climb_rungs(todo: list[int], policies: Mapping[int, Any], sizes: list[int], 
                 continue
             costs = objective_vector(outcomes[slot].metrics, objectives)[1:]
             if archive.surely_dominated(costs, masks[slot]) or budget_left < step - 1e-9:
+                continue
+            if floor is not None and surely_below_floor(masks[slot], *floor):
                 continue
             budget_left -= step
             promoted.append(slot)

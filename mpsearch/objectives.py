@@ -16,8 +16,8 @@ import numpy as np
 
 __all__ = [
     "OBJECTIVES", "ENERGY_UNDER", "objective_spec", "objective_profiles", "is_objective", "objective_vector",
-    "objective_values", "profile_name_ok", "objective_matrix", "full_fidelity", "front_matrix", "hypervolume_reference",
-    "reference_text", "front_hypervolume",
+    "objective_values", "profile_name_ok", "objective_matrix", "full_fidelity", "front_trials", "front_matrix", "hypervolume_reference",
+    "reference_text", "front_hypervolume", "DROP_ATTR", "floor_violation", "within_floor", "floor_text",
 ]
 
 # Objective name -> (direction, trial metric it reads). Accuracy is measured on the validation
@@ -83,6 +83,38 @@ def objective_matrix(rows: Any, objectives: tuple[str, ...]) -> np.ndarray:
     return np.stack(cols, axis=1) if len(rows) else np.zeros((0, len(objectives)))
 
 
+# The trial attribute that holds a candidate's accuracy minus the fp32 model's on the same
+# validation images, in percentage points (negative: below fp32); the accuracy floor reads it.
+DROP_ATTR = "val_drop_pp"
+
+
+def floor_violation(drop_pp: float, max_drop: float | None) -> float:
+    """How far (percentage points) a candidate with ``drop_pp`` lies below the floor ``max_drop``;
+    0.0 within it or without a floor. Algorithms get it as a constraint violation."""
+    if max_drop is None or not np.isfinite(drop_pp):
+        return 0.0
+    return max(0.0, -drop_pp - max_drop)
+
+
+def within_floor(trials: Any, max_drop: float | None) -> Any:
+    """Boolean Series: which trial rows lie within the floor (rows recorded without a drop, and
+    every row when there is no floor, count as within)."""
+    import pandas as pd
+
+    column = f"attr_{DROP_ATTR}"
+    if max_drop is None or column not in trials:
+        return pd.Series(True, index=trials.index)
+    drop = pd.to_numeric(trials[column], errors="coerce")
+    return drop.isna() | (drop >= -max_drop - 1e-9)
+
+
+def floor_text(max_drop: float | None) -> str:
+    """The floor as reports state it."""
+    if max_drop is None:
+        return "no accuracy floor"
+    return f"accuracy floor {max_drop:g} pp below fp32 (on the same validation images)"
+
+
 def full_fidelity(trials: Any) -> Any:
     """The completed trials measured on the whole search subset (multi-fidelity runs also record
     candidates that stopped at a lower rung: noisier, and surely dominated when they stopped)."""
@@ -92,17 +124,23 @@ def full_fidelity(trials: Any) -> Any:
     return ok
 
 
-def front_matrix(trials: Any, objectives: tuple[str, ...]) -> np.ndarray:
-    """The minimised objectives of a study's full-fidelity trials."""
-    return objective_matrix(full_fidelity(trials), objectives)
+def front_trials(trials: Any, max_drop: float | None = None) -> Any:
+    """The trials a front is made of: full fidelity and within the floor ``max_drop``."""
+    ok = full_fidelity(trials)
+    return ok[within_floor(ok, max_drop)]
 
 
-def front_hypervolume(trials: Any, objectives: tuple[str, ...], ref_point: np.ndarray) -> float:
-    """Hypervolume of the measured front of ``trials`` (full fidelity) against ``ref_point``
-    (dominated points add nothing to it)."""
+def front_matrix(trials: Any, objectives: tuple[str, ...], max_drop: float | None = None) -> np.ndarray:
+    """The minimised objectives of a study's full-fidelity trials within the floor ``max_drop``."""
+    return objective_matrix(front_trials(trials, max_drop), objectives)
+
+
+def front_hypervolume(trials: Any, objectives: tuple[str, ...], ref_point: np.ndarray, max_drop: float | None = None) -> float:
+    """Hypervolume of the measured front of ``trials`` (full fidelity, within the floor
+    ``max_drop``) against ``ref_point`` (dominated points add nothing to it)."""
     from mpsearch.algorithms.pareto import hypervolume  # lazy: configs import this module, pymoo is not free
 
-    return hypervolume(front_matrix(trials, objectives), ref_point)
+    return hypervolume(front_matrix(trials, objectives, max_drop), ref_point)
 
 
 def hypervolume_reference(space: Any, costs_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 
 from mpsearch.config import StudyConfig
 from mpsearch.files import atomic_write, atomic_write_text
-from mpsearch.objectives import objective_spec, reference_text
+from mpsearch.objectives import DROP_ATTR, floor_text, objective_spec, reference_text, within_floor
 
-__all__ = ["front_figure", "plot_front", "write_report", "phase_summary", "PHASES"]
+__all__ = ["front_figure", "plot_front", "write_report", "phase_summary", "PHASES", "answers_text"]
 
 # A study's phases in the order they run, as report.md names them.
 PHASES = {"baseline": "baseline", "calibration": "calibration", "sensitivity": "sensitivity", "search": "search",
@@ -76,8 +76,19 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
     x_col = _energy_col(config)
     uniform = ok[ok["attr_method"].astype(str).str.startswith("uniform")]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter(ok[x_col], 100 * ok["value_accuracy"], s=10, c="#bbbbbb", label=f"trials ({len(ok)}, val subset)")
+    floor = config.search.max_drop
+    inside = within_floor(ok, floor)
+    ax.scatter(ok[x_col][inside], 100 * ok["value_accuracy"][inside], s=10, c="#bbbbbb",
+               label=f"trials ({int(inside.sum())}, val subset)")
+    if (~inside).any():
+        ax.scatter(ok[x_col][~inside], 100 * ok["value_accuracy"][~inside], s=10, marker="x", c="#dddddd",
+                   label=f"trials below the floor ({int((~inside).sum())})")
     if pareto is not None and len(pareto):
+        if floor is not None and "fp32_test_accuracy" in pareto:
+            line = 100 * float(pareto["fp32_test_accuracy"].iloc[0]) - floor
+            ax.axhline(line, ls="--", lw=0.8, c="#888888", label=f"floor: fp32 - {floor:g} pp (test)")
+            # the useful region fills the plot; trials far below the floor are counted in the legend
+            ax.set_ylim(bottom=line - max(2.0, floor), top=100 * float(pareto["fp32_test_accuracy"].iloc[0]) + 1.0)
         px = _front_x(pareto, config)
         labels = _latency_labels(pareto)
         shared = len(set(labels)) == 1  # one timing for every point (one graph): said once, in the legend
@@ -85,8 +96,12 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
                     yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
                     fmt="o-", color="#d62728", ms=4, capsize=2,
                     label="Pareto set, test split (95% CI)" + (f"; each {labels[0]} in onnxruntime" if shared and labels[0] else ""))
+        seen: set[str] = set()
         for x, y, text in zip(px, 100 * pareto["test_accuracy"], [] if shared else labels):
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=6, color="#d62728")
+            if text not in seen:  # points on one graph share a timing: labelled once, at the cheapest
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, -10 if seen else 4), fontsize=6,
+                            color="#d62728")
+            seen.add(text)
     for _, row in uniform.iterrows():
         ax.scatter(row[x_col], 100 * row["value_accuracy"], marker="s", s=40, edgecolor="black", facecolor="#1f77b4", zorder=5)
         ax.annotate(str(row["attr_method"]).split(":")[1].upper(), (row[x_col], 100 * row["value_accuracy"]),
@@ -163,6 +178,28 @@ def _markdown_table(df, columns: list[str], formats: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _answers(result: Any) -> Any:
+    """:meth:`SearchResult.answers` formatted: one string per cell, "none" where no point qualifies."""
+    table = result.answers()
+    cost = result.cost_column
+    out = []
+    for _, row in table.iterrows():
+        if row.get("trial") is None or row["trial"] != row["trial"]:
+            out.append({"answer": row["answer"], "trial": "none", "policy": "no re-measured point qualifies"})
+            continue
+        out.append({"answer": row["answer"], "trial": str(int(row["trial"])), "policy": row["policy"],
+                    "val drop (pp)": f"{row['val_drop_pp']:+.2f}", "test accuracy": f"{row['test_accuracy']:.4f}",
+                    "test drop (pp)": f"{row['test_drop_pp']:+.2f}", cost: f"{row[cost]:.4f}"})
+    import pandas as pd
+
+    return pd.DataFrame(out).fillna("")
+
+
+def answers_text(result: Any) -> str:
+    """The answers table as the CLI prints it: the knee and the cheapest points within 0.5/1/2 pp."""
+    return "answers (chosen on the full validation split, reported on test):\n" + _answers(result).to_string(index=False)
+
+
 def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
     if not proxies:
         return []
@@ -184,15 +221,25 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
     failed = int((trials["state"] == "FAIL").sum())
     energy_col = f"rel_energy_{search.energy_profile}"
     cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_boot_low", "test_boot_high",
-            "test_drop_pp", "val_accuracy",
+            "test_drop_pp", "val_accuracy", "val_drop_pp", "within_floor",
             energy_col, "rel_size", "rel_bops", *_latency_columns(pareto), "qat_test_accuracy", "qat_test_drop_pp"]
     fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_boot_low": ".4f", "test_boot_high": ".4f",
            "test_drop_pp": "+.2f",
-           "val_accuracy": ".4f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
+           "val_accuracy": ".4f", "val_drop_pp": "+.2f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
            "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f", **{c: ".2f" for c in _latency_columns(pareto)}}
     search_s = result.phases.get("search", result.wall_s)
+    answers = _answers(result)
+    feasible = int(within_floor(ok, search.max_drop).sum()) if f"attr_{DROP_ATTR}" in ok else len(ok)
     lines = [
         f"# Study {config.study_name}",
+        "",
+        "## Answers (chosen on the full validation split, reported on test)",
+        "",
+        _markdown_table(answers, list(answers.columns), {}),
+        "",
+        "`mpsearch export --study DIR --pick knee` (or `--pick \"drop<=1\"`) writes the chosen model.",
+        "",
+        "## Study",
         "",
         f"- model **{config.model}** on **{config.dataset}**; baseline test accuracy "
         f"{baseline.get('test_accuracy', float('nan')):.4f}",
@@ -202,6 +249,8 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         f"first {search.eval_images} validation images; the Pareto set "
         + (f"(at most {search.remeasure_points} points, spread along the front) " if search.remeasure_points else "")
         + "re-measured on the full validation and test splits",
+        f"- {floor_text(search.max_drop)}: {feasible} of {len(ok)} measured candidates within it; the front, "
+        "re-measurement and picks hold only those (`within_floor`: the point also holds it on both full splits)",
         f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
         f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
         f"- wall time {result.wall_s / 60:.1f} min, {workers} worker(s) x {config.run.torch_threads} torch thread(s); "
@@ -210,7 +259,8 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         f"- candidates measured with the **{config.quant.backend}** backend ({_BACKEND_TEXT.get(config.quant.backend, '')})",
         f"- storage: `{result.shown_storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
-        "## Pareto set (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the same images)",
+        "## Pareto set within the floor (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the "
+        "same images)",
         "",
         _markdown_table(pareto, [c for c in cols if c in pareto.columns], fmt),
         "",

@@ -30,6 +30,7 @@ from mpsearch.config import TrainRecipe
 from mpsearch.data import DatasetInfo, DataSplits
 from mpsearch.errors import UserError, read_user_file
 from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.fp32_masks import Fp32Masks
 from mpsearch.machine import available_cores, describe_machine, native_bf16, torch_threads
 from mpsearch.metrics import correct_mask
 from mpsearch.paths import cache_root
@@ -319,6 +320,9 @@ def get_baseline(
     val_acc, test_acc = int(val_mask.sum()) / len(val_mask), int(test_mask.sum()) / len(test_mask)
     atomic_write(path, lambda f: torch.save(model.state_dict(), f), binary=True, what="checkpoint")
     sha = sha256_file(path)
+    masks = Fp32Masks(sha, data)  # the fp32 side of every re-measured front of this baseline
+    masks.store("val", val_mask)
+    masks.store("test", test_mask)
     meta = {
         "model": name,
         "timm_name": resolve_model_name(name),

@@ -216,7 +216,7 @@ def compare_backends(args: argparse.Namespace, checkpoint: str | None, machine: 
             else:
                 config = with_overrides(StudyConfig(), {
                     "name": name, "model": args.model, "dataset": args.dataset, "seed": seed, "checkpoint": checkpoint,
-                    "search.budget": args.budget, "search.algorithm": args.methods,
+                    "search.budget": args.budget, "search.algorithm": args.methods, "search.max_drop": args.max_drop,
                     "search.population_size": args.population, "search.eval_images": args.eval_images,
                     "quant.backend": backend, "run.workers": args.workers, "run.out_dir": str(folder)})
                 if folder.exists():
@@ -266,6 +266,8 @@ def main() -> None:
     ap.add_argument("--methods", default="nsga2+mf,random,ilp,greedy")
     ap.add_argument("--population", type=int, default=20)
     ap.add_argument("--eval-images", type=int, default=SearchConfig().eval_images)
+    ap.add_argument("--max-drop", type=lambda t: None if t.lower() == "none" else float(t), default=None,
+                    help="the studies' accuracy floor in pp (default none: methods are compared on whole fronts)")
     ap.add_argument("--workers", type=int, default=-1)
     ap.add_argument("--cache-policies", type=int, default=40, help="policies re-measured per method for the prefix-cache ratio")
     ap.add_argument("--heldout-images", type=int, default=1000,
@@ -312,17 +314,19 @@ def main() -> None:
             config = with_overrides(StudyConfig(), {
                 "name": name, "model": args.model, "dataset": args.dataset, "seed": seed, "checkpoint": checkpoint,
                 "search.budget": args.budget, "search.algorithm": args.methods, "search.population_size": args.population,
-                "search.eval_images": args.eval_images, "run.workers": args.workers, "run.out_dir": str(folder)})
+                "search.eval_images": args.eval_images, "search.max_drop": args.max_drop, "run.workers": args.workers,
+                "run.out_dir": str(folder)})
             if folder.exists():  # the benchmark owns its folder: always a fresh study
                 shutil.rmtree(folder)
             result = run_study(config, remeasure=False)
         config, trials, space_ref = result.config, result.trials, np.asarray(result.ref_point)
         objectives = config.search.objectives
         refs = {"space": space_ref, "fp32": np.ones(len(objectives)), "useful": useful_region(trials)}
-        scores = method_scores(trials, objectives, refs["space"]).set_index("method")
+        floor = config.search.max_drop
+        scores = method_scores(trials, objectives, refs["space"], floor).set_index("method")
         lead = methods[0]
         for name, ref in refs.items():
-            scores[f"hv_{name}"] = method_scores(trials, objectives, ref).set_index("method")["hypervolume"]
+            scores[f"hv_{name}"] = method_scores(trials, objectives, ref, floor).set_index("method")["hypervolume"]
             scores[f"hv_seeds_{name}"] = [seeds_only(trials, m, objectives, ref) for m in scores.index]
             scores[f"hv_bound_{name}"] = volume_bound(trials, ref)
             for other in methods[1:]:  # is the lead's margin more than the draw of the search subset's images?

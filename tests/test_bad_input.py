@@ -19,8 +19,11 @@ from mpsearch.cli import main
 EVAL = ["evaluate", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
 FT = ["finetune", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
 ABL = ["ablate", "--model", "test_resnet", "--dataset", "digits", "--no-progress"]
+# No accuracy floor: at 60 images a front point can hold it on the search's images and not on the
+# full splits, and the export cases need a point to pick.
 OPT = ["optimize", "--model", "test_resnet", "--dataset", "digits", "--budget", "6", "--population", "3",
-       "--eval-images", "60", "--workers", "0", "--sensitivity", "none", "--set", "latency=null", "--no-progress"]
+       "--eval-images", "60", "--workers", "0", "--sensitivity", "none", "--set", "latency=null", "--max-drop", "none",
+       "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +156,9 @@ CASES = [
     ("population-one", [*OPT, "--out-dir", "{root}/new", "--population", "1"], "--population: must be >= 2"),
     ("threads-zero", [*OPT, "--out-dir", "{root}/new", "--threads", "0"], "--threads: must be >= 1"),
     ("eval-images-zero", [*OPT, "--out-dir", "{root}/new", "--eval-images", "0"], "--eval-images: must be >= 1"),
+    ("max-drop-negative", [*OPT, "--out-dir", "{root}/new", "--max-drop", "-1"], "--max-drop: percentage points of accuracy"),
+    ("max-drop-nan", [*OPT, "--out-dir", "{root}/new", "--max-drop", "nan"], "--max-drop: percentage points of accuracy"),
+    ("max-drop-word", [*OPT, "--out-dir", "{root}/new", "--max-drop", "small"], "expected percentage points (e.g. 2) or none"),
     ("unknown-ptq-method", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--ptq", "brecq2"], "unknown PTQ method"),
     ("optimize-unknown-ptq-method", [*OPT, "--checkpoint", "{ckpt}", "--out-dir", "{root}/new", "--ptq", "brecq2"], "unknown PTQ method"),
     ("limit-zero", [*EVAL, "--checkpoint", "{ckpt}", "--policy", "w8a8", "--limit", "0"], "--limit: must be >= 1"),
@@ -171,6 +177,8 @@ CASES = [
      "--population is 3 in the study, 4 now"),
     ("existing-study-other-space", [*OPT, "--checkpoint", "{ckpt}", "--out-dir", "{root}/kept", "--name", "kept", "--space", "{space_ok}"],
      "--space is '' in the study"),
+    ("existing-study-other-floor", [*OPT, "--checkpoint", "{ckpt}", "--out-dir", "{root}/kept", "--name", "kept", "--max-drop", "2"],
+     "--max-drop is None in the study, 2.0 now"),
     ("existing-study-smaller-budget", [*OPT, "--checkpoint", "{ckpt}", "--out-dir", "{root}/kept", "--name", "kept", "--budget", "3"],
      "--budget 6 or more"),
     ("existing-study-other-checkpoint", [*OPT, "--checkpoint", "{retrained_ckpt}", "--out-dir", "{root}/kept", "--name", "kept"],

@@ -61,7 +61,8 @@ def test_family_runs_end_to_end_or_is_refused_in_one_line(name, size, small_data
         assert "\n" not in message and f"cannot run on {size} px images" in message and "it runs on 8, 16" in message
         return
     baseline = get_baseline(name, data, recipe=_brief(name), progress=False)
-    result = mpsearch.search(baseline.model, data, budget=4, workers=0, progress=False, latency=False,
+    # No accuracy floor: two brief epochs on 128 test images leave drops too noisy to hold one.
+    result = mpsearch.search(baseline.model, data, budget=4, workers=0, progress=False, latency=False, max_drop=None,
                              config=replace(STUDY, model=name))
     assert len(result.front) >= 1
     assert all(math.isfinite(v) for v in result.trials["value_accuracy"])  # every trial measured

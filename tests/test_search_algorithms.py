@@ -163,6 +163,9 @@ def test_contract_protocol_errors(name):
         algo.tell(xs[::-1], objectives(xs[::-1]))
     with pytest.raises(ValueError, match="shape"):
         algo.tell(xs, objectives(xs)[:, :1])
+    for bad in ([-1.0] * len(xs), [float("nan")] * len(xs), [0.0]):
+        with pytest.raises(ValueError, match="violation"):
+            algo.tell(xs, objectives(xs), bad)
     algo.tell(xs, objectives(xs))
     with pytest.raises(RuntimeError, match="ask"):
         algo.tell(xs, objectives(xs))
@@ -301,6 +304,30 @@ def test_learners_focus_their_later_batches(name):
         return float(np.mean([hypervolume(objectives(run(algorithm, seed=s, generations=8)[0][-1]), REF) for s in range(8)]))
 
     assert last_batch_hv(name) > last_batch_hv("random") + 10.0
+
+
+FLOOR = 7.5  # toy accuracy below which a candidate violates the floor: ~1 % of the space is feasible
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if ALGORITHMS.get(n).constrained])
+def test_constrained_algorithms_breed_into_the_floor(name):
+    """Told how far each candidate lies below an accuracy floor, a constrained algorithm's later
+    batches are mostly feasible; told nothing (the same problem), they are not."""
+
+    def feasible_share(told: bool) -> float:
+        algo = create_algorithm(name)
+        algo.setup(SPACE, n_objectives=2, seed=0, population_size=POP)
+        shares = []
+        for _ in range(8):
+            xs = algo.ask()
+            F = objectives(xs)
+            violation = np.maximum(0.0, FLOOR + F[:, 1])
+            algo.tell(xs, F, violation if told else None)
+            shares.append(float((violation <= 0).mean()))
+        return float(np.mean(shares[-3:]))
+
+    assert feasible_share(True) >= 0.5
+    assert feasible_share(True) >= feasible_share(False) + 0.3
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -83,6 +83,8 @@ class SearchAlgorithm(ABC):
     # More initial vectors than one batch holds: the first batch takes population_size of them,
     # the following batches the rest (before the algorithm's own proposals). Others refuse them.
     extra_seeds: ClassVar[bool] = False
+    # Whether told constraint violations (the accuracy floor) steer what it proposes next.
+    constrained: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._space: BoundSpace | None = None
@@ -156,8 +158,14 @@ class SearchAlgorithm(ABC):
         self._pending = [x.copy() for x in batch]
         return batch
 
-    def tell(self, xs: Sequence[np.ndarray], objectives: np.ndarray) -> None:
-        """Results of the last batch, in its order: ``objectives`` has shape ``(len(xs), n_objectives)``."""
+    def tell(self, xs: Sequence[np.ndarray], objectives: np.ndarray, violation: Sequence[float] | None = None) -> None:
+        """Results of the last batch, in its order: ``objectives`` has shape ``(len(xs), n_objectives)``.
+
+        ``violation`` (one value >= 0 per vector; None: all 0) says how far each measured
+        candidate lies outside the study's constraint (the accuracy floor): 0 is feasible.
+        Algorithms with ``constrained`` prefer feasible candidates and, among infeasible ones,
+        smaller violations; baselines ignore it.
+        """
         if self._pending is None:
             raise RuntimeError(f"{type(self).__name__}: tell() without a pending batch; ask() first")
         if len(xs) != len(self._pending) or any(not np.array_equal(a, b) for a, b in zip(xs, self._pending)):
@@ -167,7 +175,11 @@ class SearchAlgorithm(ABC):
             raise ValueError(f"objectives must have shape ({len(xs)}, {self.n_objectives}), got {np.shape(objectives)}")
         failed = ~np.isfinite(F).all(axis=1)
         F[failed] = np.inf  # one meaning for a failed evaluation, whatever the driver wrote (nan, one inf ...)
-        self._tell(self._pending, F, failed)
+        V = np.zeros(len(xs)) if violation is None else np.array(violation, dtype=float)
+        if V.shape != (len(xs),) or not (np.isfinite(V) & (V >= 0)).all():
+            raise ValueError(f"violation must hold {len(xs)} finite values >= 0, got {violation!r}")
+        V[failed] = 0.0  # a failed evaluation has no accuracy to hold against the floor
+        self._tell(self._pending, F, failed, V)
         self._pending = None
         self.n_batches += 1
 
@@ -194,8 +206,9 @@ class SearchAlgorithm(ABC):
         """The next batch."""
 
     @abstractmethod
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
-        """Results of the batch; failed rows are all ``inf`` and flagged in ``failed``."""
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
+        """Results of the batch; failed rows are all ``inf`` and flagged in ``failed``; ``violation``
+        is 0 for feasible (and failed) rows."""
 
 
 ALGORITHMS: Registry[type[SearchAlgorithm]] = Registry("search algorithm")

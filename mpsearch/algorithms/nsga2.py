@@ -14,8 +14,11 @@ mutation rarely land in the narrow accuracy cliff where a few layers' widths dec
 the ILP ranks layers there and the measurements say where to look.
 
 pymoo never evaluates anything here: the problem only carries bounds, and its ``_evaluate``
-raises. A failed evaluation (an ``inf`` row) is told as infeasible (one inequality constraint
-violated) so that survival ranks it below every measured point without inventing objective values.
+raises. Its one inequality constraint is the study's accuracy floor: a candidate below it is told
+as infeasible by how far below it lies, so survival (Deb's constrained domination) keeps feasible
+candidates first and breeds the budget into the useful region. A failed evaluation (an ``inf``
+row) is told as infeasible by more than any measured candidate can be, so survival ranks it last
+without inventing objective values. Gap filling looks at the feasible front only.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = ["PymooNSGA2", "GAP_PLAN_BUDGETS"]
 # ``ilp`` baseline's (one per evaluation of its budget), and fixed, not the study's
 # budget, so that a study extended to a larger budget replays the same search.
 GAP_PLAN_BUDGETS = 256
+FAILED_VIOLATION = 1e3  # a failed evaluation's constraint violation: above any floor's (at most 100 pp)
 
 
 def _problem(n_var: int, n_obj: int, xl: np.ndarray, xu: np.ndarray) -> Any:
@@ -43,7 +47,7 @@ def _problem(n_var: int, n_obj: int, xl: np.ndarray, xu: np.ndarray) -> Any:
         def _evaluate(self, x: Any, out: Any, *args: Any, **kwargs: Any) -> None:
             raise RuntimeError("pymoo tried to evaluate the search problem; results must come through tell()")
 
-    # n_ieq_constr=1: "evaluation failed" is the one constraint (see the module docstring).
+    # n_ieq_constr=1: the accuracy floor, failed evaluations beyond it (see the module docstring).
     return _IndexProblem(n_var=n_var, n_obj=n_obj, n_ieq_constr=1, xl=xl, xu=xu, vtype=int)
 
 
@@ -62,6 +66,7 @@ class PymooNSGA2(SearchAlgorithm):
     """
 
     extra_seeds = True
+    constrained = True
 
     def _setup(self, initial: list[np.ndarray]) -> None:
         from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -164,14 +169,15 @@ class PymooNSGA2(SearchAlgorithm):
                 "rng": algorithm.random_state.bit_generator.state, "seeds_left": len(self._extra),
                 "gap_plans_left": sum(tuple(int(v) for v in x) not in self._proposed for _, x in self._plans)}
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
         self._proposed.update(tuple(int(v) for v in x) for x in xs)
-        if self.n_objectives >= 2 and (~failed).any():
-            self._measured = np.vstack([self._measured, F[~failed][:, :2]])
+        feasible = ~failed & (violation <= 0)
+        if self.n_objectives >= 2 and feasible.any():
+            self._measured = np.vstack([self._measured, F[feasible][:, :2]])
         pop = self._batch
-        violation = failed.astype(float)[:, None]
+        cv = np.where(failed, FAILED_VIOLATION, violation)[:, None]
         pop.set("F", F)
-        pop.set("G", violation)
-        pop.set("CV", violation)  # set explicitly: pymoo caches CV once computed
+        pop.set("G", cv)
+        pop.set("CV", cv)  # set explicitly: pymoo caches CV once computed
         self._algorithm.tell(infills=pop)
         self._batch = None

@@ -13,6 +13,11 @@ generation 0 short, stretching it over two batches. So they are assigned to gene
 through the sampler's public ``get_trial_generation``, the same step it takes for its own
 trials; OptunaHub's NSGA-II-with-initial-trials sampler is the alternative.
 
+The study's accuracy floor reaches both samplers as a constraint of each told trial (its
+violation: percentage points below the floor, 0 within it), and the samplers rank feasible trials
+first (Optuna's constrained NSGA-II and c-TPE): set with ``Trial.set_constraint`` where Optuna has
+it (>= 5), else read by the samplers' ``constraints_func`` from a user attribute.
+
 Failed evaluations are told as ``TrialState.FAIL``. Optuna's NSGA-II counts only completed trials
 towards a generation, so a batch with failures leaves its generation short and the next batch
 (partly) completes it; TPE simply ignores failed trials.
@@ -21,6 +26,7 @@ towards a generation, so a batch with failures leaves its generation short and t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +50,27 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
+_VIOLATION = "accuracy_floor"  # the constraint's name (a user attribute for Optuna < 5)
+
+
+def _set_constraints() -> bool:
+    import optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def _violation(trial: Any) -> tuple[float]:
+    """Optuna < 5's ``constraints_func``: a told trial's violation, > 0 infeasible."""
+    return (float(trial.user_attrs.get(_VIOLATION, 0.0)),)
+
+
+def _constraint_args() -> dict[str, Any]:
+    return {} if _set_constraints() else {"constraints_func": _violation}
+
+
 class _OptunaAlgorithm(SearchAlgorithm):
+    constrained = True
+
     def _sampler(self) -> Any:
         raise NotImplementedError
 
@@ -56,6 +82,7 @@ class _OptunaAlgorithm(SearchAlgorithm):
             for x in initial:
                 self._study.enqueue_trial(self.space.params(x))
         self._n_initial = len(initial)
+        self._set_constraint = _set_constraints()
         self._distributions = self.space.distributions()
         self._trials: list[Any] = []
 
@@ -76,14 +103,18 @@ class _OptunaAlgorithm(SearchAlgorithm):
     def _adopt_initial(self, trials: list[Any]) -> None:
         """Hook for samplers that must be told about enqueued trials (NSGA-II)."""
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
         from optuna.trial import TrialState
 
         with _quiet_optuna():
-            for trial, row, bad in zip(self._trials, F, failed):
+            for trial, row, bad, excess in zip(self._trials, F, failed, violation):
                 if bad:
                     self._study.tell(trial, state=TrialState.FAIL)
                 else:
+                    if self._set_constraint:
+                        trial.set_constraint(_VIOLATION, float(excess))
+                    else:
+                        trial.set_user_attr(_VIOLATION, float(excess))
                     self._study.tell(trial, [float(v) for v in row])
         self._trials = []
 
@@ -99,7 +130,7 @@ class OptunaNSGA2(_OptunaAlgorithm):
     def _sampler(self) -> Any:
         from optuna.samplers import NSGAIISampler
 
-        return NSGAIISampler(population_size=self.population_size, seed=self.seed)
+        return NSGAIISampler(population_size=self.population_size, seed=self.seed, **_constraint_args())
 
     def _adopt_initial(self, trials: list[Any]) -> None:
         # See the module docstring: enqueued trials join generation 0 and so the breeding population.
@@ -118,6 +149,10 @@ class OptunaTPE(_OptunaAlgorithm):
     """
 
     def _sampler(self) -> Any:
+        from optuna.exceptions import ExperimentalWarning
         from optuna.samplers import TPESampler
 
-        return TPESampler(seed=self.seed, multivariate=True, constant_liar=True, n_startup_trials=self.population_size)
+        with warnings.catch_warnings():  # constraints_func is experimental in Optuna 4's TPESampler
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return TPESampler(seed=self.seed, multivariate=True, constant_liar=True, n_startup_trials=self.population_size,
+                              **_constraint_args())

@@ -225,7 +225,7 @@ class IntegerLinearProgram(_Planner):
             raise ValueError("ilp needs Hessian sensitivity scores: set search.sensitivity to hessian")
         self._push(ilp_plans(self.space, self.context, self.context.budget), self.context.budget - len(initial))
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
         pass  # the plan does not depend on measurements
 
 
@@ -248,7 +248,7 @@ class GreedyLowering(_Planner):
         self._results: dict[tuple[int, ...], float] = {}
         self._push(self._probes, len(self._probes))  # a probe equal to an initial vector is measured once
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
         for x, f in zip(xs, F):
             self._results[tuple(int(v) for v in x)] = float(f[0])  # error (1 - accuracy); inf if failed
         if not self._queue and self._phase == 1:  # phase 1 measured: plan the walk

@@ -34,5 +34,5 @@ class RandomSearch(SearchAlgorithm):
     def _state(self) -> dict:
         return {"rng": self._rng.bit_generator.state}
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray) -> None:
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
         pass  # random search does not learn

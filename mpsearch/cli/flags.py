@@ -21,7 +21,7 @@ FIELD_FLAGS = {
     "warmup": "--warmup", "batch_sizes": "--batch-sizes", "threads": "--threads",
     "search.algorithm": "--algorithm", "search.budget": "--budget", "search.population_size": "--population",
     "search.objectives": "--objectives", "search.space": "--space", "search.energy_profile": "--energy-profile",
-    "search.sensitivity": "--sensitivity", "search.eval_images": "--eval-images",
+    "search.sensitivity": "--sensitivity", "search.eval_images": "--eval-images", "search.max_drop": "--max-drop",
     "run.workers": "--workers", "run.torch_threads": "--threads", "run.ray_address": "--ray-address",
     "run.cpus_per_worker": "--cpus-per-worker", "run.gpus_per_worker": "--gpus-per-worker", "run.ray_dashboard": "--ray-dashboard",
     "run.storage": "--storage", "run.out_dir": "--out-dir",

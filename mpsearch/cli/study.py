@@ -28,7 +28,7 @@ _OPTIMIZE_FIELDS = {
     "budget": "search.budget", "population": "search.population_size", "algorithm": "search.algorithm",
     "objectives": "search.objectives", "space": "search.space", "energy_profile": "search.energy_profile",
     "sensitivity": "search.sensitivity", "eval_images": "search.eval_images", "ptq": "quant.ptq",
-    "backend": "quant.backend",
+    "backend": "quant.backend", "max_drop": "search.max_drop",
     "workers": "run.workers", "threads": "run.torch_threads", "ray_address": "run.ray_address",
     "cpus_per_worker": "run.cpus_per_worker", "gpus_per_worker": "run.gpus_per_worker", "ray_dashboard": "run.ray_dashboard",
     "storage": "run.storage", "out_dir": "run.out_dir",
@@ -48,6 +48,23 @@ def _setting(text: str) -> tuple[str, Any]:
         raise UserError(f"--set {text!r}: the value is not valid YAML") from None
 
 
+def _max_drop(text: str) -> Any:
+    """--max-drop PP: a number (checked by the config: finite, 0 to 100) or none."""
+    if text.strip().lower() in ("none", "null", "off"):
+        return _NO_FLOOR
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected percentage points (e.g. 2) or none, got {text!r}") from None
+
+
+class _NoFloor:
+    """--max-drop none: sets search.max_drop to null (a flag left unset is None and sets nothing)."""
+
+
+_NO_FLOOR = _NoFloor()
+
+
 def study_configs(args: argparse.Namespace) -> list[Any]:
     """One StudyConfig per seed (``--seeds``, else the config's seed), folders defaulting to studies/<name>."""
     from mpsearch.config import StudyConfig, with_overrides
@@ -57,7 +74,9 @@ def study_configs(args: argparse.Namespace) -> list[Any]:
     for dest, field in _OPTIMIZE_FIELDS.items():
         value = getattr(args, dest)
         if value is not None:
-            overrides[field] = [o.strip() for o in value.split(",") if o.strip()] if dest == "objectives" else value
+            if dest == "objectives":
+                value = [o.strip() for o in value.split(",") if o.strip()]
+            overrides[field] = None if value is _NO_FLOOR else value
     overrides.update(_setting(text) for text in args.set or ())
     config = with_overrides(base, overrides)
     seeds = [config.seed] if args.seeds is None else list(int_list(args.seeds, "--seeds"))
@@ -76,6 +95,8 @@ def study_configs(args: argparse.Namespace) -> list[Any]:
 
 def optimize(args: argparse.Namespace) -> int:
     from mpsearch.compare import seed_summary
+    from mpsearch.objectives import floor_text
+    from mpsearch.report import answers_text
     from mpsearch.study import run_study
 
     results = []
@@ -86,9 +107,11 @@ def optimize(args: argparse.Namespace) -> int:
               f"hypervolume {r.hypervolume:.4f}, {r.wall_s / 60:.1f} min -> {r.out_dir}")
         if (r.out_dir / "compare.md").exists():
             print((r.out_dir / "compare.md").read_text())
-        cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "qat_test_accuracy", "qat_test_drop_pp",
-                            r.cost_column, "onnx_mib") if c in r.front]
+        print(answers_text(r))
+        cols = [c for c in ("trial", "policy", "test_accuracy", "test_drop_pp", "within_floor", "qat_test_accuracy",
+                            "qat_test_drop_pp", r.cost_column, "onnx_mib") if c in r.front]
         cols += [c for c in r.front if c.startswith(("latency_b", "speedup_b"))]
+        print(f"\nthe re-measured front (test split, {floor_text(r.config.search.max_drop)}):")
         print(r.front[cols].to_string(index=False))
     if len(results) > 1:
         print(f"over {len(results)} seeds (mean, std):")
@@ -147,6 +170,9 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     o.add_argument("--backend", default=None, choices=("auto", "fake", "int8"),
                    help="what runs each candidate: int8 kernels (VNNI/AMX), fake quantization in float32, or auto "
                         "(default: int8 where the CPU has int8 dot products)")
+    o.add_argument("--max-drop", type=_max_drop, default=None, metavar="PP",
+                   help="accuracy floor: candidates more than PP points below fp32 on the validation images are "
+                        "infeasible, never on the front, re-measured or picked (default 5; none: no floor)")
     r = o.add_argument_group("where it runs (run: fields; may change when a study resumes)")
     r.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
                                                              "cluster's CPUs hold; 0: in this process)")

@@ -60,11 +60,11 @@ def config_from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
         default, path = defaults[name], _join(where, name)
         section = cls.SECTIONS.get(name)
         if section is not None:
-            optional = default is None or "None" in str(next(f.type for f in fields(cls) if f.name == name))
+            optional = default is None or "None" in str(_annotation(cls, name))
             values[name] = None if value is None and optional else config_from_dict(section, value, path)
             continue
-        if default is None:  # optional fields (None by default) are checked by the class itself
-            continue
+        if default is None or (value is None and "None" in str(_annotation(cls, name))):
+            continue  # optional fields (None allowed) are checked by the class itself
         expected = type(default)
         if expected is tuple and isinstance(value, list):  # JSON/YAML have lists, configs keep tuples
             values[name] = value = tuple(value)
@@ -72,6 +72,10 @@ def config_from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
         if not ok:
             raise field_error(path, f"expected {expected.__name__}, got {value!r}")
     return cls(**values)
+
+
+def _annotation(cls: type, name: str) -> Any:
+    return next(f.type for f in fields(cls) if f.name == name)
 
 
 def _join(where: str, name: str) -> str:

@@ -35,6 +35,11 @@ class SearchConfig(Config):
     every later generation to ILP solutions in the widest gaps of its measured front. At the end,
     at most ``remeasure_points`` Pareto points (0: all), spread along the front, are re-measured
     on the full validation and test splits.
+
+    ``max_drop`` is the study's accuracy floor, in percentage points below the fp32 model on the
+    same validation images (None: no floor). Candidates below it stay in the study, but the
+    search treats them as infeasible (a constraint), and they are never on the front, never
+    re-measured and never picked.
     """
 
     SECTION = "search"
@@ -54,6 +59,7 @@ class SearchConfig(Config):
     ilp_seeds: int = 12
     ilp_gap_plans: int = 4
     remeasure_points: int = 6
+    max_drop: float | None = 5.0
 
     def __post_init__(self) -> None:
         for name, least in (("budget", 1), ("population_size", 2), ("eval_images", 1), ("multi_fidelity_images", 1),
@@ -61,6 +67,10 @@ class SearchConfig(Config):
                             ("remeasure_points", 0)):
             if getattr(self, name) < least:
                 raise field_error(f"search.{name}", f"must be >= {least}, got {getattr(self, name)}")
+        drop = self.max_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100):
+            raise field_error("search.max_drop", f"percentage points of accuracy below fp32, from 0 to 100 (null: no floor), "
+                                                 f"got {drop!r}")
         objectives = self.objectives
         if (not all(is_objective(o) for o in objectives) or len(objectives) < 2 or objectives[0] != "accuracy"
                 or len(set(objectives)) != len(objectives)):

@@ -195,8 +195,10 @@ class _Driver:
         profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
         mark = time.perf_counter()
         evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
+        full = min(search.eval_images, len(data.val))
+        fp32_val = evaluator.fp32_mask("val", full)  # what each trial's drop (and the accuracy floor) is measured against
         if not config.allow_weak_baseline:
-            _check_learned(baseline.name, evaluator.fp32_mask("val", min(search.eval_images, len(data.val))), data.info.num_classes)
+            _check_learned(baseline.name, fp32_val, data.info.num_classes)
         evaluator.calibrate()
         self.phases["calibration"] = time.perf_counter() - mark
         space = BoundSpace(space_def, evaluator.policy_layers)
@@ -238,8 +240,8 @@ class _Driver:
             if latency is not None:
                 executor = LatencyMeteredExecutor(executor, latency)
             run = StudyRun(config=config, study=study, space=space, executor=executor, to_policy=to_policy, costs=costs_of,
-                           records=records_by_slot(study), seeds=seeds, full=min(search.eval_images, len(data.val)), ref=ref,
-                           progress=self.progress)
+                           records=records_by_slot(study), seeds=seeds, full=full, ref=ref, progress=self.progress,
+                           fp32_correct=fp32_val)
             for method in self.methods:
                 self._search(run, method)
             if getattr(executor, "replaced", 0):
@@ -270,7 +272,7 @@ class _Driver:
         settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
         result = SearchResult(config=resolved, trials=trials, front=pareto, policies=policies,
                               template=template.with_settings(settings),
-                              hypervolume=front_hypervolume(trials, search.objectives, ref), ref_point=tuple(ref.tolist()),
+                              hypervolume=front_hypervolume(trials, search.objectives, ref, search.max_drop), ref_point=tuple(ref.tolist()),
                               wall_s=time.perf_counter() - self.start, out_dir=self.out, storage=self.url, phases=self.phases,
                               _study=study)
         if self.out is not None:

@@ -1,10 +1,10 @@
 """The end of a study: its measured front re-measured on the full validation and test splits, and
 optionally each point fine-tuned.
 
-The search measures candidates on a validation subset; the Pareto set found there is measured
-again on the full validation split (what picks choose on) and on the test split (what reports
-show, 95 % CIs, the drop paired with the fp32 model on the same images). The measurements run on
-the executor's workers like the trials do.
+The search measures candidates on a validation subset; the Pareto set found there, within the
+study's accuracy floor, is measured again on the full validation split (what picks choose on)
+and on the test split (what reports show, 95 % CIs, the drop paired with the fp32 model on the
+same images). The measurements run on the executor's workers like the trials do.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from mpsearch.algorithms.pareto import non_dominated
 from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.objectives import front_matrix, full_fidelity
+from mpsearch.fp32_masks import Fp32Masks
+from mpsearch.objectives import DROP_ATTR, floor_text, full_fidelity, objective_matrix, within_floor
 from mpsearch.policy import MeasurementSettings, Policy, uniform_policy
 from mpsearch.runtime import EvalTask, Executor
 
@@ -32,62 +33,126 @@ logger = logging.getLogger(__name__)
 
 
 def _front_rows(config: StudyConfig, trials: Any) -> tuple[Any, int]:
-    """The front's trial rows to re-measure, cheapest first, and how many points the front has."""
+    """The front's trial rows to re-measure, cheapest first, and how many points the front has:
+    the non-dominated full-fidelity trials within the accuracy floor."""
+    search = config.search
     ok = full_fidelity(trials).reset_index(drop=True)
     if ok.empty:
         raise UserError("no trial produced a finite measurement; widen the search space (higher bit widths)")
-    idx = non_dominated(front_matrix(trials, config.search.objectives))
+    floored = ok[within_floor(ok, search.max_drop)]
+    if floored.empty:
+        import pandas as pd
+
+        best = float(pd.to_numeric(ok[f"attr_{DROP_ATTR}"], errors="coerce").max())
+        raise UserError(f"no candidate of study {config.study_name!r} lies within the accuracy floor ({search.max_drop:g} pp "
+                        f"below fp32 on the validation images): the most accurate is {-best:.2f} pp below; start another "
+                        "study (--name) with a lower floor (--max-drop) or wider bit widths", fields=("search.max_drop",))
+    idx = non_dominated(objective_matrix(floored, search.objectives))
     # The same policy may appear twice (algorithms re-propose); measure it once.
-    front = ok.iloc[idx].drop_duplicates(subset=[c for c in ok.columns if c.startswith("param_")])
-    front = front.sort_values([f"value_{config.search.objectives[1]}", "trial"], kind="stable")
-    found, cap = len(front), config.search.remeasure_points
+    front = floored.iloc[idx].drop_duplicates(subset=[c for c in ok.columns if c.startswith("param_")])
+    front = front.sort_values([f"value_{search.objectives[1]}", "trial"], kind="stable")
+    found, cap = len(front), search.remeasure_points
     if 0 < cap < found:  # evenly spread by rank along the cost axis, both ends kept
         front = front.iloc[np.unique(np.round(np.linspace(0, found - 1, cap)).astype(int))]
     return front, found
 
 
+CHUNK_IMAGES = 2500  # images per task of a re-measurement pass: even work for every worker
+
+
+def _measure(executor: Executor, passes: dict[Any, tuple[dict, str, int]], sizes: dict[str, int], *,
+             progress: bool) -> dict[Any, Any]:
+    """Each pass (policy, split, first image) run to the split's end, cut into tasks of
+    :data:`CHUNK_IMAGES` images that the executor's workers share; per pass its per-image
+    correctness, or the error of its first failed task."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tasks, owners = [], []
+    for key, (policy, split, first) in passes.items():
+        for start in range(first, sizes[split], CHUNK_IMAGES):
+            owners.append(key)
+            tasks.append(EvalTask(len(tasks), policy, split=split, start=start, limit=min(start + CHUNK_IMAGES, sizes[split]),
+                                  keep_mask=True))
+    bar = tqdm(total=sum(t.limit - t.start for t in tasks), desc="re-measure front", unit="image", disable=not progress)
+    outcomes = executor.map(tasks, on_done=lambda o: bar.update(tasks[o.index].limit - tasks[o.index].start))
+    bar.close()
+    parts: dict[Any, Any] = {}
+    for outcome in sorted(outcomes, key=lambda o: o.index):  # a pass's chunks in image order
+        key = owners[outcome.index]
+        if isinstance(parts.get(key), str):
+            continue
+        parts[key] = (outcome.error or "failed") if not outcome.ok else [*parts.get(key, []), outcome.mask()]
+    return {key: part if isinstance(part, str) else torch.cat(part) for key, part in parts.items()}
+
+
 def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, space: BoundSpace, trials: Any,
                     to_policy: Callable[[np.ndarray], Policy], *, progress: bool) -> tuple[Any, dict[int, Policy]]:
     """The re-measured Pareto set (one row per point, sorted by energy) and each point's policy,
-    its provenance holding the study, trial, metrics and the settings that re-measure it."""
-    import pandas as pd
-    from tqdm.auto import tqdm
+    its provenance holding the study, trial, metrics and the settings that re-measure it.
 
+    Every point runs on the test split and on the validation images the search did not measure
+    it on (the search's per-image results complete its validation pass), in chunks shared by the
+    executor's workers; the fp32 passes it is paired with come from :mod:`mpsearch.fp32_masks`
+    when training or an earlier study left them there. ``within_floor`` marks the points whose drops on both full splits lie
+    within the study's floor; picks choose among those.
+    """
+    import pandas as pd
+    import torch
+
+    from mpsearch.fidelity import unpack_mask
     from mpsearch.metrics import bootstrap_ci
 
+    search = config.search
     front, found = _front_rows(config, trials)
+    full = min(search.eval_images, len(evaluator.data.val))
     points = []
     for _, row in front.iterrows():
         params = {k[len("param_"):]: int(v) for k, v in row.items() if k.startswith("param_")}
-        points.append((row, to_policy(space.x_from_params(params))))
+        packed = row.get("attr_mask")
+        known = unpack_mask(packed, full) if isinstance(packed, str) and int(row.get("attr_images", 0)) == full else None
+        points.append((row, to_policy(space.x_from_params(params)), known))
     fp32 = uniform_policy("fp32", model=evaluator.baseline.name, dataset=evaluator.data.info.name,
                           layers=evaluator.policy_layers, checkpoint_sha256=evaluator.baseline.sha256)
-    tasks = [EvalTask(0, fp32.to_dict(), split="test", keep_mask=True)]
-    for i, (_, policy) in enumerate(points):
-        tasks.append(EvalTask(1 + 2 * i, policy.to_dict(), split="test", keep_mask=True))
-        tasks.append(EvalTask(2 + 2 * i, policy.to_dict(), split="val", keep_mask=True))
+    cache = Fp32Masks(evaluator.baseline.sha256, evaluator.data, evaluator.batch_size)
+    fp32_masks = {split: cache.load(split) for split in ("test", "val")}
+    sizes = {"test": len(evaluator.data.test), "val": len(evaluator.data.val)}
+    passes: dict[Any, tuple[dict, str, int]] = {}  # key -> (policy, split, first image)
+    for split in ("test", "val"):
+        if fp32_masks[split] is None:
+            passes["fp32", split] = (fp32.to_dict(), split, 0)
+    for i, (_, policy, known) in enumerate(points):
+        passes[i, "test"] = (policy.to_dict(), "test", 0)
+        if known is None or full < sizes["val"]:
+            passes[i, "val"] = (policy.to_dict(), "val", 0 if known is None else full)
     shown = f"{len(points)} Pareto points" if len(points) == found else f"{len(points)} of {found} Pareto points (spread along the front)"
-    logger.info(f"re-measuring {shown} on the full validation and test splits ...")
-    bar = tqdm(total=len(tasks), desc="re-measure front", unit="eval", disable=not progress)
-    outcomes = executor.map(tasks, on_done=lambda _: bar.update(1))
-    bar.close()
-    if not outcomes[0].ok:
-        raise RuntimeError(f"the fp32 model failed on the test split: {outcomes[0].error}")
-    fp32_test = outcomes[0].mask()
+    logger.info(f"re-measuring {shown} within the {floor_text(search.max_drop)} on the full validation and test splits ...")
+    masks = _measure(executor, passes, sizes, progress=progress)
+    for split in ("test", "val"):
+        if fp32_masks[split] is None:
+            if isinstance(masks["fp32", split], str):
+                raise RuntimeError(f"the fp32 model failed on the {split} split: {masks['fp32', split]}")
+            fp32_masks[split] = masks["fp32", split]
+            cache.store(split, fp32_masks[split])
     settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
     rows, policies = [], {}
-    for i, (row, policy) in enumerate(points):
-        test_out, val_out = outcomes[1 + 2 * i], outcomes[2 + 2 * i]
+    for i, (row, policy, known) in enumerate(points):
+        test_mask, val_rest = masks[i, "test"], masks.get((i, "val"))
         trial_no = int(row["trial"])
-        if not (test_out.ok and val_out.ok):
-            logger.info(f"trial {trial_no} ({policy.summary()}) failed on a full split and is left out: "
-                        f"{test_out.error or val_out.error}")
+        failed = [m for m in (test_mask, val_rest) if isinstance(m, str)]
+        if failed:
+            logger.info(f"trial {trial_no} ({policy.summary()}) failed on a full split and is left out: {failed[0]}")
             continue
-        val = evaluator.summarize(policy, val_out.mask(), split="val")
-        test = evaluator.summarize(policy, test_out.mask(), split="test", fp32_mask=fp32_test)
+        if known is None:
+            val_mask = val_rest
+        else:  # the search measured the first `full` images
+            val_mask = known if val_rest is None else torch.cat([known, val_rest])
+        val = evaluator.summarize(policy, val_mask, split="val", fp32_mask=fp32_masks["val"])
+        test = evaluator.summarize(policy, test_mask, split="test", fp32_mask=fp32_masks["test"])
+        test_drop_pp = 100 * (test.drop or 0.0)
         metrics = {
             "search_accuracy": float(row["value_accuracy"]),
-            "val_accuracy": val.accuracy, "val_ci95": list(val.accuracy_ci95),
+            "val_accuracy": val.accuracy, "val_ci95": list(val.accuracy_ci95), "val_drop": val.drop,
             "test_accuracy": test.accuracy, "test_ci95": list(test.accuracy_ci95),
             "test_drop": test.drop, "test_drop_ci95": list(test.drop_ci95 or ()),
             **{f"rel_{k}": v for k, v in test.costs.relative().items()},
@@ -99,15 +164,18 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             "trial": trial_no, "policy": policy.summary(), "method": row.get("attr_method", ""),
             "search_accuracy": metrics["search_accuracy"],
             "val_accuracy": val.accuracy, "val_ci_low": val.accuracy_ci95[0], "val_ci_high": val.accuracy_ci95[1],
+            "val_drop_pp": 100 * (val.drop or 0.0),
             "test_accuracy": test.accuracy, "test_ci_low": test.accuracy_ci95[0], "test_ci_high": test.accuracy_ci95[1],
-            **dict(zip(("test_boot_low", "test_boot_high"), bootstrap_ci(test_out.mask(), seed=config.seed))),
-            "test_drop_pp": 100 * (test.drop or 0.0),
+            **dict(zip(("test_boot_low", "test_boot_high"), bootstrap_ci(test_mask, seed=config.seed))),
+            "test_drop_pp": test_drop_pp,
+            # Held on both full splits: the search's subset can flatter a point near the floor.
+            "within_floor": search.max_drop is None or min(test_drop_pp, 100 * (val.drop or 0.0)) >= -search.max_drop - 1e-9,
             "fp32_test_accuracy": test.fp32_accuracy,
             **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},
             **({"rel_latency": float(row["value_latency"])} if "value_latency" in row else {}),
         })
     pareto = pd.DataFrame(rows)
-    energy_col = f"rel_energy_{config.search.energy_profile}"
+    energy_col = f"rel_energy_{search.energy_profile}"
     sort_col = energy_col if energy_col in pareto else pareto.columns[-1]
     return pareto.sort_values(sort_col, kind="stable").reset_index(drop=True), policies
 

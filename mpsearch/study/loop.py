@@ -6,6 +6,11 @@ before the algorithm is told. Trials are recorded in slot order as they finish, 
 do not depend on the number of workers, and a kill -9 loses at most the evaluations in flight.
 On a resumed study the loop replays the recorded generations: slots with a finished trial are
 told its recorded result, only the others are measured.
+
+Each trial records its accuracy drop against the fp32 model on the same validation images; with
+an accuracy floor (``search.max_drop``) how far it lies below the floor is told to the algorithm
+as a constraint violation and recorded as the trial's Optuna constraint (the dashboard shows
+which trials are feasible).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.fidelity import Archive, climb_rungs, pack_mask, rungs, unpack_mask
-from mpsearch.objectives import objective_values
+from mpsearch.objectives import DROP_ATTR, floor_violation, objective_values
 from mpsearch.policy import Policy
 from mpsearch.runtime import EvalOutcome, EvalTask, Executor
 from mpsearch.study.checkpoint import SearchCheckpoint
@@ -49,6 +54,7 @@ class StudyRun:
     full: int  # images of a full evaluation
     ref: np.ndarray  # hypervolume reference, for the progress bar
     progress: bool
+    fp32_correct: Any = None  # the fp32 model's per-image correctness on the first `full` validation images
 
 
 class _InOrderRecorder:
@@ -106,7 +112,7 @@ class SearchLoop:
                 self._generation(batch)
                 if len(batch) == len(xs):
                     F = np.array([self._told(slot) for slot in range(len(batch))])
-                    self.algorithm.tell(list(batch), F)
+                    self.algorithm.tell(list(batch), F, [self._violation(slot) for slot in range(len(batch))])
                     self.checkpoint.record(self.generation, self.algorithm.state(), self.run_.config.study_name)
                 self.generation += 1
         finally:
@@ -117,6 +123,23 @@ class SearchLoop:
 
     def _told(self, slot: int) -> np.ndarray:
         return told_objectives(self._trial(slot), self.run_.config.search.objectives)
+
+    def _violation(self, slot: int) -> float:
+        """Percentage points below the study's floor (0 within it, failed or recorded without a drop)."""
+        drop = self._trial(slot).user_attrs.get(DROP_ATTR)
+        return 0.0 if drop is None else floor_violation(float(drop), self.run_.config.search.max_drop)
+
+    def _floor(self) -> tuple[Any, float] | None:
+        """What multi-fidelity promotions hold candidates against: fp32's correctness and the floor."""
+        max_drop = self.run_.config.search.max_drop
+        return None if max_drop is None or self.run_.fp32_correct is None else (self.run_.fp32_correct, max_drop)
+
+    def _drop_pp(self, outcome: EvalOutcome) -> float | None:
+        """Accuracy minus the fp32 model's on the same images, in percentage points."""
+        fp32 = self.run_.fp32_correct
+        if not outcome.ok or fp32 is None or not 0 < outcome.images <= len(fp32):
+            return None
+        return 100.0 * (outcome.metrics["accuracy"] - float(fp32[: outcome.images].float().mean()))
 
     def _generation(self, batch: list[np.ndarray]) -> None:
         """Measure the slots of ``batch`` without a recorded trial, record them, account for all."""
@@ -134,7 +157,8 @@ class SearchLoop:
         if self.method.multi_fidelity:
             outcomes, masks = climb_rungs(todo, policies, self.sizes, run.executor, self.archive, run.config.search.objectives,
                                           budget_left=run.config.search.budget - self.spent,
-                                          on_images=lambda n: self.bar.update(n / run.full), full=run.full)
+                                          on_images=lambda n: self.bar.update(n / run.full), full=run.full,
+                                          floor=self._floor())
             for slot in todo:
                 self._record(slot, batch[slot], policies[slot], outcomes[slot], masks.get(slot))
         else:
@@ -154,9 +178,11 @@ class SearchLoop:
             if slot not in todo:
                 self.bar.update(fidelity)
             if fidelity >= 1.0:
-                full_rows.append(self._told(slot))
+                told = self._told(slot)
+                if self._violation(slot) <= 0:  # the bar shows the front within the floor
+                    full_rows.append(told)
                 if self.method.multi_fidelity and trial.state.name == "COMPLETE":
-                    self.archive.add(full_rows[-1][1:], unpack_mask(trial.user_attrs["mask"], run.full))
+                    self.archive.add(told[1:], unpack_mask(trial.user_attrs["mask"], run.full))
         self._show_front(full_rows)
 
     def _record(self, slot: int, x: np.ndarray, policy: Policy, outcome: EvalOutcome, mask: Any) -> None:
@@ -175,9 +201,15 @@ class SearchLoop:
         }
         if mask is not None:
             attrs["mask"] = pack_mask(mask)
+        drop, max_drop = self._drop_pp(outcome), run.config.search.max_drop
+        system = {}
+        if drop is not None:
+            attrs[DROP_ATTR] = drop
+            if max_drop is not None:  # Optuna's constraint convention: <= 0 feasible
+                system["constraints"] = [-drop - max_drop]
         params, distributions = run.space.params(x), run.space.distributions()
         if outcome.ok:
-            trial = optuna.trial.create_trial(params=params, distributions=distributions, user_attrs=attrs,
+            trial = optuna.trial.create_trial(params=params, distributions=distributions, user_attrs=attrs, system_attrs=system,
                                               values=objective_values(outcome.metrics, run.config.search.objectives))
         else:
             trial = optuna.trial.create_trial(params=params, distributions=distributions,

@@ -2,7 +2,9 @@
 in memory or read back from a study's folder (:func:`load_result`).
 
 Picks choose on the full validation split (searches choose on validation; test numbers are
-reported, never used to choose):
+reported, never used to choose), among the re-measured points that hold the study's accuracy
+floor on both full splits (``within_floor``: a point the search's subset put within it can fall
+below it on more images):
 
 - ``"knee"``: the knee of the *useful* part of the front: the points within
   :data:`KNEE_WINDOW_PP` percentage points of the front's most accurate point, where the knee is
@@ -11,7 +13,8 @@ reported, never used to choose):
   front lands among them, which nobody ships.
 - ``"max-accuracy"``, ``"min-energy"`` (the cheapest point by the study's first cost objective);
 - ``"energy<=X"`` / ``"size<=X"`` / ``"bops<=X"`` (relative to fp32): the most accurate point
-  within the bound; ``"accuracy>=Y"``: the cheapest point at least that accurate;
+  within the bound; ``"accuracy>=Y"``: the cheapest point at least that accurate; ``"drop<=PP"``:
+  the cheapest point within PP percentage points of fp32 (on the full validation split);
 - ``trial`` number (``12`` or ``"trial:12"``): that trial's policy, on the front or not.
 """
 
@@ -35,7 +38,8 @@ __all__ = ["SearchResult", "load_result", "KNEE_WINDOW_PP", "PARETO_FILE", "STUD
 KNEE_WINDOW_PP = 2.0
 PARETO_FILE = "pareto.csv"
 STUDY_FILE = "study.json"  # what a finished study adds to its config: the hypervolume reference and volume
-_CONSTRAINT = re.compile(r"^(energy|size|bops|accuracy)\s*(<=|>=)\s*([0-9.]+)$")
+_CONSTRAINT = re.compile(r"^(energy|size|bops|accuracy|drop)\s*(<=|>=)\s*([0-9.]+)$")
+ANSWER_DROPS_PP = (0.5, 1.0, 2.0)  # what the answers table gives the cheapest point within (pp below fp32)
 
 
 @dataclass
@@ -101,20 +105,32 @@ class SearchResult:
             except ValueError:
                 raise UserError(f"pick {spec!r}: expected trial:N with an integer N") from None
             if number in self.policies:
-                return self._row_choice(int(np.flatnonzero(self._front()["trial"].to_numpy() == number)[0]))
+                front = self.front
+                return self._row_choice(front.index[int(np.flatnonzero(front["trial"].to_numpy() == number)[0])])
             return self._trial_policy(number), f"trial {number} (not on the Pareto set)"
+        m = _CONSTRAINT.match(text)
+        if not m and text not in ("knee", "max-accuracy", "min-energy", "min-cost"):
+            raise UserError(f"pick {spec!r}: use knee, max-accuracy, min-energy, trial:N, \"energy<=X\", \"accuracy>=Y\" "
+                            "or \"drop<=PP\"")
         front = self._front()
         accuracy, cost = front["val_accuracy"].to_numpy(), front[self.cost_column].to_numpy()
         if text == "knee":
-            return self._row_choice(knee_index(accuracy, cost))
+            return self._row_choice(front.index[knee_index(accuracy, cost)])
         if text == "max-accuracy":
-            return self._row_choice(int(accuracy.argmax()))
+            return self._row_choice(front.index[int(accuracy.argmax())])
         if text in ("min-energy", "min-cost"):
-            return self._row_choice(int(cost.argmin()))
-        m = _CONSTRAINT.match(text)
-        if not m:
-            raise UserError(f"pick {spec!r}: use knee, max-accuracy, min-energy, trial:N, \"energy<=X\" or \"accuracy>=Y\"")
+            return self._row_choice(front.index[int(cost.argmin())])
+        assert m is not None
         what, op, value = m.group(1), m.group(2), float(m.group(3))
+        if what == "drop":
+            if op != "<=" or "val_drop_pp" not in front:
+                raise UserError(f"pick {spec!r}: use drop<=PP (the cheapest point within PP points of fp32 on validation)"
+                                + ("" if "val_drop_pp" in front else "; this study's front has no validation drops"))
+            ok = front[-front["val_drop_pp"] <= value + 1e-9]
+            if ok.empty:
+                raise UserError(f"pick {spec!r}: no Pareto point is within {value:g} pp of fp32 on validation (the closest "
+                                f"is {-front['val_drop_pp'].max():.2f} pp below); relax the bound")
+            return self._row_choice(ok[self.cost_column].idxmin())
         col = "val_accuracy" if what == "accuracy" else (self.cost_column if what == "energy" else f"rel_{what}")
         if col not in front:
             raise UserError(f"pick {spec!r}: the study did not record {what}")
@@ -123,18 +139,43 @@ class SearchResult:
             raise UserError(f"pick {spec!r}: no Pareto point satisfies it (range {front[col].min():.4g} to "
                             f"{front[col].max():.4g}); relax the bound")
         # Within the constraint: the most accurate (cost bound) or the cheapest (accuracy bound).
-        return self._row_choice(int(ok["val_accuracy"].idxmax()) if what != "accuracy" else int(ok[self.cost_column].idxmin()))
+        return self._row_choice(ok["val_accuracy"].idxmax() if what != "accuracy" else ok[self.cost_column].idxmin())
+
+    def answers(self) -> Any:
+        """What a user asks first, one row each: the knee, then the cheapest point within each of
+        :data:`ANSWER_DROPS_PP` points of fp32 (chosen on validation, reported on test)."""
+        import pandas as pd
+
+        rows = []
+        for label, spec in [("knee", "knee"), *((f"cheapest within {d:g} pp", f"drop<={d:g}") for d in ANSWER_DROPS_PP)]:
+            try:
+                policy = self.pick(spec)
+            except UserError:
+                rows.append({"answer": label, "trial": None})
+                continue
+            row = self.front[self.front["trial"] == policy.provenance["trial"]].iloc[0]
+            rows.append({"answer": label, **{c: row[c] for c in ("trial", "policy", "val_drop_pp", "test_accuracy",
+                                                                  "test_drop_pp", self.cost_column) if c in row}})
+        return pd.DataFrame(rows)
 
     def _front(self) -> Any:
+        """The re-measured points picks choose from: those within the study's floor on test."""
         if self.front is None:
             raise UserError(f"study {self.name} has no re-measured front (it stopped after the search); "
                             "run the study to its end")
         if self.front.empty:
             raise UserError(f"study {self.name} has an empty Pareto set; nothing to pick")
-        return self.front
+        front = self.front
+        if "within_floor" in front:
+            front = front[front["within_floor"].astype(bool)]
+            if front.empty:
+                raise UserError(f"study {self.name}: no re-measured point holds the accuracy floor "
+                                f"({self.config.search.max_drop:g} pp) on the full validation and test splits; "
+                                "pick one by trial:N if you must")
+        return front
 
-    def _row_choice(self, i: int) -> tuple[Policy, str]:
-        row = self.front.iloc[i]
+    def _row_choice(self, label: Any) -> tuple[Policy, str]:
+        row = self.front.loc[label]
         cost = self.cost_column
         return self.policies[int(row["trial"])], (f"trial {int(row['trial'])} ({row['policy']}): val {row['val_accuracy']:.4f}, "
                                                   f"test {row['test_accuracy']:.4f}, {cost} {row[cost]:.4f}")

@@ -9,6 +9,7 @@ resume is checked before anything is written, so a refused run leaves the study 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,9 @@ def existing_study(config: StudyConfig, space: dict[str, Any], url: str | None) 
     stored = study.user_attrs.get("config")
     try:
         stored_config = StudyConfig.from_dict(stored) if isinstance(stored, dict) else None
+        if stored_config is not None and "max_drop" not in stored.get("search", {}):
+            # made before studies had an accuracy floor: it searched without one
+            stored_config = replace(stored_config, search=replace(stored_config.search, max_drop=None))
     except UserError:
         stored_config = None
     if stored_config is None:
