@@ -125,8 +125,10 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
         passes[i, "test"] = (policy.to_dict(), "test", 0)
         if known is None or full < sizes["val"]:
             passes[i, "val"] = (policy.to_dict(), "val", 0 if known is None else full)
-    shown = f"{len(points)} Pareto points" if len(points) == found else f"{len(points)} of {found} Pareto points (spread along the front)"
-    logger.info(f"re-measuring {shown} within the {floor_text(search.max_drop)} on the full validation and test splits ...")
+    plural = "s" if found != 1 else ""
+    shown = f"{found} Pareto point{plural}" if len(points) == found else f"{len(points)} of {found} Pareto points (spread along the front)"
+    within = "" if search.max_drop is None else f" within the {floor_text(search.max_drop)}"
+    logger.info(f"re-measuring {shown}{within} on the full validation and test splits ...")
     masks = _measure(executor, passes, sizes, progress=progress)
     for split in ("test", "val"):
         if fp32_masks[split] is None:
