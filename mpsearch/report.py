@@ -88,7 +88,8 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
             line = 100 * float(pareto["fp32_test_accuracy"].iloc[0]) - floor
             ax.axhline(line, ls="--", lw=0.8, c="#888888", label=f"floor: fp32 - {floor:g} pp (test)")
             # the useful region fills the plot; trials far below the floor are counted in the legend
-            ax.set_ylim(bottom=line - max(2.0, floor), top=100 * float(pareto["fp32_test_accuracy"].iloc[0]) + 1.0)
+            top = max(100 * float(pareto["fp32_test_accuracy"].iloc[0]), 100 * float(ok["value_accuracy"].max())) + 1.0
+            ax.set_ylim(bottom=line - max(2.0, floor), top=top)
         px = _front_x(pareto, config)
         labels = _latency_labels(pareto)
         shared = len(set(labels)) == 1  # one timing for every point (one graph): said once, in the legend
@@ -187,8 +188,9 @@ def _answers(result: Any) -> Any:
         if row.get("trial") is None or row["trial"] != row["trial"]:
             out.append({"answer": row["answer"], "trial": "none", "policy": "no re-measured point qualifies"})
             continue
+        val_drop = row.get("val_drop_pp", float("nan"))  # fronts recorded before drops were kept have none
         out.append({"answer": row["answer"], "trial": str(int(row["trial"])), "policy": row["policy"],
-                    "val drop (pp)": f"{row['val_drop_pp']:+.2f}", "test accuracy": f"{row['test_accuracy']:.4f}",
+                    "val drop (pp)": f"{val_drop:+.2f}", "test accuracy": f"{row['test_accuracy']:.4f}",
                     "test drop (pp)": f"{row['test_drop_pp']:+.2f}", cost: f"{row[cost]:.4f}"})
     import pandas as pd
 
