@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpsearch.data import DataSplits, FolderSplit
+from mpsearch.data import DataSplits, FolderSplit, digest_batches
 from mpsearch.errors import UserError
 from mpsearch.files import atomic_write
 from mpsearch.paths import cache_root
@@ -40,10 +40,7 @@ class Fp32Masks:
     def path(self, split: str) -> Path:
         """Where ``split``'s mask is kept: named by a hash of its images and labels in order."""
         if split not in self._keys:
-            h = hashlib.sha256(split.encode())
-            for x, y in self.data.split(split).batches(self.batch_size):
-                h.update(x.detach().cpu().contiguous().numpy().tobytes())
-                h.update(y.detach().cpu().contiguous().numpy().tobytes())
+            h = digest_batches(hashlib.sha256(split.encode()), self.data.split(split).batches(self.batch_size))
             self._keys[split] = h.hexdigest()[:16]
         return self.folder / f"{split}-{self._keys[split]}.npy"
 

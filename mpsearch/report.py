@@ -181,19 +181,19 @@ def _markdown_table(df, columns: list[str], formats: dict[str, str]) -> str:
 
 def _answers(result: Any) -> Any:
     """:meth:`SearchResult.answers` formatted: one string per cell, "none" where no point qualifies."""
+    import pandas as pd
+
     table = result.answers()
     cost = result.cost_column
     out = []
     for _, row in table.iterrows():
-        if row.get("trial") is None or row["trial"] != row["trial"]:
+        if pd.isna(row.get("trial")):
             out.append({"answer": row["answer"], "trial": "none", "policy": "no re-measured point qualifies"})
             continue
         val_drop = row.get("val_drop_pp", float("nan"))  # fronts recorded before drops were kept have none
         out.append({"answer": row["answer"], "trial": str(int(row["trial"])), "policy": row["policy"],
                     "val drop (pp)": f"{val_drop:+.2f}", "test accuracy": f"{row['test_accuracy']:.4f}",
                     "test drop (pp)": f"{row['test_drop_pp']:+.2f}", cost: f"{row[cost]:.4f}"})
-    import pandas as pd
-
     return pd.DataFrame(out).fillna("")
 
 

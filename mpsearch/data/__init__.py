@@ -21,10 +21,10 @@ from mpsearch.data.datasets import (
     load_dataset,
     read_idx,
 )
-from mpsearch.data.splits import DatasetInfo, DataSplits, FolderSplit, Split, TensorSplit
+from mpsearch.data.splits import DatasetInfo, DataSplits, FolderSplit, Split, TensorSplit, digest_batches
 
 __all__ = [  # the public names of the three modules
-    "DataSplits", "DatasetInfo", "FolderSplit", "Split", "TensorSplit", "MemorySplit", "as_split", "make_data",
+    "DataSplits", "DatasetInfo", "FolderSplit", "Split", "TensorSplit", "digest_batches", "MemorySplit", "as_split", "make_data",
     "DATASETS", "DEBIAN_FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "FASHION_MNIST_URL", "IMAGEFOLDER_PREFIX", "SPLIT_SEED",
     "fashion_mnist_search_dirs", "load_dataset", "read_idx",
 ]

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 
 from mpsearch.errors import UserError
 
-__all__ = ["DataSplits", "DatasetInfo", "FolderSplit", "Split", "TensorSplit"]
+__all__ = ["DataSplits", "DatasetInfo", "FolderSplit", "Split", "TensorSplit", "digest_batches"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,15 @@ class DatasetInfo:
     image_size: int  # square side in pixels the model sees
     mean: tuple[float, ...]  # per channel, for normalization
     std: tuple[float, ...]
+
+
+def digest_batches(h: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """``h`` (a hashlib object) updated with every batch's images and labels, in order: caches
+    keyed by it stay with the data they were made on."""
+    for x, y in batches:
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return h
 
 
 class Split(ABC):

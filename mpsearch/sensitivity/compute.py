@@ -18,7 +18,7 @@ import pandas as pd
 from torch import nn
 
 from mpsearch.config import QuantConfig
-from mpsearch.data import Split
+from mpsearch.data import Split, digest_batches
 from mpsearch.errors import UserError
 from mpsearch.files import atomic_write
 from mpsearch.paths import cache_root
@@ -36,10 +36,7 @@ __all__ = ["compute_sensitivity", "sensitivity_cache_path", "read_sensitivity", 
 
 def _inputs_key(layers: list[str], calibration: Split, config: SensitivityConfig) -> str:
     h = hashlib.sha256(json.dumps(list(layers)).encode())
-    for x, y in calibration_batches(calibration, config):
-        h.update(x.detach().cpu().contiguous().numpy().tobytes())
-        h.update(y.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return digest_batches(h, calibration_batches(calibration, config)).hexdigest()
 
 
 def sensitivity_cache_path(

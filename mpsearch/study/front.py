@@ -151,7 +151,7 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             val_mask = known if val_rest is None else torch.cat([known, val_rest])
         val = evaluator.summarize(policy, val_mask, split="val", fp32_mask=fp32_masks["val"])
         test = evaluator.summarize(policy, test_mask, split="test", fp32_mask=fp32_masks["test"])
-        test_drop_pp = 100 * (test.drop or 0.0)
+        test_drop_pp, val_drop_pp = 100 * (test.drop or 0.0), 100 * (val.drop or 0.0)
         metrics = {
             "search_accuracy": float(row["value_accuracy"]),
             "val_accuracy": val.accuracy, "val_ci95": list(val.accuracy_ci95), "val_drop": val.drop,
@@ -166,12 +166,12 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             "trial": trial_no, "policy": policy.summary(), "method": row.get("attr_method", ""),
             "search_accuracy": metrics["search_accuracy"],
             "val_accuracy": val.accuracy, "val_ci_low": val.accuracy_ci95[0], "val_ci_high": val.accuracy_ci95[1],
-            "val_drop_pp": 100 * (val.drop or 0.0),
+            "val_drop_pp": val_drop_pp,
             "test_accuracy": test.accuracy, "test_ci_low": test.accuracy_ci95[0], "test_ci_high": test.accuracy_ci95[1],
             **dict(zip(("test_boot_low", "test_boot_high"), bootstrap_ci(test_mask, seed=config.seed))),
             "test_drop_pp": test_drop_pp,
             # Held on both full splits: the search's subset can flatter a point near the floor.
-            "within_floor": search.max_drop is None or min(test_drop_pp, 100 * (val.drop or 0.0)) >= -search.max_drop - 1e-9,
+            "within_floor": search.max_drop is None or min(test_drop_pp, val_drop_pp) >= -search.max_drop - 1e-9,
             "fp32_test_accuracy": test.fp32_accuracy,
             **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},
             **({"rel_latency": float(row["value_latency"])} if "value_latency" in row else {}),

@@ -159,7 +159,7 @@ class SearchResult:
         return pd.DataFrame(rows)
 
     def _front(self) -> Any:
-        """The re-measured points picks choose from: those within the study's floor on test."""
+        """The re-measured points picks choose from: those holding the study's floor on both full splits."""
         if self.front is None:
             raise UserError(f"study {self.name} has no re-measured front (it stopped after the search); "
                             "run the study to its end")
