@@ -199,7 +199,7 @@ def _answers(result: Any) -> Any:
 
 def answers_text(result: Any) -> str:
     """The answers table as the CLI prints it: the knee and the cheapest points within 0.5/1/2 pp."""
-    return "answers (chosen on the full validation split, reported on test):\n" + _answers(result).to_string(index=False)
+    return "answers (chosen on the search's validation images, reported on test):\n" + _answers(result).to_string(index=False)
 
 
 def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
@@ -235,7 +235,7 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
     lines = [
         f"# Study {config.study_name}",
         "",
-        "## Answers (chosen on the full validation split, reported on test)",
+        "## Answers (chosen on the search's validation images, reported on test)",
         "",
         _markdown_table(answers, list(answers.columns), {}),
         "",
@@ -248,11 +248,12 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         f"- algorithm **{search.algorithm}**, budget {search.budget} evaluations ({len(ok)} measured, {failed} failed), "
         f"population {search.population_size}, seed {config.seed}",
         f"- objectives: {', '.join(search.objectives)} (energy profile {search.energy_profile}); each trial measured on the "
-        f"first {search.eval_images} validation images; the Pareto set "
-        + (f"(at most {search.remeasure_points} points, spread along the front) " if search.remeasure_points else "")
-        + "re-measured on the full validation and test splits",
+        f"first {search.eval_images} validation images; "
+        + (f"at most {search.remeasure_points} Pareto points (the answers', then spread along the front) "
+           if search.remeasure_points else "every Pareto point ")
+        + "measured on the test split",
         f"- {floor_text(search.max_drop)}: {feasible} of {len(ok)} measured candidates within it; the front, "
-        "re-measurement and picks hold only those (`within_floor`: the point also holds it on both full splits)",
+        "re-measurement and picks hold only those (`within_floor`: the point also holds it on test)",
         f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
         f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
         f"- wall time {result.wall_s / 60:.1f} min, {workers} worker(s) x {config.run.torch_threads} torch thread(s); "

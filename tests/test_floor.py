@@ -65,6 +65,10 @@ def test_pareto_rows_hold_the_floor_or_say_they_do_not_and_picks_skip_them(floor
     assert len(pareto)
     for _, row in pareto.iterrows():
         assert bool(row["within_floor"]) == (min(row["test_drop_pp"], row["val_drop_pp"]) >= -FLOOR - 1e-9)
+    # Validation figures are the search's: every row is within the floor there, so test decides.
+    trials = result.trials.set_index("trial")
+    np.testing.assert_allclose(pareto["val_drop_pp"], trials.loc[pareto["trial"], f"attr_{DROP_ATTR}"].astype(float), atol=1e-4)
+    assert (pareto["val_drop_pp"] >= -FLOOR).all() and pareto["front_knee"].sum() <= 1
     loaded = load_result(result.out_dir)
     for spec in ("knee", "max-accuracy", "min-energy", "drop<=3"):
         trial = loaded.pick(spec).provenance["trial"]
@@ -100,6 +104,18 @@ def test_picks_choose_only_points_that_hold_the_floor():
         result.pick("drop<=0.1")
     with pytest.raises(UserError, match="no re-measured point holds the accuracy floor"):
         _front([(3, -0.1, 0.1, False)]).pick("knee")
+
+
+def test_the_knee_is_the_whole_fronts_knee_while_it_holds_the_floor():
+    rows = [(1, -0.2, 0.5, True), (2, -1.5, 0.2, True), (3, -0.6, 0.3, True)]
+    assert _front(rows).pick("knee").provenance["trial"] == 3  # of these three points alone
+    # The search's front had more points; its knee (marked) is trial 1: that is what "knee" gives.
+    result = _front(rows)
+    result.front["front_knee"] = result.front["trial"] == 1
+    assert result.pick("knee").provenance["trial"] == 1
+    # ... unless trial 1 fell below the floor on test: then the knee of the points that hold it.
+    result.front.loc[result.front["trial"] == 1, "within_floor"] = False
+    assert result.pick("knee").provenance["trial"] in (2, 3)
 
 
 def test_no_candidate_within_the_floor_is_one_clear_error(tmp_path, digits_baseline):

@@ -82,19 +82,31 @@ def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_ch
     pd.testing.assert_frame_equal(first.front[remeasured], ray2.front[remeasured])
 
 
-def test_remeasured_points_are_capped_and_keep_both_ends_of_the_front(tmp_path, tiny_checkpoint):
+def test_the_points_measured_on_test_are_the_answers_first_then_the_ends_of_the_front(tmp_path, tiny_checkpoint):
     # The first seed whose front is wider than the cap: which one is depends on the CPU's
     # arithmetic (seed 1 holds 3 points with AVX-512, 2 on an AVX2-only CPU, where seed 2 holds 3).
     for seed in (1, 2, 3):
-        _, full = _run(tmp_path, f"tiny-seed{seed}", tiny_checkpoint, seed=seed)
+        _, full = _run(tmp_path, f"tiny-seed{seed}", tiny_checkpoint, seed=seed, **{"search.remeasure_points": 0})
         if len(full.front) > 2:
             break
-    assert len(full.front) > 2, "no tiny study's front is wider than the cap"
+    front = full.front
+    assert len(front) > 2, "no tiny study's front is wider than the cap"
+    # Validation figures are the search's own: the trial's accuracy on its validation images.
+    trials = full.trials.set_index("trial")
+    np.testing.assert_array_equal(front["val_accuracy"], trials.loc[front["trial"], "value_accuracy"])
+    np.testing.assert_allclose(front["val_drop_pp"], trials.loc[front["trial"], "attr_val_drop_pp"].astype(float), atol=1e-4)
+    assert front["front_knee"].sum() == 1
+    # What the answers name on those figures, then the cheapest and the costliest point.
+    cost = front["rel_energy_horowitz45nm"]
+    named = [int(front.index[front["front_knee"]][0])]
+    named += [int(cost[-front["val_drop_pp"] <= d + 1e-9].idxmin()) for d in (0.5, 1, 2) if (-front["val_drop_pp"] <= d + 1e-9).any()]
+    expected = list(dict.fromkeys([*named, 0, len(front) - 1]))[:2]
     _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=seed, **{"search.remeasure_points": 2})
-    # Same search (same seed), so the same front; the cap keeps its cheapest and costliest points.
-    assert capped.front["trial"].tolist() == [full.front["trial"].iloc[0], full.front["trial"].iloc[-1]]
+    # Same search (same seed), so the same front and the same numbers for the points measured.
+    assert capped.front["trial"].tolist() == front["trial"].iloc[sorted(expected)].tolist()
     pd.testing.assert_frame_equal(capped.front.drop(columns="policy_file"),
-                                  full.front.iloc[[0, -1]].reset_index(drop=True).drop(columns="policy_file"))
+                                  front.iloc[sorted(expected)].reset_index(drop=True).drop(columns="policy_file"))
+    assert capped.pick("knee").provenance["trial"] == full.pick("knee").provenance["trial"]
 
 
 def test_the_front_is_exported_and_timed_in_onnxruntime(tmp_path, tiny_checkpoint):
@@ -184,7 +196,8 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
     assert policy.settings().calibration_size == 256
     ev = Evaluator(digits_baseline, digits, quant=policy.settings().quant)
     assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == stored["test_accuracy"]
-    assert ev.evaluate(ev.resolve_policy(policy), split="val").accuracy == stored["val_accuracy"]
+    images = result.config.search.eval_images  # validation figures are the search's, on its images
+    assert ev.evaluate(ev.resolve_policy(policy), split="val", limit=images).accuracy == stored["val_accuracy"]
     low, _ = pick_policy(result.out_dir, "energy<=0.5")
     assert low.provenance["metrics"]["rel_energy:horowitz45nm"] <= 0.5
     with pytest.raises(UserError, match="no Pareto point"):

@@ -33,8 +33,9 @@ class SearchConfig(Config):
     estimated on ``sensitivity_batches`` calibration batches with at most
     ``sensitivity_probes`` Hutchinson probes); NSGA-II gives up to ``ilp_gap_plans`` offspring of
     every later generation to ILP solutions in the widest gaps of its measured front. At the end,
-    at most ``remeasure_points`` Pareto points (0: all), spread along the front, are re-measured
-    on the full validation and test splits.
+    at most ``remeasure_points`` Pareto points (0: all) are measured on the test split: those
+    the answers name (the knee and the cheapest point within 0.5, 1 and 2 pp of fp32, on the
+    search's validation images), then points spread along the front.
 
     ``max_drop`` is the study's accuracy floor, in percentage points below the fp32 model on the
     same validation images (None: no floor). Candidates below it stay in the study, but the
@@ -58,7 +59,7 @@ class SearchConfig(Config):
     sensitivity_probes: int = 16
     ilp_seeds: int = 12
     ilp_gap_plans: int = 4
-    remeasure_points: int = 6
+    remeasure_points: int = 2
     max_drop: float | None = 5.0
 
     def __post_init__(self) -> None:

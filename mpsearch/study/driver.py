@@ -3,8 +3,8 @@
 :func:`run_study` resolves what the study measures (a timm model and data set by name, or the
 user's model object and data), calibrates the quantizers once, seeds and runs each method's
 :class:`~mpsearch.study.loop.SearchLoop` on an executor (in process or a pool of Ray workers:
-the numbers do not depend on which), re-measures the Pareto set on the full validation and test
-splits, times it end to end in onnxruntime (:mod:`mpsearch.study.latency`), and writes the study's
+the numbers do not depend on which), measures the Pareto points a user acts on (the answers first) on the test
+split, times it end to end in onnxruntime (:mod:`mpsearch.study.latency`), and writes the study's
 files when it has a folder.
 
 Resuming: running the same study again continues it. Each algorithm is rebuilt by replaying the

@@ -1,10 +1,13 @@
-"""The end of a study: its measured front re-measured on the full validation and test splits, and
-optionally each point fine-tuned.
+"""The end of a study: the points of its measured front that a user acts on, measured on the
+test split, and optionally each point fine-tuned.
 
-The search measures candidates on a validation subset; the Pareto set found there, within the
-study's accuracy floor, is measured again on the full validation split (what picks choose on)
-and on the test split (what reports show, 95 % CIs, the drop paired with the fp32 model on the
-same images). The measurements run on the executor's workers like the trials do.
+The search measures candidates on a validation subset. Of the Pareto set found there (within
+the study's accuracy floor), the points the answers name (the knee and the cheapest point
+within 0.5, 1 and 2 pp of fp32, chosen on those validation images), then points spread along
+the front, up to ``search.remeasure_points``, are measured on the test split (what reports show,
+95 % CIs, the drop paired with the fp32 model on the same images). Their validation figures stay
+the search's own: picks choose on what the search measured, never on test. The test passes run
+on the executor's workers like the trials do.
 """
 
 from __future__ import annotations
@@ -26,15 +29,36 @@ from mpsearch.fp32_masks import Fp32Masks
 from mpsearch.objectives import DROP_ATTR, floor_text, full_fidelity, objective_matrix, within_floor
 from mpsearch.policy import MeasurementSettings, Policy, uniform_policy
 from mpsearch.runtime import EvalTask, Executor
+from mpsearch.study.result import ANSWER_DROPS_PP, knee_index
 
 __all__ = ["remeasure_front", "finetune_front"]
 
 logger = logging.getLogger(__name__)
 
 
-def _front_rows(config: StudyConfig, trials: Any) -> tuple[Any, int]:
-    """The front's trial rows to re-measure, cheapest first, and how many points the front has:
-    the non-dominated full-fidelity trials within the accuracy floor."""
+def _answer_positions(front: Any, search: Any) -> list[int]:
+    """Positions in ``front`` (cheapest first) of what the answers name, on the search's own
+    measurements: the knee, then the cheapest point within each of :data:`ANSWER_DROPS_PP`."""
+    import pandas as pd
+
+    accuracy = front["value_accuracy"].to_numpy(dtype=float)
+    cost = front[f"value_{search.objectives[1]}"].to_numpy(dtype=float)
+    positions = [knee_index(accuracy, cost)]
+    column = f"attr_{DROP_ATTR}"
+    if column in front:  # trials recorded before drops were kept have none
+        drop = pd.to_numeric(front[column], errors="coerce").to_numpy(dtype=float)
+        for limit in ANSWER_DROPS_PP:
+            ok = np.flatnonzero(-drop <= limit + 1e-9)
+            if ok.size:
+                positions.append(int(ok[cost[ok].argmin()]))
+    return positions
+
+
+def _front_rows(config: StudyConfig, trials: Any) -> tuple[Any, int, int]:
+    """The front's trial rows to measure on test (cheapest first), how many points the front
+    has, and the trial number of its knee: the non-dominated full-fidelity trials within the
+    accuracy floor; when they are more than ``remeasure_points``, the answers' points first, then
+    points evenly spread by rank along the cost axis (both ends first)."""
     search = config.search
     ok = full_fidelity(trials).reset_index(drop=True)
     if ok.empty:
@@ -50,11 +74,16 @@ def _front_rows(config: StudyConfig, trials: Any) -> tuple[Any, int]:
     idx = non_dominated(objective_matrix(floored, search.objectives))
     # The same policy may appear twice (algorithms re-propose); measure it once.
     front = floored.iloc[idx].drop_duplicates(subset=[c for c in ok.columns if c.startswith("param_")])
-    front = front.sort_values([f"value_{search.objectives[1]}", "trial"], kind="stable")
+    front = front.sort_values([f"value_{search.objectives[1]}", "trial"], kind="stable").reset_index(drop=True)
     found, cap = len(front), search.remeasure_points
-    if 0 < cap < found:  # evenly spread by rank along the cost axis, both ends kept
-        front = front.iloc[np.unique(np.round(np.linspace(0, found - 1, cap)).astype(int))]
-    return front, found
+    answers = _answer_positions(front, search)
+    knee_trial = int(front["trial"].iloc[answers[0]])
+    if 0 < cap < found:
+        ends_first = np.round(np.linspace(0, found - 1, max(cap, 2))).astype(int)
+        ends_first = [*ends_first[[0, -1]], *ends_first[1:-1]]
+        chosen = list(dict.fromkeys(int(i) for i in (*answers, *ends_first)))[:cap]
+        front = front.iloc[sorted(chosen)]
+    return front, found, knee_trial
 
 
 CHUNK_IMAGES = 2500  # images per task of a re-measurement pass: even work for every worker
@@ -74,7 +103,7 @@ def _measure(executor: Executor, passes: dict[Any, tuple[dict, str, int]], sizes
             owners.append(key)
             tasks.append(EvalTask(len(tasks), policy, split=split, start=start, limit=min(start + CHUNK_IMAGES, sizes[split]),
                                   keep_mask=True))
-    bar = tqdm(total=sum(t.limit - t.start for t in tasks), desc="re-measure front", unit="image", disable=not progress)
+    bar = tqdm(total=sum(t.limit - t.start for t in tasks), desc="measure front", unit="image", disable=not progress)
     outcomes = executor.map(tasks, on_done=lambda o: bar.update(tasks[o.index].limit - tasks[o.index].start))
     bar.close()
     parts: dict[Any, Any] = {}
@@ -88,23 +117,23 @@ def _measure(executor: Executor, passes: dict[Any, tuple[dict, str, int]], sizes
 
 def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, space: BoundSpace, trials: Any,
                     to_policy: Callable[[np.ndarray], Policy], *, progress: bool) -> tuple[Any, dict[int, Policy]]:
-    """The re-measured Pareto set (one row per point, sorted by energy) and each point's policy,
+    """The measured Pareto points (one row per point, sorted by energy) and each point's policy,
     its provenance holding the study, trial, metrics and the settings that re-measure it.
 
-    Every point runs on the test split and on the validation images the search did not measure
-    it on (the search's per-image results complete its validation pass), in chunks shared by the
-    executor's workers; the fp32 passes it is paired with come from :mod:`mpsearch.fp32_masks`
-    when training or an earlier study left them there. ``within_floor`` marks the points whose drops on both full splits lie
-    within the study's floor; picks choose among those.
+    Every chosen point (:func:`_front_rows`) runs on the test split, in chunks shared by the
+    executor's workers; its validation figures are the search's, on the first ``eval_images``
+    validation images. The fp32 test pass it is paired with comes from :mod:`mpsearch.fp32_masks`
+    when training or an earlier study left it there. ``within_floor`` marks the points whose
+    drops on those validation images and on test both lie within the study's floor; picks choose
+    among those. ``front_knee`` marks the knee of the whole front the search found.
     """
     import pandas as pd
-    import torch
 
     from mpsearch.fidelity import unpack_mask
     from mpsearch.metrics import bootstrap_ci
 
     search = config.search
-    front, found = _front_rows(config, trials)
+    front, found, knee_trial = _front_rows(config, trials)
     full = min(search.eval_images, len(evaluator.data.val))
     points = []
     for _, row in front.iterrows():
@@ -115,42 +144,38 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
     fp32 = uniform_policy("fp32", model=evaluator.baseline.name, dataset=evaluator.data.info.name,
                           layers=evaluator.policy_layers, checkpoint_sha256=evaluator.baseline.sha256)
     cache = Fp32Masks(evaluator.baseline.sha256, evaluator.data, evaluator.batch_size)
-    fp32_masks = {split: cache.load(split) for split in ("test", "val")}
-    sizes = {"test": len(evaluator.data.test), "val": len(evaluator.data.val)}
+    fp32_test = cache.load("test")
+    sizes = {"test": len(evaluator.data.test), "val": full}
     passes: dict[Any, tuple[dict, str, int]] = {}  # key -> (policy, split, first image)
-    for split in ("test", "val"):
-        if fp32_masks[split] is None:
-            passes["fp32", split] = (fp32.to_dict(), split, 0)
+    if fp32_test is None:
+        passes["fp32", "test"] = (fp32.to_dict(), "test", 0)
     for i, (_, policy, known) in enumerate(points):
         passes[i, "test"] = (policy.to_dict(), "test", 0)
-        if known is None or full < sizes["val"]:
-            passes[i, "val"] = (policy.to_dict(), "val", 0 if known is None else full)
+        if known is None:  # a trial recorded without its per-image results
+            passes[i, "val"] = (policy.to_dict(), "val", 0)
     plural = "s" if found != 1 else ""
-    shown = f"{found} Pareto point{plural}" if len(points) == found else f"{len(points)} of {found} Pareto points (spread along the front)"
+    shown = f"the {found} Pareto point{plural}" if len(points) == found else f"{len(points)} of {found} Pareto points (the answers first)"
     within = "" if search.max_drop is None else f" within the {floor_text(search.max_drop)}"
-    logger.info(f"re-measuring {shown}{within} on the full validation and test splits ...")
+    logger.info(f"measuring {shown}{within} on the test split ...")
     masks = _measure(executor, passes, sizes, progress=progress)
-    for split in ("test", "val"):
-        if fp32_masks[split] is None:
-            if isinstance(masks["fp32", split], str):
-                raise RuntimeError(f"the fp32 model failed on the {split} split: {masks['fp32', split]}")
-            fp32_masks[split] = masks["fp32", split]
-            cache.store(split, fp32_masks[split])
+    if fp32_test is None:
+        if isinstance(masks["fp32", "test"], str):
+            raise RuntimeError(f"the fp32 model failed on the test split: {masks['fp32', 'test']}")
+        fp32_test = masks["fp32", "test"]
+        cache.store("test", fp32_test)
+    fp32_val = evaluator.fp32_mask("val", full)  # the search's reference, already computed
     settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
     rows, policies = [], {}
     for i, (row, policy, known) in enumerate(points):
-        test_mask, val_rest = masks[i, "test"], masks.get((i, "val"))
+        test_mask = masks[i, "test"]
+        val_mask = known if known is not None else masks[i, "val"]
         trial_no = int(row["trial"])
-        failed = [m for m in (test_mask, val_rest) if isinstance(m, str)]
+        failed = [m for m in (test_mask, val_mask) if isinstance(m, str)]
         if failed:
-            logger.info(f"trial {trial_no} ({policy.summary()}) failed on a full split and is left out: {failed[0]}")
+            logger.info(f"trial {trial_no} ({policy.summary()}) failed when measured again and is left out: {failed[0]}")
             continue
-        if known is None:
-            val_mask = val_rest
-        else:  # the search measured the first `full` images
-            val_mask = known if val_rest is None else torch.cat([known, val_rest])
-        val = evaluator.summarize(policy, val_mask, split="val", fp32_mask=fp32_masks["val"])
-        test = evaluator.summarize(policy, test_mask, split="test", fp32_mask=fp32_masks["test"])
+        val = evaluator.summarize(policy, val_mask, split="val", fp32_mask=fp32_val)
+        test = evaluator.summarize(policy, test_mask, split="test", fp32_mask=fp32_test)
         test_drop_pp, val_drop_pp = 100 * (test.drop or 0.0), 100 * (val.drop or 0.0)
         metrics = {
             "search_accuracy": float(row["value_accuracy"]),
@@ -170,8 +195,9 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             "test_accuracy": test.accuracy, "test_ci_low": test.accuracy_ci95[0], "test_ci_high": test.accuracy_ci95[1],
             **dict(zip(("test_boot_low", "test_boot_high"), bootstrap_ci(test_mask, seed=config.seed))),
             "test_drop_pp": test_drop_pp,
-            # Held on both full splits: the search's subset can flatter a point near the floor.
+            # Held on test too: the search's subset can flatter a point near the floor.
             "within_floor": search.max_drop is None or min(test_drop_pp, val_drop_pp) >= -search.max_drop - 1e-9,
+            "front_knee": trial_no == knee_trial,
             "fp32_test_accuracy": test.fp32_accuracy,
             **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},
             **({"rel_latency": float(row["value_latency"])} if "value_latency" in row else {}),

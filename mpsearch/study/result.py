@@ -1,20 +1,21 @@
 """What a search returns: :class:`SearchResult` (the measured front, every trial, picks, a plot),
 in memory or read back from a study's folder (:func:`load_result`).
 
-Picks choose on the full validation split (searches choose on validation; test numbers are
-reported, never used to choose), among the re-measured points that hold the study's accuracy
-floor on both full splits (``within_floor``: a point the search's subset put within it can fall
-below it on more images):
+Picks choose on the validation images the search measured (test numbers are reported, never
+used to choose), among the points measured on test that hold the study's accuracy floor there
+too (``within_floor``: a point the validation subset put within it can fall below it on more
+images):
 
-- ``"knee"``: the knee of the *useful* part of the front: the points within
-  :data:`KNEE_WINDOW_PP` percentage points of the front's most accurate point, where the knee is
-  the point farthest from the line through that part's two ends (:func:`~mpsearch.algorithms.pareto.knee_point`).
-  A front also holds collapsed low-bit policies far below fp32; a knee taken over the whole
-  front lands among them, which nobody ships.
+- ``"knee"``: the knee of the *useful* part of the whole front the search found (``front_knee``):
+  the points within :data:`KNEE_WINDOW_PP` percentage points of the front's most accurate point,
+  where the knee is the point farthest from the line through that part's two ends
+  (:func:`~mpsearch.algorithms.pareto.knee_point`). A front also holds collapsed low-bit policies
+  far below fp32; a knee taken over the whole front lands among them, which nobody ships. If
+  that point falls below the floor on test, the knee of the points that hold it.
 - ``"max-accuracy"``, ``"min-energy"`` (the cheapest point by the study's first cost objective);
 - ``"energy<=X"`` / ``"size<=X"`` / ``"bops<=X"`` (relative to fp32): the most accurate point
   within the bound; ``"accuracy>=Y"``: the cheapest point at least that accurate; ``"drop<=PP"``:
-  the cheapest point within PP percentage points of fp32 (on the full validation split);
+  the cheapest point within PP percentage points of fp32 (on the search's validation images);
 - ``trial`` number (``12`` or ``"trial:12"``): that trial's policy, on the front or not.
 """
 
@@ -46,8 +47,8 @@ ANSWER_DROPS_PP = (0.5, 1.0, 2.0)  # what the answers table gives the cheapest p
 class SearchResult:
     """A finished study: its config, every trial, the re-measured front and its policies.
 
-    ``front`` has one row per re-measured Pareto point (val and test accuracy with 95 % CIs, the
-    test drop against fp32, costs relative to fp32), sorted by energy; ``None`` when the study
+    ``front`` has one row per Pareto point measured on test (val accuracy on the search's images
+    and test accuracy with 95 % CIs, the drops against fp32, costs relative to fp32), sorted by energy; ``None`` when the study
     stopped before re-measuring. ``trials`` has one row per Optuna trial (``value_*``,
     ``param_*``, ``attr_*`` columns). ``hypervolume`` is that of the measured front on the search
     split against ``ref_point`` (0 % accuracy at the costliest policy of the search space).
@@ -115,7 +116,8 @@ class SearchResult:
         front = self._front()
         accuracy, cost = front["val_accuracy"].to_numpy(), front[self.cost_column].to_numpy()
         if text == "knee":
-            return self._row_choice(front.index[knee_index(accuracy, cost)])
+            marked = front.index[front["front_knee"].astype(bool)] if "front_knee" in front else []
+            return self._row_choice(marked[0] if len(marked) else front.index[knee_index(accuracy, cost)])
         if text == "max-accuracy":
             return self._row_choice(front.index[int(accuracy.argmax())])
         if text in ("min-energy", "min-cost"):
@@ -159,7 +161,7 @@ class SearchResult:
         return pd.DataFrame(rows)
 
     def _front(self) -> Any:
-        """The re-measured points picks choose from: those holding the study's floor on both full splits."""
+        """The re-measured points picks choose from: those holding the study's floor on test too."""
         if self.front is None:
             raise UserError(f"study {self.name} has no re-measured front (it stopped after the search); "
                             "run the study to its end")
@@ -170,7 +172,7 @@ class SearchResult:
             front = front[front["within_floor"].astype(bool)]
             if front.empty:
                 raise UserError(f"study {self.name}: no re-measured point holds the accuracy floor "
-                                f"({self.config.search.max_drop:g} pp) on the full validation and test splits; "
+                                f"({self.config.search.max_drop:g} pp) on the test split; "
                                 "pick one by trial:N if you must")
         return front
 
