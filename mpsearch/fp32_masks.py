@@ -1,9 +1,9 @@
 """The fp32 model's per-image correctness on a whole split, cached on disk by baseline and data.
 
-Every re-measured front is paired with the fp32 model on the same images (the drop and its
-interval). Those predictions depend only on the baseline's weights and the split, so they are
-kept under ``<cache>/fp32/<checkpoint sha256>/<split>-<data hash>.npy``: training a baseline
-writes them (it measures both splits anyway), and a study reads them instead of running the
+Every re-measured front is paired with the fp32 model on the same test images (the drop and
+its interval). Those predictions depend only on the baseline's weights and the split, so they
+are kept under ``<cache>/fp32/<checkpoint sha256>/<split>-<data hash>.npy``: training a baseline
+writes the test split's (it measures it anyway), and a study reads them instead of running the
 fp32 model again. Only splits held in memory are cached: keying an image folder's split would
 decode every image once more.
 """

@@ -320,9 +320,7 @@ def get_baseline(
     val_acc, test_acc = int(val_mask.sum()) / len(val_mask), int(test_mask.sum()) / len(test_mask)
     atomic_write(path, lambda f: torch.save(model.state_dict(), f), binary=True, what="checkpoint")
     sha = sha256_file(path)
-    masks = Fp32Masks(sha, data)  # the fp32 side of every re-measured front of this baseline
-    masks.store("val", val_mask)
-    masks.store("test", test_mask)
+    Fp32Masks(sha, data).store("test", test_mask)  # the fp32 side of every re-measured front of this baseline
     meta = {
         "model": name,
         "timm_name": resolve_model_name(name),
