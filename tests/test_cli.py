@@ -119,7 +119,7 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
     out = run("optimize", *common, "--budget", "8", "--population", "4", "--eval-images", "100", "--workers", "0",
               "--sensitivity", "none", "--set", "latency=null", "--out-dir", str(folder), "--name", "cli", cache=cli_cache)
     assert out.returncode == 0, out.stderr
-    assert "8 trials" in out.stdout and "Pareto points" in out.stdout
+    assert "8 trials" in out.stdout and "Pareto point" in out.stdout
     policy_path = tmp_path / "picked.json"
     exp = run("export", "--study", str(folder), "--pick", "max-accuracy", "-o", str(policy_path), cache=cli_cache)
     assert exp.returncode == 0, exp.stderr

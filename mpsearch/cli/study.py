@@ -103,7 +103,7 @@ def optimize(args: argparse.Namespace) -> int:
     for config in study_configs(args):
         results.append(run_study(config, progress=not args.no_progress))
         r = results[-1]
-        print(f"study {r.name}: {len(r.trials)} trials, {len(r.front)} Pareto points, "
+        print(f"study {r.name}: {len(r.trials)} trials, {len(r.front)} Pareto point{'s' if len(r.front) != 1 else ''}, "
               f"hypervolume {r.hypervolume:.4f}, {r.wall_s / 60:.1f} min -> {r.out_dir}")
         if (r.out_dir / "compare.md").exists():
             print((r.out_dir / "compare.md").read_text())

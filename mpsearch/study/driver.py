@@ -278,7 +278,7 @@ class _Driver:
         if self.out is not None:
             write_outputs(result, space=space_def.to_dict(), baseline_meta=baseline.meta, workers=workers,
                           weight_scores=seeds.weight_scores)
-        front = "front not re-measured" if pareto is None else f"front of {len(pareto)} points"
+        front = "front not re-measured" if pareto is None else f"front of {len(pareto)} point{'s' if len(pareto) != 1 else ''}"
         logger.info(f"study {name}: {len(trials)} trials, {front}, hypervolume {result.hypervolume:.4f}, "
                     f"{result.wall_s / 60:.1f} min ({phase_summary(self.phases)}; {config.quant.backend} backend)"
                     + (f"; outputs in {self.out}" if self.out else ""))
