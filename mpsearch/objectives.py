@@ -17,7 +17,7 @@ import numpy as np
 __all__ = [
     "OBJECTIVES", "ENERGY_UNDER", "objective_spec", "objective_profiles", "is_objective", "objective_vector",
     "objective_values", "profile_name_ok", "objective_matrix", "full_fidelity", "front_trials", "front_matrix", "hypervolume_reference",
-    "reference_text", "front_hypervolume", "DROP_ATTR", "floor_violation", "within_floor", "floor_text",
+    "reference_text", "front_hypervolume", "DROP_ATTR", "DROP_TOLERANCE_PP", "floor_violation", "within_floor", "floor_text",
 ]
 
 # Objective name -> (direction, trial metric it reads). Accuracy is measured on the validation
@@ -86,6 +86,9 @@ def objective_matrix(rows: Any, objectives: tuple[str, ...]) -> np.ndarray:
 # The trial attribute that holds a candidate's accuracy minus the fp32 model's on the same
 # validation images, in percentage points (negative: below fp32); the accuracy floor reads it.
 DROP_ATTR = "val_drop_pp"
+# Drops are multiples of 100/n pp (n images), and recorded ones may carry float32 rounding
+# (~1e-5 pp): a drop counts as at a bound when it is this close to it.
+DROP_TOLERANCE_PP = 1e-4
 
 
 def floor_violation(drop_pp: float, max_drop: float | None) -> float:
@@ -93,7 +96,8 @@ def floor_violation(drop_pp: float, max_drop: float | None) -> float:
     0.0 within it or without a floor. Algorithms get it as a constraint violation."""
     if max_drop is None or not np.isfinite(drop_pp):
         return 0.0
-    return max(0.0, -drop_pp - max_drop)
+    excess = -drop_pp - max_drop
+    return excess if excess > DROP_TOLERANCE_PP else 0.0
 
 
 def within_floor(trials: Any, max_drop: float | None) -> Any:
@@ -105,7 +109,7 @@ def within_floor(trials: Any, max_drop: float | None) -> Any:
     if max_drop is None or column not in trials:
         return pd.Series(True, index=trials.index)
     drop = pd.to_numeric(trials[column], errors="coerce")
-    return drop.isna() | (drop >= -max_drop - 1e-9)
+    return drop.isna() | (drop >= -max_drop - DROP_TOLERANCE_PP)
 
 
 def floor_text(max_drop: float | None) -> str:

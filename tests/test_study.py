@@ -14,6 +14,7 @@ import torch
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
 from mpsearch.evaluate import Evaluator
+from mpsearch.objectives import DROP_TOLERANCE_PP
 from mpsearch.policy import Policy
 from mpsearch.quant.backends import resolve_backend
 from mpsearch.runtime import EvalTask, run_task
@@ -99,7 +100,8 @@ def test_the_points_measured_on_test_are_the_answers_first_then_the_ends_of_the_
     # What the answers name on those figures, then the cheapest and the costliest point.
     cost = front["rel_energy_horowitz45nm"]
     named = [int(front.index[front["front_knee"]][0])]
-    named += [int(cost[-front["val_drop_pp"] <= d + 1e-9].idxmin()) for d in (0.5, 1, 2) if (-front["val_drop_pp"] <= d + 1e-9).any()]
+    within = {d: -front["val_drop_pp"] <= d + DROP_TOLERANCE_PP for d in (0.5, 1, 2)}
+    named += [int(cost[ok].idxmin()) for ok in within.values() if ok.any()]
     expected = list(dict.fromkeys([*named, 0, len(front) - 1]))[:2]
     _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=seed, **{"search.remeasure_points": 2})
     # Same search (same seed), so the same front and the same numbers for the points measured.

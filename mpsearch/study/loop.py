@@ -139,7 +139,7 @@ class SearchLoop:
         fp32 = self.run_.fp32_correct
         if not outcome.ok or fp32 is None or not 0 < outcome.images <= len(fp32):
             return None
-        return 100.0 * (outcome.metrics["accuracy"] - float(fp32[: outcome.images].float().mean()))
+        return 100.0 * (outcome.metrics["accuracy"] - int(fp32[: outcome.images].sum()) / outcome.images)
 
     def _generation(self, batch: list[np.ndarray]) -> None:
         """Measure the slots of ``batch`` without a recorded trial, record them, account for all."""
