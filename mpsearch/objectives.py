@@ -17,7 +17,7 @@ import numpy as np
 __all__ = [
     "OBJECTIVES", "ENERGY_UNDER", "objective_spec", "objective_profiles", "is_objective", "objective_vector",
     "objective_values", "profile_name_ok", "objective_matrix", "full_fidelity", "front_trials", "front_matrix", "hypervolume_reference",
-    "reference_text", "front_hypervolume", "DROP_ATTR", "DROP_TOLERANCE_PP", "floor_violation", "within_floor", "floor_text",
+    "reference_text", "front_hypervolume", "DROP_ATTR", "DROP_TOLERANCE_PP", "drop_within", "floor_violation", "within_floor", "floor_text",
 ]
 
 # Objective name -> (direction, trial metric it reads). Accuracy is measured on the validation
@@ -91,13 +91,19 @@ DROP_ATTR = "val_drop_pp"
 DROP_TOLERANCE_PP = 1e-4
 
 
+def drop_within(drop_pp: Any, limit_pp: float) -> Any:
+    """Whether a drop (percentage points against fp32, negative below it; a number or an array)
+    lies within ``limit_pp`` of fp32, a drop at the bound counting as within: the one test of the
+    accuracy floor, of the answers' "within 0.5/1/2 pp" and of ``drop<=`` picks."""
+    return -drop_pp <= limit_pp + DROP_TOLERANCE_PP
+
+
 def floor_violation(drop_pp: float, max_drop: float | None) -> float:
     """How far (percentage points) a candidate with ``drop_pp`` lies below the floor ``max_drop``;
     0.0 within it or without a floor. Algorithms get it as a constraint violation."""
     if max_drop is None or not np.isfinite(drop_pp):
         return 0.0
-    excess = -drop_pp - max_drop
-    return excess if excess > DROP_TOLERANCE_PP else 0.0
+    return 0.0 if drop_within(drop_pp, max_drop) else -drop_pp - max_drop
 
 
 def within_floor(trials: Any, max_drop: float | None) -> Any:
@@ -109,7 +115,7 @@ def within_floor(trials: Any, max_drop: float | None) -> Any:
     if max_drop is None or column not in trials:
         return pd.Series(True, index=trials.index)
     drop = pd.to_numeric(trials[column], errors="coerce")
-    return drop.isna() | (drop >= -max_drop - DROP_TOLERANCE_PP)
+    return drop.isna() | drop_within(drop, max_drop)
 
 
 def floor_text(max_drop: float | None) -> str:

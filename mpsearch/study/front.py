@@ -26,7 +26,7 @@ from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.fp32_masks import Fp32Masks
-from mpsearch.objectives import DROP_ATTR, DROP_TOLERANCE_PP, floor_text, full_fidelity, objective_matrix, within_floor
+from mpsearch.objectives import DROP_ATTR, drop_within, floor_text, full_fidelity, objective_matrix, within_floor
 from mpsearch.policy import MeasurementSettings, Policy, uniform_policy
 from mpsearch.runtime import EvalTask, Executor
 from mpsearch.study.result import ANSWER_DROPS_PP, knee_index
@@ -48,7 +48,7 @@ def _answer_positions(front: Any, search: Any) -> list[int]:
     if column in front:  # trials recorded before drops were kept have none
         drop = pd.to_numeric(front[column], errors="coerce").to_numpy(dtype=float)
         for limit in ANSWER_DROPS_PP:
-            ok = np.flatnonzero(-drop <= limit + DROP_TOLERANCE_PP)
+            ok = np.flatnonzero(drop_within(drop, limit))
             if ok.size:
                 positions.append(int(ok[cost[ok].argmin()]))
     return positions
@@ -196,7 +196,7 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
             **dict(zip(("test_boot_low", "test_boot_high"), bootstrap_ci(test_mask, seed=config.seed))),
             "test_drop_pp": test_drop_pp,
             # Held on test too: the search's subset can flatter a point near the floor.
-            "within_floor": search.max_drop is None or min(test_drop_pp, val_drop_pp) >= -search.max_drop - DROP_TOLERANCE_PP,
+            "within_floor": search.max_drop is None or bool(drop_within(min(test_drop_pp, val_drop_pp), search.max_drop)),
             "front_knee": trial_no == knee_trial,
             "fp32_test_accuracy": test.fp32_accuracy,
             **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()},

@@ -31,7 +31,7 @@ import numpy as np
 
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.objectives import DROP_TOLERANCE_PP
+from mpsearch.objectives import drop_within
 from mpsearch.policy import Policy, precision_for
 from mpsearch.study.storage import open_storage, shown_url
 
@@ -129,7 +129,7 @@ class SearchResult:
             if op != "<=" or "val_drop_pp" not in front:
                 raise UserError(f"pick {spec!r}: use drop<=PP (the cheapest point within PP points of fp32 on validation)"
                                 + ("" if "val_drop_pp" in front else "; this study's front has no validation drops"))
-            ok = front[-front["val_drop_pp"] <= value + DROP_TOLERANCE_PP]
+            ok = front[drop_within(front["val_drop_pp"], value)]
             if ok.empty:
                 raise UserError(f"pick {spec!r}: no Pareto point is within {value:g} pp of fp32 on validation (the closest "
                                 f"is {-front['val_drop_pp'].max():.2f} pp below); relax the bound")
