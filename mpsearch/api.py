@@ -54,7 +54,7 @@ def search(
             ``DataLoader`` s with :func:`mpsearch.make_data`, or a data set name
             (``"fashion-mnist"``, ``"digits"``, ``"cifar10"``, ``"imagefolder:PATH"``). The
             search measures on its validation split, the final front on its test split.
-        budget: evaluations per search method (each on the first ``eval_images`` validation images).
+        budget: trials per search method (each measured on the first ``eval_images`` validation images).
         objectives: ``"accuracy"`` first, then costs relative to fp32: ``"energy"``, ``"size"``,
             ``"bops"``, ``"energy@PROFILE"``.
         algorithm: ``"nsga2"`` (default), ``"optuna-nsga2"``, ``"optuna-tpe"``, ``"random"``,

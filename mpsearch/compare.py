@@ -31,7 +31,8 @@ def _runs(trials) -> list[str]:
 
 def method_scores(trials, objectives: tuple[str, ...], ref_point: float | np.ndarray = 1.0,
                   max_drop: float | None = None) -> Any:
-    """One row per method: hypervolume, front size, evaluations used, best accuracy, uniform dominance.
+    """One row per method: hypervolume, front size, trials, evaluations (images measured over a full
+    evaluation's), best accuracy, uniform dominance.
 
     ``ref_point`` is the hypervolume reference: one number for every objective, or one per
     objective. Fronts and hypervolumes hold the trials within the floor ``max_drop`` only."""
@@ -150,8 +151,8 @@ def write_comparison(out: Path, trials, config: StudyConfig, ref_point: np.ndarr
     the study's hypervolume reference (:func:`mpsearch.objectives.hypervolume_reference`)."""
     search = config.search
     scores = method_scores(trials, search.objectives, ref_point, search.max_drop)
-    caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {search.budget} full evaluations per method "
-               f"({search.eval_images} validation images each), objectives 1 - accuracy and {', '.join(search.objectives[1:])} "
+    caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {search.budget} trials per method "
+               f"({search.eval_images} validation images each; `evaluations`: images measured over {search.eval_images}), objectives 1 - accuracy and {', '.join(search.objectives[1:])} "
                f"relative to fp32, hypervolume reference point {reference_text(ref_point)}; "
                f"{floor_text(search.max_drop)}. Measured on {machine}.")
     atomic_write_text(out / "compare.md", comparison_markdown(scores, caption=caption), what="comparison table")

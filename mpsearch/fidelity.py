@@ -1,14 +1,16 @@
 """Multi-fidelity evaluation: successive halving with promotions decided by paired confidence intervals.
 
 A candidate is first measured on the first ``rungs[0]`` validation images of the search subset;
-it is promoted to the next rung (more images: only the added ones are measured) unless it is
-*surely dominated*: some policy already measured at full fidelity costs no more in every cost
+it is promoted to the next rung (more images: only the added ones are measured) while it stays
+near the front, that is unless it is *surely dominated*: some policy already measured at full fidelity costs no more in every cost
 objective (costs are computed, hence exact) and is more accurate on the same images, with the
 lower end of the paired 95 % interval of the accuracy difference above zero; or *surely below the
 accuracy floor*: the fp32 model is more than the floor's points more accurate on the same images,
 by the same paired interval. Most offspring of a
-search that hit a fragile layer at 2 bits fail that test after a quarter of the images, so a
-budget counted in full evaluations buys more candidates. Promotions compare against full-fidelity
+search that hit a fragile layer at 2 bits fail that test after a quarter of the images, while
+the candidates the front keeps are all measured on the top rung: with a top rung above the
+plain search's images (``--eval-images``), the front holds points of known accuracy that a few
+hundred lucky images did not put there. Promotions compare against full-fidelity
 results of earlier generations only, so a candidate's fate never depends on which batch-mates it
 had or in which order workers finished: a study stays reproducible and resumable.
 """
@@ -83,17 +85,16 @@ def surely_below_floor(mask: torch.Tensor, fp32_mask: torch.Tensor, max_drop: fl
 
 
 def climb_rungs(todo: list[int], policies: Mapping[int, Any], sizes: list[int], executor: Executor, archive: Archive,
-                objectives: tuple[str, ...], *, budget_left: float, on_images: Callable[[int], None],
-                full: int, floor: tuple[torch.Tensor, float] | None = None) -> tuple[dict[int, EvalOutcome], dict[int, torch.Tensor]]:
+                objectives: tuple[str, ...], *, on_done: Callable[[int], None],
+                floor: tuple[torch.Tensor, float] | None = None) -> tuple[dict[int, EvalOutcome], dict[int, torch.Tensor]]:
     """Measure the candidates in slots ``todo`` rung by rung; (final outcome, per-image mask) per slot.
 
-    Every candidate pays the first rung; promotions are taken in slot order while the budget
-    (``budget_left`` full evaluations of ``full`` images) lasts. A final outcome carries the
-    accuracy over every image the candidate was measured on. ``floor`` (the fp32 model's
-    per-image correctness on the ``full`` images, the floor in points) stops candidates surely
-    below it.
+    Every candidate is measured on the first rung and climbs while it stays near the front: not
+    surely dominated by a recorded full-fidelity point and, with ``floor`` (the fp32 model's
+    per-image correctness on the top rung's images, the floor in points), not surely below the
+    floor. A final outcome carries the accuracy over every image the candidate was measured on;
+    ``on_done(slot)`` is called once per candidate, when it stops climbing.
     """
-    budget_left -= len(todo) * sizes[0] / full
     outcomes: dict[int, EvalOutcome] = {}
     masks: dict[int, torch.Tensor] = {}
     walls: dict[int, float] = dict.fromkeys(todo, 0.0)
@@ -101,7 +102,7 @@ def climb_rungs(todo: list[int], policies: Mapping[int, Any], sizes: list[int], 
     for r, size in enumerate(sizes):
         first = sizes[r - 1] if r else 0
         tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=size, start=first, keep_mask=True) for slot in active]
-        for outcome in executor.map(tasks, on_done=lambda o, n=size - first: on_images(n)):
+        for outcome in executor.map(tasks):
             slot = outcome.index
             walls[slot] += outcome.wall_s
             if not outcome.ok:
@@ -113,21 +114,23 @@ def climb_rungs(todo: list[int], policies: Mapping[int, Any], sizes: list[int], 
             metrics = dict(outcome.metrics, accuracy=float(mask.float().mean()))
             outcomes[slot] = replace(outcome, metrics=metrics, images=len(mask), correct=int(mask.sum()),
                                      wall_s=walls[slot], packed_mask=None)
-        if r == len(sizes) - 1:
-            break
-        step = (sizes[r + 1] - size) / full
         promoted = []
         for slot in active:
-            if not outcomes[slot].ok:
-                continue
-            costs = objective_vector(outcomes[slot].metrics, objectives)[1:]
-            if archive.surely_dominated(costs, masks[slot]) or budget_left < step - 1e-9:
-                continue
-            if floor is not None and surely_below_floor(masks[slot], *floor):
-                continue
-            budget_left -= step
-            promoted.append(slot)
+            last = r == len(sizes) - 1
+            if not last and outcomes[slot].ok and _near_front(outcomes[slot], masks[slot], archive, objectives, floor):
+                promoted.append(slot)
+            else:
+                on_done(slot)
         active = promoted
         if not active:
             break
     return outcomes, masks
+
+
+def _near_front(outcome: EvalOutcome, mask: torch.Tensor, archive: Archive, objectives: tuple[str, ...],
+                floor: tuple[torch.Tensor, float] | None) -> bool:
+    """Whether a candidate measured on ``mask``'s images may still be on the front within the floor."""
+    costs = objective_vector(outcome.metrics, objectives)[1:]
+    if archive.surely_dominated(costs, mask):
+        return False
+    return floor is None or not surely_below_floor(mask, *floor)

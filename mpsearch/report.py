@@ -11,7 +11,7 @@ from mpsearch.config import StudyConfig
 from mpsearch.files import atomic_write, atomic_write_text
 from mpsearch.objectives import DROP_ATTR, floor_text, objective_spec, reference_text, within_floor
 
-__all__ = ["front_figure", "plot_front", "write_report", "phase_summary", "PHASES", "answers_text"]
+__all__ = ["front_figure", "plot_front", "write_report", "phase_summary", "PHASES", "answers_text", "rule_text"]
 
 # A study's phases in the order they run, as report.md names them.
 PHASES = {"baseline": "baseline", "calibration": "calibration", "sensitivity": "sensitivity", "search": "search",
@@ -97,6 +97,14 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
                     yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
                     fmt="o-", color="#d62728", ms=4, capsize=2,
                     label="Pareto set, test split (95% CI)" + (f"; each {labels[0]} in onnxruntime" if shared and labels[0] else ""))
+        answers = pareto.get("answer_for_pp")
+        if answers is not None:
+            named = answers.fillna("").astype(str) != ""
+            ax.scatter(px[named], 100 * pareto["test_accuracy"][named], s=60, facecolor="none", edgecolor="#2ca02c", zorder=6,
+                       label="answers: the cheapest point proven within X pp (on validation)")
+            for x, y, tol in zip(px[named], 100 * pareto["test_accuracy"][named], answers[named].astype(str)):
+                ax.annotate(f"within {tol.replace(',', ', ')} pp", (x, y), textcoords="offset points", xytext=(-4, 6), ha="right",
+                            fontsize=6, color="#2ca02c")
         seen: set[str] = set()
         for x, y, text in zip(px, 100 * pareto["test_accuracy"], [] if shared else labels):
             if text not in seen:  # points on one graph share a timing: labelled once, at the cheapest
@@ -188,18 +196,44 @@ def _answers(result: Any) -> Any:
     out = []
     for _, row in table.iterrows():
         if pd.isna(row.get("trial")):
-            out.append({"answer": row["answer"], "trial": "none", "policy": "no re-measured point qualifies"})
+            out.append({"answer": row["answer"], "trial": "none", "policy": "no Pareto point proven within it"})
             continue
-        val_drop = row.get("val_drop_pp", float("nan"))  # fronts recorded before drops were kept have none
-        out.append({"answer": row["answer"], "trial": str(int(row["trial"])), "policy": row["policy"],
-                    "val drop (pp)": f"{val_drop:+.2f}", "test accuracy": f"{row['test_accuracy']:.4f}",
-                    "test drop (pp)": f"{row['test_drop_pp']:+.2f}", cost: f"{row[cost]:.4f}"})
+        images = int(row.get("val_images", 0) or 0)
+        if images:
+            chosen = {"val images": str(images), "val drop (pp)": f"{row['val_drop_pp']:+.2f}",
+                      "bound (pp)": f"{row['val_drop_bound_pp']:+.2f}"}
+        else:  # a study finished before answers were chosen with bounds: the search's figures
+            search_drop = row.get("search_drop_pp", row.get("val_drop_pp", float("nan")))
+            chosen = {"val images": str(int(row.get("search_images", 0) or 0) or "search's"), "val drop (pp)": f"{search_drop:+.2f}",
+                      "bound (pp)": ""}
+        test_ci = (f" ({row['test_drop_low_pp']:+.2f} to {row['test_drop_high_pp']:+.2f})"
+                   if pd.notna(row.get("test_drop_low_pp", float("nan"))) else "")
+        out.append({"answer": row["answer"], "trial": str(int(row["trial"])), "policy": row["policy"], **chosen,
+                    "test accuracy": f"{row['test_accuracy']:.4f}", "test drop (pp, 95% CI)": f"{row['test_drop_pp']:+.2f}{test_ci}",
+                    cost: f"{row[cost]:.4f}"})
     return pd.DataFrame(out).fillna("")
 
 
+def rule_text(result: Any) -> str:
+    """How the answers were chosen, in one paragraph (report.md, the CLI)."""
+    selection, search = result.selection, result.config.search
+    if not selection:
+        return "Answers chosen on the search's validation images."
+    images = selection["images"]
+    where = (f"the {images} validation images the search did not use (images {selection['first_image'] + 1} to "
+             f"{selection['first_image'] + images})" if not selection.get("reused") else
+             f"all {images} validation images (the search used every one: its winners' luck is not removed)")
+    return (f"Answers chosen on {where}, by {selection['rule']}: a point answers \"within X pp\" when the lower "
+            f"{selection['confidence']:.0%} confidence bound of its paired drop against fp32 lies within X pp "
+            f"(`bound`), and so does every costlier point of the front; each answer holds at {selection['confidence']:.0%} "
+            f"confidence (`--confidence`). Looks at {', '.join(str(n) for n in selection['looks'])} images; "
+            f"{selection['measured_images']} point-images measured over {selection['front_points']} Pareto points. "
+            f"The knee is the whole front's (on the search's {search.eval_images} images), measured on every one of them.")
+
+
 def answers_text(result: Any) -> str:
-    """The answers table as the CLI prints it: the knee and the cheapest points within 0.5/1/2 pp."""
-    return "answers (chosen on the search's validation images, reported on test):\n" + _answers(result).to_string(index=False)
+    """The answers table as the CLI prints it: the knee and the cheapest points within the study's tolerances."""
+    return "answers (chosen on validation, reported on test):\n" + _answers(result).to_string(index=False)
 
 
 def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
@@ -222,12 +256,12 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
     ok = trials[trials["state"] == "COMPLETE"]
     failed = int((trials["state"] == "FAIL").sum())
     energy_col = f"rel_energy_{search.energy_profile}"
-    cols = ["trial", "policy", "method", "test_accuracy", "test_ci_low", "test_ci_high", "test_boot_low", "test_boot_high",
-            "test_drop_pp", "val_accuracy", "val_drop_pp", "within_floor",
-            energy_col, "rel_size", "rel_bops", *_latency_columns(pareto), "qat_test_accuracy", "qat_test_drop_pp"]
-    fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_boot_low": ".4f", "test_boot_high": ".4f",
-           "test_drop_pp": "+.2f",
-           "val_accuracy": ".4f", "val_drop_pp": "+.2f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
+    cols = ["trial", "policy", "method", "answer_for_pp", "test_accuracy", "test_ci_low", "test_ci_high", "test_drop_pp",
+            "test_drop_low_pp", "test_drop_high_pp", "search_drop_pp", "val_images", "val_drop_pp", "val_drop_bound_pp",
+            "within_floor", energy_col, "rel_size", "rel_bops", *_latency_columns(pareto), "qat_test_accuracy", "qat_test_drop_pp"]
+    fmt = {"test_accuracy": ".4f", "test_ci_low": ".4f", "test_ci_high": ".4f", "test_drop_pp": "+.2f", "test_drop_low_pp": "+.2f",
+           "test_drop_high_pp": "+.2f", "search_drop_pp": "+.2f", "val_accuracy": ".4f", "val_drop_pp": "+.2f",
+           "val_drop_bound_pp": "+.2f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
            "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f", **{c: ".2f" for c in _latency_columns(pareto)}}
     search_s = result.phases.get("search", result.wall_s)
     answers = _answers(result)
@@ -235,9 +269,11 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
     lines = [
         f"# Study {config.study_name}",
         "",
-        "## Answers (chosen on the search's validation images, reported on test)",
+        "## Answers (chosen on validation, reported on test)",
         "",
         _markdown_table(answers, list(answers.columns), {}),
+        "",
+        rule_text(result),
         "",
         "`mpsearch export --study DIR --pick knee` (or `--pick \"drop<=1\"`) writes the chosen model.",
         "",
@@ -245,12 +281,12 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         "",
         f"- model **{config.model}** on **{config.dataset}**; baseline test accuracy "
         f"{baseline.get('test_accuracy', float('nan')):.4f}",
-        f"- algorithm **{search.algorithm}**, budget {search.budget} evaluations ({len(ok)} measured, {failed} failed), "
+        f"- algorithm **{search.algorithm}**, budget {search.budget} trials ({len(ok)} measured, {failed} failed), "
         f"population {search.population_size}, seed {config.seed}",
         f"- objectives: {', '.join(search.objectives)} (energy profile {search.energy_profile}); each trial measured on the "
         f"first {search.eval_images} validation images; "
-        + (f"at most {search.remeasure_points} Pareto points (the answers', then spread along the front) "
-           if search.remeasure_points else "every Pareto point ")
+        + (f"at most {search.remeasure_points} Pareto points (those the answers rest on, the knee, then spread along the "
+           "front) " if search.remeasure_points else "every Pareto point ")
         + "measured on the test split",
         f"- {floor_text(search.max_drop)}: {feasible} of {len(ok)} measured candidates within it; the front, "
         "re-measurement and picks hold only those (`within_floor`: the point also holds it on test)",
@@ -262,8 +298,11 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         f"- candidates measured with the **{config.quant.backend}** backend ({_BACKEND_TEXT.get(config.quant.backend, '')})",
         f"- storage: `{result.shown_storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
-        "## Pareto set within the floor (test split, 95% Wilson CI and 95% bootstrap CI; drop vs fp32 paired on the "
-        "same images)",
+        f"## Pareto set within the floor: {len(pareto)} point{'s' if len(pareto) != 1 else ''} measured on the test split",
+        "",
+        "Test accuracy with its 95% Wilson CI; the drop against fp32 paired on the same images, with its 95% CI; "
+        "`search_drop_pp` on the search's validation images, `val_drop_pp` and its lower bound on the images the answer "
+        "rule measured (`val_images`; 0: the rule did not need the point); `answer_for_pp`: the tolerances the point answers.",
         "",
         _markdown_table(pareto, [c for c in cols if c in pareto.columns], fmt),
         "",

@@ -124,13 +124,13 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
     exp = run("export", "--study", str(folder), "--pick", "max-accuracy", "-o", str(policy_path), cache=cli_cache)
     assert exp.returncode == 0, exp.stderr
     stored = json.loads(policy_path.read_text())["provenance"]["metrics"]
-    # Reproduced exactly: the test figure on the whole split, the validation one on the search's 100 images.
+    # Reproduced exactly: the test figure on the whole split, the search's on its first 100 validation images.
     ev = run("evaluate", *common, "--policy", str(policy_path), "--split", "test", "--json", cache=cli_cache)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == stored["test_accuracy"]
     ev = run("evaluate", *common, "--policy", str(policy_path), "--limit", "100", "--json", cache=cli_cache)
     assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout)["accuracy"] == stored["val_accuracy"]
+    assert json.loads(ev.stdout)["accuracy"] == stored["search_accuracy"]
     missing = run("export", "--study", "nope", "-o", str(policy_path), cache=cli_cache)
     assert missing.returncode == 2 and "no finished study in studies/nope" in missing.stderr
     resumed = run("optimize", "--config", str(folder / "config.yaml"), "--no-progress", cache=cli_cache)

@@ -12,7 +12,7 @@ import torch
 
 from mpsearch.algorithms.base import SearchContext, create_algorithm
 from mpsearch.algorithms.methods import parse_methods
-from mpsearch.algorithms.planning import plan_units
+from mpsearch.algorithms.planning import ilp_plans, plan_units
 from mpsearch.algorithms.space import BoundSpace, SearchSpace
 from mpsearch.compare import method_scores
 from mpsearch.config import StudyConfig, with_overrides
@@ -67,8 +67,13 @@ def _with(x, unit, option):
 def test_ilp_solutions_are_the_brute_force_optimum_at_their_energy():
     space, costs, scores = _toy()
     alg = create_algorithm("ilp")
-    alg.setup(space, n_objectives=2, seed=0, population_size=4, context=SearchContext(costs, scores, 10))
-    plans = _drain(alg, lambda x: [0.1, costs(x)[0]])
+    alg.setup(space, n_objectives=2, seed=0, population_size=4, context=SearchContext(costs, scores, 20))
+    proposed = _drain(alg, lambda x: [0.1 + 0.01 * float(np.sum(x)), costs(x)[0]])
+    plans = ilp_plans(space, SearchContext(costs, scores, 20), 20)
+    distinct = list({tuple(x): x for x in plans}.values())
+    # the plan first, then its front polished (one-step neighbours) until the budget is spent
+    assert [tuple(x) for x in proposed[:len(distinct)]] == [tuple(x) for x in distinct]
+    assert len(proposed) == 20 and len({tuple(x) for x in proposed}) == 20
     units, widest = plan_units(space)
     every = [_with(_with(_with(widest, units[0], i), units[1], j), units[2], k) for i, j, k in itertools.product(range(3), repeat=3)]
 
@@ -110,12 +115,13 @@ def test_greedy_lowers_the_least_harmful_unit_first_by_measured_drop():
     alg = create_algorithm("greedy")
     alg.setup(space, n_objectives=2, seed=0, population_size=3, context=SearchContext(costs, None, 30))
     proposed = _drain(alg, measure)
-    assert len(proposed) <= 30
+    # every one of the 27 unit settings, once: the plan, then its front polished until none is left
+    assert len(proposed) == 27 and len({tuple(x) for x in proposed}) == 27
     # phase 1 (every lower width fits in half the budget): the widest policy and 2 lower widths per unit
     phase1 = proposed[:7]
     assert sum(int((x != widest).any()) for x in phase1) == 6
-    walk = proposed[7:]  # walk steps equal to a phase-1 probe are not measured twice
-    assert walk and len({tuple(x) for x in proposed}) == len(proposed)
+    narrowest = next(i for i, x in enumerate(proposed) if all(p.weight_bits == 2 for p in space.decode(x).values()))
+    walk = proposed[7 : narrowest + 1]  # walk steps equal to a phase-1 probe are not measured twice
     energies = [costs(x)[0] for x in walk]
     assert energies == sorted(energies, reverse=True)
     for x in walk:  # the fragile, costly layer goes down only after the robust ones are at their narrowest
@@ -124,12 +130,11 @@ def test_greedy_lowers_the_least_harmful_unit_first_by_measured_drop():
     assert space.decode(walk[-1])["b"].weight_bits == 2
 
 
-def test_planners_need_a_context_and_refuse_multi_fidelity():
+def test_planners_need_a_context_and_take_multi_fidelity():
     space, _, _ = _toy()
     with pytest.raises(ValueError, match="SearchContext"):
         create_algorithm("ilp").setup(space, n_objectives=2, seed=0)
-    with pytest.raises(UserError, match="population searches"):
-        parse_methods("ilp+mf")
+    assert [(m.algorithm, m.multi_fidelity) for m in parse_methods("ilp+mf")] == [("ilp", True)]
     with pytest.raises(UserError, match="twice"):
         parse_methods("nsga2,nsga2")
     assert [(m.algorithm, m.multi_fidelity) for m in parse_methods("nsga2+mf,random")] == [("nsga2", True), ("random", False)]
@@ -195,20 +200,19 @@ def compared(tmp_path_factory, digits_baseline):
     return cfg, run_study(cfg, progress=False)
 
 
-def test_compare_runs_every_method_into_one_study_within_its_budget(compared):
+def test_compare_runs_every_method_into_one_study_with_its_budget(compared):
     cfg, result = compared
     trials = result.trials
     assert set(trials["attr_run"]) == {"nsga2+mf", "random", "ilp", "greedy"}
-    used = trials.groupby("attr_run")["attr_fidelity"].sum()
-    assert (used <= BUDGET + 1e-9).all()
+    assert (trials.groupby("attr_run").size() == BUDGET).all()  # trials, whatever images each took
     mf = trials[trials["attr_run"] == "nsga2+mf"]
     assert (mf["attr_fidelity"] < 1).any(), "some candidates should stop at a lower rung"
-    assert len(mf) > BUDGET  # the same budget bought more candidates
+    assert (mf["attr_fidelity"] == 1).any(), "candidates near the front climb to the top rung"
     assert set(mf["attr_images"]) <= {30, 60, 120}
     assert (trials[trials["attr_run"] != "nsga2+mf"]["attr_fidelity"] == 1).all()
     scores = method_scores(trials, OBJECTIVES)
     assert list(scores["method"]) == ["nsga2+mf", "random", "ilp", "greedy"]
-    assert (scores["hypervolume"] > 0).all() and (scores["evaluations"] <= BUDGET + 1e-9).all()
+    assert (scores["hypervolume"] > 0).all()
     assert "dominates_W8A8" in scores
     same = method_scores(trials, OBJECTIVES, np.array([1.0, 1.0]))  # one reference value per objective
     assert same["hypervolume"].tolist() == scores["hypervolume"].tolist()
@@ -293,3 +297,21 @@ def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, c
     for seed in (0, 1):
         assert (tmp_path / f"cli-cmp-s{seed}" / "compare.md").exists()
         assert "Kendall" in (tmp_path / f"cli-cmp-s{seed}" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("budget", [8, 40, 200])
+def test_every_method_with_and_without_multi_fidelity_ends_with_exactly_its_budget(budget, digits, digits_baseline):
+    """Every registered algorithm, plain and +mf, in one study: exactly ``budget`` trials each
+    (a generation cut by the budget is never told, and nothing is asked after it); planners whose
+    plan is shorter polish its front."""
+    from mpsearch.algorithms.base import ALGORITHMS
+
+    methods = [f"{name}{mf}" for name in ALGORITHMS.names() for mf in ("", "+mf")]
+    cfg = with_overrides(StudyConfig(), {
+        "model": "test_resnet", "dataset": "digits", "search.algorithm": ",".join(methods), "search.budget": budget,
+        "search.population_size": 20, "search.eval_images": 16, "search.multi_fidelity_images": 4, "calibration_size": 64,
+        "search.ilp_seeds": 3, "search.sensitivity_batches": 1, "search.sensitivity_probes": 2, "latency": None, "run.workers": 0})
+    result = run_study(cfg, model=digits_baseline, data=digits, progress=False, remeasure=False)
+    counts = result.trials.groupby("attr_run").size()
+    assert counts.to_dict() == dict.fromkeys(methods, budget)
+    assert (result.trials["state"] == "COMPLETE").all()

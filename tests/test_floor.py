@@ -64,13 +64,13 @@ def test_pareto_rows_hold_the_floor_or_say_they_do_not_and_picks_skip_them(floor
     pareto = pd.read_csv(result.out_dir / "pareto.csv")
     assert len(pareto)
     for _, row in pareto.iterrows():
-        assert bool(row["within_floor"]) == (min(row["test_drop_pp"], row["val_drop_pp"]) >= -FLOOR - DROP_TOLERANCE_PP)
-    # Validation figures are the search's: every row is within the floor there, so test decides.
+        assert bool(row["within_floor"]) == (min(row["test_drop_pp"], row["search_drop_pp"]) >= -FLOOR - DROP_TOLERANCE_PP)
+    # The search's figures: every row is within the floor there, so test decides.
     trials = result.trials.set_index("trial")
-    np.testing.assert_allclose(pareto["val_drop_pp"], trials.loc[pareto["trial"], f"attr_{DROP_ATTR}"].astype(float), atol=1e-4)
-    assert (pareto["val_drop_pp"] >= -FLOOR).all() and pareto["front_knee"].sum() <= 1
+    np.testing.assert_allclose(pareto["search_drop_pp"], trials.loc[pareto["trial"], f"attr_{DROP_ATTR}"].astype(float), atol=1e-4)
+    assert (pareto["search_drop_pp"] >= -FLOOR).all() and pareto["front_knee"].sum() <= 1
     loaded = load_result(result.out_dir)
-    for spec in ("knee", "max-accuracy", "min-energy", "drop<=3"):
+    for spec in ("knee", "max-accuracy", "min-energy"):
         trial = loaded.pick(spec).provenance["trial"]
         assert bool(pareto.loc[pareto["trial"] == trial, "within_floor"].iloc[0]), spec
     answers = loaded.answers()
@@ -80,10 +80,12 @@ def test_pareto_rows_hold_the_floor_or_say_they_do_not_and_picks_skip_them(floor
 
 
 def _front(rows: list[tuple[int, float, float, bool]]) -> SearchResult:
-    """A study result holding only a front: (trial, val drop pp, energy, within floor) per row."""
+    """A study result holding only a front: (trial, val drop pp, energy, within floor) per row;
+    each drop's lower bound lies 0.3 pp below it."""
     from mpsearch.policy import Policy
 
-    front = pd.DataFrame([{"trial": t, "policy": f"p{t}", "val_accuracy": 0.9 + d / 100, "val_drop_pp": d,
+    front = pd.DataFrame([{"trial": t, "policy": f"p{t}", "search_accuracy": 0.9 + d / 100, "search_drop_pp": d,
+                           "val_images": 1000, "val_accuracy": 0.9 + d / 100, "val_drop_pp": d, "val_drop_bound_pp": d - 0.3,
                            "test_accuracy": 0.9 + d / 100, "test_drop_pp": d, "rel_energy_horowitz45nm": e,
                            "within_floor": ok} for t, d, e, ok in rows])
     template = Policy(model="m", dataset="d", layers={})
@@ -97,11 +99,12 @@ def test_picks_choose_only_points_that_hold_the_floor():
     result = _front([(1, -0.2, 0.5, True), (2, -1.5, 0.2, True), (3, -0.1, 0.1, False)])
     assert result.pick("min-energy").provenance["trial"] == 2
     assert result.pick("max-accuracy").provenance["trial"] == 1
-    assert result.pick("drop<=1").provenance["trial"] == 1
-    assert result.pick("drop<=2").provenance["trial"] == 2
+    assert result.pick("drop<=1").provenance["trial"] == 1  # proven within 1 pp: -0.5 at worst
+    assert result.pick("drop<=2").provenance["trial"] == 2  # -1.8 at worst
+    assert result.pick("drop<=1.7").provenance["trial"] == 1  # -1.5 measured, but -1.8 at worst
     assert result.pick("trial:3").provenance["trial"] == 3  # asked for by number: still given
-    with pytest.raises(UserError, match="no Pareto point is within 0.1 pp"):
-        result.pick("drop<=0.1")
+    with pytest.raises(UserError, match="no Pareto point is proven within 0.4 pp of fp32 at 0.95 confidence"):
+        result.pick("drop<=0.4")
     with pytest.raises(UserError, match="no re-measured point holds the accuracy floor"):
         _front([(3, -0.1, 0.1, False)]).pick("knee")
 
@@ -119,16 +122,13 @@ def test_the_knee_is_the_whole_fronts_knee_while_it_holds_the_floor():
 
 
 def test_a_drop_at_a_bound_counts_as_within_it():
-    from mpsearch.config import SearchConfig
-    from mpsearch.study.front import _answer_positions
+    from mpsearch.study.answers import walk_bounds
 
     # A drop recorded in float32 (-5 pp on 400 images stored as -5.000003) is at the floor, not below it.
     assert floor_violation(-5.000003, 5.0) == 0.0 and floor_violation(-5.25, 5.0) == pytest.approx(0.25)
     assert within_floor(pd.DataFrame({f"attr_{DROP_ATTR}": [-5.000003, -5.25]}), 5.0).tolist() == [True, False]
-    # ... and at an answer's bound: the cheapest point within 0.5 pp is the one 0.5 pp below fp32.
-    front = pd.DataFrame({"value_accuracy": [0.90, 0.91, 0.93], "value_energy": [0.1, 0.2, 0.3],
-                          f"attr_{DROP_ATTR}": [-2.000003, -0.500003, 0.0]})
-    assert _answer_positions(front, SearchConfig())[1:] == [1, 1, 0]
+    # ... and at an answer's bound: a point whose lower bound is 0.5 pp below fp32 is proven within 0.5 pp.
+    assert walk_bounds([0.0, -0.500003, -2.000003], 0.5) == 1 and walk_bounds([0.0, -0.501, -2.0], 0.5) == 0
 
 
 def test_no_candidate_within_the_floor_is_one_clear_error(tmp_path, digits_baseline):
@@ -144,9 +144,10 @@ def test_the_fp32_predictions_are_cached_per_baseline_and_split(floored, digits_
 
     folder = cache_root() / "fp32" / digits_baseline.sha256
     cached = sorted(p.name.split("-")[0] for p in folder.glob("*.npy"))
-    assert cached == ["test"]  # what a re-measured front is paired with
-    mask = np.load(next(folder.glob("test-*.npy")))
-    assert np.array_equal(mask.astype(bool), Evaluator(digits_baseline, digits).fp32_mask("test").numpy())
+    assert cached == ["test", "val"]  # what the answers and the front on test are paired with
+    for split in cached:
+        mask = np.load(next(folder.glob(f"{split}-*.npy")))
+        assert np.array_equal(mask.astype(bool), Evaluator(digits_baseline, digits).fp32_mask(split).numpy())
 
 
 def _two_bit_space(tmp_path):
@@ -183,3 +184,12 @@ def test_the_max_drop_flag_sets_the_floor_or_removes_it():
     assert floor().max_drop == 5.0 and floor().sensitivity == "none"
     assert floor("--max-drop", "1.5").max_drop == 1.5
     assert floor("--max-drop", "none").max_drop is None
+
+
+def test_drop_picks_walk_the_front_from_the_most_expensive_point():
+    # a cheaper point proven within 1 pp behind a costlier one that is not: the walk stops there
+    result = _front([(1, 0.0, 0.9, True), (2, -1.2, 0.5, True), (3, -0.2, 0.2, True)])
+    assert result.pick("drop<=1").provenance["trial"] == 1
+    assert result.pick("drop<=1.5").provenance["trial"] == 3
+    answers = result.answers().set_index("answer")
+    assert answers.loc["cheapest within 1 pp", "trial"] == 1 and answers.loc["cheapest within 2 pp", "trial"] == 3

@@ -79,36 +79,40 @@ def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_ch
     # ... measured by the backend "auto" chose here (int8 kernels on a CPU with int8 dot products)
     assert set(first.trials["attr_backend"]) == set(ray2.trials["attr_backend"]) == {resolve_backend("auto")}
     # The front is re-measured on the workers: the same numbers whoever measured them.
-    remeasured = ["trial", "val_accuracy", "test_accuracy", "test_drop_pp", "test_ci_low", "test_ci_high"]
+    remeasured = ["trial", "val_images", "val_accuracy", "val_drop_bound_pp", "test_accuracy", "test_drop_pp", "test_ci_low",
+                  "test_ci_high"]
     pd.testing.assert_frame_equal(first.front[remeasured], ray2.front[remeasured])
 
 
-def test_the_points_measured_on_test_are_the_answers_first_then_the_ends_of_the_front(tmp_path, tiny_checkpoint):
-    # The first seed whose front is wider than the cap: which one is depends on the CPU's
-    # arithmetic (seed 1 holds 3 points with AVX-512, 2 on an AVX2-only CPU, where seed 2 holds 3).
-    for seed in (1, 2, 3):
-        _, full = _run(tmp_path, f"tiny-seed{seed}", tiny_checkpoint, seed=seed, **{"search.remeasure_points": 0})
-        if len(full.front) > 2:
-            break
+def test_the_answers_are_chosen_after_the_search_and_every_point_they_rest_on_is_measured_on_test(study):
+    _, full = study
     front = full.front
-    assert len(front) > 2, "no tiny study's front is wider than the cap"
-    # Validation figures are the search's own: the trial's accuracy on its validation images.
+    # The search's figures: the trial's accuracy and drop on its validation images.
     trials = full.trials.set_index("trial")
-    np.testing.assert_array_equal(front["val_accuracy"], trials.loc[front["trial"], "value_accuracy"])
-    np.testing.assert_allclose(front["val_drop_pp"], trials.loc[front["trial"], "attr_val_drop_pp"].astype(float), atol=1e-4)
+    np.testing.assert_array_equal(front["search_accuracy"], trials.loc[front["trial"], "value_accuracy"])
+    np.testing.assert_allclose(front["search_drop_pp"], trials.loc[front["trial"], "attr_val_drop_pp"].astype(float), atol=1e-4)
     assert front["front_knee"].sum() == 1
-    # What the answers name on those figures, then the cheapest and the costliest point.
-    cost = front["rel_energy_horowitz45nm"]
-    named = [int(front.index[front["front_knee"]][0])]
-    within = {d: -front["val_drop_pp"] <= d + DROP_TOLERANCE_PP for d in (0.5, 1, 2)}
-    named += [int(cost[ok].idxmin()) for ok in within.values() if ok.any()]
-    expected = list(dict.fromkeys([*named, 0, len(front) - 1]))[:2]
-    _, capped = _run(tmp_path, "tiny-capped", tiny_checkpoint, seed=seed, **{"search.remeasure_points": 2})
-    # Same search (same seed), so the same front and the same numbers for the points measured.
-    assert capped.front["trial"].tolist() == front["trial"].iloc[sorted(expected)].tolist()
-    pd.testing.assert_frame_equal(capped.front.drop(columns="policy_file"),
-                                  front.iloc[sorted(expected)].reset_index(drop=True).drop(columns="policy_file"))
-    assert capped.pick("knee").provenance["trial"] == full.pick("knee").provenance["trial"]
+    # The answer rule measured the knee on every validation image the search left (180 - 120),
+    # and the costliest point, where every walk starts, on at least one look.
+    selection = full.selection
+    assert selection["first_image"] == 120 and selection["images"] == 60 and selection["looks"] == [60]
+    assert front.loc[front["front_knee"], "val_images"].item() == 60
+    assert front.loc[front["rel_energy_horowitz45nm"].idxmax(), "val_images"] == 60
+    measured = front[front["val_images"] > 0]
+    assert (measured["val_drop_bound_pp"] < measured["val_drop_pp"]).all()
+    assert selection["measured_images"] == int(front["val_images"].sum())
+    for tolerance, trial in selection["answers"].items():
+        if trial is not None:
+            assert full.pick(f"drop<={tolerance}").provenance["trial"] == trial
+
+
+def test_the_points_measured_on_test_are_what_the_answers_rest_on_then_the_ends_of_the_front():
+    from mpsearch.study.front import _test_positions
+
+    assert _test_positions(10, 4, [7, 3]) == [0, 3, 7, 9]  # the answers' points, then the ends
+    assert _test_positions(10, 6, [7, 3]) == [0, 2, 3, 4, 7, 9]  # ... then points spread between
+    assert _test_positions(10, 2, [7, 3, 5]) == [3, 5, 7]  # never fewer than the rule measured
+    assert _test_positions(4, 8, [1]) == _test_positions(10, 0, [1])[:4] == [0, 1, 2, 3]  # 0 or a cap above the front: all
 
 
 def test_the_front_is_exported_and_timed_in_onnxruntime(tmp_path, tiny_checkpoint):
@@ -198,8 +202,11 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
     assert policy.settings().calibration_size == 256
     ev = Evaluator(digits_baseline, digits, quant=policy.settings().quant)
     assert ev.evaluate(ev.resolve_policy(policy), split="test").accuracy == stored["test_accuracy"]
-    images = result.config.search.eval_images  # validation figures are the search's, on its images
-    assert ev.evaluate(ev.resolve_policy(policy), split="val", limit=images).accuracy == stored["val_accuracy"]
+    images = result.config.search.eval_images  # the search's figures, on its images
+    assert ev.evaluate(ev.resolve_policy(policy), split="val", limit=images).accuracy == stored["search_accuracy"]
+    if stored["val_images"]:  # the answer rule's, on the validation images after the search's
+        mask = ev.quantized_mask(ev.resolve_policy(policy), "val", start=images, limit=images + stored["val_images"])
+        assert int(mask.sum()) / len(mask) == stored["val_accuracy"]
     low, _ = pick_policy(result.out_dir, "energy<=0.5")
     assert low.provenance["metrics"]["rel_energy:horowitz45nm"] <= 0.5
     with pytest.raises(UserError, match="no Pareto point"):

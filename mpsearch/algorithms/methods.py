@@ -1,7 +1,7 @@
 """Search methods: a registered algorithm, optionally measured with multi-fidelity promotions.
 
 ``nsga2`` runs NSGA-II; ``nsga2+mf`` runs it with every candidate climbing the rungs of
-:mod:`mpsearch.fidelity`; ``nsga2+mf,random,ilp`` runs three methods one after the other into
+:mod:`mpsearch.fidelity` (any method, planners included, takes ``+mf``); ``nsga2+mf,random,ilp`` runs three methods one after the other into
 the same study (each with the full budget, trials tagged by method), which is how methods are
 compared.
 """
@@ -37,10 +37,7 @@ def parse_methods(spec: str) -> list[Method]:
     methods: list[Method] = []
     for part in (p.strip() for p in spec.split(",")):
         algorithm, mf = (part[: -len(MF_SUFFIX)], True) if part.endswith(MF_SUFFIX) else (part, False)
-        cls = ALGORITHMS.get(algorithm)  # unknown: one line listing the registered names
-        if mf and not cls.fixed_batch:
-            raise UserError(f"search.algorithm {part}: multi-fidelity applies to population searches "
-                            f"(nsga2, optuna-nsga2, optuna-tpe, random), not to the {algorithm} plan", fields=("search.algorithm",))
+        ALGORITHMS.get(algorithm)  # unknown: one line listing the registered names
         if any(m.name == part for m in methods):
             raise UserError(f"search.algorithm lists {part!r} twice; name each method once", fields=("search.algorithm",))
         methods.append(Method(part, algorithm, mf))

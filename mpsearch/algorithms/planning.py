@@ -172,7 +172,13 @@ def ilp_plans(space: BoundSpace, context, n_budgets: int) -> list[np.ndarray]:
 
 
 class _Planner(SearchAlgorithm):
-    """A finite plan: the initial vectors, then the planned ones, each proposed once."""
+    """A plan: the initial vectors, then the planned ones, each proposed once.
+
+    When the plan is measured and the budget (:attr:`SearchContext.budget`) is not spent, the
+    planner polishes its front: it proposes the one-step neighbours (one unit a width narrower or
+    wider) of its measured Pareto points within the floor, cheapest point first, never a vector
+    twice, so that a study of any budget ends with that many trials unless the space is used up.
+    """
 
     needs_context = True
     fixed_batch = False
@@ -184,6 +190,45 @@ class _Planner(SearchAlgorithm):
             raise ValueError(f"{self.name}: the search space has no weight gene to allocate")
         self._queue = list(initial)
         self._seen = {tuple(int(v) for v in x) for x in initial}
+        self._measured: list[tuple[np.ndarray, np.ndarray]] = []  # (vector, objectives) of feasible, finite results
+
+    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
+        self._measured += [(x, f) for x, f, bad, v in zip(xs, F, failed, violation) if not bad and v <= 0]
+        self._learn(xs, F)
+        if not self._queue:
+            self._polish()
+
+    def _learn(self, xs: list[np.ndarray], F: np.ndarray) -> None:
+        """What the plan takes from measurements (nothing for a plan fixed in advance)."""
+
+    def _polish(self) -> None:
+        """Queue the unseen one-step neighbours of the measured front (see the class docstring)."""
+        room = self.context.budget - len(self._seen)
+        if room <= 0 or not self._measured:
+            return
+        from mpsearch.algorithms.pareto import non_dominated
+
+        F = np.array([f for _, f in self._measured])
+        front = sorted(non_dominated(F), key=lambda i: (F[i, 1:].tolist(), i))
+        rest = [i for i in range(len(F)) if i not in set(front)]
+        neighbours = []
+        for i in [*front, *rest]:  # the front's neighbours first; the others' when those are used up
+            x = self._measured[i][0]
+            for unit in self._units:
+                option = self._option(x, unit)
+                neighbours += [_apply(x, unit, o) for o in (option - 1, option + 1) if option is not None and 0 <= o < len(unit.bits)]
+            if sum(tuple(int(v) for v in y) not in self._seen for y in neighbours) >= self.population_size:
+                break
+        fresh = list({tuple(int(v) for v in y): y for y in neighbours if tuple(int(v) for v in y) not in self._seen}.values())
+        self._push(fresh[: min(room, self.population_size)], room)
+
+    @staticmethod
+    def _option(x: np.ndarray, unit: Unit) -> int | None:
+        """Which of ``unit``'s options ``x`` takes (None: its genes match none, e.g. a uniform policy's inputs)."""
+        for o, setting in enumerate(unit.settings):
+            if all(int(x[j]) == c for j, c in setting.items()):
+                return o
+        return None
 
     def _push(self, xs: list[np.ndarray], limit: int) -> None:
         """Queue up to ``limit`` of ``xs`` not proposed before, evenly spread over ``xs`` when fewer fit."""
@@ -225,9 +270,6 @@ class IntegerLinearProgram(_Planner):
             raise ValueError("ilp needs Hessian sensitivity scores: set search.sensitivity to hessian")
         self._push(ilp_plans(self.space, self.context, self.context.budget), self.context.budget - len(initial))
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
-        pass  # the plan does not depend on measurements
-
 
 @register_algorithm("greedy")
 class GreedyLowering(_Planner):
@@ -248,7 +290,7 @@ class GreedyLowering(_Planner):
         self._results: dict[tuple[int, ...], float] = {}
         self._push(self._probes, len(self._probes))  # a probe equal to an initial vector is measured once
 
-    def _tell(self, xs: list[np.ndarray], F: np.ndarray, failed: np.ndarray, violation: np.ndarray) -> None:
+    def _learn(self, xs: list[np.ndarray], F: np.ndarray) -> None:
         for x, f in zip(xs, F):
             self._results[tuple(int(v) for v in x)] = float(f[0])  # error (1 - accuracy); inf if failed
         if not self._queue and self._phase == 1:  # phase 1 measured: plan the walk

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 __all__ = ["FIELD_FLAGS", "add_image_size", "add_subject",
-           "add_quant", "quant_overrides", "add_output", "add_out_dir", "add_progress", "add_json", "int_list"]
+           "add_quant", "quant_overrides", "add_output", "add_out_dir", "add_progress", "add_json", "int_list", "float_list"]
 
 # config field -> the flag that sets it (in the commands that have the flag)
 FIELD_FLAGS = {
@@ -22,6 +22,7 @@ FIELD_FLAGS = {
     "search.algorithm": "--algorithm", "search.budget": "--budget", "search.population_size": "--population",
     "search.objectives": "--objectives", "search.space": "--space", "search.energy_profile": "--energy-profile",
     "search.sensitivity": "--sensitivity", "search.eval_images": "--eval-images", "search.max_drop": "--max-drop",
+    "search.confidence": "--confidence", "search.tolerances": "--tolerances", "search.remeasure_points": "--test-points",
     "run.workers": "--workers", "run.torch_threads": "--threads", "run.ray_address": "--ray-address",
     "run.cpus_per_worker": "--cpus-per-worker", "run.gpus_per_worker": "--gpus-per-worker", "run.ray_dashboard": "--ray-dashboard",
     "run.storage": "--storage", "run.out_dir": "--out-dir",
@@ -108,12 +109,20 @@ def add_json(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def int_list(text: str, flag: str) -> tuple[int, ...]:
+    return _number_list(text, flag, int, "integers")
+
+
+def float_list(text: str, flag: str) -> tuple[float, ...]:
+    return _number_list(text, flag, float, "numbers")
+
+
+def _number_list(text: str, flag: str, kind: type, what: str) -> tuple:
     from mpsearch.errors import UserError
 
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"{flag} must be comma-separated {what}, got {text!r}") from None
     if not values:
         raise UserError(f"{flag} is empty")
     return values

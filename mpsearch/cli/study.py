@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpsearch.cli.flags import add_image_size, add_progress, int_list
+from mpsearch.cli.flags import add_image_size, add_progress, float_list, int_list
 from mpsearch.errors import UserError
 
 __all__ = ["register", "study_configs", "study_folder"]
@@ -28,7 +28,8 @@ _OPTIMIZE_FIELDS = {
     "budget": "search.budget", "population": "search.population_size", "algorithm": "search.algorithm",
     "objectives": "search.objectives", "space": "search.space", "energy_profile": "search.energy_profile",
     "sensitivity": "search.sensitivity", "eval_images": "search.eval_images", "ptq": "quant.ptq",
-    "backend": "quant.backend", "max_drop": "search.max_drop",
+    "backend": "quant.backend", "max_drop": "search.max_drop", "confidence": "search.confidence",
+    "tolerances": "search.tolerances", "test_points": "search.remeasure_points",
     "workers": "run.workers", "threads": "run.torch_threads", "ray_address": "run.ray_address",
     "cpus_per_worker": "run.cpus_per_worker", "gpus_per_worker": "run.gpus_per_worker", "ray_dashboard": "run.ray_dashboard",
     "storage": "run.storage", "out_dir": "run.out_dir",
@@ -76,6 +77,8 @@ def study_configs(args: argparse.Namespace) -> list[Any]:
         if value is not None:
             if dest == "objectives":
                 value = [o.strip() for o in value.split(",") if o.strip()]
+            if dest == "tolerances":
+                value = list(float_list(value, "--tolerances"))
             overrides[field] = None if value is _NO_FLOOR else value
     overrides.update(_setting(text) for text in args.set or ())
     config = with_overrides(base, overrides)
@@ -157,7 +160,7 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     o.add_argument("--seed", type=int, default=None, help="seeds calibration, quantizers and search (default 0)")
     o.add_argument("--seeds", default=None, help="one study per seed, comma separated (e.g. 0,1,2), and their mean and spread")
     o.add_argument("--algorithm", default=COMPARE_METHODS if name == "compare" else None, help=algorithm_help)
-    o.add_argument("--budget", type=int, default=None, help="full evaluations per method (default 200)")
+    o.add_argument("--budget", type=int, default=None, help="trials per method (default 200)")
     o.add_argument("--population", type=int, default=None, help="population / batch size per generation (default 20)")
     o.add_argument("--objectives", default=None, help="accuracy plus any of energy, size, bops, latency (measured in onnxruntime), "
                                                            "energy@PROFILE (default accuracy,energy)")
@@ -173,6 +176,14 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     o.add_argument("--max-drop", type=_max_drop, default=None, metavar="PP",
                    help="accuracy floor: candidates more than PP points below fp32 on the validation images are "
                         "infeasible, never on the front, re-measured or picked (default 5; none: no floor)")
+    a = o.add_argument_group("answers (chosen on validation images the search did not use; may change when a study resumes)")
+    a.add_argument("--tolerances", default=None, metavar="PP,PP",
+                   help="the answers' tolerances: the cheapest point proven within each, in points below fp32 "
+                        "(default 0.5,1,2, those within the floor)")
+    a.add_argument("--confidence", type=float, default=None,
+                   help="the probability each answer holds (default 0.95)")
+    a.add_argument("--test-points", type=int, default=None, metavar="N",
+                   help="Pareto points measured on the test split (default 8; 0: every one)")
     r = o.add_argument_group("where it runs (run: fields; may change when a study resumes)")
     r.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
                                                              "cluster's CPUs hold; 0: in this process)")

@@ -19,23 +19,28 @@ from mpsearch.config.quant import FinetuneConfig, QuantConfig
 from mpsearch.errors import UserError, parse_user_yaml, read_user_file
 from mpsearch.objectives import is_objective, profile_name_ok
 
-__all__ = ["SearchConfig", "LatencyConfig", "timing_problem", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS"]
+__all__ = ["SearchConfig", "LatencyConfig", "timing_problem", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS", "DEFAULT_TOLERANCES_PP"]
 
 
 @dataclass(frozen=True)
 class SearchConfig(Config):
     """How the search runs: which methods, how many evaluations, on what, seeded how.
 
-    ``budget`` counts full evaluations per method, each on the first ``eval_images`` validation
-    images; a multi-fidelity method (``nsga2+mf``) first measures ``multi_fidelity_images``,
-    doubled per rung. Population searches start from the uniform policies and the HAWQ-V3 ILP's
+    ``budget`` counts trials per method, each measured on the first ``eval_images`` validation
+    images; a multi-fidelity method (``nsga2+mf``) measures each candidate on the first
+    ``multi_fidelity_images`` and doubles them, rung by rung up to ``eval_images``, while the
+    candidate stays near the front. Population searches start from the uniform policies and the HAWQ-V3 ILP's
     solutions at ``ilp_seeds`` evenly spaced energy budgets (sensitivity from ``sensitivity``,
     estimated on ``sensitivity_batches`` calibration batches with at most
     ``sensitivity_probes`` Hutchinson probes); NSGA-II gives up to ``ilp_gap_plans`` offspring of
-    every later generation to ILP solutions in the widest gaps of its measured front. At the end,
-    at most ``remeasure_points`` Pareto points (0: all) are measured on the test split: those
-    the answers name (the knee and the cheapest point within 0.5, 1 and 2 pp of fp32, on the
-    search's validation images), then points spread along the front.
+    every later generation to ILP solutions in the widest gaps of its measured front.
+
+    At the end, the answers are chosen: for each of ``tolerances`` (percentage points below
+    fp32; None: 0.5, 1 and 2, those within the floor), the cheapest Pareto point that the rule of
+    :mod:`mpsearch.study.answers` proves within it at ``confidence``, on the validation images the
+    search did not use. Then at most ``remeasure_points`` Pareto points (0: all; never fewer
+    than the rule measured) are measured on the test split: those the answers rest on, the
+    knee, then points spread along the front.
 
     ``max_drop`` is the study's accuracy floor, in percentage points below the fp32 model on the
     same validation images (None: no floor). Candidates below it stay in the study, but the
@@ -59,8 +64,10 @@ class SearchConfig(Config):
     sensitivity_probes: int = 16
     ilp_seeds: int = 12
     ilp_gap_plans: int = 4
-    remeasure_points: int = 2
+    remeasure_points: int = 8
     max_drop: float | None = 5.0
+    tolerances: tuple[float, ...] | None = None
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         for name, least in (("budget", 1), ("population_size", 2), ("eval_images", 1), ("multi_fidelity_images", 1),
@@ -72,6 +79,11 @@ class SearchConfig(Config):
         if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100):
             raise field_error("search.max_drop", f"percentage points of accuracy below fp32, from 0 to 100 (null: no floor), "
                                                  f"got {drop!r}")
+        confidence = self.confidence
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise field_error("search.confidence", f"the probability each answer holds, strictly between 0 and 1 (e.g. 0.95), "
+                                                   f"got {confidence!r}")
+        self._check_tolerances()
         objectives = self.objectives
         if (not all(is_objective(o) for o in objectives) or len(objectives) < 2 or objectives[0] != "accuracy"
                 or len(set(objectives)) != len(objectives)):
@@ -81,7 +93,37 @@ class SearchConfig(Config):
             raise field_error("search.energy_profile", f"a profile name (see `mpsearch profiles`), got {self.energy_profile!r}; "
                                                        "`mpsearch calibrate-energy` installs a fitted profile under its name")
 
+    def _check_tolerances(self) -> None:
+        tolerances = self.tolerances
+        if tolerances is None:
+            return
+        if isinstance(tolerances, (int, float)) and not isinstance(tolerances, bool):  # --set search.tolerances=1
+            tolerances = (tolerances,)
+        if isinstance(tolerances, list):
+            tolerances = tuple(tolerances)
+        object.__setattr__(self, "tolerances", tolerances)
+        if not isinstance(tolerances, tuple):
+            raise field_error("search.tolerances", f"a list of percentage points below fp32, e.g. [0.5, 1, 2]; got {tolerances!r}")
+        if (not tolerances or not all(not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < 100 for t in tolerances)
+                or list(tolerances) != sorted(set(tolerances))):
+            raise field_error("search.tolerances", "percentage points below fp32, each above 0, increasing, e.g. [0.5, 1, 2] "
+                                                   f"(null: 0.5, 1 and 2); got {list(tolerances)}")
+        if self.max_drop is not None and tolerances[-1] > self.max_drop:
+            raise field_error("search.tolerances", f"{tolerances[-1]:g} pp lies beyond the accuracy floor ({self.max_drop:g} pp "
+                                                   "below fp32): no point there is searched; ask for tolerances within the "
+                                                   "floor or lower the floor (--max-drop)")
 
+    @property
+    def answer_tolerances(self) -> tuple[float, ...]:
+        """The tolerances the answers are chosen for: ``tolerances``, else those of
+        :data:`DEFAULT_TOLERANCES_PP` within the floor (the floor itself when none is)."""
+        if self.tolerances is not None:
+            return tuple(float(t) for t in self.tolerances)
+        inside = tuple(t for t in DEFAULT_TOLERANCES_PP if self.max_drop is None or t <= self.max_drop)
+        return inside or (float(self.max_drop),)
+
+
+DEFAULT_TOLERANCES_PP = (0.5, 1.0, 2.0)  # what the answers give the cheapest point within, unless asked otherwise
 MIN_TIMED_RUNS = 30  # fewer timed runs give a median too noisy to compare two models by
 
 
@@ -166,7 +208,7 @@ class RunConfig(Config):
 
 # Settings a resumed study may change: they decide how much to run and where, not what a trial
 # measures. Every other field must match the study's stored config.
-RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "data_dir", "checkpoint", "finetune",
+RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "search.tolerances", "search.confidence", "data_dir", "checkpoint", "finetune",
                     "latency", "allow_weak_baseline")
 
 

@@ -252,10 +252,11 @@ class _Driver:
                 logger.info(f"latency objective: {len(latency.ms)} layer pattern(s) timed ({latency.timed} in this run) "
                             f"at batch {latency.batch} on {latency.threads} threads")
             trials = load_trials(study)
-            pareto, policies = None, {}
+            pareto, policies, selection = None, {}, {}
             if self.remeasure:
                 mark = time.perf_counter()
-                pareto, policies = remeasure_front(config, evaluator, executor, space, trials, to_policy, progress=self.progress)
+                pareto, policies, selection = remeasure_front(config, evaluator, executor, space, trials, to_policy,
+                                                              progress=self.progress)
                 self.phases["remeasure"] = time.perf_counter() - mark
         if pareto is not None and config.latency is not None:
             mark = time.perf_counter()
@@ -274,7 +275,7 @@ class _Driver:
                               template=template.with_settings(settings),
                               hypervolume=front_hypervolume(trials, search.objectives, ref, search.max_drop), ref_point=tuple(ref.tolist()),
                               wall_s=time.perf_counter() - self.start, out_dir=self.out, storage=self.url, phases=self.phases,
-                              _study=study)
+                              selection=selection, _study=study)
         if self.out is not None:
             write_outputs(result, space=space_def.to_dict(), baseline_meta=baseline.meta, workers=workers,
                           weight_scores=seeds.weight_scores)

@@ -75,12 +75,14 @@ class _InOrderRecorder:
 
 
 class SearchLoop:
-    """Runs ``method`` (its ``algorithm`` already set up) to the study's budget.
+    """Runs ``method`` (its ``algorithm`` already set up) to the study's budget: exactly that many
+    trials, fewer only when a planning algorithm's plan runs out.
 
-    The budget counts full evaluations. Without multi-fidelity every candidate is measured on
-    the search subset and recorded as soon as every earlier slot is; with it, a generation's
-    candidates climb the rungs of :func:`mpsearch.fidelity.rungs` and are recorded when the
-    generation is done, each with the images it was measured on.
+    Without multi-fidelity every candidate is measured on the search subset and recorded as soon
+    as every earlier slot is; with it, a generation's candidates climb the rungs of
+    :func:`mpsearch.fidelity.rungs` and are recorded when the generation is done, each with the
+    images it was measured on. The last generation may be cut to the trials left; the algorithm
+    is told every whole generation before it is asked again, and nothing after a cut one.
     """
 
     def __init__(self, run: StudyRun, method: Method, algorithm: SearchAlgorithm, checkpoint: SearchCheckpoint, *,
@@ -93,7 +95,7 @@ class SearchLoop:
         search = run.config.search
         self.sizes = rungs(min(search.multi_fidelity_images, run.full), run.full) if method.multi_fidelity else [run.full]
         self.archive = Archive()  # full-fidelity results promotions compare with
-        self.spent = 0.0  # full-evaluation equivalents
+        self.trials = 0
         self.generation = 0
         self.front = np.zeros((0, len(search.objectives)))  # for the progress bar
 
@@ -101,19 +103,17 @@ class SearchLoop:
         from tqdm.auto import tqdm
 
         budget = self.run_.config.search.budget
-        self.bar = tqdm(total=budget, desc=self.label, unit="eval", disable=not self.run_.progress)
+        self.bar = tqdm(total=budget, desc=self.label, unit="trial", disable=not self.run_.progress)
         try:
-            while budget - self.spent > 1e-9 and not self.algorithm.exhausted:
+            while self.trials < budget and not self.algorithm.exhausted:
                 xs = self.algorithm.ask()
-                affordable = int((budget - self.spent) * self.run_.full / self.sizes[0] + 1e-9)  # every candidate pays the first rung
-                batch = xs[:affordable]
-                if not batch:
-                    break
+                batch = xs[: budget - self.trials]
                 self._generation(batch)
-                if len(batch) == len(xs):
-                    F = np.array([self._told(slot) for slot in range(len(batch))])
-                    self.algorithm.tell(list(batch), F, [self._violation(slot) for slot in range(len(batch))])
-                    self.checkpoint.record(self.generation, self.algorithm.state(), self.run_.config.study_name)
+                if len(batch) < len(xs):
+                    break  # the budget is spent: the cut generation is recorded, never told
+                F = np.array([self._told(slot) for slot in range(len(batch))])
+                self.algorithm.tell(list(batch), F, [self._violation(slot) for slot in range(len(batch))])
+                self.checkpoint.record(self.generation, self.algorithm.state(), self.run_.config.study_name)
                 self.generation += 1
         finally:
             self.bar.close()
@@ -156,9 +156,7 @@ class SearchLoop:
         policies = {slot: run.to_policy(batch[slot]) for slot in todo}  # decoded once, for the task and the record
         if self.method.multi_fidelity:
             outcomes, masks = climb_rungs(todo, policies, self.sizes, run.executor, self.archive, run.config.search.objectives,
-                                          budget_left=run.config.search.budget - self.spent,
-                                          on_images=lambda n: self.bar.update(n / run.full), full=run.full,
-                                          floor=self._floor())
+                                          on_done=lambda slot: self.bar.update(1), floor=self._floor())
             for slot in todo:
                 self._record(slot, batch[slot], policies[slot], outcomes[slot], masks.get(slot))
         else:
@@ -170,14 +168,12 @@ class SearchLoop:
             recorder = _InOrderRecorder(todo, record)
             tasks = [EvalTask(slot, policies[slot].to_dict(), split="val", limit=run.full, keep_mask=True) for slot in todo]
             run.executor.map(tasks, on_done=recorder.done)
+        self.trials += len(batch)
+        self.bar.update(len(batch) - len(todo))  # recorded in an earlier run of the study
         full_rows = []
         for slot in range(len(batch)):
             trial = self._trial(slot)
-            fidelity = float(trial.user_attrs.get("fidelity", 1.0))  # failures count as a full evaluation
-            self.spent += fidelity
-            if slot not in todo:
-                self.bar.update(fidelity)
-            if fidelity >= 1.0:
+            if float(trial.user_attrs.get("fidelity", 1.0)) >= 1.0:  # failures count as full
                 told = self._told(slot)
                 if self._violation(slot) <= 0:  # the bar shows the front within the floor
                     full_rows.append(told)

@@ -64,7 +64,7 @@ def write_outputs(result: SearchResult, *, space: dict[str, Any], baseline_meta:
     atomic_write_text(out / "config.yaml", config.to_yaml(), what="study config")
     summary = {"study_name": config.study_name, "hypervolume": result.hypervolume,
                "hypervolume_reference": list(result.ref_point), "wall_s": result.wall_s, "phases": result.phases,
-               "template": result.template.to_dict(), "space": space}
+               "template": result.template.to_dict(), "space": space, "selection": result.selection}
     atomic_write_text(out / STUDY_FILE, json.dumps(summary, indent=2), what="study summary")
     atomic_write(out / "trials.csv", lambda f: trials.to_csv(f, index=False), what="trial table")
     atomic_write(out / "trials.parquet", lambda f: trials.to_parquet(f, index=False), binary=True, what="trial table")

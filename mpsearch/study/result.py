@@ -1,21 +1,25 @@
 """What a search returns: :class:`SearchResult` (the measured front, every trial, picks, a plot),
 in memory or read back from a study's folder (:func:`load_result`).
 
-Picks choose on the validation images the search measured (test numbers are reported, never
-used to choose), among the points measured on test that hold the study's accuracy floor there
-too (``within_floor``: a point the validation subset put within it can fall below it on more
-images):
+Picks choose on validation figures (test numbers are reported, never used to choose), among the
+points measured on test that hold the study's accuracy floor there too (``within_floor``: a
+point the validation subset put within it can fall below it on more images). A point's
+validation accuracy is the answer rule's measurement where the rule measured it (``val_images``
+fresh images), else the search's (``search_images``):
 
+- ``"drop<=PP"``: the cheapest point proven within PP percentage points of fp32 by the rule of
+  :mod:`mpsearch.study.answers` (fixed-sequence testing along the front, most expensive first, on
+  each point's lower confidence bound ``val_drop_bound_pp``, at the study's ``search.confidence``);
+  for the study's tolerances, exactly its answers;
 - ``"knee"``: the knee of the *useful* part of the whole front the search found (``front_knee``):
   the points within :data:`KNEE_WINDOW_PP` percentage points of the front's most accurate point,
   where the knee is the point farthest from the line through that part's two ends
   (:func:`~mpsearch.algorithms.pareto.knee_point`). A front also holds collapsed low-bit policies
   far below fp32; a knee taken over the whole front lands among them, which nobody ships. If
-  that point falls below the floor on test, the knee of the points that hold it.
+  that point falls below the floor on test, the knee of the points that hold it;
 - ``"max-accuracy"``, ``"min-energy"`` (the cheapest point by the study's first cost objective);
 - ``"energy<=X"`` / ``"size<=X"`` / ``"bops<=X"`` (relative to fp32): the most accurate point
-  within the bound; ``"accuracy>=Y"``: the cheapest point at least that accurate; ``"drop<=PP"``:
-  the cheapest point within PP percentage points of fp32 (on the search's validation images);
+  within the bound; ``"accuracy>=Y"``: the cheapest point at least that accurate;
 - ``trial`` number (``12`` or ``"trial:12"``): that trial's policy, on the front or not.
 """
 
@@ -32,6 +36,7 @@ import numpy as np
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.objectives import drop_within
+from mpsearch.study.answers import walk_bounds
 from mpsearch.policy import Policy, precision_for
 from mpsearch.study.storage import open_storage, shown_url
 
@@ -41,16 +46,17 @@ KNEE_WINDOW_PP = 2.0
 PARETO_FILE = "pareto.csv"
 STUDY_FILE = "study.json"  # what a finished study adds to its config: the hypervolume reference and volume
 _CONSTRAINT = re.compile(r"^(energy|size|bops|accuracy|drop)\s*(<=|>=)\s*([0-9.]+)$")
-ANSWER_DROPS_PP = (0.5, 1.0, 2.0)  # what the answers table gives the cheapest point within (pp below fp32)
 
 
 @dataclass
 class SearchResult:
     """A finished study: its config, every trial, the re-measured front and its policies.
 
-    ``front`` has one row per Pareto point measured on test (val accuracy on the search's images
-    and test accuracy with 95 % CIs, the drops against fp32, costs relative to fp32), sorted by energy; ``None`` when the study
-    stopped before re-measuring. ``trials`` has one row per Optuna trial (``value_*``,
+    ``front`` has one row per Pareto point measured on test (accuracy and drop against fp32 on the
+    search's images, on the answer rule's validation images with the drop's lower confidence
+    bound, and on test with 95 % CIs; costs relative to fp32), sorted by energy; ``None`` when the
+    study stopped before re-measuring. ``selection`` says how the answers were chosen (the rule,
+    its confidence, the validation images it measured, the trial answering each tolerance). ``trials`` has one row per Optuna trial (``value_*``,
     ``param_*``, ``attr_*`` columns). ``hypervolume`` is that of the measured front on the search
     split against ``ref_point`` (0 % accuracy at the costliest policy of the search space).
     """
@@ -66,6 +72,7 @@ class SearchResult:
     out_dir: Path | None = None
     storage: str | None = None
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds by phase
+    selection: dict[str, Any] = field(default_factory=dict)
     _study: Any = None
 
     @property
@@ -115,10 +122,11 @@ class SearchResult:
             raise UserError(f"pick {spec!r}: use knee, max-accuracy, min-energy, trial:N, \"energy<=X\", \"accuracy>=Y\" "
                             "or \"drop<=PP\"")
         front = self._front()
-        accuracy, cost = front["val_accuracy"].to_numpy(), front[self.cost_column].to_numpy()
+        accuracy, cost = _val_accuracy(front).to_numpy(), front[self.cost_column].to_numpy()
         if text == "knee":
             marked = front.index[front["front_knee"].astype(bool)] if "front_knee" in front else []
-            return self._row_choice(marked[0] if len(marked) else front.index[knee_index(accuracy, cost)])
+            search = front["search_accuracy"].to_numpy() if "search_accuracy" in front else accuracy
+            return self._row_choice(marked[0] if len(marked) else front.index[knee_index(search, cost)])
         if text == "max-accuracy":
             return self._row_choice(front.index[int(accuracy.argmax())])
         if text in ("min-energy", "min-cost"):
@@ -126,39 +134,58 @@ class SearchResult:
         assert m is not None
         what, op, value = m.group(1), m.group(2), float(m.group(3))
         if what == "drop":
-            if op != "<=" or "val_drop_pp" not in front:
-                raise UserError(f"pick {spec!r}: use drop<=PP (the cheapest point within PP points of fp32 on validation)"
-                                + ("" if "val_drop_pp" in front else "; this study's front has no validation drops"))
-            ok = front[drop_within(front["val_drop_pp"], value)]
-            if ok.empty:
-                raise UserError(f"pick {spec!r}: no Pareto point is within {value:g} pp of fp32 on validation (the closest "
-                                f"is {-front['val_drop_pp'].max():.2f} pp below); relax the bound")
-            return self._row_choice(ok[self.cost_column].idxmin())
+            if op != "<=":
+                raise UserError(f"pick {spec!r}: use drop<=PP (the cheapest point proven within PP points of fp32 on validation)")
+            return self._row_choice(self._within(front, value, spec))
         col = "val_accuracy" if what == "accuracy" else (self.cost_column if what == "energy" else f"rel_{what}")
         if col not in front:
             raise UserError(f"pick {spec!r}: the study did not record {what}")
-        ok = front[front[col] <= value] if op == "<=" else front[front[col] >= value]
+        values = _val_accuracy(front) if what == "accuracy" else front[col]
+        ok = front[values <= value] if op == "<=" else front[values >= value]
         if ok.empty:
-            raise UserError(f"pick {spec!r}: no Pareto point satisfies it (range {front[col].min():.4g} to "
-                            f"{front[col].max():.4g}); relax the bound")
+            raise UserError(f"pick {spec!r}: no Pareto point satisfies it (range {values.min():.4g} to "
+                            f"{values.max():.4g}); relax the bound")
         # Within the constraint: the most accurate (cost bound) or the cheapest (accuracy bound).
-        return self._row_choice(ok["val_accuracy"].idxmax() if what != "accuracy" else ok[self.cost_column].idxmin())
+        return self._row_choice(_val_accuracy(ok).idxmax() if what != "accuracy" else ok[self.cost_column].idxmin())
+
+    def _within(self, front: Any, tolerance: float, spec: Any) -> Any:
+        """The label of the front row ``drop<=tolerance`` picks (see the module docstring)."""
+        if "val_drop_bound_pp" not in front:  # a study finished before answers were chosen with bounds
+            if "val_drop_pp" not in front:
+                raise UserError(f"pick {spec!r}: this study's front has no validation drops")
+            ok = front[drop_within(front["val_drop_pp"], tolerance)]
+            if ok.empty:
+                raise UserError(f"pick {spec!r}: no Pareto point is within {tolerance:g} pp of fp32 on validation; relax the bound")
+            return ok[self.cost_column].idxmin()
+        walk = front.assign(_cost=front[self.cost_column]).sort_values(["_cost", "trial"], ascending=[False, True], kind="stable")
+        at = walk_bounds(walk["val_drop_bound_pp"].to_numpy(dtype=float), tolerance)
+        if at is None:
+            bound = walk["val_drop_bound_pp"].iloc[0]
+            raise UserError(f"pick {spec!r}: no Pareto point is proven within {tolerance:g} pp of fp32 at "
+                            f"{self.config.search.confidence:g} confidence (the most expensive may lie "
+                            f"{-bound:.2f} pp below); relax the bound, or measure on more images (--eval-images, a "
+                            "larger validation split)" if bound == bound else
+                            f"pick {spec!r}: the rule measured no point for {tolerance:g} pp; relax the bound")
+        return walk.index[at]
 
     def answers(self) -> Any:
-        """What a user asks first, one row each: the knee, then the cheapest point within each of
-        :data:`ANSWER_DROPS_PP` points of fp32 (chosen on validation, reported on test)."""
+        """What a user asks first, one row each: the knee, then the cheapest point proven within
+        each of the study's tolerances (chosen on validation, reported on test)."""
         import pandas as pd
 
         rows = []
-        for label, spec in [("knee", "knee"), *((f"cheapest within {d:g} pp", f"drop<={d:g}") for d in ANSWER_DROPS_PP)]:
+        specs = [("knee", "knee"), *((f"cheapest within {d:g} pp", f"drop<={d:g}") for d in self.config.search.answer_tolerances)]
+        for label, spec in specs:
             try:
                 policy = self.pick(spec)
             except UserError:
                 rows.append({"answer": label, "trial": None})
                 continue
             row = self.front[self.front["trial"] == policy.provenance["trial"]].iloc[0]
-            rows.append({"answer": label, **{c: row[c] for c in ("trial", "policy", "val_drop_pp", "test_accuracy",
-                                                                  "test_drop_pp", self.cost_column) if c in row}})
+            rows.append({"answer": label, **{c: row[c] for c in ("trial", "policy", "search_images", "search_drop_pp", "val_images",
+                                                                  "val_drop_pp", "val_drop_bound_pp", "test_accuracy", "test_drop_pp",
+                                                                  "test_drop_low_pp", "test_drop_high_pp", self.cost_column)
+                                                  if c in row}})
         return pd.DataFrame(rows)
 
     def _front(self) -> Any:
@@ -180,7 +207,10 @@ class SearchResult:
     def _row_choice(self, label: Any) -> tuple[Policy, str]:
         row = self.front.loc[label]
         cost = self.cost_column
-        return self.policies[int(row["trial"])], (f"trial {int(row['trial'])} ({row['policy']}): val {row['val_accuracy']:.4f}, "
+        images = int(row.get("val_images", 0) or 0)
+        val = (f"val {row['val_accuracy']:.4f} on {images} images" if images else
+               f"val {_val_accuracy(self.front).loc[label]:.4f} on the search's images")
+        return self.policies[int(row["trial"])], (f"trial {int(row['trial'])} ({row['policy']}): {val}, "
                                                   f"test {row['test_accuracy']:.4f}, {cost} {row[cost]:.4f}")
 
     def trial_policy(self, number: int) -> Policy:
@@ -209,6 +239,14 @@ class SearchResult:
         return fig
 
 
+def _val_accuracy(front: Any) -> Any:
+    """Each front row's validation accuracy: the answer rule's where it measured the point, else the search's."""
+    if "search_accuracy" not in front:
+        return front["val_accuracy"]
+    return front["val_accuracy"].where(front["val_accuracy"].notna(), front["search_accuracy"]) if "val_accuracy" in front \
+        else front["search_accuracy"]
+
+
 def knee_index(accuracy: np.ndarray, cost: np.ndarray, window_pp: float = KNEE_WINDOW_PP) -> int:
     """Index of the knee of the front's useful part: the points within ``window_pp`` percentage
     points of the most accurate one (see the module docstring)."""
@@ -233,9 +271,10 @@ def load_result(folder: str | Path) -> SearchResult:
     summary = json.loads((folder / STUDY_FILE).read_text())
     front, policies = None, {}
     if (folder / PARETO_FILE).is_file():
-        front = pd.read_csv(folder / PARETO_FILE)
+        front = pd.read_csv(folder / PARETO_FILE, dtype={"answer_for_pp": str})
         policies = {int(t): Policy.load(folder / f) for t, f in zip(front["trial"], front["policy_file"])}
     return SearchResult(config=config, trials=trials, front=front, policies=policies, template=Policy.from_dict(summary["template"]),
                         hypervolume=float(summary.get("hypervolume", float("nan"))),
                         ref_point=tuple(summary.get("hypervolume_reference", ())), wall_s=float(summary.get("wall_s", 0.0)),
-                        out_dir=folder, storage=config.run.storage)
+                        out_dir=folder, storage=config.run.storage, phases=summary.get("phases", {}),
+                        selection=summary.get("selection", {}))
