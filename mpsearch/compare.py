@@ -152,7 +152,8 @@ def write_comparison(out: Path, trials, config: StudyConfig, ref_point: np.ndarr
     search = config.search
     scores = method_scores(trials, search.objectives, ref_point, search.max_drop)
     caption = (f"{config.model} on {config.dataset}, seed {config.seed}: budget {search.budget} trials per method "
-               f"({search.eval_images} validation images each; `evaluations`: images measured over {search.eval_images}), objectives 1 - accuracy and {', '.join(search.objectives[1:])} "
+               f"({search.eval_images} validation images each; `evaluations`: images measured over {search.eval_images}), "
+               f"objectives 1 - accuracy and {', '.join(search.objectives[1:])} "
                f"relative to fp32, hypervolume reference point {reference_text(ref_point)}; "
                f"{floor_text(search.max_drop)}. Measured on {machine}.")
     atomic_write_text(out / "compare.md", comparison_markdown(scores, caption=caption), what="comparison table")

@@ -2,17 +2,17 @@
 
 A candidate is first measured on the first ``rungs[0]`` validation images of the search subset;
 it is promoted to the next rung (more images: only the added ones are measured) while it stays
-near the front, that is unless it is *surely dominated*: some policy already measured at full fidelity costs no more in every cost
-objective (costs are computed, hence exact) and is more accurate on the same images, with the
-lower end of the paired 95 % interval of the accuracy difference above zero; or *surely below the
-accuracy floor*: the fp32 model is more than the floor's points more accurate on the same images,
-by the same paired interval. Most offspring of a
-search that hit a fragile layer at 2 bits fail that test after a quarter of the images, while
-the candidates the front keeps are all measured on the top rung: with a top rung above the
-plain search's images (``--eval-images``), the front holds points of known accuracy that a few
-hundred lucky images did not put there. Promotions compare against full-fidelity
-results of earlier generations only, so a candidate's fate never depends on which batch-mates it
-had or in which order workers finished: a study stays reproducible and resumable.
+near the front, that is unless it is *surely dominated*: some policy already measured at full
+fidelity costs no more in every cost objective (costs are computed, hence exact) and is more
+accurate on the same images, with the lower end of the paired 95 % interval of the accuracy
+difference above zero; or *surely below the accuracy floor*: the fp32 model is more than the
+floor's points more accurate on the same images, by the same paired interval. Most offspring of
+a search that hit a fragile layer at 2 bits fail that test after a quarter of the images, while
+the candidates the front keeps are all measured on the top rung: with a top rung above the plain
+search's images (``--eval-images``), the front holds points of known accuracy that a few hundred
+lucky images did not put there. Promotions compare against full-fidelity results of earlier
+generations only, so a candidate's fate never depends on which batch-mates it had or in which
+order workers finished: a study stays reproducible and resumable.
 """
 
 from __future__ import annotations

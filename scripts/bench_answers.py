@@ -50,7 +50,8 @@ def run_variant(model: str, dataset: str, budget: int, seed: int, flags: list[st
     if (out / "study.json").is_file() and (out / "pareto.csv").is_file():
         result = load_result(out)
         return result, result.wall_s
-    cmd = [sys.executable, "-m", "mpsearch.cli", "optimize", "--model", model, "--dataset", dataset, "--budget", str(budget), "--seed", str(seed),
+    cmd = [sys.executable, "-m", "mpsearch.cli", "optimize", "--model", model, "--dataset", dataset, "--budget", str(budget),
+           "--seed", str(seed),
            "--algorithm", flags[0], *flags[1:], "--out-dir", str(out), "--name", out.name, "--no-progress"]
     print("$", shlex.join(cmd[2:]), flush=True)
     start = time.perf_counter()
@@ -94,7 +95,8 @@ def study_row(result: SearchResult, variant: str, seed: int, wall: float) -> dic
 
 
 def markdown(answers: pd.DataFrame, studies: pd.DataFrame, variants: dict[str, list[str]], args: argparse.Namespace) -> str:
-    lines = [f"Measured with `python scripts/bench_answers.py --model {args.model} --dataset {args.dataset} --budget {args.budget} --seeds {args.seeds}"
+    lines = [f"Measured with `python scripts/bench_answers.py --model {args.model} --dataset {args.dataset} --budget {args.budget} "
+             f"--seeds {args.seeds}"
              + "".join(f" --variant {shlex.quote(' '.join(v))}" for v in variants.values()) + "`",
              f"on {describe_machine()} ({cpu_features()}).", ""]
     lines += ["### Answers: chosen on validation, measured on test", "",

@@ -14,7 +14,6 @@ import torch
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
 from mpsearch.evaluate import Evaluator
-from mpsearch.objectives import DROP_TOLERANCE_PP
 from mpsearch.policy import Policy
 from mpsearch.quant.backends import resolve_backend
 from mpsearch.runtime import EvalTask, run_task

@@ -208,8 +208,8 @@ class RunConfig(Config):
 
 # Settings a resumed study may change: they decide how much to run and where, not what a trial
 # measures. Every other field must match the study's stored config.
-RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "search.tolerances", "search.confidence", "data_dir", "checkpoint", "finetune",
-                    "latency", "allow_weak_baseline")
+RESUMABLE_FIELDS = ("run", "search.budget", "search.remeasure_points", "search.tolerances", "search.confidence", "data_dir",
+                    "checkpoint", "finetune", "latency", "allow_weak_baseline")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ import numpy as np
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.objectives import drop_within
-from mpsearch.study.answers import walk_bounds
 from mpsearch.policy import Policy, precision_for
+from mpsearch.study.answers import walk_bounds
 from mpsearch.study.storage import open_storage, shown_url
 
 __all__ = ["SearchResult", "load_result", "KNEE_WINDOW_PP", "PARETO_FILE", "STUDY_FILE"]
