@@ -233,7 +233,10 @@ def rule_text(result: Any) -> str:
 
 def answers_text(result: Any) -> str:
     """The answers table as the CLI prints it: the knee and the cheapest points within the study's tolerances."""
-    return "answers (chosen on validation, reported on test):\n" + _answers(result).to_string(index=False)
+    selection = result.selection
+    how = (f"each proven on up to {selection['images']} validation images the search did not use, at "
+           f"{selection['confidence']:.0%} confidence" if selection and not selection.get("reused") else "chosen on validation")
+    return f"answers ({how}; reported on test):\n" + _answers(result).to_string(index=False)
 
 
 def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:

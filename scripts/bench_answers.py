@@ -10,9 +10,10 @@ Each variant is a set of extra `mpsearch optimize` flags (the first is the main 
 already finished in --out is read back, not run again. For each answer (the knee and the cheapest
 point within each tolerance) the table gives what it was chosen on (the validation images, the
 drop measured there and its lower confidence bound) and what it gives on the 10,000 test images.
-Per study: wall time by phase, the end phase (choosing the answers and measuring the front on
-test) over the search, and the hypervolume of the front as measured on test (1 - test accuracy
-and relative energy, against the study's reference point).
+Per study: wall time by phase, the images the search measured and those the answer rule took
+(what a variant costs, whatever else the machine runs), the end phase (choosing the answers and
+measuring the front on test) over the search, and the hypervolume of the front as measured on
+test (1 - test accuracy and relative energy, against the study's reference point).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def study_row(result: SearchResult, variant: str, seed: int, wall: float) -> dic
     return {"variant": variant, "seed": seed, "trials": len(result.trials), "front_points": result.selection.get("front_points"),
             "measured_on_test": len(result.front), "wall_min": wall / 60, "search_min": phases.get("search", float("nan")) / 60,
             "end_min": end / 60, "end_over_search": end / phases["search"] if phases.get("search") else float("nan"),
+            "search_images": int(result.trials["attr_images"].fillna(0).sum()),
             "answer_images": result.selection.get("measured_images"), "hypervolume_search": result.hypervolume,
             "hypervolume_test": test_hypervolume(result)}
 
@@ -111,15 +113,16 @@ def markdown(answers: pd.DataFrame, studies: pd.DataFrame, variants: dict[str, l
                      f"{r['val_drop_pp']:+.2f} | {r['bound_pp']:+.2f} | {r['search_drop_pp']:+.2f} | {r['test_drop_pp']:+.2f} "
                      f"({r['test_drop_low_pp']:+.2f} to {r['test_drop_high_pp']:+.2f}) | {100 * r['energy']:.2f} % | {holds} |")
     lines += ["", "### Per variant", "",
-              "| variant | answers within tolerance | within tolerance + 0.3 pp | wall (min) | search (min) | end phase / search "
-              "| hypervolume on test |", "|---|---|---|---|---|---|---|"]
+              "| variant | answers within tolerance | within tolerance + 0.3 pp | wall (min) | search (min) | images the search measured "
+              "| images the answers took | end phase / search | hypervolume on test |", "|---|---|---|---|---|---|---|---|---|"]
     for variant in variants:
         a = answers[(answers["variant"] == variant) & answers["tolerance_pp"].notna()]
         given = a[a["trial"].notna()].reindex(columns=[*a.columns, "holds", "holds_with_slack"]).fillna({"holds": False,
                                                                                                           "holds_with_slack": False})
         s = studies[studies["variant"] == variant]
         lines.append(f"| {variant} | {int(given['holds'].sum())} of {len(a)} | {int(given['holds_with_slack'].sum())} of {len(a)} | "
-                     f"{_mean_std(s['wall_min'], '.1f')} | {_mean_std(s['search_min'], '.1f')} | {_mean_std(s['end_over_search'], '.2f')} | "
+                     f"{_mean_std(s['wall_min'], '.1f')} | {_mean_std(s['search_min'], '.1f')} | {_mean_std(s['search_images'], ',.0f')} | "
+                     f"{_mean_std(s['answer_images'], ',.0f')} | {_mean_std(s['end_over_search'], '.2f')} | "
                      f"{_mean_std(s['hypervolume_test'], '.4f')} |")
     return "\n".join(lines) + "\n"
 

@@ -160,8 +160,8 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
 
 
 def test_output_flags_follow_one_rule_and_optimize_stays_small():
-    """-o/--output names a file, --out-dir a folder, in every command; optimize lists at most 30
-    options, seven of them where it runs (Ray and storage); everything else is a config field
+    """-o/--output names a file, --out-dir a folder, in every command; optimize lists at most 32
+    options, six of them where it runs (Ray and storage); everything else is a config field
     (--config, --set); compare is optimize."""
     import argparse
 

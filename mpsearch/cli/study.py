@@ -29,9 +29,9 @@ _OPTIMIZE_FIELDS = {
     "objectives": "search.objectives", "space": "search.space", "energy_profile": "search.energy_profile",
     "sensitivity": "search.sensitivity", "eval_images": "search.eval_images", "ptq": "quant.ptq",
     "backend": "quant.backend", "max_drop": "search.max_drop", "confidence": "search.confidence",
-    "tolerances": "search.tolerances", "test_points": "search.remeasure_points",
+    "tolerances": "search.tolerances",
     "workers": "run.workers", "threads": "run.torch_threads", "ray_address": "run.ray_address",
-    "cpus_per_worker": "run.cpus_per_worker", "gpus_per_worker": "run.gpus_per_worker", "ray_dashboard": "run.ray_dashboard",
+    "cpus_per_worker": "run.cpus_per_worker", "ray_dashboard": "run.ray_dashboard",
     "storage": "run.storage", "out_dir": "run.out_dir",
 }
 
@@ -150,7 +150,7 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     o = sub.add_parser(name, help=help)
     o.add_argument("--config", default=None, metavar="YAML", help="study config file (studies/*.yaml); the flags below override it")
     o.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="set any config field, e.g. --set search.ilp_seeds=6 --set quant.act_observer=percentile (repeatable)")
+                   help="set any config field (repeatable), e.g. --set search.ilp_seeds=6")
     o.add_argument("--model", default=None, help="timm model name or alias (default resnet18)")
     o.add_argument("--dataset", default=None, help="fashion-mnist (default), digits, cifar10, cifar100 or imagefolder:PATH")
     add_image_size(o)
@@ -182,8 +182,6 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
                         "(default 0.5,1,2, those within the floor)")
     a.add_argument("--confidence", type=float, default=None,
                    help="the probability each answer holds (default 0.95)")
-    a.add_argument("--test-points", type=int, default=None, metavar="N",
-                   help="Pareto points measured on the test split (default 8; 0: every one)")
     r = o.add_argument_group("where it runs (run: fields; may change when a study resumes)")
     r.add_argument("--workers", type=int, default=None, help="Ray workers (default -1: one per core, or as many as the "
                                                              "cluster's CPUs hold; 0: in this process)")
@@ -192,8 +190,6 @@ def _add_optimize(sub: Any, name: str, help: str, algorithm_help: str) -> None:
     r.add_argument("--ray-address", default=None, help="join a running Ray cluster (HEAD_IP:6379, or auto; default: "
                                                        "$RAY_ADDRESS, else a private Ray on 127.0.0.1)")
     r.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs each Ray worker reserves (default --threads)")
-    r.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs each Ray worker reserves (default 0: "
-                                                                       "candidates are measured on CPUs)")
     r.add_argument("--ray-dashboard", action="store_true", default=None,
                    help="start the private Ray instance's dashboard on 127.0.0.1 (needs mpsearch[cluster])")
     r.add_argument("--storage", default=None, help="Optuna storage: a URL (sqlite:///, postgresql://, mysql://) or "
