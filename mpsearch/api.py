@@ -165,7 +165,7 @@ def _splits(data: Any) -> DataSplits:
 def export_onnx(model: nn.Module, policy: Policy | str | Path, calibration: Any, path: str | Path, *,
                 quant: QuantConfig | None = None) -> Path:
     """Write ``model`` quantized by ``policy`` to the ONNX file ``path``, its quantized layers on
-    integer kernels (``ConvInteger`` / ``MatMulInteger``, see :mod:`mpsearch.export`); returns the path.
+    onnxruntime's integer kernels (the QDQ form, see :mod:`mpsearch.export.onnx`); returns the path.
 
     Arguments as in :func:`quantize`. The file records the policy in its metadata
     (``mpsearch.policy``); onnxruntime runs it: ``mpsearch.export.OnnxClassifier(path)``.
@@ -175,7 +175,8 @@ def export_onnx(model: nn.Module, policy: Policy | str | Path, calibration: Any,
     qmodel = _quantized(model, policy, calibration, quant)
     split = _calibration_split(calibration)
     example = next(iter(split.batches(2)))[0]
-    return save_onnx(qmodel.module, example, path, metadata={"policy": qmodel.policy.to_dict()})
+    return save_onnx(qmodel.module, example, path, metadata={"policy": qmodel.policy.to_dict()},
+                     calibration=(x for x, _ in split.batches(128)))
 
 
 def export_pt2e(model: nn.Module, policy: Policy | str | Path, calibration: Any, path: str | Path, *,

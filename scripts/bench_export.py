@@ -5,7 +5,7 @@ the file's latency at batch 1 and 64 with its speed-up over the fp32 model of th
 in the same runtime, and the file's size.
 
     python scripts/bench_export.py --model resnet18 --study studies/resnet18-fashion-mnist-nsga2-s0 \\
-        --out docs/export_bench.md
+        --policies fp32,w8a8,w4a4 --picks knee
     python scripts/bench_export.py --model deit_tiny --policies fp32,w8a8 --out docs/export_bench.md --append
     python scripts/bench_export.py --model resnet18 --format pt2e --policies fp32,w8a8,w4a4 --out docs/export_bench.md --append
 
@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30, help="timed runs per batch size (after 10 warm-up runs)")
     ap.add_argument("--format", choices=tuple(FORMATS), default="onnx", help="onnx (onnxruntime) or pt2e (torch.compile)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="runtime threads (default: every core)")
-    ap.add_argument("--out", default=None, help="markdown file to write the table to (default: print only)")
+    ap.add_argument("--out", default="docs/export_bench.md", help="markdown file to write the table to "
+                                                                  "(default docs/export_bench.md; '': print only)")
     ap.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = ap.parse_args()
     if not args.policies.startswith("fp32"):

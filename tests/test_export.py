@@ -42,11 +42,12 @@ def test_the_integer_form_computes_the_fake_quantized_model(models, digits, kind
     x = _test_images(digits)
     with torch.no_grad():
         expected, got = quantized(x), integer(x)
-    # Equal up to float32 summation order: convolutions in other memory layouts add in other
-    # orders, so an input that lands on a rounding tie can move one step at a quantizer, and that
-    # image's logits move a little. Every other image's logits agree to float precision.
+    # Equal up to float32 rounding: batch norms folded into the convolutions' scales, and
+    # convolutions in other memory layouts adding in other orders, so an input that lands on a
+    # rounding tie can move one step at a quantizer, and that image's logits move a little. Every
+    # other image's logits agree to float precision.
     moved = (got - expected).abs().amax(dim=1) > 1e-4 * float(expected.abs().max())
-    assert float(moved.float().mean()) <= 0.02
+    assert float(moved.float().mean()) <= 0.08
     assert float((got.argmax(1) == expected.argmax(1)).float().mean()) >= 0.99
     assert not torch.allclose(expected, models[kind](x), atol=1e-3)  # quantization changed something
 
@@ -67,8 +68,14 @@ def test_the_integer_form_keeps_ptq_weights_and_smoothing(digits_baseline, digit
     assert float((expected - rtn).abs().max()) > 1e-3  # the method changed the model, and the export kept it
 
 
+def _all_images(digits) -> torch.Tensor:
+    """Every digits image (train, validation, test): agreement between two models of one policy
+    needs no held-out images, and 1,797 of them resolve 99.5 % to about 9 images."""
+    return torch.cat([x for split in (digits.train, digits.val, digits.test) for x, _ in split.batches(256)])
+
+
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
-def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, digits, kind, tmp_path):
+def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_quant(models, digits, kind, tmp_path):
     model = models[kind]
     policy = _policy(model, "w4a8", digits)
     off, weight_only = list(policy.layers)[:2]  # the first layer stays fp32: its conv / matmul must stay float
@@ -78,18 +85,23 @@ def test_onnxruntime_agrees_with_fake_quant_and_runs_integer_kernels(models, dig
     onnx.checker.check_model(str(path), full_check=True)
     assert read_metadata(path)["policy"]["layers"] == policy.to_dict()["layers"]
 
-    x = _test_images(digits)
+    x = _all_images(digits)
     with torch.no_grad():
         fake = mpsearch.quantize(model, policy, digits)(x)
     logits = OnnxClassifier(path, threads=1).logits(x)
-    agreement = float((logits.argmax(1) == fake.argmax(1)).float().mean())
-    assert agreement >= 0.99
-    # Most images' logits equal to float precision; a few move where an input sits on a rounding tie.
-    assert float(np.median(np.abs(logits.numpy() - fake.numpy()).max(axis=1))) < 1e-4 * float(fake.abs().max())
+    assert float((logits.argmax(1) == fake.argmax(1)).float().mean()) >= 0.995
+    assert not torch.allclose(logits, model(x).detach(), atol=1e-3)  # the file is quantized, not the float model
 
     ops = integer_kernel_ops(path, tmp_path / "optimized.onnx")
-    quantized_layers = sum(1 for p in policy.layers.values() if p.weight_bits and p.act_bits)
-    assert sum(ops.get(op, 0) for op in INTEGER_KERNELS) == quantized_layers
+    modules = dict(model.named_modules())
+    quantized = [name for name, p in policy.layers.items() if p.weight_bits and p.act_bits]  # attention matmuls too
+    convs = [name for name in quantized if isinstance(modules.get(name), torch.nn.Conv2d)]
+    assert ops.get("QLinearConv", 0) == len(convs)  # every quantized convolution on the int8 kernel
+    assert not ops.get("ConvInteger") and not ops.get("MatMulInteger")
+    # Every quantized layer and attention matmul on an integer kernel, but the classifier's head
+    # (a float Gemm: see mpsearch.export.qdq).
+    assert sum(ops.get(op, 0) for op in INTEGER_KERNELS) == len(quantized) - 1
+    assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) >= (12 if kind == "vit" else 0)
     assert sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")) >= 1  # the fp32 layer
     assert ops.get("DequantizeLinear", 0) >= 1  # the weight-only layer's integers, dequantized per channel
 
@@ -107,16 +119,24 @@ def test_one_graph_signature_per_set_of_layers_on_integer_kernels(models, digits
 
 
 def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
-    """A W4A4 layer holds 4-bit integers in its int8 container and clips its input to 16 levels."""
+    """A W4A4 layer holds 16 levels per channel in its int8 container, spread to -64..56 (steps of
+    8: a finer int32 bias), and clips its input to 16 levels."""
     model = models["cnn"]
     path = mpsearch.export_onnx(model, "w4a4", digits, tmp_path / "w4a4.onnx")
     graph = onnx.load(str(path)).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    weights = [initializers[n.input[1]] for n in graph.node if n.op_type == "ConvInteger"]
+    producers = {out: n for n in graph.node for out in n.output}
+    weights = [initializers[producers[n.input[1]].input[0]] for n in graph.node if n.op_type == "Conv"]
     assert all(w.dtype == np.int8 for w in weights)
-    narrow = [w for w in weights if w.min() >= -8 and w.max() <= 7]
+    def levels(w: np.ndarray) -> int:
+        return max(len(np.unique(channel)) for channel in w.reshape(w.shape[0], -1))
+
+    narrow = [w for w in weights if levels(w) <= 16]
     assert len(narrow) == len(weights) - 1  # every conv but the first (8 bits) is 4-bit
-    assert any(w.min() < -8 or w.max() > 7 for w in weights)
+    assert any(levels(w) > 16 for w in weights)
+    for w in narrow:
+        channel_max = np.abs(w.reshape(w.shape[0], -1).astype(int)).max(axis=1)
+        assert np.all((channel_max > 32) & (channel_max <= 64))  # spread as far as +-64 allows
 
     constants = {}
     for node in graph.node:
@@ -125,8 +145,8 @@ def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
     levels = []
     for node in graph.node:
         if node.op_type == "QuantizeLinear":
-            clip = next(n for n in graph.node if n.output[0] == node.input[0])
-            if clip.op_type == "Clip":
+            clip = producers.get(node.input[0])
+            if clip is not None and clip.op_type == "Clip":
                 lo, hi = (constants.get(name, initializers.get(name)) for name in clip.input[1:3])
                 levels.append(round(float((hi - lo) / constants.get(node.input[1], initializers.get(node.input[1])))))
     assert levels.count(15) == len(weights) - 1  # 4-bit inputs: 16 levels, 15 steps

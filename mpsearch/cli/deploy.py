@@ -92,12 +92,12 @@ def export(args: argparse.Namespace) -> int:
         print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, PT2E program for torch.compile, "
               f"int8 kernels on its quantized layers{matmuls})")
         return 0
-    from mpsearch.export import INTEGER_KERNELS, onnx_operator_counts
+    from mpsearch.export.onnx import kernel_summary, read_metadata
 
-    ops = onnx_operator_counts(path)
-    integer = sum(ops.get(op, 0) for op in INTEGER_KERNELS)
-    print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB, "
-          f"{integer} integer convolutions/matmuls, {ops.get('Conv', 0) + ops.get('MatMul', 0) + ops.get('Gemm', 0)} float)")
+    grids = read_metadata(path).get("calibrated_output_grids", 0)
+    calibrated = f", {grids} calibrated output grids" if grids else ""
+    print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB; in onnxruntime "
+          f"{kernel_summary(path)}{calibrated})")
     return 0
 
 

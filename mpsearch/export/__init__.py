@@ -4,9 +4,9 @@
     path = mpsearch.export_onnx(model, policy, calibration, "model.onnx")   # mpsearch.api
 
 :mod:`mpsearch.export.integer` rewrites a fake-quantized model with integer operators (same
-values, checked in PyTorch); :mod:`mpsearch.export.onnx` writes them as standard ONNX
-(``ConvInteger`` / ``MatMulInteger`` between ``QuantizeLinear`` and a float rescale) and runs the
-file in onnxruntime.
+values, checked in PyTorch); :mod:`mpsearch.export.onnx` writes them as standard ONNX in the QDQ
+form that onnxruntime fuses into ``QLinearConv`` / ``MatMulIntegerToFloat`` / ``QLinearMatMul``
+(with the output grids of :mod:`mpsearch.export.qdq`) and runs the file in onnxruntime.
 """
 
 from __future__ import annotations

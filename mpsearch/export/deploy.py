@@ -50,7 +50,8 @@ def export_policy(model: str, dataset: str, policy: str | Path | Policy, output:
     example = next(iter(evaluator.data.calibration.batches(2)))[0]
     metadata = {"model": model, "dataset": dataset, "image_size": image_size, "checkpoint": checkpoint,
                 "baseline_sha256": evaluator.baseline.sha256, "policy": resolved.to_dict()}
-    path = save_exported(evaluator.qmodel.module, example, output, fmt, metadata={k: v for k, v in metadata.items() if v is not None})
+    path = save_exported(evaluator.qmodel.module, example, output, fmt, metadata={k: v for k, v in metadata.items() if v is not None},
+                         calibration=(x for x, _ in evaluator.data.calibration.batches(128)))
     return path, resolved
 
 

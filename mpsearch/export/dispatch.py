@@ -6,7 +6,7 @@ Both classifiers answer ``logits(x)``, ``predict(batches)``, ``input_shape``, ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ __all__ = ["open_exported", "exported_metadata", "save_exported"]
 
 
 def save_exported(model: nn.Module, example: torch.Tensor, path: str | Path, fmt: str, *,
-                  metadata: Mapping[str, Any] | None = None) -> Path:
+                  metadata: Mapping[str, Any] | None = None, calibration: Iterable[torch.Tensor] | None = None) -> Path:
     """``model`` (quantized by a policy, or float) written as ``fmt`` to ``path`` (each writer
-    checks ``path`` first)."""
+    checks ``path`` first); ``calibration`` (image batches) sets an ONNX file's output grids."""
     if fmt == "pt2e":
         return save_pt2e(model, example, path, metadata=metadata)
-    return save_onnx(model, example, path, metadata=metadata)
+    return save_onnx(model, example, path, metadata=metadata, calibration=calibration)
 
 
 def open_exported(path: str | Path, *, threads: int | None = None) -> Any:

@@ -4,10 +4,11 @@ Each quantized Conv2d / Linear becomes one call of a custom operator (``mpsearch
 ``mpsearch::integer_linear``) whose arguments are the layer's weights as integers on the policy's
 grid (int8 containers, per-output-channel scales and zero points) and its input quantizer (scale,
 zero point, integer range). Each quantized attention matmul becomes ``mpsearch::integer_matmul``.
-In PyTorch the operators compute exactly what the fake-quantized layer computes; in ONNX they
-become ``Clip -> QuantizeLinear -> ConvInteger / MatMulInteger -> Cast -> Mul (scales) -> Add (bias)``:
-the products and sums run on integers, and the Clip keeps an input narrower than 8 bits on its
-own grid (a 4-bit activation stays 4-bit inside the int8 container).
+In PyTorch the operators compute exactly what the fake-quantized layer computes (a batch norm
+after a convolution folded into its scales and bias, as the int8 backend folds it); in ONNX
+they become the QDQ form onnxruntime runs on integer kernels (:mod:`mpsearch.export.onnx`), a
+``Clip`` keeping an input narrower than 8 bits on its own grid (a 4-bit activation stays 4-bit
+inside the int8 container).
 
 Layers whose policy quantizes only the weights keep their weights as integers behind a
 ``DequantizeLinear`` and run a float operator; layers quantizing only the input run a
@@ -25,6 +26,7 @@ from torch import nn
 
 from mpsearch.errors import UserError
 from mpsearch.quant.attention import MatmulQuantizer
+from mpsearch.quant.backends import batch_norm_pairs, fold_batch_norm
 from mpsearch.quant.modules import QuantConv2d, QuantLinear, QuantWrapper
 from mpsearch.quant.primitives import QParams, fake_quantize
 
@@ -33,6 +35,7 @@ __all__ = ["IntegerInput", "to_integer_model", "integer_weight", "check_frozen",
 # How far a weight may sit from its grid point (relative to the step) and still be "on the grid":
 # float32 rounding of q * s, nothing more.
 _GRID_TOLERANCE = 1e-3
+_SPREAD_MAX = 64  # the largest integer a convolution's weights are spread to (IntegerConv2d.spread)
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,34 @@ class IntegerConv2d(_IntegerLayer):
                             "leave the layer at fp32 in the policy")
         self.stride, self.padding, self.dilation, self.groups = list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
+    def fold(self, batch_norm: nn.BatchNorm2d) -> bool:
+        """Take in the batch norm that follows this layer (its weight stays on the same integers,
+        its scales and bias absorb the normalization), so that the layer's output is the batch
+        norm's; False where it cannot (a float or unsigned weight, a -128 to flip)."""
+        if self.float_layer is not None or self.weight.dtype != torch.int8 or int(self.weight_zero_point.abs().max()) != 0:
+            return False
+        folded = fold_batch_norm(self.weight, self.weight_scale, batch_norm)
+        if folded is None:
+            return False
+        self.weight, self.weight_scale, factor, shift = folded
+        self.bias = shift if self.bias is None else self.bias * factor + shift
+        return True
+
+    def spread(self) -> None:
+        """Multiply each output channel's integers by the largest power of two that keeps them
+        within +-64, dividing its scale by the same: the weights' values stay bit for bit, but
+        the accumulator's step (input scale x weight scale) shrinks, and with it the rounding of
+        the float bias to the int32 bias onnxruntime's ``QLinearConv`` takes (16 levels of a
+        4-bit weight become -64..56: 8 times finer). Within +-64 no pair of uint8 x int8
+        products overflows int16, which AVX2 kernels without VNNI add them in."""
+        if self.float_layer is not None or self.weight.dtype != torch.int8 or int(self.weight_zero_point.abs().max()) != 0:
+            return
+        largest = self.weight.flatten(1).abs().amax(dim=1).clamp(min=1).float()
+        factor = torch.exp2(torch.floor(torch.log2(_SPREAD_MAX / largest))).clamp(min=1)
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        self.weight = (self.weight.to(torch.int32) * factor.to(torch.int32).view(shape)).to(torch.int8)
+        self.weight_scale = self.weight_scale / factor
+
     def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mpsearch.integer_conv2d(
             x, self.weight, self.weight_scale, self.weight_zero_point, self.bias, *self._input_args(),
@@ -265,10 +296,18 @@ class IntegerMatmul(nn.Module):
 _INTEGER_LAYERS: dict[type[QuantWrapper], type[_IntegerLayer]] = {QuantConv2d: IntegerConv2d, QuantLinear: IntegerLinear}
 
 
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def to_integer_model(quantized: nn.Module) -> nn.Module:
     """A copy of ``quantized`` (a model whose policy is applied: :func:`mpsearch.quantize`'s output
     or ``QuantizedModel.module``) with every wrapper and matmul quantizer replaced by its integer
-    form. Runs in PyTorch (for checks) and exports to ONNX with :func:`mpsearch.export.export_onnx`."""
+    form, and each batch norm that only a quantized convolution feeds folded into it (as the int8
+    backend folds it). Runs in PyTorch (for checks) and exports to ONNX with
+    :func:`mpsearch.export.export_onnx`."""
+    pairs = batch_norm_pairs(quantized)
     model = copy.deepcopy(quantized).eval()
     replaced = 0
     for name, module in list(model.named_modules()):
@@ -281,9 +320,16 @@ def to_integer_model(quantized: nn.Module) -> nn.Module:
             replacement = IntegerMatmul(module)
         else:
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        _set_module(model, name, replacement)
         replaced += 1
     if not replaced:
         raise UserError("export: the model holds no quantized layers; pass the output of mpsearch.quantize (a policy applied)")
+    modules = dict(model.named_modules())
+    for conv, batch_norm in pairs.items():
+        bn_name = next(name for name, module in quantized.named_modules() if module is batch_norm)
+        if isinstance(modules.get(conv), IntegerConv2d) and modules[conv].fold(modules[bn_name]):
+            _set_module(model, bn_name, nn.Identity())
+    for module in model.modules():
+        if isinstance(module, IntegerConv2d):
+            module.spread()
     return model

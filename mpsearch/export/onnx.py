@@ -1,15 +1,19 @@
 """ONNX export of a quantized model, and running the file in onnxruntime.
 
 :func:`save_onnx` exports the integer form of a model (:mod:`mpsearch.export.integer`) with
-PyTorch's ONNX exporter, translating mpsearch's integer operators into standard ONNX:
+PyTorch's ONNX exporter, translating mpsearch's integer operators into standard ONNX in the QDQ
+form, which onnxruntime's graph optimizer fuses into its integer kernels:
 
-- ``integer_conv2d`` / ``integer_linear``: ``Clip -> QuantizeLinear`` on the input (uint8 or int8
-  with the calibrated zero point), ``ConvInteger`` / ``MatMulInteger`` with the integer weight and
-  its zero point (int32 accumulation), ``Cast -> Mul`` by input scale x weight scale
-  per output channel, ``Add`` the bias. A layer with a float input dequantizes its weight
-  (``DequantizeLinear``, axis 0) and runs ``Conv`` / ``MatMul``.
-- ``integer_matmul``: both operands quantized, ``MatMulInteger``, rescaled.
-- ``quantize_dequantize``: ``Clip -> QuantizeLinear -> DequantizeLinear``.
+- ``integer_conv2d`` / ``integer_linear``: the input on its grid (``QuantizeLinear ->
+  DequantizeLinear``, uint8 or int8 with the calibrated zero point; a grid narrower than 8 bits
+  ``Clip``-ped to its own levels first), the integer weight behind a per-output-channel
+  ``DequantizeLinear``, a float ``Conv`` / ``MatMul`` and the bias. onnxruntime runs them as
+  ``QLinearConv`` and ``MatMulIntegerToFloat`` (int8 dot products: VNNI or AMX where the CPU has
+  them). A convolution's output gets the grid ``QLinearConv`` needs (:mod:`mpsearch.export.qdq`).
+  A layer with a float input keeps its weight's integers behind ``DequantizeLinear`` and runs
+  float.
+- ``integer_matmul``: both operands on their grids, ``MatMul`` (``QLinearMatMul``).
+- ``quantize_dequantize``: the input on its grid, the layer float.
 
 What the file is (model, data set, baseline, the policy with its quantization settings) is written into its metadata,
 so that ``mpsearch evaluate --onnx`` can rebuild the same policy in PyTorch and compare.
@@ -32,10 +36,11 @@ from torch import nn
 from mpsearch.errors import UserError
 from mpsearch.export.formats import check_output
 from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
+from mpsearch.export.qdq import OUTPUT_GRID_SUFFIX, quantize_layer_outputs
 from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantWrapper
 
-__all__ = ["save_onnx", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts",
+__all__ = ["save_onnx", "read_metadata", "OnnxClassifier", "integer_kernel_ops", "onnx_operator_counts", "kernel_summary",
            "graph_signature", "INTEGER_KERNELS", "METADATA_PREFIX", "OPSET"]
 
 logger = logging.getLogger(__name__)
@@ -45,79 +50,76 @@ OPSET = 18
 # ONNX element types of the integer containers.
 _UINT8, _INT8, _FLOAT = 2, 3, 1
 # Operators that run a layer's products on integers in onnxruntime's optimized graph.
-INTEGER_KERNELS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul")
 
 
 def _translations() -> dict[Any, Any]:
-    """onnxscript functions for mpsearch's operators (imported here: onnxscript is needed only to export)."""
+    """onnxscript functions for mpsearch's operators (imported here: onnxscript is needed only to
+    export), in the QDQ form: integers behind ``DequantizeLinear`` in front of float operators,
+    which onnxruntime's optimizer fuses into its integer kernels."""
     from onnxscript import opset18 as op
 
     def zero_point(value: int, signed: bool):
         return op.Cast(op.Constant(value_int=value), to=_INT8 if signed else _UINT8)
 
-    def quantize(x, scale: float, zp: int, qmin: int, qmax: int):
-        """x clipped to its grid's range, then on integers (Clip keeps a narrow width narrow)."""
-        lo = op.Constant(value_float=float((qmin - zp) * scale))
-        hi = op.Constant(value_float=float((qmax - zp) * scale))
-        return op.QuantizeLinear(op.Clip(x, lo, hi), op.Constant(value_float=scale), zero_point(zp, qmin < 0))
+    def on_grid(x, scale: float, zp: int, qmin: int, qmax: int):
+        """x quantized and dequantized; a grid narrower than its 8-bit container is clipped to its
+        own levels first (QuantizeLinear saturates at the container's)."""
+        container = (-128, 127) if qmin < 0 else (0, 255)
+        if (qmin, qmax) != container:
+            x = op.Clip(x, op.Constant(value_float=float((qmin - zp) * scale)), op.Constant(value_float=float((qmax - zp) * scale)))
+        s, z = op.Constant(value_float=scale), zero_point(zp, qmin < 0)
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, z), s, z)
 
-    def rescale(y, scale, bias, channel_shape: list[int]):
-        y = op.Mul(op.Cast(y, to=_FLOAT), op.Reshape(scale, op.Constant(value_ints=channel_shape)))
-        if bias is not None:
-            y = op.Add(y, op.Reshape(bias, op.Constant(value_ints=channel_shape)))
-        return y
-
-    def dequantized_weight(weight, weight_scale, weight_zero_point):
+    def dequantized_weight(weight, weight_scale, weight_zero_point, axis: int):
         # Per-axis DequantizeLinear takes one zero point per channel: the tensor's one, repeated.
-        return op.DequantizeLinear(weight, weight_scale, op.Expand(weight_zero_point, op.Shape(weight_scale)), axis=0)
+        return op.DequantizeLinear(weight, weight_scale, op.Expand(weight_zero_point, op.Shape(weight_scale)), axis=axis)
 
     def integer_conv2d(x, weight, weight_scale, weight_zero_point, bias, act_scale: float, act_zero_point: int,
                        act_qmin: int, act_qmax: int, stride, padding, dilation, groups: int):
         attrs = dict(strides=list(stride), pads=list(padding) + list(padding), dilations=list(dilation), group=groups)
-        if act_scale == 0.0:
-            w = dequantized_weight(weight, weight_scale, weight_zero_point)
-            return op.Conv(x, w, bias, **attrs) if bias is not None else op.Conv(x, w, **attrs)
-        xq = quantize(x, act_scale, act_zero_point, act_qmin, act_qmax)
-        y = op.ConvInteger(xq, weight, zero_point(act_zero_point, act_qmin < 0), weight_zero_point, **attrs)
-        return rescale(y, op.Mul(weight_scale, op.Constant(value_float=act_scale)), bias, [1, -1, 1, 1])
+        if act_scale != 0.0:
+            x = on_grid(x, act_scale, act_zero_point, act_qmin, act_qmax)
+        w = dequantized_weight(weight, weight_scale, weight_zero_point, 0)
+        return op.Conv(x, w, bias, **attrs) if bias is not None else op.Conv(x, w, **attrs)
 
     def integer_linear(x, weight, weight_scale, weight_zero_point, bias, act_scale: float, act_zero_point: int,
                        act_qmin: int, act_qmax: int):
-        if act_scale == 0.0:
-            y = op.MatMul(x, op.Transpose(dequantized_weight(weight, weight_scale, weight_zero_point), perm=[1, 0]))
-            return op.Add(y, bias) if bias is not None else y
-        xq = quantize(x, act_scale, act_zero_point, act_qmin, act_qmax)
-        y = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero_point(act_zero_point, act_qmin < 0), weight_zero_point)
-        return rescale(y, op.Mul(weight_scale, op.Constant(value_float=act_scale)), bias, [-1])
+        if act_scale != 0.0:
+            x = on_grid(x, act_scale, act_zero_point, act_qmin, act_qmax)
+        # The weight stored as (in, out), so that its DequantizeLinear feeds the MatMul directly.
+        y = op.MatMul(x, dequantized_weight(op.Transpose(weight, perm=[1, 0]), weight_scale, weight_zero_point, 1))
+        return op.Add(y, bias) if bias is not None else y
 
     def integer_matmul(a, b, a_scale: float, a_zero_point: int, a_qmin: int, a_qmax: int,
                        b_scale: float, b_zero_point: int, b_qmin: int, b_qmax: int):
-        y = op.MatMulInteger(quantize(a, a_scale, a_zero_point, a_qmin, a_qmax), quantize(b, b_scale, b_zero_point, b_qmin, b_qmax),
-                             zero_point(a_zero_point, a_qmin < 0), zero_point(b_zero_point, b_qmin < 0))
-        return op.Mul(op.Cast(y, to=_FLOAT), op.Constant(value_float=a_scale * b_scale))
+        return op.MatMul(on_grid(a, a_scale, a_zero_point, a_qmin, a_qmax), on_grid(b, b_scale, b_zero_point, b_qmin, b_qmax))
 
     def quantize_dequantize(x, scale: float, zero_point_: int, qmin: int, qmax: int):
-        return op.DequantizeLinear(quantize(x, scale, zero_point_, qmin, qmax), op.Constant(value_float=scale),
-                                   zero_point(zero_point_, qmin < 0))
+        return on_grid(x, scale, zero_point_, qmin, qmax)
 
     functions = {"integer_conv2d": integer_conv2d, "integer_linear": integer_linear,
                  "integer_matmul": integer_matmul, "quantize_dequantize": quantize_dequantize}
     return {INTEGER_OPERATORS[name]: fn for name, fn in functions.items()}
 
 
-def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> Path:
+def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, metadata: Mapping[str, Any] | None = None,
+              calibration: Iterable[torch.Tensor] | None = None) -> Path:
     """Export ``model`` to ``path``; returns the path. A quantized model (a policy applied) is
-    written in integer form (:func:`~mpsearch.export.integer.to_integer_model`), a float one as it is.
+    written in integer form (:func:`~mpsearch.export.integer.to_integer_model`), in the QDQ form
+    onnxruntime runs on integer kernels; a float one as it is.
 
-    ``example`` is one input batch (its batch size is exported as dynamic). ``metadata`` values
-    (JSON-serialized where not strings) are stored as ``mpsearch.<key>`` metadata properties.
-    The file passes ``onnx.checker``.
+    ``example`` is one input batch (its batch size is exported as dynamic). The output grids the
+    integer kernels need (:mod:`mpsearch.export.qdq`) are calibrated on ``calibration`` (batches
+    of images; default ``example``). ``metadata`` values (JSON-serialized where not strings) are
+    stored as ``mpsearch.<key>`` metadata properties. The file passes ``onnx.checker``.
     """
     import onnx
 
     path = check_output(path, "onnx")
     quantized = any(isinstance(m, (QuantWrapper, MatmulQuantizer)) for m in model.modules())
     exported = to_integer_model(model) if quantized else model.eval()
+    calibration = [example] if calibration is None else calibration
     example = example[:2].float().contiguous()
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter prints its progress with print(): keep it out of mpsearch's output.
@@ -128,6 +130,10 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, meta
             dynamic_shapes=({0: batch},), optimize=True, verbose=False,
         )
     proto = program.model_proto
+    if quantized:
+        images = [x.float().contiguous().numpy() for x in calibration]
+        grids = quantize_layer_outputs(proto, images)
+        metadata = {**(metadata or {}), "calibrated_output_grids": sum(1 for how in grids.values() if how == "calibrated")}
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key = METADATA_PREFIX + key
@@ -215,8 +221,10 @@ def graph_signature(path: str | Path) -> str:
     operator, its integer and string attributes (strides, groups, the integer types it casts
     to), and the types and shapes of the tensors it reads from the file. Float values (scales,
     clip bounds) are left out, and so is which node shares which stored constant (the exporter
-    merges equal ones). Two policies that put the same layers on integer kernels get the same
-    signature whatever their widths (<= 8 bits share one int8 kernel), so one timing serves both."""
+    merges equal ones), and so are ReLUs, a narrow grid's ``Clip`` and the output grids of
+    :mod:`mpsearch.export.qdq` (elementwise, next to a convolution), and the nodes' order. Two policies that put the
+    same layers on integer kernels get the same signature whatever their widths (<= 8 bits share
+    one int8 kernel), so one timing serves both."""
     import hashlib
 
     import onnx
@@ -225,6 +233,8 @@ def graph_signature(path: str | Path) -> str:
     stored = {init.name: f"{init.data_type}{list(init.dims)}" for init in graph.initializer}
     parts = []
     for node in graph.node:
+        if node.op_type in ("Clip", "Relu") or OUTPUT_GRID_SUFFIX in node.name:
+            continue  # elementwise: a narrow grid's clip (which a ReLU before it joins), a convolution's output grid
         attributes = []
         for attr in node.attribute:
             value = onnx.helper.get_attribute_value(attr)
@@ -235,7 +245,7 @@ def graph_signature(path: str | Path) -> str:
             attributes.append(f"{attr.name}={value}")
         inputs = [stored.get(name, "") for name in node.input]
         parts.append(f"{node.domain}:{node.op_type}({','.join(inputs)}){';'.join(attributes)}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()  # sorted: where a grid went moves nodes
 
 
 def integer_kernel_ops(path: str | Path, optimized_path: str | Path) -> dict[str, int]:
@@ -243,3 +253,18 @@ def integer_kernel_ops(path: str | Path, optimized_path: str | Path) -> dict[str
     ``optimized_path``): what the session runs; :data:`INTEGER_KERNELS` are the integer operators."""
     OnnxClassifier(path, optimized_path=optimized_path)
     return onnx_operator_counts(optimized_path)
+
+
+FLOAT_KERNELS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "Gemm", "FusedGemm", "FusedMatMul", "MatMulNBits")
+
+
+def kernel_summary(path: str | Path) -> str:
+    """What onnxruntime's optimized graph of ``path`` runs its convolutions and matmuls on, in
+    words: "12 integer convolutions/matmuls (QLinearConv 11, QGemm 1), 1 float"."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mpsearch-onnx-") as tmp:
+        ops = integer_kernel_ops(path, Path(tmp) / "optimized.onnx")
+    integer = {op: ops[op] for op in INTEGER_KERNELS if ops.get(op)}
+    detail = f" ({', '.join(f'{op} {n}' for op, n in integer.items())})" if integer else ""
+    return f"{sum(integer.values())} integer convolutions/matmuls{detail}, {sum(ops.get(op, 0) for op in FLOAT_KERNELS)} float"

@@ -32,7 +32,7 @@ from mpsearch.registry import Registry
 if TYPE_CHECKING:
     from mpsearch.quant.apply import QuantizedModel
 
-__all__ = ["BACKENDS", "EvalBackend", "register_backend", "resolve_backend", "int8_unavailable"]
+__all__ = ["BACKENDS", "EvalBackend", "register_backend", "resolve_backend", "int8_unavailable", "batch_norm_pairs", "fold_batch_norm"]
 
 
 class EvalBackend:
@@ -135,6 +135,26 @@ def batch_norm_pairs(module: nn.Module) -> dict[str, nn.BatchNorm2d]:
     return pairs
 
 
+def fold_batch_norm(qweight: torch.Tensor, w_scale: torch.Tensor, batch_norm: nn.BatchNorm2d
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A convolution's int8 weight (zero point 0, per-channel ``w_scale``) with the batch norm that
+    follows it folded in: ``bn(s_w q_w * x + b) = (s_w |k|) (sign(k) q_w) * x + (b k + shift)``.
+    Returns ``(qweight, w_scale, k, shift)``, the bias becoming ``b k + shift``; None where a
+    negative factor would flip a -128 (no int8 holds +128), so the batch norm stays."""
+    k = (batch_norm.weight.detach() if batch_norm.affine else 1.0) / torch.sqrt(batch_norm.running_var + batch_norm.eps)
+    k = torch.as_tensor(k, dtype=torch.float32).expand(w_scale.numel())
+    negative = k < 0  # a negative factor flips the channel's integers, so that scales stay positive
+    if negative.any():
+        if bool((qweight[negative] == -128).any()):
+            return None
+        qweight = qweight.clone()
+        qweight[negative] = -qweight[negative]
+    shift = -batch_norm.running_mean * k
+    if batch_norm.affine:
+        shift = shift + batch_norm.bias.detach()
+    return qweight, (w_scale * k.abs()).contiguous(), k, shift.float()
+
+
 class _Int8Kernel:
     """One layer on oneDNN's int8 kernel: quantize the input to its grid, run, get float32 back.
     A convolution followed by a batch norm (``batch_norm``) applies it through its output scales
@@ -144,20 +164,10 @@ class _Int8Kernel:
                  buffers: dict[tuple, torch.Tensor], batch_norm: nn.BatchNorm2d | None = None) -> None:
         self.buffers = buffers
         self.batch_norm, self.bn_factor, self.bn_shift = None, None, None
-        if batch_norm is not None:
-            k = (batch_norm.weight.detach() if batch_norm.affine else 1.0) / torch.sqrt(batch_norm.running_var + batch_norm.eps)
-            k = torch.as_tensor(k, dtype=torch.float32).expand(w_scale.numel())
-            negative = k < 0  # a negative factor flips the channel's integers, so that scales stay positive
-            flips_min = bool((qweight[negative] == -128).any()) if negative.any() else False
-            if not flips_min:
-                if negative.any():
-                    qweight = qweight.clone()
-                    qweight[negative] = -qweight[negative]
-                shift = -batch_norm.running_mean * k
-                if batch_norm.affine:
-                    shift = shift + batch_norm.bias.detach()
-                self.batch_norm, self.bn_factor, self.bn_shift = batch_norm, k, shift.float()
-                w_scale = (w_scale * k.abs()).contiguous()
+        folded = fold_batch_norm(qweight, w_scale, batch_norm) if batch_norm is not None else None
+        if folded is not None:
+            qweight, w_scale, self.bn_factor, self.bn_shift = folded
+            self.batch_norm = batch_norm
         self.scale = float(act.scale)
         self.inv_scale = torch.tensor(1.0 / self.scale, dtype=torch.float32)  # what fake_quantize multiplies by
         zero_point = int(act.zero_point)

@@ -1,0 +1,180 @@
+"""Output grids that let onnxruntime run every quantized convolution of an ONNX file on its integer kernel.
+
+The exported graph holds each quantized layer in QDQ form: ``QuantizeLinear -> DequantizeLinear``
+on the input, the integer weight behind ``DequantizeLinear``, a float ``Conv`` / ``MatMul``.
+onnxruntime's optimizer fuses a ``MatMul`` between dequantized operands into
+``MatMulIntegerToFloat`` (float out), but a ``Conv`` only when a ``QuantizeLinear`` reads its
+output too: ``QLinearConv`` returns integers. :func:`quantize_layer_outputs` gives each quantized
+convolution's output that grid (``QuantizeLinear -> DequantizeLinear``):
+
+- where the output goes (through a ReLU, and the ``Clip`` of a narrow grid) to the next layer's
+  input quantizer, that quantizer's grid, which changes nothing (onnxruntime then drops the ReLU
+  and the duplicate quantizer);
+- anywhere else (a residual add, a pooling, a float layer), an 8-bit grid over the range the
+  output takes on calibration images (from 0 where a ReLU alone follows: that grid is the ReLU).
+
+A 2-D ``MatMul`` with a bias (a classifier's head) becomes a float ``Gemm`` in onnxruntime; it
+gets no grid, since 8 bits on the logits would flip close predictions, and a head costs little.
+The calibrated grids are rounding the file adds to what the search measured; ``mpsearch
+evaluate --onnx`` measures what they change.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["quantize_layer_outputs", "OUTPUT_GRID_SUFFIX"]
+
+OUTPUT_GRID_SUFFIX = "_output_grid"  # names of what quantize_layer_outputs adds end with this
+_UINT8 = 2
+
+
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            users[name].append(node)
+    return users
+
+
+def _single_user(tensor: str, users: dict[str, list[Any]], op_type: str) -> Any | None:
+    following = users.get(tensor, [])
+    return following[0] if len(following) == 1 and following[0].op_type == op_type else None
+
+
+def _output_grid(node: Any, producers: dict[str, Any], users: dict[str, list[Any]]) -> tuple[str, Any | None] | None:
+    """Where this quantized Conv's output needs a grid: ``(tensor, quantizer)``, the quantizer being
+    the next layer's input ``QuantizeLinear`` whose grid it takes, or None for a calibrated one.
+    None where no grid is needed (a ``QuantizeLinear`` reads the output already) or ``node`` is
+    no quantized Conv."""
+    if node.op_type != "Conv":
+        return None
+    if not all(name in producers and producers[name].op_type == "DequantizeLinear" for name in node.input[:2]):
+        return None
+    out = node.output[0]
+    if _single_user(out, users, "QuantizeLinear") is not None:
+        return None
+    # Through a ReLU and the Clip of a narrow grid to the next layer's input quantizer: the output
+    # takes that quantizer's grid. Exact: both its clip bounds and 0 are on the grid, and ReLU and
+    # Clip commute with rounding to a grid holding their thresholds.
+    tensor = out
+    relu = _single_user(tensor, users, "Relu")
+    if relu is not None:
+        tensor = relu.output[0]
+    clip = _single_user(tensor, users, "Clip")
+    if clip is not None:
+        tensor = clip.output[0]
+    return out, _single_user(tensor, users, "QuantizeLinear")
+
+
+def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """(min, max) of each named tensor over ``images``, from onnxruntime (basic optimizations, so
+    that every named tensor still exists)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    low = dict.fromkeys(names, 0.0)
+    high = dict.fromkeys(names, 0.0)
+    for batch in images:
+        outputs = session.run(names, {input_name: batch})
+        for name, value in zip(names, outputs):
+            low[name] = min(low[name], float(value.min()))
+            high[name] = max(high[name], float(value.max()))
+    return {name: (low[name], high[name]) for name in names}
+
+
+def _grid(low: float, high: float) -> tuple[float, int]:
+    """An asymmetric uint8 grid holding [low, high] and 0 exactly: (scale, zero point)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255 if high > low else 1.0
+    return scale, int(np.clip(round(-low / scale), 0, 255))
+
+
+def _constant(graph: Any, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    raise KeyError(name)
+
+
+def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str, str]:
+    """Add an 8-bit output grid (``QuantizeLinear -> DequantizeLinear``) to each quantized Conv of
+    the ONNX ``model`` that needs one: the next layer's input grid where its output reaches only
+    that, else a grid calibrated on ``images`` (float32 batches). Edits ``model`` in place;
+    returns each quantized tensor with where its grid came from (``next layer`` or ``calibrated``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    users = _consumers(graph)
+    grids: dict[str, tuple[float, int, int]] = {}  # tensor -> (scale, zero point, ONNX type)
+    calibrate: dict[str, str] = {}  # tensor -> the tensor whose range sets its grid
+    for node in graph.node:
+        found = _output_grid(node, producers, users)
+        if found is None:
+            continue
+        tensor, quantizer = found
+        if quantizer is not None:
+            zero_point = _constant(graph, quantizer.input[2])
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(zero_point.dtype)
+            grids[tensor] = (float(_constant(graph, quantizer.input[1])), int(zero_point), dtype)
+            continue
+        # A lone ReLU after the layer: calibrate after it, and the grid (zero point 0) is the ReLU.
+        relu = _single_user(tensor, users, "Relu")
+        calibrate[tensor] = relu.output[0] if relu is not None else tensor
+    if calibrate:
+        ranges = _ranges(model, sorted(set(calibrate.values())), images)
+        for tensor, measured in calibrate.items():
+            grids[tensor] = (*_grid(*ranges[measured]), _UINT8)
+    for tensor, (scale, zero_point, dtype) in grids.items():
+        base = tensor + OUTPUT_GRID_SUFFIX
+        container = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, dtype=np.float32), base + "_scale"),
+                                  numpy_helper.from_array(np.array(zero_point, dtype=container), base + "_zero_point")])
+        # The layer writes a new tensor; the grid's DequantizeLinear writes the old name, so that
+        # every reader now reads the output on its grid.
+        producers[tensor].output[0] = base + "_raw"
+        graph.node.extend([
+            onnx.helper.make_node("QuantizeLinear", [base + "_raw", base + "_scale", base + "_zero_point"], [base + "_q"],
+                                  name=base + "_quantize"),
+            onnx.helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero_point"], [tensor],
+                                  name=base + "_dequantize"),
+        ])
+    _sort_topologically(graph)
+    return {tensor: "calibrated" if tensor in calibrate else "next layer" for tensor in grids}
+
+
+def _sort_topologically(graph: Any) -> None:
+    """Reorder ``graph.node`` so that every node follows the nodes it reads from (ONNX requires it)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise RuntimeError("export: the ONNX graph has a cycle after adding output grids")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
