@@ -241,7 +241,8 @@ def test_the_hypervolume_reference_is_the_costliest_policy_of_the_space(compared
     for method in scores.index:
         assert fp32.loc[method, "hypervolume"] - scores.loc[method, "hypervolume"] == pytest.approx(
             best[method] * (1.0 - ref[1]), abs=1e-6)
-    assert f"| {scores['hypervolume'].iloc[0]:.4f} |" in (result.out_dir / "compare.md").read_text()
+    floored = method_scores(result.trials, OBJECTIVES, ref, cfg.search.max_drop)  # compare.md's fronts hold the floor
+    assert f"| {floored['hypervolume'].iloc[0]:.4f} |" in (result.out_dir / "compare.md").read_text()
 
 
 def test_a_promoted_candidate_is_measured_on_the_added_images_only(compared, digits, digits_baseline):

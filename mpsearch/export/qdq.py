@@ -79,8 +79,10 @@ def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> dict[
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    outputs = {output.name for output in probe.graph.output}
     for name in names:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        if name not in outputs:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
