@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 METADATA_PREFIX = "mpsearch."
 OPSET = 18
 # ONNX element types of the integer containers.
-_UINT8, _INT8, _FLOAT = 2, 3, 1
+_UINT8, _INT8 = 2, 3
 # Operators that run a layer's products on integers in onnxruntime's optimized graph.
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul")
 
