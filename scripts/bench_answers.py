@@ -106,22 +106,14 @@ def study_row(result: SearchResult, variant: str, seed: int, wall: float) -> dic
             "hypervolume_test": test_hypervolume(result)}
 
 
-def baseline_line(args: argparse.Namespace) -> str:
-    """The baseline every study searched: its test accuracy and checkpoint hash, from the first study."""
-    for study in sorted(Path(args.out).glob("*/study.json")):
-        result = load_result(study.parent)
-        fp32 = float(result.front["fp32_test_accuracy"].iloc[0])
-        return f"{args.model} at {100 * fp32:.2f} % test (the cached seed-0 checkpoint)"
-    return f"{args.model}, the cached seed-0 checkpoint"
-
-
-def markdown(answers: pd.DataFrame, studies: pd.DataFrame, variants: dict[str, list[str]], args: argparse.Namespace) -> str:
+def markdown(answers: pd.DataFrame, studies: pd.DataFrame, variants: dict[str, list[str]], args: argparse.Namespace,
+             baseline: str) -> str:
     lines = ["# Do the answers hold?", "",
              f"`mpsearch optimize --model {args.model} --dataset {args.dataset} --budget {args.budget}` on each seed "
              "(the seed drives calibration and the search; one cached baseline for all), and each answer's promise "
              "against the test split. Holds: the test drop is within the tolerance; `within +0.3`: within the "
              "tolerance plus 0.3 pp (the test split's own noise). The end phase chooses the answers and measures the "
-             "front on test. Baseline: " + baseline_line(args) + ".", "",
+             "front on test. Baseline: " + baseline + ".", "",
              f"Measured with `python scripts/bench_answers.py --model {args.model} --dataset {args.dataset} --budget {args.budget} "
              f"--seeds {args.seeds}"
              + "".join(f" --variant {shlex.quote(' '.join(v))}" for v in variants.values()) + "`",
@@ -173,7 +165,7 @@ def main() -> None:
     p.add_argument("--markdown", default=None, help="write the tables to this file")
     args = p.parse_args()
     variants = {v: shlex.split(v) for v in (args.variant or ["nsga2"])}
-    answers, studies = [], []
+    answers, studies, fp32_test = [], [], []
     checkpoint = baseline_checkpoint(args.model, args.dataset)
     for variant, flags in variants.items():
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -181,11 +173,13 @@ def main() -> None:
             result, wall = run_variant(args.model, args.dataset, args.budget, seed, flags, Path(args.out) / name, checkpoint)
             answers += answer_rows(result, variant, seed)
             studies.append(study_row(result, variant, seed, wall))
+            fp32_test.append(float(result.front["fp32_test_accuracy"].iloc[0]))
     answers_df, studies_df = pd.DataFrame(answers), pd.DataFrame(studies)
     pd.set_option("display.width", 200)
     print(answers_df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(studies_df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    text = markdown(answers_df, studies_df, variants, args)
+    baseline = f"{args.model} at {100 * fp32_test[0]:.2f} % test (the cached seed-0 checkpoint)"
+    text = markdown(answers_df, studies_df, variants, args, baseline)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)

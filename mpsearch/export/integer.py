@@ -225,11 +225,16 @@ class IntegerConv2d(_IntegerLayer):
                             "leave the layer at fp32 in the policy")
         self.stride, self.padding, self.dilation, self.groups = list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
+    @property
+    def _symmetric_int8(self) -> bool:
+        """Whether the weight is integers in int8 with zero point 0 (what folding and spreading keep)."""
+        return self.float_layer is None and self.weight.dtype == torch.int8 and int(self.weight_zero_point.abs().max()) == 0
+
     def fold(self, batch_norm: nn.BatchNorm2d) -> bool:
         """Take in the batch norm that follows this layer (its weight stays on the same integers,
         its scales and bias absorb the normalization), so that the layer's output is the batch
         norm's; False where it cannot (a float or unsigned weight, a -128 to flip)."""
-        if self.float_layer is not None or self.weight.dtype != torch.int8 or int(self.weight_zero_point.abs().max()) != 0:
+        if not self._symmetric_int8:
             return False
         folded = fold_batch_norm(self.weight, self.weight_scale, batch_norm)
         if folded is None:
@@ -245,7 +250,7 @@ class IntegerConv2d(_IntegerLayer):
         the float bias to the int32 bias onnxruntime's ``QLinearConv`` takes (16 levels of a
         4-bit weight become -64..56: 8 times finer). Within +-64 no pair of uint8 x int8
         products overflows int16, which AVX2 kernels without VNNI add them in."""
-        if self.float_layer is not None or self.weight.dtype != torch.int8 or int(self.weight_zero_point.abs().max()) != 0:
+        if not self._symmetric_int8:
             return
         largest = self.weight.flatten(1).abs().amax(dim=1).clamp(min=1).float()
         factor = torch.exp2(torch.floor(torch.log2(_SPREAD_MAX / largest))).clamp(min=1)
@@ -296,11 +301,6 @@ class IntegerMatmul(nn.Module):
 _INTEGER_LAYERS: dict[type[QuantWrapper], type[_IntegerLayer]] = {QuantConv2d: IntegerConv2d, QuantLinear: IntegerLinear}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def to_integer_model(quantized: nn.Module) -> nn.Module:
     """A copy of ``quantized`` (a model whose policy is applied: :func:`mpsearch.quantize`'s output
     or ``QuantizedModel.module``) with every wrapper and matmul quantizer replaced by its integer
@@ -320,7 +320,7 @@ def to_integer_model(quantized: nn.Module) -> nn.Module:
             replacement = IntegerMatmul(module)
         else:
             continue
-        _set_module(model, name, replacement)
+        model.set_submodule(name, replacement)
         replaced += 1
     if not replaced:
         raise UserError("export: the model holds no quantized layers; pass the output of mpsearch.quantize (a policy applied)")
@@ -328,7 +328,7 @@ def to_integer_model(quantized: nn.Module) -> nn.Module:
     for conv, batch_norm in pairs.items():
         bn_name = next(name for name, module in quantized.named_modules() if module is batch_norm)
         if isinstance(modules.get(conv), IntegerConv2d) and modules[conv].fold(modules[bn_name]):
-            _set_module(model, bn_name, nn.Identity())
+            model.set_submodule(bn_name, nn.Identity())
     for module in model.modules():
         if isinstance(module, IntegerConv2d):
             module.spread()

@@ -147,6 +147,7 @@ def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str
         ranges = _ranges(model, sorted(set(calibrate.values())), images)
         for tensor, measured in calibrate.items():
             grids[tensor] = (*_grid(*ranges[measured]), _UINT8)
+    after: dict[str, list[Any]] = {}  # a layer's (new) output -> the grid nodes that read it
     for tensor, (scale, zero_point, dtype) in grids.items():
         base = tensor + OUTPUT_GRID_SUFFIX
         container = onnx.helper.tensor_dtype_to_np_dtype(dtype)
@@ -155,28 +156,14 @@ def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str
         # The layer writes a new tensor; the grid's DequantizeLinear writes the old name, so that
         # every reader now reads the output on its grid.
         producers[tensor].output[0] = base + "_raw"
-        graph.node.extend([
+        after[base + "_raw"] = [
             onnx.helper.make_node("QuantizeLinear", [base + "_raw", base + "_scale", base + "_zero_point"], [base + "_q"],
                                   name=base + "_quantize"),
             onnx.helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero_point"], [tensor],
                                   name=base + "_dequantize"),
-        ])
-    _sort_topologically(graph)
-    return {tensor: "calibrated" if tensor in calibrate else "next layer" for tensor in grids}
-
-
-def _sort_topologically(graph: Any) -> None:
-    """Reorder ``graph.node`` so that every node follows the nodes it reads from (ONNX requires it)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(name in available for name in n.input)]
-        if not ready:
-            raise RuntimeError("export: the ONNX graph has a cycle after adding output grids")
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [n for n in pending if n not in ready]
+        ]
+    # Each grid right after its layer: the graph stays in topological order, as ONNX requires.
+    ordered = [added for node in graph.node for added in (node, *after.get(node.output[0] if node.output else "", ()))]
     del graph.node[:]
     graph.node.extend(ordered)
+    return {tensor: "calibrated" if tensor in calibrate else "next layer" for tensor in grids}
