@@ -21,6 +21,8 @@ from mpsearch.log import set_verbosity
 
 __version__ = "0.1.0"
 
+# The front door: what most users need. Everything else is imported from its package
+# (mpsearch.config, mpsearch.policy, mpsearch.quant, mpsearch.cost, mpsearch.models, ...).
 _EXPORTS = {
     "search": "mpsearch.api",
     "quantize": "mpsearch.api",
@@ -30,25 +32,11 @@ _EXPORTS = {
     "load_result": "mpsearch.study",
     "make_data": "mpsearch.data",
     "load_dataset": "mpsearch.data",
-    "DataSplits": "mpsearch.data",
-    "UserError": "mpsearch.errors",
-    "StudyConfig": "mpsearch.config",
-    "SearchConfig": "mpsearch.config",
-    "RunConfig": "mpsearch.config",
-    "QuantConfig": "mpsearch.config",
-    "FinetuneConfig": "mpsearch.config",
-    "TrainRecipe": "mpsearch.config",
-    "LayerPrecision": "mpsearch.policy",
+    "get_baseline": "mpsearch.models.zoo",
+    "Evaluator": "mpsearch.evaluation.evaluator",
     "Policy": "mpsearch.policy",
-    "uniform_policy": "mpsearch.policy",
-    "create_model": "mpsearch.zoo",
-    "get_baseline": "mpsearch.zoo",
-    "Baseline": "mpsearch.zoo",
-    "QuantizedModel": "mpsearch.quant",
-    "count_costs": "mpsearch.cost",
-    "load_profile": "mpsearch.cost",
-    "Evaluator": "mpsearch.evaluate",
-    "EvaluationResult": "mpsearch.evaluate",
+    "StudyConfig": "mpsearch.config",
+    "UserError": "mpsearch.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__", "set_verbosity"]

@@ -5,14 +5,16 @@
     result = mpsearch.search(my_model, data, budget=200)        # any nn.Module, or a timm name
     policy = result.pick("knee")                                 # or "accuracy>=0.91", "energy<=0.1", a trial
     qmodel = mpsearch.quantize(my_model, policy, data)           # a fake-quantized copy; my_model untouched
+    mpsearch.export_onnx(qmodel, "model.onnx", data)             # on onnxruntime's integer kernels
 
 Everything here is a thin layer over :mod:`mpsearch.study` (the search), :mod:`mpsearch.quant`
-(applying a policy) and :mod:`mpsearch.evaluate` (measuring one); the ``mpsearch`` command
+(applying a policy) and :mod:`mpsearch.evaluation.evaluator` (measuring one); the ``mpsearch`` command
 calls the same functions.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,22 +29,22 @@ from mpsearch.study import SearchResult, run_study
 
 __all__ = ["search", "quantize", "export_onnx", "export_pt2e"]
 
+# The policy of each module mpsearch.quantize returned, so that exporting it needs no second
+# calibration. Weak keys: an entry lives as long as the user's quantized module.
+_POLICY_OF: weakref.WeakKeyDictionary[nn.Module, Policy] = weakref.WeakKeyDictionary()
+
 
 def search(
     model: nn.Module | str,
     data: DataSplits | str,
-    *,
-    budget: int = 200,
-    objectives: Sequence[str] = ("accuracy", "energy"),
-    algorithm: str = "nsga2",
-    space: str | Path | None = None,
-    max_drop: float | None = 5.0,
-    seed: int = 0,
-    workers: int | None = None,
-    storage: str | None = None,
-    out: str | Path | None = None,
     config: StudyConfig | None = None,
-    latency: bool = True,
+    *,
+    budget: int | None = None,
+    algorithm: str | None = None,
+    objectives: Sequence[str] | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    out: str | Path | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Search per-layer weight/activation bit widths of ``model``; every candidate is measured.
@@ -54,26 +56,20 @@ def search(
             ``DataLoader`` s with :func:`mpsearch.make_data`, or a data set name
             (``"fashion-mnist"``, ``"digits"``, ``"cifar10"``, ``"imagefolder:PATH"``). The
             search measures on its validation split, the final front on its test split.
-        budget: trials per search method (each measured on the first ``eval_images`` validation images).
+        config: every setting of the study (:class:`~mpsearch.config.StudyConfig`: quantizers,
+            search, accuracy floor, storage, fine-tuning, how the front is timed); default
+            ``StudyConfig()``. The keywords below, where given, replace its fields.
+        budget: trials per search method (``search.budget``).
+        algorithm: ``"nsga2"``, ``"optuna-nsga2"``, ``"optuna-tpe"``, ``"random"``, ``"ilp"``
+            (HAWQ-V3), ``"greedy"``; ``"+mf"`` adds multi-fidelity promotions; several, comma
+            separated, are compared on one study (``search.algorithm``).
         objectives: ``"accuracy"`` first, then costs relative to fp32: ``"energy"``, ``"size"``,
-            ``"bops"``, ``"energy@PROFILE"``.
-        algorithm: ``"nsga2"`` (default), ``"optuna-nsga2"``, ``"optuna-tpe"``, ``"random"``,
-            ``"ilp"`` (HAWQ-V3), ``"greedy"``; ``"+mf"`` adds multi-fidelity promotions; several,
-            comma separated, are compared on one study.
-        space: a search space YAML path or name (default: by model family).
-        max_drop: the accuracy floor, in percentage points below fp32 on the same validation
-            images: candidates below it count as infeasible in the search and are never on the
-            front, re-measured or picked (they stay in ``.trials``); ``None``: no floor.
+            ``"bops"``, ``"latency"``, ``"energy@PROFILE"`` (``search.objectives``).
         seed: seeds calibration, quantizers and the search: same seed, same result.
-        workers: Ray workers measuring in parallel; ``None``: one per core; ``0``: in this process.
-        storage: an Optuna storage URL to record the study in (resumable, optuna-dashboard shows it).
-        out: a folder for the study's files (trials, front, policies, plots, report.md).
-            Without ``storage`` and ``out`` nothing is written.
-        config: every other setting (quantizers, search details, fine-tuning, how the front is
-            timed); the arguments above replace its fields.
-        latency: export each re-measured Pareto point to ONNX and time it in onnxruntime
-            (columns ``onnx_mib``, ``latency_b1_ms``, ``speedup_b1``, ... of ``.front``);
-            False skips it.
+        workers: Ray workers measuring in parallel; ``-1``: one per core; ``0``: in this process
+            (``run.workers``).
+        out: a folder for the study's files (trials, front, policies, plots, report.md)
+            (``run.out_dir``). Without it and without ``config.run.storage`` nothing is written.
         progress: show progress bars.
 
     Returns:
@@ -82,15 +78,10 @@ def search(
     """
     model_obj, model_name = (None, model) if isinstance(model, str) else (model, _model_name(model))
     data_obj, dataset = (None, data) if isinstance(data, str) else (_splits(data), _splits(data).info.name)
-    overrides = {
-        "model": model_name, "dataset": dataset, "seed": seed, "search.budget": budget,
-        "search.objectives": list(objectives), "search.algorithm": algorithm, "search.space": str(space or ""),
-        "search.max_drop": max_drop,
-        "run.workers": -1 if workers is None else workers, "run.storage": storage,
-        "run.out_dir": None if out is None else str(out),
-    }
-    if not latency:
-        overrides["latency"] = None
+    given = {"seed": seed, "search.budget": budget, "search.algorithm": algorithm,
+             "search.objectives": None if objectives is None else list(objectives), "run.workers": workers,
+             "run.out_dir": None if out is None else str(out)}
+    overrides = {"model": model_name, "dataset": dataset, **{k: v for k, v in given.items() if v is not None}}
     return run_study(with_overrides(config or StudyConfig(), overrides), model=model_obj, data=data_obj, progress=progress)
 
 
@@ -109,17 +100,20 @@ def quantize(model: nn.Module, policy: Policy | str | Path, calibration: Any, *,
             :class:`~mpsearch.config.QuantConfig`'s defaults).
 
     Returns:
-        The quantized copy in eval mode: call it like ``model``.
+        The quantized copy in eval mode: call it like ``model``. :func:`export_onnx` and
+        :func:`export_pt2e` write it as it is, without calibrating again.
     """
-    return _quantized(model, policy, calibration, quant).module
+    qmodel = _quantized(model, policy, calibration, quant)
+    _POLICY_OF[qmodel.module] = qmodel.policy
+    return qmodel.module
 
 
 def _quantized(model: nn.Module, policy: Policy | str | Path, calibration: Any, quant: QuantConfig | None) -> Any:
     """The calibrated :class:`~mpsearch.quant.QuantizedModel` of ``model`` with ``policy`` applied."""
     from mpsearch.cost import count_costs
-    from mpsearch.evaluate import architecture_fingerprint, policy_layers
+    from mpsearch.evaluation.evaluator import architecture_fingerprint, policy_layers
+    from mpsearch.models.zoo import Baseline
     from mpsearch.quant import QuantizedModel
-    from mpsearch.zoo import Baseline
 
     split = _calibration_split(calibration)
     baseline = Baseline.from_module(model)
@@ -146,7 +140,7 @@ def _calibration_split(calibration: Any) -> Any:
 
 
 def _model_name(model: Any) -> str:
-    from mpsearch.zoo import Baseline
+    from mpsearch.models.zoo import Baseline
 
     if isinstance(model, Baseline):
         return model.name
@@ -162,37 +156,59 @@ def _splits(data: Any) -> DataSplits:
     return data
 
 
-def export_onnx(model: nn.Module, policy: Policy | str | Path, calibration: Any, path: str | Path, *,
-                quant: QuantConfig | None = None) -> Path:
-    """Write ``model`` quantized by ``policy`` to the ONNX file ``path``, its quantized layers on
-    onnxruntime's integer kernels (the QDQ form, see :mod:`mpsearch.export.onnx`); returns the path.
+def _to_export(model: nn.Module, policy: Policy | str | Path | None, calibration: Any,
+               quant: QuantConfig | None) -> tuple[nn.Module, Policy]:
+    """The quantized module to write and its policy: ``model`` itself where :func:`quantize`
+    returned it (no second calibration), else ``model`` quantized by ``policy``."""
+    if isinstance(model, nn.Module) and model in _POLICY_OF:
+        if policy is not None or quant is not None:
+            raise UserError("policy: the model is already quantized (it came from mpsearch.quantize); pass it without policy= "
+                            "and quant=, or pass the float model with a policy", fields=("policy",))
+        return model, _POLICY_OF[model]
+    from mpsearch.quant.modules import QuantWrapper
 
-    Arguments as in :func:`quantize`. The file records the policy in its metadata
-    (``mpsearch.policy``); onnxruntime runs it: ``mpsearch.export.OnnxClassifier(path)``.
+    if isinstance(model, nn.Module) and any(isinstance(m, QuantWrapper) for m in model.modules()):
+        raise UserError("model: a quantized model whose policy mpsearch does not know (a copy of what mpsearch.quantize "
+                        "returned?); export what quantize returned, or the float model with policy=", fields=("model",))
+    if policy is None:
+        raise UserError("policy: a float model needs policy= (a Policy, a shorthand such as 'w8a8', or a policy file); "
+                        "or pass what mpsearch.quantize returned", fields=("policy",))
+    qmodel = _quantized(model, policy, calibration, quant)
+    return qmodel.module, qmodel.policy
+
+
+def export_onnx(model: nn.Module, path: str | Path, calibration: Any, *, policy: Policy | str | Path | None = None,
+                quant: QuantConfig | None = None) -> Path:
+    """Write a quantized model to the ONNX file ``path``, its quantized layers on onnxruntime's
+    integer kernels (the QDQ form, see :mod:`mpsearch.export.onnx`); returns the path.
+
+    ``model`` is what :func:`quantize` returned (written as it is), or a float model quantized
+    here by ``policy`` (arguments as in :func:`quantize`). ``calibration`` gives the example input
+    and the images the output grids of the integer kernels are calibrated on. The file records
+    the policy in its metadata (``mpsearch.policy``); onnxruntime runs it:
+    ``mpsearch.export.OnnxClassifier(path)``.
     """
     from mpsearch.export import save_onnx
 
-    qmodel = _quantized(model, policy, calibration, quant)
+    module, resolved = _to_export(model, policy, calibration, quant)
     split = _calibration_split(calibration)
     example = next(iter(split.batches(2)))[0]
-    return save_onnx(qmodel.module, example, path, metadata={"policy": qmodel.policy.to_dict()},
-                     calibration=(x for x, _ in split.batches(128)))
+    return save_onnx(module, example, path, metadata={"policy": resolved.to_dict()}, calibration=(x for x, _ in split.batches(128)))
 
 
-def export_pt2e(model: nn.Module, policy: Policy | str | Path, calibration: Any, path: str | Path, *,
+def export_pt2e(model: nn.Module, path: str | Path, calibration: Any, *, policy: Policy | str | Path | None = None,
                 quant: QuantConfig | None = None) -> Path:
-    """Write ``model`` quantized by ``policy`` to ``path`` (``.pt2``) as a PT2E int8 program:
-    torchao's ``X86InductorQuantizer`` flow with the policy's own scales, which ``torch.compile``
-    runs on oneDNN int8 kernels (see :mod:`mpsearch.export.pt2e`; needs torchao). Returns the path.
+    """Write a quantized model to ``path`` (``.pt2``) as a PT2E int8 program: torchao's
+    ``X86InductorQuantizer`` flow with the policy's own scales, which ``torch.compile`` runs on
+    oneDNN int8 kernels (see :mod:`mpsearch.export.pt2e`; needs torchao). Returns the path.
 
         program = torch.export.load(path)          # after import torchao
         model = torch.compile(program.module())    # with torch._inductor.config.freezing = True
 
-    Arguments as in :func:`quantize`; ``mpsearch.export.pt2e.Pt2eClassifier(path)`` runs the file.
+    Arguments as in :func:`export_onnx`; ``mpsearch.export.pt2e.Pt2eClassifier(path)`` runs the file.
     """
     from mpsearch.export.dispatch import save_exported
 
-    qmodel = _quantized(model, policy, calibration, quant)
-    split = _calibration_split(calibration)
-    example = next(iter(split.batches(2)))[0]
-    return save_exported(qmodel.module, example, path, "pt2e", metadata={"policy": qmodel.policy.to_dict()})
+    module, resolved = _to_export(model, policy, calibration, quant)
+    example = next(iter(_calibration_split(calibration).batches(2)))[0]
+    return save_exported(module, example, path, "pt2e", metadata={"policy": resolved.to_dict()})

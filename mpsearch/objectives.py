@@ -10,9 +10,12 @@ and its front is scored against :func:`hypervolume_reference`. Nothing in this m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "OBJECTIVES", "ENERGY_UNDER", "objective_spec", "objective_profiles", "is_objective", "objective_vector",
@@ -48,7 +51,7 @@ def is_objective(name: str) -> bool:
 def objective_spec(name: str) -> tuple[str, str]:
     """(direction, metric key) of an objective name (see :data:`OBJECTIVES`, :data:`ENERGY_UNDER`)."""
     if name.startswith(ENERGY_UNDER) and len(name) > len(ENERGY_UNDER):
-        return "minimize", "rel_energy:" + name[len(ENERGY_UNDER):]
+        return "minimize", "rel_energy_" + name[len(ENERGY_UNDER):]
     return OBJECTIVES[name]
 
 
@@ -106,7 +109,7 @@ def floor_violation(drop_pp: float, max_drop: float | None) -> float:
     return 0.0 if drop_within(drop_pp, max_drop) else -drop_pp - max_drop
 
 
-def within_floor(trials: Any, max_drop: float | None) -> Any:
+def within_floor(trials: pd.DataFrame, max_drop: float | None) -> Any:
     """Boolean Series: which trial rows lie within the floor (rows recorded without a drop, and
     every row when there is no floor, count as within)."""
     import pandas as pd
@@ -125,7 +128,7 @@ def floor_text(max_drop: float | None) -> str:
     return f"accuracy floor {max_drop:g} pp below fp32 (on the same validation images)"
 
 
-def full_fidelity(trials: Any) -> Any:
+def full_fidelity(trials: pd.DataFrame) -> Any:
     """The completed trials measured on the whole search subset (multi-fidelity runs also record
     candidates that stopped at a lower rung: noisier, and surely dominated when they stopped)."""
     ok = trials[trials["state"] == "COMPLETE"]
@@ -134,18 +137,18 @@ def full_fidelity(trials: Any) -> Any:
     return ok
 
 
-def front_trials(trials: Any, max_drop: float | None = None) -> Any:
+def front_trials(trials: pd.DataFrame, max_drop: float | None = None) -> Any:
     """The trials a front is made of: full fidelity and within the floor ``max_drop``."""
     ok = full_fidelity(trials)
     return ok[within_floor(ok, max_drop)]
 
 
-def front_matrix(trials: Any, objectives: tuple[str, ...], max_drop: float | None = None) -> np.ndarray:
+def front_matrix(trials: pd.DataFrame, objectives: tuple[str, ...], max_drop: float | None = None) -> np.ndarray:
     """The minimised objectives of a study's full-fidelity trials within the floor ``max_drop``."""
     return objective_matrix(front_trials(trials, max_drop), objectives)
 
 
-def front_hypervolume(trials: Any, objectives: tuple[str, ...], ref_point: np.ndarray, max_drop: float | None = None) -> float:
+def front_hypervolume(trials: pd.DataFrame, objectives: tuple[str, ...], ref_point: np.ndarray, max_drop: float | None = None) -> float:
     """Hypervolume of the measured front of ``trials`` (full fidelity, within the floor
     ``max_drop``) against ``ref_point`` (dominated points add nothing to it)."""
     from mpsearch.algorithms.pareto import hypervolume  # lazy: configs import this module, pymoo is not free

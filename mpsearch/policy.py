@@ -31,7 +31,7 @@ from typing import Any
 
 from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError, read_user_file
-from mpsearch.files import atomic_write_text
+from mpsearch.host.files import atomic_write_text
 
 __all__ = [
     "POLICY_VERSION",

@@ -5,10 +5,10 @@
     python scripts/ablate.py --model deit_tiny      # standard vs ranking-aware attention calibration
 
 One factor at a time around the default quantizer, every cell measured on the test split against
-the fp32 model on the same images, mean ± std over calibration seeds (mpsearch.ablate). The CSV
+the fp32 model on the same images, mean ± std over calibration seeds (mpsearch.study.ablate). The CSV
 is resumed when present, so the run can be stopped and restarted; ``--report-only`` rewrites
 the markdown from it. The defaults of variants and widths depend on the model
-(mpsearch.ablate.default_grid). `mpsearch ablate` runs the same measurements into a study folder;
+(mpsearch.study.ablate.default_grid). `mpsearch ablate` runs the same measurements into a study folder;
 this script writes the tables under docs/.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpsearch.ablate import DEFAULT_WIDTHS, VARIANTS, ablation_grid, run_ablation, write_markdown
 from mpsearch.config import FinetuneConfig
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
+from mpsearch.study.ablate import DEFAULT_WIDTHS, VARIANTS, ablation_grid, run_ablation, write_markdown
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from mpsearch import Evaluator, get_baseline, load_dataset
 from mpsearch.config import QuantConfig
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
 from mpsearch.policy import MATMUL_AV, MATMUL_QK, uniform_policy
 
 

@@ -19,7 +19,7 @@ import torch
 
 from mpsearch import Evaluator, Policy, get_baseline, load_dataset
 from mpsearch.config import QuantConfig
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
 
 UNIFORM = ("w8a8", "w6a6", "w4a8", "w4a4")
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mpsearch.algorithms.pareto import hypervolume, non_dominated
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
 from mpsearch.study import SearchResult, load_result
 
 TOLERANCE_SLACK_PP = 0.3  # "holds within the tolerance plus this" (the test split's own noise is ~0.2 pp)
@@ -50,7 +50,7 @@ def baseline_checkpoint(model: str, dataset: str) -> str:
     """The cached baseline's checkpoint (seed 0, what `mpsearch train --model M` leaves; trained now
     if missing): every seed's study searches the same model, only the search's seed changes."""
     from mpsearch.data import load_dataset
-    from mpsearch.zoo import get_baseline
+    from mpsearch.models.zoo import get_baseline
 
     return str(get_baseline(model, load_dataset(dataset), seed=0, progress=False).checkpoint)
 

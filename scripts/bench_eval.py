@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from mpsearch import Evaluator, LayerPrecision, Policy, get_baseline, load_dataset
+from mpsearch import Evaluator, Policy, get_baseline, load_dataset
 from mpsearch.config import QuantConfig
-from mpsearch.machine import describe_machine
-from mpsearch.metrics import correct_mask
+from mpsearch.evaluation.metrics import correct_mask
+from mpsearch.host.machine import describe_machine
+from mpsearch.policy import LayerPrecision
 from mpsearch.quant.backends import BACKENDS
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from mpsearch.export.deploy import compare_exported, export_policy
 from mpsearch.export.formats import FORMATS
 from mpsearch.export.latency import measure_latency
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
 
 AGREEMENT_MIN, ACCURACY_PP_MAX = 0.995, 0.15
 MIB = 2 ** 20

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from mpsearch import get_baseline, load_dataset
 from mpsearch.config import StudyConfig, with_overrides
-from mpsearch.machine import available_cores, describe_machine
+from mpsearch.host.machine import available_cores, describe_machine
+from mpsearch.models.zoo import default_recipe
 from mpsearch.study import run_study
-from mpsearch.zoo import default_recipe
 
 
 def run_one(root: Path, workers: int, args: argparse.Namespace, checkpoint: Path) -> dict[str, float]:

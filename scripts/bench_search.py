@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mpsearch.compare import method_scores, paired_hypervolume_difference, plot_methods, proxy_kendall
 from mpsearch.config import SearchConfig, StudyConfig, with_overrides
-from mpsearch.fidelity import rungs
-from mpsearch.machine import describe_machine
+from mpsearch.evaluation.multi_fidelity import rungs
+from mpsearch.host.machine import describe_machine
 from mpsearch.objectives import full_fidelity, objective_matrix
 from mpsearch.study import SearchResult, Subject, load_result, run_study
+from mpsearch.study.compare import method_scores, paired_hypervolume_difference, plot_methods, proxy_kendall
 
 # Each method's front is scored against three references, all shared by every method of a study:
 # the study's own (0 % accuracy at the costliest policy of the search space, see
@@ -63,7 +63,7 @@ REFERENCES = {
 
 def study_evaluator(result: SearchResult, *, prefix_cache: bool = True):
     """An evaluator measuring the way ``result``'s study did: its baseline, calibration draw and quantizer settings."""
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
 
     subject = Subject.resolve(result.config)
     ev = Evaluator(subject.baseline, subject.data, quant=result.config.quant, prefix_cache=prefix_cache)
@@ -152,7 +152,7 @@ def heldout_trials(result: SearchResult, methods: list[str], images: int):
     import torch
 
     from mpsearch.algorithms.pareto import non_dominated
-    from mpsearch.fidelity import pack_mask
+    from mpsearch.evaluation.multi_fidelity import pack_mask
 
     torch.set_num_threads(2)
     objectives = result.config.search.objectives
@@ -291,7 +291,7 @@ def main() -> None:
     checkpoint = args.checkpoint
     if checkpoint is None and not args.rescore:
         from mpsearch.data import load_dataset
-        from mpsearch.zoo import get_baseline
+        from mpsearch.models.zoo import get_baseline
 
         checkpoint = str(get_baseline(args.model, load_dataset(args.dataset), seed=0).checkpoint)
     if args.backends:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
 
 SAME = ["trial", "state", "value_accuracy", "value_energy", "attr_correct", "attr_policy", "attr_method"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mpsearch import Evaluator, get_baseline, load_dataset
 from mpsearch.config import QuantConfig
-from mpsearch.machine import describe_machine
+from mpsearch.host.machine import describe_machine
 
 POLICIES = ("fp32", "w8a8", "w6a6", "w4a8", "w4a4", "w2a8")
 
@@ -45,8 +45,8 @@ def main() -> None:
         rows.append(
             f"| {shorthand.upper() if shorthand != 'fp32' else 'FP32'} | {r.accuracy:.2%} ({lo:.2%}–{hi:.2%}) "
             f"| {r.drop * 100:+.2f} | {r.costs.size_bytes / 2**20:.2f} | {r.costs.bops / 1e9:.1f} "
-            f"| {r.costs.energy['horowitz45nm'] / 1e6:.1f} ({1 - rel['energy:horowitz45nm']:.1%}) "
-            f"| {1 - rel['energy:seed-lab4']:.1%} |"
+            f"| {r.costs.energy['horowitz45nm'] / 1e6:.1f} ({1 - rel['energy_horowitz45nm']:.1%}) "
+            f"| {1 - rel['energy_seed-lab4']:.1%} |"
         )
         print(rows[-1], flush=True)
     header = (

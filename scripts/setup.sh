@@ -13,7 +13,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision pinned to the newest releases mpsearch is tested with.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev,pt2e,cluster]"
+.venv/bin/python -m pip install -q -e ".[dev,all]"
 
 # Debian packages: the data set, and a PostgreSQL server the tests start on a loopback port.
 PACKAGES=()

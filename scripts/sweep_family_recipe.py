@@ -17,23 +17,23 @@ from pathlib import Path
 
 import torch
 
-from mpsearch.config import TrainRecipe
+from mpsearch.config import TrainConfig
 from mpsearch.data import load_dataset
-from mpsearch.machine import describe_machine
-from mpsearch.metrics import correct_mask
-from mpsearch.train import train_model
-from mpsearch.zoo import CONVNET_ADAMW_RECIPE, create_model
+from mpsearch.evaluation.metrics import correct_mask
+from mpsearch.host.machine import describe_machine
+from mpsearch.models.train import train_model
+from mpsearch.models.zoo import CONVNET_ADAMW_RECIPE, create_model
 
 # name -> the optimizer settings tried; the brief schedule is added by brief().
-CANDIDATES: dict[str, TrainRecipe] = {
-    "sgd lr 0.3 (ResNet recipe)": TrainRecipe(),
-    "sgd lr 0.05": TrainRecipe(lr=0.05),
+CANDIDATES: dict[str, TrainConfig] = {
+    "sgd lr 0.3 (ResNet recipe)": TrainConfig(),
+    "sgd lr 0.05": TrainConfig(lr=0.05),
     "adamw lr 1e-3": replace(CONVNET_ADAMW_RECIPE, lr=1e-3),
     "adamw lr 3e-3": replace(CONVNET_ADAMW_RECIPE, lr=3e-3),
 }
 
 
-def brief(recipe: TrainRecipe, epochs: int) -> TrainRecipe:
+def brief(recipe: TrainConfig, epochs: int) -> TrainConfig:
     return replace(recipe, epochs=epochs, image_scales=(1.0,), keep_fraction=1.0)
 
 

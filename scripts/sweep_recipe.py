@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mpsearch.config import SIX_EPOCH_SCALES, TrainRecipe
+from mpsearch.config import SIX_EPOCH_SCALES, TrainConfig
 from mpsearch.data import load_dataset
-from mpsearch.machine import describe_machine
-from mpsearch.metrics import correct_mask
-from mpsearch.train import augment, train_model
-from mpsearch.zoo import create_model
+from mpsearch.evaluation.metrics import correct_mask
+from mpsearch.host.machine import describe_machine
+from mpsearch.models.train import augment, train_model
+from mpsearch.models.zoo import create_model
 
 NATIVE = 28  # Fashion-MNIST
 
@@ -45,7 +45,7 @@ def px(*sizes: int) -> tuple[float, ...]:
 
 # The default recipe when the sweep ran (91.77 % test on the CPU); candidates change it. Pinned
 # field by field where the default has moved on since (selective epochs, 11 epochs).
-BASE = TrainRecipe(lr=0.1, crop_padding=2, hflip=True, epochs=6, image_scales=SIX_EPOCH_SCALES,
+BASE = TrainConfig(lr=0.1, crop_padding=2, hflip=True, epochs=6, image_scales=SIX_EPOCH_SCALES,
                    keep_fraction=1.0)
 # name -> overrides of BASE.
 CANDIDATES: dict[str, dict] = {
@@ -89,7 +89,7 @@ CANDIDATES: dict[str, dict] = {
 ROUND_2 = list(CANDIDATES)[list(CANDIDATES).index("r20_lr0.3"):]  # everything from the round-2 comment on
 
 
-def recipe_for(name: str) -> TrainRecipe:
+def recipe_for(name: str) -> TrainConfig:
     return replace(BASE, **CANDIDATES[name])
 
 
@@ -97,7 +97,7 @@ def recipe_for(name: str) -> TrainRecipe:
 def measure_cost(out: Path, sizes: list[int], batch_size: int, steps: int) -> None:
     """Median seconds per training step (augment + resize + forward/backward + SGD) per size."""
     data = load_dataset("fashion-mnist")
-    recipe = TrainRecipe(batch_size=batch_size)
+    recipe = TrainConfig(batch_size=batch_size)
     fill = (-torch.tensor(data.info.mean) / torch.tensor(data.info.std)).view(1, -1, 1, 1)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -135,7 +135,7 @@ def read_cost(path: Path) -> dict[int, float]:
     return {int(r["size"]): float(r["min_per_epoch"]) for r in csv.DictReader(lines)}
 
 
-def predicted_minutes(recipe: TrainRecipe, cost: dict[int, float]) -> float:
+def predicted_minutes(recipe: TrainConfig, cost: dict[int, float]) -> float:
     sizes = [recipe.image_size(epoch, NATIVE) for epoch in range(recipe.epochs)]
     missing = sorted(set(sizes) - set(cost))
     if missing:
@@ -199,7 +199,7 @@ def summarize(args: argparse.Namespace) -> None:
     table = []
     for name, runs in by_name.items():
         # Runs recorded before selective epochs existed trained every epoch on every image.
-        recipe = TrainRecipe.from_dict({"keep_fraction": 1.0, **json.loads(runs[0]["recipe"])})
+        recipe = TrainConfig.from_dict({"keep_fraction": 1.0, **json.loads(runs[0]["recipe"])})
         val = [100 * float(r["val_acc"]) for r in runs]
         test = [100 * float(r["test_acc"]) for r in runs]
         table.append((statistics.mean(val), name, recipe, val, test))

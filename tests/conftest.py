@@ -34,17 +34,17 @@ def digits(cache_dir):
 
 @pytest.fixture(scope="session")
 def digits_recipe():
-    from mpsearch.config import SIX_EPOCH_SCALES, TrainRecipe
+    from mpsearch.config import SIX_EPOCH_SCALES, TrainConfig
 
     # Pinned to the size table and full epochs it had before selective epochs became the default.
-    return TrainRecipe(epochs=12, batch_size=64, lr=0.05, label_smoothing=0.0, crop_padding=1, hflip=False,
+    return TrainConfig(epochs=12, batch_size=64, lr=0.05, label_smoothing=0.0, crop_padding=1, hflip=False,
                        bf16=False, channels_last=False, image_scales=SIX_EPOCH_SCALES, keep_fraction=1.0)
 
 
 @pytest.fixture(scope="session")
 def digits_baseline(digits, digits_recipe):
     """timm's test_resnet trained on digits (~2 s); cached in the session cache."""
-    from mpsearch.zoo import get_baseline
+    from mpsearch.models.zoo import get_baseline
 
     return get_baseline("test_resnet", digits, recipe=digits_recipe, seed=0, progress=False)
 
@@ -52,7 +52,7 @@ def digits_baseline(digits, digits_recipe):
 @pytest.fixture(scope="session")
 def digits_vit_baseline(digits):
     """timm's test_vit trained on digits with the AdamW ViT recipe, shortened (~10 s; ~88 % val)."""
-    from mpsearch.zoo import VIT_RECIPE, get_baseline
+    from mpsearch.models.zoo import VIT_RECIPE, get_baseline
 
     # No crop: shifting 8x8 digits by a pixel is too strong for a ViT this small to learn quickly.
     recipe = replace(VIT_RECIPE, epochs=20, batch_size=64, crop_padding=0, hflip=False, label_smoothing=0.0,
@@ -74,10 +74,10 @@ def fmnist_small(cache_dir):
 @pytest.fixture(scope="session")
 def fmnist_baseline(fmnist_small):
     """test_resnet after one epoch on 12800 Fashion-MNIST images (~15 s, ~70 % val accuracy)."""
-    from mpsearch.config import TrainRecipe
-    from mpsearch.zoo import get_baseline
+    from mpsearch.config import TrainConfig
+    from mpsearch.models.zoo import get_baseline
 
-    return get_baseline("test_resnet", fmnist_small, recipe=TrainRecipe(epochs=1), seed=0,
+    return get_baseline("test_resnet", fmnist_small, recipe=TrainConfig(epochs=1), seed=0,
                         progress=False)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mpsearch.ablate import VARIANTS, markdown_table, run_ablation, summarize
 from mpsearch.cli import main
 from mpsearch.config import QuantConfig
 from mpsearch.data import load_dataset
 from mpsearch.errors import UserError
-from mpsearch.evaluate import Evaluator
-from mpsearch.zoo import get_baseline
+from mpsearch.evaluation.evaluator import Evaluator
+from mpsearch.models.zoo import get_baseline
+from mpsearch.study.ablate import VARIANTS, markdown_table, run_ablation, summarize
 
 
 def test_ablation_measures_resumes_and_summarizes(cache_dir, digits_baseline, tmp_path, messages):
@@ -54,7 +54,7 @@ def test_ablation_rejects_bad_input_before_measuring(tmp_path):
 
 
 def test_the_grid_depends_on_the_model(tmp_path):
-    from mpsearch.ablate import VIT_WIDTHS, applicable_variants, default_grid
+    from mpsearch.study.ablate import VIT_WIDTHS, applicable_variants, default_grid
 
     assert default_grid("deit_tiny") == (["default", "ranking-aware"], list(VIT_WIDTHS))
     variants, widths = default_grid("resnet18")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mpsearch
-from mpsearch.config import StudyConfig
+from mpsearch.config import SearchConfig, StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.study import KNEE_WINDOW_PP, SearchResult, knee_index
 
@@ -59,8 +59,8 @@ def trained(tensors):
 def searched(tensors, trained):
     data = mpsearch.make_data(val=tensors["val"], test=tensors["test"], calibration=tensors["train"][0][:256])
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    result = mpsearch.search(trained, data, budget=12, workers=0, progress=False, latency=False,
-                             config=StudyConfig(search=mpsearch.SearchConfig(population_size=6, eval_images=300,
+    result = mpsearch.search(trained, data, budget=12, workers=0, progress=False,
+                             config=StudyConfig(latency=None, search=SearchConfig(population_size=6, eval_images=300,
                                                                              ilp_seeds=2)))
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())  # the user's model untouched
     return data, result
@@ -100,13 +100,13 @@ def test_search_on_a_model_object_gives_a_front_and_a_policy_quantize_applies(se
 def test_nothing_is_written_without_out_or_storage(tensors, trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = mpsearch.make_data(val=tensors["val"], test=tensors["test"], train=tensors["train"], calibration_size=128)
-    result = mpsearch.search(trained, data, budget=4, workers=0, progress=False, latency=False,
-                             config=StudyConfig(search=mpsearch.SearchConfig(population_size=4, sensitivity="none",
+    result = mpsearch.search(trained, data, budget=4, workers=0, progress=False,
+                             config=StudyConfig(latency=None, search=SearchConfig(population_size=4, sensitivity="none",
                                                                              remeasure_points=1)))
     assert len(result.trials) == 4 and list(tmp_path.iterdir()) == []
     folder = tmp_path / "out"
-    again = mpsearch.search(trained, data, budget=4, workers=0, progress=False, latency=False, out=folder,
-                            config=StudyConfig(search=mpsearch.SearchConfig(population_size=4, sensitivity="none",
+    again = mpsearch.search(trained, data, budget=4, workers=0, progress=False, out=folder,
+                            config=StudyConfig(latency=None, search=SearchConfig(population_size=4, sensitivity="none",
                                                                             remeasure_points=1)))
     assert (folder / "pareto.csv").exists() and (folder / "config.yaml").exists()
     cols = [c for c in result.trials.columns if c.startswith(("param_", "value_"))]

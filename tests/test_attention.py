@@ -10,14 +10,14 @@ import torch
 from timm.layers import Attention
 
 from mpsearch.algorithms.space import BoundSpace, SearchSpace
-from mpsearch.config import SIX_EPOCH_SCALES, QuantConfig, TrainRecipe
+from mpsearch.config import SIX_EPOCH_SCALES, QuantConfig, TrainConfig
 from mpsearch.errors import UserError
+from mpsearch.models.zoo import VIT_RECIPE, create_model, default_recipe, is_vision_transformer
 from mpsearch.policy import LayerPrecision, Policy, is_matmul, uniform_policy
 from mpsearch.quant import QuantizedModel, fake_quantize, quantizable_layers, quantizable_matmuls
 from mpsearch.quant.attention import QuantAttention, swap_attention
 from mpsearch.quant.qk_calibration import QK_CALIBRATIONS, RankingAwareQK, score_losses
 from mpsearch.sensitivity import AttentionRankingEstimator, SensitivityConfig, kendall_tau_rows
-from mpsearch.zoo import VIT_RECIPE, create_model, default_recipe, is_vision_transformer
 
 
 @pytest.fixture(scope="module")
@@ -295,24 +295,24 @@ def test_vision_transformers_get_the_adamw_recipe_and_every_setting_keys_the_cac
     assert is_vision_transformer("deit_tiny") and is_vision_transformer("test_vit")
     assert not is_vision_transformer("resnet18")
     assert default_recipe("deit_tiny") is VIT_RECIPE and VIT_RECIPE.optimizer == "adamw"
-    assert default_recipe("resnet18") == TrainRecipe()
+    assert default_recipe("resnet18") == TrainConfig()
     # Cached baselines and sensitivity tables are found by these keys: a changed key retrains
     # every cached baseline, so it changes only on purpose.
-    assert TrainRecipe().key().startswith("2cee4c30b43a0363")
+    assert TrainConfig().key().startswith("2cee4c30b43a0363")
     assert QuantConfig().key().startswith("bc3fd5bae94cbace")
     six_epochs = {"epochs": 6, "image_scales": SIX_EPOCH_SCALES, "keep_fraction": 1.0}
-    changed = [replace(TrainRecipe(), optimizer="adamw"), replace(TrainRecipe(), **six_epochs),
-               replace(TrainRecipe(), batch_norm_images=128)]
-    assert len({TrainRecipe().key(), *(r.key() for r in changed)}) == 1 + len(changed)
+    changed = [replace(TrainConfig(), optimizer="adamw"), replace(TrainConfig(), **six_epochs),
+               replace(TrainConfig(), batch_norm_images=128)]
+    assert len({TrainConfig().key(), *(r.key() for r in changed)}) == 1 + len(changed)
     assert QuantConfig(attention_calibration="ranking").key() != QuantConfig().key()
     assert QuantConfig(qk_images=4).key() != QuantConfig().key()
     assert QuantConfig(backend="fake").key() == QuantConfig(backend="int8").key() == QuantConfig().key()
     with pytest.raises(UserError, match="recipe.optimizer"):
-        TrainRecipe(optimizer="adam")
+        TrainConfig(optimizer="adam")
 
 
 def test_adamw_recipe_trains_a_vit(digits_vit_baseline, digits):
-    from mpsearch.metrics import correct_mask
+    from mpsearch.evaluation.metrics import correct_mask
 
     assert digits_vit_baseline.meta["recipe"]["optimizer"] == "adamw"
     measured = float(correct_mask(digits_vit_baseline.model, digits.val).float().mean())

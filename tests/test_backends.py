@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mpsearch.errors import UserError
-from mpsearch.evaluate import Evaluator
+from mpsearch.evaluation.evaluator import Evaluator
 from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.quant.backends import BACKENDS, int8_unavailable, resolve_backend
 

@@ -71,7 +71,7 @@ def ctx(tmp_path_factory, digits_baseline, digits):
 
 def _untrained_state(info) -> dict[str, torch.Tensor]:
     """test_resnet as initialized, not trained: chance accuracy on digits."""
-    from mpsearch.zoo import create_model
+    from mpsearch.models.zoo import create_model
 
     torch.manual_seed(0)
     return create_model("test_resnet", info).state_dict()
@@ -111,7 +111,7 @@ def _study_fingerprint(root: str, name: str) -> dict[str, str]:
     """Every file of a study (its SQLite database included) by content hash."""
     folder = Path(root) / name
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
+            if p.is_file() and not p.name.endswith((".lock", ".driver"))}  # who held the study last
 
 
 # (id, argv with {placeholders} from ctx, what the one line must say)

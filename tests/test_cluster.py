@@ -71,7 +71,7 @@ def test_no_code_in_mpsearch_turns_ray_authentication_off():
 
 
 def test_a_private_ray_instance_listens_on_loopback_only(digits, digits_baseline, monkeypatch):
-    from mpsearch.runtime import NamedSource, RayExecutor, WorkerSpec
+    from mpsearch.evaluation.executors import NamedSource, RayExecutor, WorkerSpec
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     before = listening_sockets()
@@ -127,6 +127,7 @@ def two_node_cluster():
         assert not stray, f"Ray processes left after the cluster stopped: {stray}"
 
 
+@pytest.mark.slow
 def test_a_study_joins_a_two_node_cluster_survives_a_lost_node_and_equals_the_local_study(
         tmp_path, cli_cmd, digits_baseline, local_study, two_node_cluster):
     address, node_dir, env = two_node_cluster

@@ -14,14 +14,14 @@ from mpsearch.algorithms.base import SearchContext, create_algorithm
 from mpsearch.algorithms.methods import parse_methods
 from mpsearch.algorithms.planning import ilp_plans, plan_units
 from mpsearch.algorithms.space import BoundSpace, SearchSpace
-from mpsearch.compare import method_scores
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
-from mpsearch.evaluate import Evaluator
-from mpsearch.fidelity import Archive, pack_mask, rungs, unpack_mask
+from mpsearch.evaluation.evaluator import Evaluator
+from mpsearch.evaluation.multi_fidelity import Archive, pack_mask, rungs, unpack_mask
 from mpsearch.objectives import full_fidelity
 from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.study import run_study, storage_url
+from mpsearch.study.compare import method_scores
 
 LAYERS = ["a", "b", "c"]
 PARAMS = {"a": 100, "b": 1000, "c": 10}
@@ -258,7 +258,7 @@ def test_a_promoted_candidate_is_measured_on_the_added_images_only(compared, dig
 
 
 def test_every_trial_keeps_its_mask_and_fronts_compare_paired(compared):
-    from mpsearch.compare import paired_hypervolume_difference
+    from mpsearch.study.compare import paired_hypervolume_difference
 
     cfg, result = compared
     ok = full_fidelity(result.trials)
@@ -300,7 +300,8 @@ def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, c
         assert "Kendall" in (tmp_path / f"cli-cmp-s{seed}" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("budget", [8, 40, 200])
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [8, 40, 110])  # 110: five full generations of 20, then one cut short
 def test_every_method_with_and_without_multi_fidelity_ends_with_exactly_its_budget(budget, digits, digits_baseline):
     """Every registered algorithm, plain and +mf, in one study: exactly ``budget`` trials each
     (a generation cut by the budget is never told, and nothing is asked after it); planners whose

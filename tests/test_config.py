@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from mpsearch.config import FinetuneConfig, LatencyConfig, QuantConfig, RunConfig, SearchConfig, StudyConfig, TrainRecipe, with_overrides
+from mpsearch.config import FinetuneConfig, LatencyConfig, QuantConfig, RunConfig, SearchConfig, StudyConfig, TrainConfig, with_overrides
 from mpsearch.errors import UserError
 
 
-@pytest.mark.parametrize("config", [TrainRecipe(), TrainRecipe(epochs=2, lr=0.3, hflip=False), QuantConfig(),
+@pytest.mark.parametrize("config", [TrainConfig(), TrainConfig(epochs=2, lr=0.3, hflip=False), QuantConfig(),
                                     QuantConfig(weight_observer="mse", act_observer="percentile", seed=3),
                                     FinetuneConfig(), FinetuneConfig(steps=50, temperature=2.0, label_weight=0.5),
                                     SearchConfig(), SearchConfig(algorithm="nsga2+mf,random", objectives=("accuracy", "size")),
@@ -23,18 +23,18 @@ def test_every_config_round_trips_through_json(config):
 
 
 def test_keys_change_with_settings_and_configs_reject_bad_values():
-    assert TrainRecipe().key() != TrainRecipe(epochs=5).key()
+    assert TrainConfig().key() != TrainConfig(epochs=5).key()
     with pytest.raises(UserError, match="recipe.epochs"):
-        TrainRecipe(epochs=0)
+        TrainConfig(epochs=0)
     with pytest.raises(UserError, match="recipe.epoch: unknown field"):
-        TrainRecipe.from_dict({"epoch": 3})
+        TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(UserError, match="version"):
         QuantConfig.from_dict({"version": 2})
     with pytest.raises(UserError, match="version"):
         QuantConfig.from_dict({"version": True})
     with pytest.raises(UserError, match=r"recipe.epochs: expected int, got '4'"):
-        TrainRecipe.from_dict({"epochs": "4"})
-    assert TrainRecipe.from_dict({"lr": 1}).lr == 1  # an int is a fine float
+        TrainConfig.from_dict({"epochs": "4"})
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1  # an int is a fine float
     with pytest.raises(UserError, match="finetune.steps"):
         FinetuneConfig(steps=0)
 

@@ -22,7 +22,7 @@ from mpsearch.data import (
     read_idx,
 )
 from mpsearch.errors import UserError
-from mpsearch.paths import cache_root
+from mpsearch.host.paths import cache_root
 
 HAVE_DEBIAN = all((data.DEBIAN_FASHION_MNIST_DIR / f).is_file() for f in FASHION_MNIST_FILES)
 needs_debian = pytest.mark.skipif(not HAVE_DEBIAN, reason="apt package dataset-fashion-mnist not installed")

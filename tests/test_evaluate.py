@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mpsearch.errors import UserError
-from mpsearch.evaluate import Evaluator
+from mpsearch.evaluation.evaluator import Evaluator
 from mpsearch.policy import Policy
 
 
@@ -19,7 +19,7 @@ def test_fp32_policy_reproduces_fp32_accuracy_exactly(evaluator):
     r = evaluator.evaluate(evaluator.resolve_policy("fp32"), split="test")
     assert r.images == 360
     assert r.accuracy == r.fp32_accuracy and r.drop == 0.0
-    assert r.costs.relative() == {"size": 1.0, "bops": 1.0, "energy:horowitz45nm": 1.0, "energy:seed-lab4": 1.0}
+    assert r.costs.relative() == {"size": 1.0, "bops": 1.0, "energy_horowitz45nm": 1.0, "energy_seed-lab4": 1.0}
     lo, hi = r.accuracy_ci95
     assert lo <= r.accuracy <= hi and hi - lo > 0.01  # 360 images: a CI of a few points
 

@@ -13,9 +13,11 @@ from onnx import numpy_helper
 
 import mpsearch
 from mpsearch.cli import main
+from mpsearch.config import QuantConfig
 from mpsearch.export import INTEGER_KERNELS, OnnxClassifier, integer_kernel_ops, read_metadata, to_integer_model
 from mpsearch.export.onnx import graph_signature
 from mpsearch.policy import LayerPrecision, Policy
+from mpsearch.quant import QuantizedModel
 
 
 def _policy(model: torch.nn.Module, shorthand: str, digits) -> Policy:
@@ -58,7 +60,7 @@ def test_the_integer_form_keeps_ptq_weights_and_smoothing(digits_baseline, digit
     """Rounded by GPTQ, biases corrected, inputs smoothed: the integer form still computes what
     the fake-quantized model computes (its weights are that method's integers)."""
     model = digits_baseline.model
-    quantized = mpsearch.quantize(model, "w4a8", digits, quant=mpsearch.QuantConfig(**quant))
+    quantized = mpsearch.quantize(model, "w4a8", digits, quant=QuantConfig(**quant))
     integer = to_integer_model(quantized)
     x = _test_images(digits)
     with torch.no_grad():
@@ -81,13 +83,14 @@ def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_q
     off, weight_only = list(policy.layers)[:2]  # the first layer stays fp32: its conv / matmul must stay float
     policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None),
                                      weight_only: LayerPrecision(weight_bits=4, act_bits=None)})
-    path = mpsearch.export_onnx(model, policy, digits, tmp_path / f"{kind}.onnx")
+    quantized = mpsearch.quantize(model, policy, digits)
+    path = mpsearch.export_onnx(quantized, tmp_path / f"{kind}.onnx", digits)  # what quantize returned, as it is
     onnx.checker.check_model(str(path), full_check=True)
     assert read_metadata(path)["policy"]["layers"] == policy.to_dict()["layers"]
 
     x = _all_images(digits)
     with torch.no_grad():
-        fake = mpsearch.quantize(model, policy, digits)(x)
+        fake = quantized(x)
     logits = OnnxClassifier(path, threads=1).logits(x)
     assert float((logits.argmax(1) == fake.argmax(1)).float().mean()) >= 0.995
     assert not torch.allclose(logits, model(x).detach(), atol=1e-3)  # the file is quantized, not the float model
@@ -106,15 +109,36 @@ def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_q
     assert ops.get("DequantizeLinear", 0) >= 1  # the weight-only layer's integers, dequantized per channel
 
 
+def test_export_takes_what_quantize_returned_without_calibrating_again(models, digits, tmp_path, monkeypatch):
+    """A quantized module is written as it is (same file as quantizing on export); a float model
+    needs a policy, and a quantized one takes none."""
+    model = models["cnn"]
+    quantized = mpsearch.quantize(model, "w4a4", digits)
+
+    def no_second_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(QuantizedModel, "calibrate", no_second_calibration)
+        direct = mpsearch.export_onnx(quantized, tmp_path / "direct.onnx", digits)
+    again = mpsearch.export_onnx(model, tmp_path / "again.onnx", digits, policy="w4a4")
+    x = _all_images(digits)[:256]
+    assert torch.equal(OnnxClassifier(direct, threads=1).logits(x), OnnxClassifier(again, threads=1).logits(x))
+    with pytest.raises(mpsearch.UserError, match="already quantized"):
+        mpsearch.export_onnx(quantized, tmp_path / "x.onnx", digits, policy="w8a8")
+    with pytest.raises(mpsearch.UserError, match="needs policy="):
+        mpsearch.export_onnx(model, tmp_path / "x.onnx", digits)
+
+
 def test_one_graph_signature_per_set_of_layers_on_integer_kernels(models, digits, tmp_path):
     """Widths <= 8 share the int8 kernels: W8A8 and W4A4 files time alike; a layer left fp32 does not."""
     model = models["cnn"]
-    w8a8 = mpsearch.export_onnx(model, "w8a8", digits, tmp_path / "w8a8.onnx")
-    w4a4 = mpsearch.export_onnx(model, "w4a4", digits, tmp_path / "w4a4.onnx")
+    w8a8 = mpsearch.export_onnx(model, tmp_path / "w8a8.onnx", digits, policy="w8a8")
+    w4a4 = mpsearch.export_onnx(model, tmp_path / "w4a4.onnx", digits, policy="w4a4")
     policy = _policy(model, "w8a8", digits)
     off = list(policy.layers)[1]
     policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None)})
-    one_float = mpsearch.export_onnx(model, policy, digits, tmp_path / "one-float.onnx")
+    one_float = mpsearch.export_onnx(model, tmp_path / "one-float.onnx", digits, policy=policy)
     assert graph_signature(w8a8) == graph_signature(w4a4) != graph_signature(one_float)
 
 
@@ -122,7 +146,7 @@ def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
     """A W4A4 layer holds 16 levels per channel in its int8 container, spread to -64..56 (steps of
     8: a finer int32 bias), and clips its input to 16 levels."""
     model = models["cnn"]
-    path = mpsearch.export_onnx(model, "w4a4", digits, tmp_path / "w4a4.onnx")
+    path = mpsearch.export_onnx(model, tmp_path / "w4a4.onnx", digits, policy="w4a4")
     graph = onnx.load(str(path)).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
@@ -181,7 +205,7 @@ def test_export_and_evaluate_onnx_on_the_command_line(digits_baseline, digits, t
 def test_a_file_exported_from_python_is_evaluated_on_the_model_and_data_named(digits_baseline, digits, tmp_path, capsys):
     """mpsearch.export_onnx records no data set, and the model by its class: --model/--dataset say which."""
     checkpoint = digits_baseline.checkpoint  # the cached baseline's state dict, named as a user would
-    path = mpsearch.export_onnx(digits_baseline.model, "w8a8", digits, tmp_path / "api.onnx")
+    path = mpsearch.export_onnx(digits_baseline.model, tmp_path / "api.onnx", digits, policy="w8a8")
     assert main(["evaluate", "--onnx", str(path), "--split", "test", "--no-progress"]) == 2
     assert "pass --model and --dataset" in capsys.readouterr().err
     assert main(["evaluate", "--onnx", str(path), "--model", "test_resnet", "--dataset", "digits", "--checkpoint",

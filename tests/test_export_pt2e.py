@@ -30,7 +30,7 @@ def test_the_compiled_program_computes_the_fake_quantized_model_on_int8_kernels(
     policy = _quantized(model, "w4a4", digits, None).policy
     off = list(policy.layers)[1]  # one layer left fp32: it must stay a float convolution
     policy = replace(policy, layers={**policy.layers, off: LayerPrecision(weight_bits=None, act_bits=None)})
-    path = mpsearch.export_pt2e(model, policy, digits, tmp_path / "w4a4.pt2")
+    path = mpsearch.export_pt2e(model, tmp_path / "w4a4.pt2", digits, policy=policy)
     assert read_pt2e_metadata(path)["policy"]["layers"] == policy.to_dict()["layers"]
 
     x = _test_images(digits)
@@ -43,7 +43,7 @@ def test_the_compiled_program_computes_the_fake_quantized_model_on_int8_kernels(
     assert float(np.median((logits - fake).abs().max(dim=1).values.numpy())) < 1e-4 * float(fake.abs().max())
 
     # int8 weights and nothing else: convert_pt2e's left-over float weights are not in the file.
-    fp32 = mpsearch.export_pt2e(model, "fp32", digits, tmp_path / "fp32.pt2")
+    fp32 = mpsearch.export_pt2e(model, tmp_path / "fp32.pt2", digits, policy="fp32")
     assert path.stat().st_size < 0.5 * fp32.stat().st_size
 
     ops = compiled_int8_ops(path, x[:4])

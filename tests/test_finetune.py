@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from mpsearch.cli import main
 from mpsearch.config import FinetuneConfig
 from mpsearch.errors import UserError
-from mpsearch.evaluate import Evaluator
-from mpsearch.finetune import attach_finetuned, finetune, load_finetuned, save_finetuned
+from mpsearch.evaluation.evaluator import Evaluator
+from mpsearch.quant.finetune import attach_finetuned, finetune, load_finetuned, save_finetuned
 from mpsearch.quant.lsq import LearnedStepQuantizer, attach_learned_quantizers
 from mpsearch.quant.primitives import fake_quantize, qparams_from_range
 

@@ -11,8 +11,8 @@ import pytest
 from mpsearch.algorithms.pareto import non_dominated
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
+from mpsearch.host.paths import cache_root
 from mpsearch.objectives import DROP_ATTR, DROP_TOLERANCE_PP, floor_violation, front_hypervolume, full_fidelity, objective_matrix, within_floor
-from mpsearch.paths import cache_root
 from mpsearch.study import SearchResult, load_result, run_study, storage_url
 
 FLOOR = 3.0
@@ -41,7 +41,7 @@ def test_candidates_below_the_floor_are_recorded_but_never_on_the_front(floored,
     assert not set(result.front["trial"]) & below
     assert set(result.front["trial"]) <= unfloored | set(trials["trial"][drops >= -FLOOR])
     # each trial's drop is its accuracy minus fp32's on the same images
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
 
     row = trials.iloc[0]
     fp32 = Evaluator(digits_baseline, digits).fp32_mask("val", int(row["attr_images"]))
@@ -140,7 +140,7 @@ def test_no_candidate_within_the_floor_is_one_clear_error(tmp_path, digits_basel
 
 
 def test_the_fp32_predictions_are_cached_per_baseline_and_split(floored, digits_baseline, digits):
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
 
     folder = cache_root() / "fp32" / digits_baseline.sha256
     cached = sorted(p.name.split("-")[0] for p in folder.glob("*.npy"))
@@ -159,7 +159,7 @@ def _two_bit_space(tmp_path):
 def test_multi_fidelity_stops_candidates_surely_below_the_floor():
     import torch
 
-    from mpsearch.fidelity import surely_below_floor
+    from mpsearch.evaluation.multi_fidelity import surely_below_floor
 
     fp32 = torch.ones(200, dtype=torch.bool)
     far = fp32.clone()

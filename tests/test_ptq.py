@@ -65,6 +65,7 @@ def test_contract_weights_on_the_grid_same_shape_deterministic(calibrated, metho
         assert torch.equal(wq, get_ptq(method, seed=0).quantize(layer, qp, calibrated.layer_columns[name]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("rtn", "brecq")])  # brecq's layer-wise path is AdaRound
 @pytest.mark.parametrize("bits", [2, 4])
 def test_each_method_lowers_the_output_error_of_round_to_nearest(calibrated, method, bits):
@@ -125,6 +126,7 @@ def test_bias_correction_cancels_the_mean_output_error(digits_baseline, digits):
     assert plain.wrappers[name].quantized_bias is None and not plain.mean_columns
 
 
+@pytest.mark.slow
 def test_brecq_reconstructs_blocks_better_than_round_to_nearest(digits_baseline, digits):
     from mpsearch.policy import uniform_policy
     from mpsearch.quant.ptq.brecq import BRECQ

@@ -192,7 +192,7 @@ def test_training_mode_fake_quantizes_weights_with_gradients():
 
 
 def test_eight_bit_per_channel_keeps_a_trained_tiny_model_within_half_a_point(fmnist_baseline, fmnist_small):
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
 
     ev = Evaluator(fmnist_baseline, fmnist_small, quant=QuantConfig())
     result = ev.evaluate(ev.resolve_policy("w8a8:all"), split="val")

@@ -16,13 +16,16 @@ from mpsearch.config import with_overrides
 from mpsearch.errors import UserError
 from mpsearch.study import run_study
 
+IN_PROCESS = ("--workers", "0")  # trials in the driver's process: no Ray to start (steps 2 and the next test use Ray)
 
+
+@pytest.mark.slow
 def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, cli_cmd, digits_baseline, reference_study):
     checkpoint = str(digits_baseline.checkpoint)
     db = tmp_path / "s" / "study.db"
 
     # 1. Ctrl-C in the middle of generation 0: a clean stop, one line that says how to resume.
-    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint, *IN_PROCESS)
     wait_until(proc, lambda: finished_trials(db) >= 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -30,7 +33,7 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     interrupted_at = finished_trials(db)
     assert 0 < interrupted_at < BUDGET
 
-    # 2. kill -9 in the middle of a later generation: nothing gets a chance to clean up.
+    # 2. kill -9 in the middle of a later generation, workers on Ray: nothing gets a chance to clean up.
     proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
     wait_until(proc, lambda: finished_trials(db) >= POP + 3)
     proc.kill()
@@ -40,13 +43,13 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     assert killed_at < BUDGET
 
     # 3. kill -9 after the last trial, while the front is re-measured and the outputs written.
-    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint, *IN_PROCESS)
     wait_until(proc, lambda: finished_trials(db) >= BUDGET)
     proc.kill()
     proc.communicate(timeout=60)
 
     # 4. Resume to the end: the same trials (numbers, policies, measurements) and the same front.
-    proc = start_study(cli_cmd, tmp_path / "s", checkpoint)
+    proc = start_study(cli_cmd, tmp_path / "s", checkpoint, *IN_PROCESS)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resuming study 's': {BUDGET} of {BUDGET} trials recorded" in err
@@ -54,6 +57,7 @@ def test_kill_and_interrupt_at_any_moment_then_resume_equals_an_uninterrupted_ru
     assert finished_trials(db) == BUDGET  # nothing duplicated
 
 
+@pytest.mark.slow
 def test_a_killed_ray_actor_is_replaced_and_the_study_finishes_unchanged(tmp_path, cli_cmd, digits_baseline, reference_study):
     db = tmp_path / "r" / "study.db"
     proc = start_study(cli_cmd, tmp_path / "r", str(digits_baseline.checkpoint), "--workers", "2")
@@ -73,8 +77,8 @@ def _actor_pids() -> list[int]:
 
 
 def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_path, digits_baseline, reference_study):
-    from mpsearch.locking import StudyLock
     from mpsearch.study import storage_url
+    from mpsearch.study.locking import StudyLock
 
     cfg = study_config(tmp_path, "busy", digits_baseline)
     with StudyLock(storage_url(cfg), cfg.study_name):  # another driver holds the study
@@ -87,7 +91,7 @@ def test_a_second_driver_on_a_running_study_stops_and_leaves_it_untouched(tmp_pa
 def test_a_lease_on_a_server_storage_blocks_a_second_driver_until_it_expires():
     import optuna
 
-    from mpsearch.locking import LEASE_ATTR, LEASE_S, check_lease
+    from mpsearch.study.locking import LEASE_ATTR, LEASE_S, check_lease
 
     study = optuna.create_study()
     study.set_user_attr(LEASE_ATTR, {"host": "node1", "pid": 4242, "id": "other", "heartbeat": 1000.0})
@@ -101,7 +105,7 @@ def test_a_lease_on_a_server_storage_blocks_a_second_driver_until_it_expires():
 def test_a_policy_with_nan_outputs_is_a_failed_trial_and_the_study_goes_on(tmp_path, digits_baseline, monkeypatch):
     import optuna
 
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
     from mpsearch.study import storage_url
 
     real = Evaluator.quantized_mask

@@ -307,7 +307,7 @@ def test_empirical_loss_metric(model, layers, digits):
 @pytest.fixture(scope="module")
 def vit(digits):
     """An untrained timm test_vit for the digits images (2x2 patches, 16 tokens)."""
-    from mpsearch.zoo import create_model
+    from mpsearch.models.zoo import create_model
 
     torch.manual_seed(0)
     return create_model("test_vit", digits.info).eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from study_checks import BUDGET, POP, assert_same_study, finished_in, finished_trials, free_port, start_study, wait_until
 
-LEASE_S = 30  # the drivers' lease time here (MPSEARCH_LEASE_S): a lost driver is taken over after 30 s
+LEASE_S = 20  # the drivers' lease time here (MPSEARCH_LEASE_S): a lost driver is taken over after 20 s
 IN_PROCESS = ("--workers", "0")  # what is tested is the storage; tests/test_cluster.py covers Ray
 
 
@@ -73,6 +73,7 @@ def storage(request, tmp_path) -> str:
     return request.getfixturevalue("postgres")
 
 
+@pytest.mark.slow
 def test_a_second_driver_is_refused_until_the_first_is_lost_then_resumes_the_study(storage, tmp_path, cli_cmd, digits_baseline,
                                                                                  reference_study):
     name, checkpoint = "two-drivers", str(digits_baseline.checkpoint)

@@ -13,10 +13,10 @@ import torch
 
 from mpsearch.config import StudyConfig, with_overrides
 from mpsearch.errors import UserError
-from mpsearch.evaluate import Evaluator
+from mpsearch.evaluation.evaluator import Evaluator
+from mpsearch.evaluation.executors import EvalTask, run_task
 from mpsearch.policy import Policy
 from mpsearch.quant.backends import resolve_backend
-from mpsearch.runtime import EvalTask, run_task
 from mpsearch.study import load_result, run_study, storage_url
 
 TINY = {"model": "test_resnet", "dataset": "digits", "search.budget": 16, "search.population_size": 8,
@@ -68,6 +68,7 @@ def test_study_writes_everything_and_records_every_trial(study):
     assert "hypervolume" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_same_seed_same_study_and_workers_do_not_matter(study, tmp_path, tiny_checkpoint):
     _, first = study
     _, again = _run(tmp_path, "tiny-again", tiny_checkpoint)
@@ -137,6 +138,7 @@ def _pattern(layers_json: str) -> str:
     return "".join("i" if w and a else "w" if w else "a" if a else "f" for w, a in json.loads(layers_json).values())
 
 
+@pytest.mark.slow
 def test_the_latency_objective_is_timed_once_per_layer_pattern_and_kept_for_resume(tmp_path, tiny_checkpoint):
     with pytest.raises(UserError, match="keep the latency section"):
         with_overrides(StudyConfig(), {"search.objectives": ["accuracy", "latency"], "latency": None})
@@ -188,7 +190,7 @@ def test_a_worker_returns_the_per_image_mask(digits_baseline, digits):
 
 def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseline, digits):
     from mpsearch.config import QuantConfig
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
 
     _, result = study
     for pick in ("knee", "max-accuracy", "min-energy"):
@@ -207,7 +209,7 @@ def test_export_then_evaluate_reproduces_the_stored_metrics(study, digits_baseli
         mask = ev.quantized_mask(ev.resolve_policy(policy), "val", start=images, limit=images + stored["val_images"])
         assert int(mask.sum()) / len(mask) == stored["val_accuracy"]
     low, _ = pick_policy(result.out_dir, "energy<=0.5")
-    assert low.provenance["metrics"]["rel_energy:horowitz45nm"] <= 0.5
+    assert low.provenance["metrics"]["rel_energy_horowitz45nm"] <= 0.5
     with pytest.raises(UserError, match="no Pareto point"):
         pick_policy(result.out_dir, "energy<=0.0001")
     with pytest.raises(UserError, match="use knee"):
@@ -257,7 +259,7 @@ def test_a_study_can_round_weights_with_gptq_and_exports_it(tmp_path, tiny_check
 
 
 def test_finetune_front_adds_measured_qat_points(tmp_path, tiny_checkpoint, digits_baseline, digits):
-    from mpsearch.finetune import attach_finetuned
+    from mpsearch.quant.finetune import attach_finetuned
 
     ft = {"search.remeasure_points": 2, "finetune.steps": 10}
     cfg, result = _run(tmp_path, "tiny-ft", tiny_checkpoint, **ft)
@@ -306,7 +308,7 @@ def test_a_fitted_profile_is_searched_beside_the_analytical_one(tmp_path, tiny_c
     from mpsearch.cost.energy_profiles import install_profile
     from mpsearch.cost.kernel_table import profile_layers
     from mpsearch.data import load_dataset
-    from mpsearch.zoo import create_model
+    from mpsearch.models.zoo import create_model
 
     info = load_dataset("digits").info
     model = create_model("test_resnet", info)

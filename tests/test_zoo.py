@@ -9,7 +9,7 @@ from torch import nn
 
 from mpsearch.data import DatasetInfo
 from mpsearch.errors import UserError
-from mpsearch.zoo import create_model, get_baseline, resolve_model_name, sha256_file
+from mpsearch.models.zoo import create_model, get_baseline, resolve_model_name, sha256_file
 
 FMNIST_INFO = DatasetInfo("fashion-mnist", 10, 1, 28, (0.286,), (0.353,))
 
@@ -67,10 +67,10 @@ def test_a_model_that_cannot_run_on_the_images_is_refused_with_the_sizes_it_runs
 
 
 def test_recipes_by_family():
-    from mpsearch.config import TrainRecipe
-    from mpsearch.zoo import CONVNET_ADAMW_RECIPE, VIT_RECIPE, default_recipe, model_family
+    from mpsearch.config import TrainConfig
+    from mpsearch.models.zoo import CONVNET_ADAMW_RECIPE, VIT_RECIPE, default_recipe, model_family
 
-    assert default_recipe("resnet18") == TrainRecipe() and default_recipe("test_resnet").optimizer == "sgd"
+    assert default_recipe("resnet18") == TrainConfig() and default_recipe("test_resnet").optimizer == "sgd"
     assert default_recipe("deit_tiny") is VIT_RECIPE and default_recipe("test_vit_relpos") is VIT_RECIPE
     assert default_recipe("mobilenetv3_small_100") is CONVNET_ADAMW_RECIPE and CONVNET_ADAMW_RECIPE.optimizer == "adamw"
     assert default_recipe("test_convnext") is CONVNET_ADAMW_RECIPE
@@ -79,9 +79,9 @@ def test_recipes_by_family():
 
 
 def test_a_baseline_trains_on_every_core_and_says_how_long_it_will_take(digits, messages, monkeypatch):
-    import mpsearch.zoo as zoo
-    from mpsearch.config import TrainRecipe
-    from mpsearch.machine import available_cores
+    import mpsearch.models.zoo as zoo
+    from mpsearch.config import TrainConfig
+    from mpsearch.host.machine import available_cores
 
     seen = []
     real = zoo.train_model
@@ -94,7 +94,7 @@ def test_a_baseline_trains_on_every_core_and_says_how_long_it_will_take(digits, 
     monkeypatch.setattr(zoo, "available_cores", lambda: 2)  # as on a 2-core machine, whatever this one has
     torch.set_num_threads(1)
     try:
-        get_baseline("test_resnet", digits, recipe=TrainRecipe(epochs=2, batch_size=32, bf16=False), seed=5, progress=False)
+        get_baseline("test_resnet", digits, recipe=TrainConfig(epochs=2, batch_size=32, bf16=False), seed=5, progress=False)
         assert torch.get_num_threads() == 1  # the caller's setting is back
     finally:
         torch.set_num_threads(min(2, available_cores()))
@@ -104,10 +104,10 @@ def test_a_baseline_trains_on_every_core_and_says_how_long_it_will_take(digits, 
 
 
 def test_training_that_diverges_is_refused_in_one_line(digits):
-    from mpsearch.config import TrainRecipe
+    from mpsearch.config import TrainConfig
 
     with pytest.raises(UserError, match="diverged: the trained model outputs NaN/inf"):
-        get_baseline("test_resnet", digits, recipe=TrainRecipe(epochs=1, lr=1e9, label_smoothing=0.0, bf16=False),
+        get_baseline("test_resnet", digits, recipe=TrainConfig(epochs=1, lr=1e9, label_smoothing=0.0, bf16=False),
                      seed=3, progress=False)
 
 
@@ -182,7 +182,7 @@ def test_corrupt_cached_checkpoint_is_detected(digits, digits_recipe, digits_bas
 
 
 def test_selective_epochs_draw_hard_images_most_and_every_image_sometimes():
-    from mpsearch.train import _pick_by_loss
+    from mpsearch.models.train import _pick_by_loss
 
     n, keep, draws = 1000, 500, 200
     losses = torch.linspace(0.0, 3.0, n)[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
@@ -205,12 +205,12 @@ def test_selective_epochs_draw_hard_images_most_and_every_image_sometimes():
 
 
 def test_batch_norm_statistics_are_re_estimated_over_the_sample(digits):
-    from mpsearch.config import TrainRecipe
-    from mpsearch.train import _recalibrate_batch_norm
+    from mpsearch.config import TrainConfig
+    from mpsearch.models.train import _recalibrate_batch_norm
 
     torch.manual_seed(0)
     model = create_model("test_resnet", digits.info).train()
-    recipe = TrainRecipe(batch_norm_images=512, bf16=False, channels_last=False)
+    recipe = TrainConfig(batch_norm_images=512, bf16=False, channels_last=False)
     first_conv, first_norm = model.conv1[0], model.conv1[1]  # test_resnet's deep stem: conv, then batch norm
     first_norm.running_mean.fill_(7.0)
     _recalibrate_batch_norm(model, digits.train, recipe, torch.device("cpu"), torch.contiguous_format,
@@ -227,11 +227,11 @@ def test_batch_norm_statistics_are_re_estimated_over_the_sample(digits):
 
 
 def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
-    from mpsearch.config import TrainRecipe
-    from mpsearch.metrics import correct_mask
-    from mpsearch.train import train_model
+    from mpsearch.config import TrainConfig
+    from mpsearch.evaluation.metrics import correct_mask
+    from mpsearch.models.train import train_model
 
-    recipe = TrainRecipe(epochs=8, batch_size=64, lr=0.05, label_smoothing=0.0, keep_fraction=0.5, bf16=False,
+    recipe = TrainConfig(epochs=8, batch_size=64, lr=0.05, label_smoothing=0.0, keep_fraction=0.5, bf16=False,
                          channels_last=False, image_scales=(1.0,), batch_norm_images=256)
     torch.manual_seed(0)
     model = create_model("test_resnet", digits.info)
@@ -246,22 +246,22 @@ def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
     accuracy = float(correct_mask(model.to(memory_format=torch.channels_last), digits.val).float().mean())
     assert accuracy > 0.9
     with pytest.raises(UserError, match="recipe.keep_fraction"):
-        TrainRecipe(keep_fraction=0.0)
+        TrainConfig(keep_fraction=0.0)
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native):
     """recipe.bf16 trains under bf16 autocast on a CPU with bf16 instructions and in fp32 (bit for
     bit what bf16=False trains) on one without, where emulated bf16 is 15x slower than fp32."""
-    import mpsearch.train as train
-    from mpsearch.config import TrainRecipe
+    import mpsearch.models.train as train
+    from mpsearch.config import TrainConfig
 
     monkeypatch.setattr(train, "native_bf16", lambda device_type: None if native else "no bf16 here")
     autocast_dtypes = []
     hook = lambda m, args, out: autocast_dtypes.append(out.dtype) if m.training else None  # noqa: E731
 
     def trained(bf16: bool):
-        recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, bf16=bf16, channels_last=False, image_scales=(1.0,),
+        recipe = TrainConfig(epochs=1, batch_size=64, lr=0.05, bf16=bf16, channels_last=False, image_scales=(1.0,),
                              keep_fraction=1.0)
         torch.manual_seed(0)
         model = create_model("test_resnet", digits.info)
@@ -280,13 +280,13 @@ def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native)
 
 
 def test_a_baseline_trained_without_bf16_says_so_and_records_it(digits, monkeypatch, messages):
-    import mpsearch.train as train
-    import mpsearch.zoo as zoo
-    from mpsearch.config import TrainRecipe
+    import mpsearch.models.train as train
+    import mpsearch.models.zoo as zoo
+    from mpsearch.config import TrainConfig
 
     monkeypatch.setattr(zoo, "native_bf16", lambda device_type: "no bf16 here")
     monkeypatch.setattr(train, "native_bf16", lambda device_type: "no bf16 here")
-    recipe = TrainRecipe(epochs=1, batch_size=64, lr=0.05, bf16=True, channels_last=False, image_scales=(1.0,),
+    recipe = TrainConfig(epochs=1, batch_size=64, lr=0.05, bf16=True, channels_last=False, image_scales=(1.0,),
                          keep_fraction=1.0, batch_norm_images=128)
     baseline = zoo.get_baseline("test_resnet", digits, recipe=recipe, seed=3, progress=False)
     assert "Training in fp32 instead of bf16 autocast: no bf16 here." in messages

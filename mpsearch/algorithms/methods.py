@@ -1,9 +1,9 @@
 """Search methods: a registered algorithm, optionally measured with multi-fidelity promotions.
 
 ``nsga2`` runs NSGA-II; ``nsga2+mf`` runs it with every candidate climbing the rungs of
-:mod:`mpsearch.fidelity` (any method, planners included, takes ``+mf``); ``nsga2+mf,random,ilp`` runs three methods one after the other into
-the same study (each with the full budget, trials tagged by method), which is how methods are
-compared.
+:mod:`mpsearch.evaluation.multi_fidelity` (any method, planners included, takes ``+mf``);
+``nsga2+mf,random,ilp`` runs three methods one after the other into the same study (each
+with the full budget, trials tagged by method), which is how methods are compared.
 """
 
 from __future__ import annotations

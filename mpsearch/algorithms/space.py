@@ -49,6 +49,18 @@ class Gene:
     layers: tuple[str, ...]
 
 
+def _units(free: Sequence[str], group_of: Mapping[str, int]) -> list[tuple[str, tuple[str, ...]]]:
+    """Units (a layer, or a group at its first member's place) in execution order, with their layers."""
+    units: list[tuple[str, tuple[str, ...]]] = []
+    for name in free:
+        gi = group_of.get(name)
+        if gi is None:
+            units.append((name, (name,)))
+        elif all(unit != f"group{gi}" for unit, _ in units):
+            units.append((f"group{gi}", tuple(n for n in free if group_of.get(n) == gi)))
+    return units
+
+
 class BoundSpace:
     """A :class:`SearchSpace` resolved against one model's quantizable layers (in execution order).
 
@@ -67,9 +79,36 @@ class BoundSpace:
             raise ValueError("BoundSpace: the layer list names a layer twice")
 
         # Pins first: they override `layers` (that is how "all but the ends" is written).
+        pins, pinned_by = self._resolve_pins()
+        selected = self._selected_layers()
+        # Matmuls are searched only when the space offers widths for them.
+        free = [n for n in self.layers if n in selected and n not in pins and (space.matmul_bits or not is_matmul(n))]
+        group_of = self._resolve_groups(selected, pinned_by)
+        if not free:
+            self._fail("space: every searched layer is pinned, nothing is left to search; unpin a layer or widen space.layers")
+        genes = self._genes(_units(free, group_of))
+
+        self.genes: tuple[Gene, ...] = tuple(genes)
+        self.pinned: dict[str, LayerPrecision] = {n: pins[n] for n in self.layers if n in pins}
+        self.free_layers: tuple[str, ...] = tuple(free)
+        self.n_var = len(genes)
+        self.xl = np.zeros(self.n_var, dtype=np.int64)
+        self.xu = np.array([len(g.choices) - 1 for g in genes], dtype=np.int64)
+        self.xl.setflags(write=False)
+        self.xu.setflags(write=False)
+        self._constant = {
+            "weight": space.weight_bits[0] if len(space.weight_bits) == 1 else None,
+            "act": space.act_bits[0] if len(space.act_bits) == 1 else None,
+            "matmul": space.matmul_bits[0] if len(space.matmul_bits) == 1 else None,
+        }
+        self._gene_index = {g.name: k for k, g in enumerate(genes)}
+
+    # -- binding (the stages of __init__) --------------------------------------------------------
+    def _resolve_pins(self) -> tuple[dict[str, LayerPrecision], dict[str, str]]:
+        """Pinned layer -> its precision, and pinned layer -> the ``space.pinned`` key that first names it."""
         pins: dict[str, LayerPrecision] = {}
         pinned_by: dict[str, str] = {}
-        for key, prec in space.pinned.items():
+        for key, prec in self.space.pinned.items():
             for name in self._resolve(key, f"space.pinned.{key}"):
                 if name in pins and pins[name] != prec:
                     self._fail(
@@ -80,55 +119,58 @@ class BoundSpace:
                 # written with the default (per-channel) options mean exactly that.
                 pins[name] = dataclass_replace(prec, granularity="per-tensor") if is_matmul(name) else prec
                 pinned_by.setdefault(name, key)
+        return pins, pinned_by
 
-        if space.layers == "all":
-            selected = set(self.layers)
-        else:
-            selected = set()
-            for i, pattern in enumerate(space.layers):
-                selected.update(self._resolve(pattern, f"space.layers[{i}]"))
-        # Matmuls are searched only when the space offers widths for them.
-        free = [n for n in self.layers if n in selected and n not in pins and (space.matmul_bits or not is_matmul(n))]
+    def _selected_layers(self) -> set[str]:
+        """The layers ``space.layers`` selects (pinned ones included)."""
+        if self.space.layers == "all":
+            return set(self.layers)
+        selected: set[str] = set()
+        for i, pattern in enumerate(self.space.layers):
+            selected.update(self._resolve(pattern, f"space.layers[{i}]"))
+        return selected
 
+    def _resolve_groups(self, selected: set[str], pinned_by: Mapping[str, str]) -> dict[str, int]:
+        """Grouped layer -> the index of its group in ``space.groups``; ``pinned_by``'s keys are the pinned layers."""
         group_of: dict[str, int] = {}
-        for gi, patterns in enumerate(space.groups):
+        for gi, patterns in enumerate(self.space.groups):
             members: set[str] = set()
             for j, pattern in enumerate(patterns):
                 where = f"space.groups[{gi}]" if len(patterns) == 1 else f"space.groups[{gi}][{j}]"
                 members.update(self._resolve(pattern, where))
             for name in (n for n in self.layers if n in members):
-                if name in pins:
-                    self._fail(
-                        f"space.groups[{gi}]: layer {name!r} is pinned (space.pinned.{pinned_by[name]}) and grouped; "
-                        "a layer is either pinned or shares a width, remove it from one of them"
-                    )
-                if name not in selected:
-                    self._fail(
-                        f"space.groups[{gi}]: layer {name!r} is not searched (space.layers does not select it); "
-                        "add it to space.layers or narrow the group's pattern"
-                    )
-                if is_matmul(name) and not space.matmul_bits:
-                    self._fail(
-                        f"space.groups[{gi}]: layer {name!r} is an attention matmul, which the space does not search; "
-                        "add matmul_bits or narrow the group's pattern"
-                    )
-                if name in group_of:
-                    self._fail(
-                        f"space.groups[{gi}]: layer {name!r} is already in space.groups[{group_of[name]}]; "
-                        "a layer belongs to one group at most"
-                    )
+                self._check_group_member(gi, name, selected, pinned_by, group_of)
                 group_of[name] = gi
-        if not free:
-            self._fail("space: every searched layer is pinned, nothing is left to search; unpin a layer or widen space.layers")
+        return group_of
 
-        # Units (a layer, or a group at its first member's place) in execution order.
-        units: list[tuple[str, tuple[str, ...]]] = []
-        for name in free:
-            gi = group_of.get(name)
-            if gi is None:
-                units.append((name, (name,)))
-            elif all(unit != f"group{gi}" for unit, _ in units):
-                units.append((f"group{gi}", tuple(n for n in free if group_of.get(n) == gi)))
+    def _check_group_member(
+        self, gi: int, name: str, selected: set[str], pinned_by: Mapping[str, str], group_of: Mapping[str, int]
+    ) -> None:
+        """Fail unless layer ``name`` may join group ``gi``: searched, unpinned, not yet grouped."""
+        if name in pinned_by:
+            self._fail(
+                f"space.groups[{gi}]: layer {name!r} is pinned (space.pinned.{pinned_by[name]}) and grouped; "
+                "a layer is either pinned or shares a width, remove it from one of them"
+            )
+        if name not in selected:
+            self._fail(
+                f"space.groups[{gi}]: layer {name!r} is not searched (space.layers does not select it); "
+                "add it to space.layers or narrow the group's pattern"
+            )
+        if is_matmul(name) and not self.space.matmul_bits:
+            self._fail(
+                f"space.groups[{gi}]: layer {name!r} is an attention matmul, which the space does not search; "
+                "add matmul_bits or narrow the group's pattern"
+            )
+        if name in group_of:
+            self._fail(
+                f"space.groups[{gi}]: layer {name!r} is already in space.groups[{group_of[name]}]; "
+                "a layer belongs to one group at most"
+            )
+
+    def _genes(self, units: Sequence[tuple[str, tuple[str, ...]]]) -> list[Gene]:
+        """One gene per operand of each unit that has more than one choice."""
+        space = self.space
         genes = []
         for unit, members in units:
             kinds = {is_matmul(n) for n in members}
@@ -149,21 +191,7 @@ class BoundSpace:
             )
         if len({g.name for g in genes}) != len(genes):  # a layer literally named "group0" ...
             raise ValueError("BoundSpace: two genes share a name; rename the group or layer")
-
-        self.genes: tuple[Gene, ...] = tuple(genes)
-        self.pinned: dict[str, LayerPrecision] = {n: pins[n] for n in self.layers if n in pins}
-        self.free_layers: tuple[str, ...] = tuple(free)
-        self.n_var = len(genes)
-        self.xl = np.zeros(self.n_var, dtype=np.int64)
-        self.xu = np.array([len(g.choices) - 1 for g in genes], dtype=np.int64)
-        self.xl.setflags(write=False)
-        self.xu.setflags(write=False)
-        self._constant = {
-            "weight": space.weight_bits[0] if len(space.weight_bits) == 1 else None,
-            "act": space.act_bits[0] if len(space.act_bits) == 1 else None,
-            "matmul": space.matmul_bits[0] if len(space.matmul_bits) == 1 else None,
-        }
-        self._gene_index = {g.name: k for k, g in enumerate(genes)}
+        return genes
 
     # -- helpers ----------------------------------------------------------------------------------
     def _fail(self, message: str) -> NoReturn:
@@ -287,3 +315,4 @@ class BoundSpace:
             f"({len(self.pinned)} pinned, {len(self.layers) - len(self.free_layers) - len(self.pinned)} float32), "
             f"{float(self.size):.3g} policies"
         )
+

@@ -45,8 +45,8 @@ def _profiles(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def train(args: argparse.Namespace) -> int:
-    from mpsearch.tasks import load_baseline
-    from mpsearch.zoo import default_recipe, resolve_model_name
+    from mpsearch.evaluation.prepared import load_baseline
+    from mpsearch.models.zoo import default_recipe, resolve_model_name
 
     resolve_model_name(args.model)
     recipe = replace(default_recipe(args.model), **_given(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -68,7 +68,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from mpsearch.tasks import measure_policy
+    from mpsearch.evaluation.prepared import measure_policy
 
     if args.onnx or args.pt2e:
         return _evaluate_exported(args)
@@ -92,8 +92,8 @@ def evaluate(args: argparse.Namespace) -> int:
     print(f"  size       {_fmt_bytes(c.size_bytes)}  ({rel['size']:.1%} of fp32 {_fmt_bytes(c.fp32_size_bytes)})")
     print(f"  BOPs       {c.bops / 1e9:.2f} G  ({rel['bops']:.1%} of fp32)")
     for name, value in c.energy.items():
-        print(f"  energy     {value:,.4g} {c.energy_units[name]} per image [{name}]  ({rel['energy:' + name]:.1%} of fp32, "
-              f"{1 - rel['energy:' + name]:.1%} saved)")
+        print(f"  energy     {value:,.4g} {c.energy_units[name]} per image [{name}]  ({rel['energy_' + name]:.1%} of fp32, "
+              f"{1 - rel['energy_' + name]:.1%} saved)")
     return 0
 
 
@@ -124,8 +124,8 @@ def _evaluate_exported(args: argparse.Namespace) -> int:
 
 
 def finetune(args: argparse.Namespace) -> int:
+    from mpsearch.cli.tasks import finetune_policy
     from mpsearch.config import FinetuneConfig
-    from mpsearch.tasks import finetune_policy
 
     config = FinetuneConfig(seed=args.seed or 0, **_given(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                                            temperature=args.temperature, label_weight=args.label_weight))
@@ -146,7 +146,7 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def layers(args: argparse.Namespace) -> int:
-    from mpsearch.tasks import layer_table
+    from mpsearch.cli.tasks import layer_table
 
     rows = layer_table(args.model, args.dataset, data_dir=args.data_dir, image_size=args.image_size)
     if args.json:
@@ -168,7 +168,7 @@ def profiles(args: argparse.Namespace) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
-    from mpsearch.tasks import profile_kernels
+    from mpsearch.cli.tasks import profile_kernels
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()] if args.precisions else None
     kernels, out = profile_kernels(args.model, args.dataset, device=args.device, precisions=precisions, batch_size=args.batch_size,
@@ -226,7 +226,7 @@ def calibrate_energy(args: argparse.Namespace) -> int:
 
 
 def ablate(args: argparse.Namespace) -> int:
-    from mpsearch.ablate import ablate as run
+    from mpsearch.study.ablate import ablate as run
 
     variants = None if args.variants is None else ("all" if args.variants.strip() == "all" else
                                                     [v.strip() for v in args.variants.split(",") if v.strip()])
@@ -240,8 +240,8 @@ def ablate(args: argparse.Namespace) -> int:
 
 
 def outliers(args: argparse.Namespace) -> int:
-    from mpsearch.files import atomic_write
-    from mpsearch.tasks import outlier_report
+    from mpsearch.cli.tasks import outlier_report
+    from mpsearch.host.files import atomic_write
 
     table = outlier_report(args.model, args.dataset, alpha=args.alpha, calibration_size=args.calibration_size,
                            seed=args.seed or 0, progress=not args.no_progress, **_subject(args))
@@ -253,8 +253,8 @@ def outliers(args: argparse.Namespace) -> int:
 
 
 def sensitivity(args: argparse.Namespace) -> int:
+    from mpsearch.cli.tasks import sensitivity_report
     from mpsearch.sensitivity import sensitivity_table
-    from mpsearch.tasks import sensitivity_report
 
     df, files = sensitivity_report(args.model, args.dataset, estimator=args.estimator, bits=int_list(args.bits, "--bits"),
                                    seed=args.seed or 0, out_dir=args.out_dir, progress=not args.no_progress, **_subject(args))
@@ -351,7 +351,7 @@ def register(sub: Any) -> None:
     add_json(ce, "the fit and agreement")
     ce.set_defaults(handler=calibrate_energy)
 
-    from mpsearch.ablate import VARIANTS  # light: configs only
+    from mpsearch.study.ablate import VARIANTS  # light: configs only
 
     ab = sub.add_parser("ablate", help="measured ablation of quantization choices over seeds: CSV + markdown table")
     ab.add_argument("--model", default="resnet18", help="timm model name or alias")

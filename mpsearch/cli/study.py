@@ -97,10 +97,10 @@ def study_configs(args: argparse.Namespace) -> list[Any]:
 
 
 def optimize(args: argparse.Namespace) -> int:
-    from mpsearch.compare import seed_summary
     from mpsearch.objectives import floor_text
-    from mpsearch.report import answers_text
     from mpsearch.study import run_study
+    from mpsearch.study.compare import seed_summary
+    from mpsearch.study.report import answers_text
 
     results = []
     for config in study_configs(args):
@@ -140,7 +140,7 @@ def dashboard(args: argparse.Namespace) -> int:
     try:
         from optuna_dashboard import run_server
     except ImportError:
-        raise UserError("optuna-dashboard is not installed; pip install optuna-dashboard") from None
+        raise UserError("optuna-dashboard is not installed; pip install 'mpsearch[dashboard]' (or optuna-dashboard)") from None
     logger.info(f"optuna-dashboard on http://{args.host}:{args.port} for {shown_url(storage)} (Ctrl-C to stop)")
     run_server(open_storage(storage), host=args.host, port=args.port)
     return 0

@@ -9,9 +9,9 @@ never reuses a stale artifact. A :class:`StudyConfig` composes the others.
 from mpsearch.config._base import Config, config_from_dict, config_key, field_error, with_overrides
 from mpsearch.config.quant import FinetuneConfig, QuantConfig
 from mpsearch.config.study import RESUMABLE_FIELDS, LatencyConfig, RunConfig, SearchConfig, StudyConfig, timing_problem
-from mpsearch.config.train import SIX_EPOCH_SCALES, TrainRecipe
+from mpsearch.config.train import SIX_EPOCH_SCALES, TrainConfig
 
 __all__ = [
-    "Config", "config_from_dict", "config_key", "field_error", "with_overrides", "TrainRecipe", "SIX_EPOCH_SCALES",
+    "Config", "config_from_dict", "config_key", "field_error", "with_overrides", "TrainConfig", "SIX_EPOCH_SCALES",
     "QuantConfig", "FinetuneConfig", "SearchConfig", "LatencyConfig", "timing_problem", "RunConfig", "StudyConfig", "RESUMABLE_FIELDS",
 ]

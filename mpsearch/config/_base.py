@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import MISSING, asdict, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -60,10 +61,10 @@ def config_from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
         default, path = defaults[name], _join(where, name)
         section = cls.SECTIONS.get(name)
         if section is not None:
-            optional = default is None or "None" in str(_annotation(cls, name))
+            optional = default is None or _allows_none(cls, name)
             values[name] = None if value is None and optional else config_from_dict(section, value, path)
             continue
-        if default is None or (value is None and "None" in str(_annotation(cls, name))):
+        if default is None or (value is None and _allows_none(cls, name)):
             continue  # optional fields (None allowed) are checked by the class itself
         expected = type(default)
         if expected is tuple and isinstance(value, list):  # JSON/YAML have lists, configs keep tuples
@@ -74,8 +75,9 @@ def config_from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
     return cls(**values)
 
 
-def _annotation(cls: type, name: str) -> Any:
-    return next(f.type for f in fields(cls) if f.name == name)
+def _allows_none(cls: type, name: str) -> bool:
+    """Whether the field's type annotation admits None (``X | None``, ``Optional[X]``)."""
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def _join(where: str, name: str) -> str:

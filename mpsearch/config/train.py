@@ -1,4 +1,4 @@
-"""How a baseline is trained: :class:`TrainRecipe`."""
+"""How a baseline is trained: :class:`TrainConfig`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from mpsearch.config._base import Config, field_error
 
-__all__ = ["TrainRecipe", "SIX_EPOCH_SCALES"]
+__all__ = ["TrainConfig", "SIX_EPOCH_SCALES"]
 
 # The image-size table of a six-epoch recipe (the recipe sweep's base, and the tiny test baselines).
 SIX_EPOCH_SCALES: tuple[float, ...] = (0.64, 0.64, 0.64, 0.64, 0.86, 1.0)
 
 
 @dataclass(frozen=True)
-class TrainRecipe(Config):
+class TrainConfig(Config):
     """SGD + Nesterov (or AdamW), one-cycle LR, label smoothing, optional crop/flip augmentation,
     progressive resizing and selective epochs.
 

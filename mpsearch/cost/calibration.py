@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -296,12 +297,10 @@ def calibrate_energy(table_path: str, *, target: str | None = None, name: str | 
     ``target`` None fits energy where every row has it, else latency.
     With ``install`` the profile is also installed by name (:func:`~mpsearch.cost.energy_profiles.install_profile`),
     so that ``--energy-profile NAME`` or an ``energy@NAME`` objective searches with it."""
-    from pathlib import Path
 
     from mpsearch.cost.energy_profiles import install_profile, load_profile
     from mpsearch.cost.kernel_table import load_kernel_table
-    from mpsearch.cost.plots import plot_breakdown, plot_modeled_vs_measured
-    from mpsearch.files import atomic_write_text
+    from mpsearch.host.files import atomic_write_text
 
     if n_policies < 3:
         raise UserError(f"policies must be >= 3, got {n_policies}", fields=("policies",))
@@ -328,6 +327,23 @@ def calibrate_energy(table_path: str, *, target: str | None = None, name: str | 
     summary = summary_rows(per_kernel, per_policy)
 
     out_dir = profile_path.parent
+    scatter, breakdown = _calibration_figures(table, fit, profiles, modeled_policies, measured_policies, out_dir,
+                                              name=name, target=target, float_kernel=float_kernel,
+                                              breakdown_bits=breakdown_bits)
+    report = out_dir / f"{name}_calibration.md"
+    atomic_write_text(report, _report_markdown(fit, table, str(table_path), str(profile_path), summary, n_policies,
+                                               float_kernel, (scatter.name, breakdown.name)), what="calibration report")
+    return CalibrationResult(fit, table, str(profile_path), str(report), (str(scatter), str(breakdown)), tuple(summary), installed)
+
+
+def _calibration_figures(table: KernelTable, fit: Fit, profiles: list[EnergyProfile], modeled_policies: dict,
+                         measured_policies: np.ndarray, out_dir: Path, *, name: str, target: str, float_kernel: str,
+                         breakdown_bits: tuple[int, int]) -> tuple[Path, Path]:
+    """The two figures of a calibration: modeled vs measured (kernels and random policies), and the
+    per-layer arithmetic/memory breakdown of the all-``breakdown_bits`` policy."""
+    from mpsearch.cost.plots import plot_breakdown, plot_modeled_vs_measured
+
+    fitted = profiles[0]
     kernel_rows = [r for r in table.rows if _rows_bits(r) is not None]
     kernel_measured = _target_values(kernel_rows, target)
     label = {fitted.name: f"{fitted.name} (fitted)"}
@@ -347,10 +363,7 @@ def calibrate_energy(table_path: str, *, target: str | None = None, name: str | 
     plot_breakdown(cost_table, {n: breakdown_bits for n in layers}, profiles[:2], breakdown,
                    title=f"{table.model}, every layer W{breakdown_bits[0]}A{breakdown_bits[1]}: per-layer energy",
                    machine=machine)
-    report = out_dir / f"{name}_calibration.md"
-    atomic_write_text(report, _report_markdown(fit, table, str(table_path), str(profile_path), summary, n_policies,
-                                               float_kernel, (scatter.name, breakdown.name)), what="calibration report")
-    return CalibrationResult(fit, table, str(profile_path), str(report), (str(scatter), str(breakdown)), tuple(summary), installed)
+    return scatter, breakdown
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

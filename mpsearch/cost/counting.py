@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from mpsearch.errors import UserError
 from mpsearch.policy import MATMUL_AV, MATMUL_QK
@@ -180,6 +181,75 @@ def _check_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
+class _Trace:
+    """The layer costs the hooks record during one forward, in the order of first calls."""
+
+    def __init__(self) -> None:
+        self.costs: dict[str, LayerCost] = {}
+        self.order: list[str] = []
+
+    def record(self, cost: LayerCost, before: str | None = None) -> None:
+        if cost.name in self.costs:
+            self.costs[cost.name] = _add(self.costs[cost.name], cost)
+            return
+        self.costs[cost.name] = cost
+        # Attention matmuls run between qkv and proj, but the attention module's hook fires
+        # after its whole forward; slot them in front of proj if proj has already been seen.
+        self.order.insert(self.order.index(before) if before in self.order else len(self.order), cost.name)
+
+    def layer_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            x, y = _first_tensor(inputs), _first_tensor(output)
+            if isinstance(module, nn.Linear):
+                kind, macs = "linear", y.numel() * module.in_features
+            else:
+                assert isinstance(module, _CONV_TYPES)
+                per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+                kind, macs = "conv", y.numel() * per_output
+            bias_params = module.bias.numel() if module.bias is not None else 0
+            self.record(LayerCost(name, kind, macs, module.weight.numel(), bias_params, x.numel(), y.numel()))
+
+        return hook
+
+    def attention_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args else kwargs.get("x")
+            proj_name = f"{name}.proj" if isinstance(getattr(module, "proj", None), nn.Module) else None
+            for cost in _attention_costs(name, module, _first_tensor(x)):
+                self.record(cost, before=proj_name)
+
+        return hook
+
+
+def _hook_layers(model: nn.Module, trace: _Trace) -> tuple[dict[str, nn.Module], list[RemovableHandle]]:
+    """Hook ``trace`` into every conv, linear and attention module: the counted conv/linear modules by name, and the hooks."""
+    counted: dict[str, nn.Module] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, *_CONV_TYPES)):
+            counted[name] = module
+            handles.append(module.register_forward_hook(trace.layer_hook(name)))
+        elif _is_attention(module):
+            handles.append(module.register_forward_hook(trace.attention_hook(name), with_kwargs=True))
+    return counted, handles
+
+
+def _forward_once(model: nn.Module, handles: list[RemovableHandle], shape: tuple[int, int, int], device: torch.device,
+                  dtype: torch.dtype) -> None:
+    """Run ``model`` once on a zero image of ``shape`` in eval mode without gradients; afterwards,
+    even on error, remove ``handles`` and restore every module's training flag."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *shape), device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def count_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTable:
     """Trace ``model`` on one zero image of ``input_shape`` (C, H, W) and count its layer costs.
 
@@ -200,68 +270,17 @@ def count_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
 
-    costs: dict[str, LayerCost] = {}
-    order: list[str] = []
-    counted: dict[str, nn.Module] = {}
-
-    def record(cost: LayerCost, before: str | None = None) -> None:
-        if cost.name in costs:
-            costs[cost.name] = _add(costs[cost.name], cost)
-            return
-        costs[cost.name] = cost
-        # Attention matmuls run between qkv and proj, but the attention module's hook fires
-        # after its whole forward; slot them in front of proj if proj has already been seen.
-        order.insert(order.index(before) if before in order else len(order), cost.name)
-
-    def layer_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            x, y = _first_tensor(inputs), _first_tensor(output)
-            if isinstance(module, nn.Linear):
-                kind, macs = "linear", y.numel() * module.in_features
-            else:
-                assert isinstance(module, _CONV_TYPES)
-                per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
-                kind, macs = "conv", y.numel() * per_output
-            bias_params = module.bias.numel() if module.bias is not None else 0
-            record(LayerCost(name, kind, macs, module.weight.numel(), bias_params, x.numel(), y.numel()))
-
-        return hook
-
-    def attention_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-            x = args[0] if args else kwargs.get("x")
-            proj_name = f"{name}.proj" if isinstance(getattr(module, "proj", None), nn.Module) else None
-            for cost in _attention_costs(name, module, _first_tensor(x)):
-                record(cost, before=proj_name)
-
-        return hook
-
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, *_CONV_TYPES)):
-            counted[name] = module
-            handles.append(module.register_forward_hook(layer_hook(name)))
-        elif _is_attention(module):
-            handles.append(module.register_forward_hook(attention_hook(name), with_kwargs=True))
-
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *shape), device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    trace = _Trace()
+    counted, handles = _hook_layers(model, trace)
+    _forward_once(model, handles, shape, device, dtype)
 
     # Identity, not names: tied parameters are stored once; layers never called stay "other".
     layer_param_ids = {
         id(p)
         for name, module in counted.items()
-        if name in costs
+        if name in trace.costs
         for p in (module.weight, module.bias)
         if p is not None
     }
     other = sum(p.numel() for p in model.parameters() if id(p) not in layer_param_ids)
-    return CostTable(layers=tuple(costs[n] for n in order), other_params=other, input_shape=shape)
+    return CostTable(layers=tuple(trace.costs[n] for n in trace.order), other_params=other, input_shape=shape)

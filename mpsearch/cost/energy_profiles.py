@@ -14,14 +14,13 @@ is parsed.
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from mpsearch.cost.counting import LayerCost
 from mpsearch.errors import UserError
@@ -119,7 +118,7 @@ def _builtin_profiles() -> list[str]:
 def user_profiles_dir() -> Path:
     """Where fitted profiles are installed by name (``mpsearch calibrate-energy``):
     ``$MPSEARCH_PROFILES``, else ``<cache root>/profiles`` (``~/.cache/mpsearch/profiles``)."""
-    from mpsearch.paths import cache_root
+    from mpsearch.host.paths import cache_root
 
     env = os.environ.get("MPSEARCH_PROFILES")
     return Path(env).expanduser() if env else cache_root() / "profiles"
@@ -137,7 +136,7 @@ def list_profiles() -> list[str]:
 def install_profile(text: str, name: str) -> Path:
     """Install a profile's TOML under ``name`` so every command (and every local worker) loads it
     by name; a built-in name cannot be shadowed."""
-    from mpsearch.files import atomic_write_text
+    from mpsearch.host.files import atomic_write_text
 
     if name in _builtin_profiles():
         raise UserError(f"profile name {name!r} is a built-in profile; pick another name", fields=("name",))

@@ -16,7 +16,8 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class KernelTable:
         return asdict(self)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from mpsearch.files import atomic_write_text
+        from mpsearch.host.files import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1), what="kernel table")
 
@@ -198,7 +199,7 @@ def profile_layers(
     ``energy_meter``: "auto" (RAPL on the CPU, NVML on CUDA, none where it cannot measure: the
     table then records why), a meter name (an error if it cannot measure), or None.
     """
-    from mpsearch.machine import describe_machine
+    from mpsearch.host.machine import describe_machine
 
     dev = torch.device(device)
     time_meter = create_meter("wallclock", device=device)
@@ -208,6 +209,29 @@ def profile_layers(
     if unavailable:
         logger.info(f"energy: {unavailable}; measuring latency only")
     names = list(precisions) if precisions is not None else KERNELS.names()
+    runnable, skipped = _runnable_precisions(names, dev, device)
+    modules = layer_inputs(model, table.input_shape, table.names)
+    for layer in table.layers:
+        if layer.name not in modules:
+            skipped[layer.name] = ("attention matmuls are not profiled (no quantized batched matmul kernel)"
+                                   if layer.kind == "matmul" else f"{layer.kind} layers other than Conv2d/Linear are not profiled")
+    with _exact_fp32(dev):
+        # An energy meter times its own window: one window gives both numbers.
+        rows = _measure_rows(table, modules, runnable, skipped, dev, meter or time_meter, sync, batch_size, window_s,
+                             seed, progress, model_name)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else describe_machine().split(",")[0]
+    return KernelTable(
+        model=model_name, dataset=dataset, device=dev.type, device_name=device_name, machine=describe_machine(),
+        torch=torch.__version__, threads=torch.get_num_threads(), batch_size=batch_size, window_s=window_s,
+        time_meter=time_meter.name, energy_meter=meter.name if meter is not None else None,
+        energy_unavailable=unavailable, skipped=skipped, rows=tuple(rows),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _runnable_precisions(names: list[str], dev: torch.device, device: str) -> tuple[list[str], dict[str, str]]:
+    """The kernel precisions among ``names`` that run on ``dev``, and why each other one does not
+    (logged); none running is an error."""
     skipped: dict[str, str] = {}
     runnable = []
     for name in names:
@@ -219,29 +243,21 @@ def profile_layers(
             runnable.append(name)
     if not runnable:
         raise UserError(f"no kernel precision runs on {device}: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    modules = layer_inputs(model, table.input_shape, table.names)
-    for layer in table.layers:
-        if layer.name not in modules:
-            skipped[layer.name] = ("attention matmuls are not profiled (no quantized batched matmul kernel)"
-                                   if layer.kind == "matmul" else f"{layer.kind} layers other than Conv2d/Linear are not profiled")
-    if dev.type == "cuda":  # fp32 rows must time fp32, not the TF32 PyTorch allows cuDNN by default
-        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return runnable, skipped
+
+
+@contextmanager
+def _exact_fp32(dev: torch.device) -> Iterator[None]:
+    """On CUDA, TF32 off while the block runs: fp32 rows must time fp32, not the TF32 PyTorch allows cuDNN by default."""
+    if dev.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        # An energy meter times its own window: one window gives both numbers.
-        rows = _measure_rows(table, modules, runnable, skipped, dev, meter or time_meter, sync, batch_size, window_s,
-                             seed, progress, model_name)
+        yield
     finally:
-        if dev.type == "cuda":
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else describe_machine().split(",")[0]
-    return KernelTable(
-        model=model_name, dataset=dataset, device=dev.type, device_name=device_name, machine=describe_machine(),
-        torch=torch.__version__, threads=torch.get_num_threads(), batch_size=batch_size, window_s=window_s,
-        time_meter=time_meter.name, energy_meter=meter.name if meter is not None else None,
-        energy_unavailable=unavailable, skipped=skipped, rows=tuple(rows),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _measure_rows(table: CostTable, modules, runnable: list[str], skipped: dict[str, str], dev: torch.device, meter: Meter,

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mpsearch.machine import native_bf16
+from mpsearch.host.machine import native_bf16
 from mpsearch.registry import Registry
 
 __all__ = [

@@ -138,52 +138,28 @@ class Meter(ABC):
         is inside the window. Energy meters first read their counter over ``idle_s`` seconds of
         sleep (``idle_s=0`` skips it: ``idle_power_w`` is then ``None``).
         """
-        if not window_s > 0:
-            raise ValueError(f"window_s must be > 0, got {window_s}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}")
-        if idle_s < 0:
-            raise ValueError(f"idle_s must be >= 0, got {idle_s}")
+        _check_window(window_s, warmup, idle_s)
         self.check()
         wait = sync or self._default_sync() or (lambda: None)
         with self._open() as counter:
-            idle_power = None
-            if counter is not None and idle_s > 0:
-                wait()  # work the caller queued before measure() must not land in the idle window
-                before, start = counter.read(), time.perf_counter()
-                time.sleep(idle_s)
-                elapsed, after = time.perf_counter() - start, counter.read()
-                idle_power = self._advanced(counter, before, after, elapsed, "idle") / elapsed
-
-            for _ in range(warmup):
-                fn()
-            wait()
-            start = time.perf_counter()
-            fn()
-            wait()
-            one_call = time.perf_counter() - start
-
+            idle_power = self._idle_power(counter, idle_s, wait) if counter is not None and idle_s > 0 else None
+            one_call = _one_call_s(fn, warmup, wait)
             before = counter.read() if counter is not None else None
-            start = time.perf_counter()
-            calls, batch = 0, max(1, math.ceil(window_s / max(one_call, _MIN_CALL_S)))
-            while True:
-                for _ in range(batch):
-                    fn()
-                calls += batch
-                wait()
-                elapsed = time.perf_counter() - start
-                if elapsed >= window_s:
-                    break
-                # The one-call estimate was too high (e.g. a slow first call): top up with a
-                # batch sized from this window so far, still inside the same counter reads.
-                per_call = max(elapsed / calls, _MIN_CALL_S)
-                batch = max(1, math.ceil((window_s - elapsed) / per_call))
+            calls, elapsed = _timed_window(fn, window_s, one_call, wait)
             after = counter.read() if counter is not None else None
 
         energy = None
         if counter is not None:
             energy = self._advanced(counter, before, after, elapsed, "timed") / calls
         return Measurement(self.name, calls, elapsed, elapsed / calls, energy, idle_power)
+
+    def _idle_power(self, counter: _Counter[Any], idle_s: float, wait: Callable[[], None]) -> float:
+        """Watts the counter sees over ``idle_s`` seconds of sleep."""
+        wait()  # work the caller queued before measure() must not land in the idle window
+        before, start = counter.read(), time.perf_counter()
+        time.sleep(idle_s)
+        elapsed, after = time.perf_counter() - start, counter.read()
+        return self._advanced(counter, before, after, elapsed, "idle") / elapsed
 
     def _advanced(self, counter: _Counter[Any], before: Any, after: Any, seconds: float, what: str) -> float:
         joules = counter.joules(before, after)
@@ -193,6 +169,44 @@ class Meter(ABC):
                 "(counter frozen or updated too rarely; try a longer window)"
             )
         return joules
+
+
+def _check_window(window_s: float, warmup: int, idle_s: float) -> None:
+    if not window_s > 0:
+        raise ValueError(f"window_s must be > 0, got {window_s}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if idle_s < 0:
+        raise ValueError(f"idle_s must be >= 0, got {idle_s}")
+
+
+def _one_call_s(fn: Callable[[], object], warmup: int, wait: Callable[[], None]) -> float:
+    """Seconds of one call of ``fn``, timed after ``warmup`` calls: what sizes the window's first batch."""
+    for _ in range(warmup):
+        fn()
+    wait()
+    start = time.perf_counter()
+    fn()
+    wait()
+    return time.perf_counter() - start
+
+
+def _timed_window(fn: Callable[[], object], window_s: float, one_call: float, wait: Callable[[], None]) -> tuple[int, float]:
+    """Call ``fn`` in batches until at least ``window_s`` seconds have passed: the calls and the seconds."""
+    start = time.perf_counter()
+    calls, batch = 0, max(1, math.ceil(window_s / max(one_call, _MIN_CALL_S)))
+    while True:
+        for _ in range(batch):
+            fn()
+        calls += batch
+        wait()
+        elapsed = time.perf_counter() - start
+        if elapsed >= window_s:
+            return calls, elapsed
+        # The one-call estimate was too high (e.g. a slow first call): top up with a
+        # batch sized from this window so far, still inside the same counter reads.
+        per_call = max(elapsed / calls, _MIN_CALL_S)
+        batch = max(1, math.ceil((window_s - elapsed) / per_call))
 
 
 METERS: Registry[type[Meter]] = Registry("meter")

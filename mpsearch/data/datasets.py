@@ -42,8 +42,8 @@ import torch
 
 from mpsearch.data.splits import DatasetInfo, DataSplits, FolderSplit, Split, TensorSplit
 from mpsearch.errors import UserError
-from mpsearch.files import atomic_write
-from mpsearch.paths import cache_root
+from mpsearch.host.files import atomic_write
+from mpsearch.host.paths import cache_root
 from mpsearch.registry import Registry
 
 __all__ = [

@@ -1,7 +1,7 @@
 """A model out: the quantized model as a file that runs on integer kernels.
 
     import mpsearch
-    path = mpsearch.export_onnx(model, policy, calibration, "model.onnx")   # mpsearch.api
+    path = mpsearch.export_onnx(model, "model.onnx", calibration, policy=policy)   # mpsearch.api
 
 :mod:`mpsearch.export.integer` rewrites a fake-quantized model with integer operators (same
 values, checked in PyTorch); :mod:`mpsearch.export.onnx` writes them as standard ONNX in the QDQ

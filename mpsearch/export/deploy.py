@@ -10,16 +10,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mpsearch.errors import UserError
+from mpsearch.evaluation.metrics import wilson_interval
 from mpsearch.export.dispatch import exported_metadata, open_exported, save_exported
 from mpsearch.export.formats import check_output, format_of
 from mpsearch.export.latency import LatencyResult, check_timing, measure_latency
-from mpsearch.metrics import wilson_interval
 from mpsearch.policy import Policy
+
+if TYPE_CHECKING:
+    from mpsearch.models.zoo import Baseline
 
 __all__ = ["export_policy", "compare_exported", "ExportComparison", "export_float", "latency_report", "LatencyRow"]
 
@@ -34,7 +37,7 @@ def export_policy(model: str, dataset: str, policy: str | Path | Policy, output:
     The file's metadata names the model, data set, baseline and the resolved policy, so that
     :func:`compare_exported` can rebuild the same fake-quantized model. Returns (path, policy).
     """
-    from mpsearch.tasks import prepare_measurement
+    from mpsearch.evaluation.prepared import prepare_measurement
 
     check_output(output, fmt)
     if fmt == "pt2e":
@@ -64,7 +67,7 @@ def _named_subject(path: str | Path, model: str | None, dataset: str | None) -> 
     return model, dataset
 
 
-def _check_same_baseline(path: str | Path, meta: Mapping[str, Any], baseline: Any) -> None:
+def _check_same_baseline(path: str | Path, meta: Mapping[str, Any], baseline: Baseline) -> None:
     """Refuse a baseline other than the one the file was exported from (its weights would differ)."""
     if meta.get("baseline_sha256") and meta["baseline_sha256"] != baseline.sha256:
         field = format_of(path)
@@ -104,7 +107,7 @@ def compare_exported(path: str | Path, *, split: str = "test", limit: int | None
     and the fake-quantized model of its policy (from the file's metadata, or ``policy``: a
     fine-tuned policy's file brings its weights) in PyTorch on the same images; accuracy of both
     with 95 % CIs and their agreement. ``exported_seconds`` includes ``torch.compile``'s compilation."""
-    from mpsearch.tasks import check_limit, prepare_measurement
+    from mpsearch.evaluation.prepared import check_limit, prepare_measurement
 
     check_limit(limit)
     field = format_of(path)
@@ -149,7 +152,7 @@ def compare_exported(path: str | Path, *, split: str = "test", limit: int | None
 
 def _subject(path: str | Path, checkpoint: str | None, data_dir: str | None) -> tuple[Any, Any, dict[str, Any]]:
     """(baseline, data, metadata) of the model file ``path``, the baseline checked against the file's."""
-    from mpsearch.tasks import load_baseline
+    from mpsearch.evaluation.prepared import load_baseline
 
     meta = exported_metadata(path)
     model, dataset = _named_subject(path, meta.get("model"), meta.get("dataset"))

@@ -40,7 +40,7 @@ from torch import nn
 from mpsearch.errors import UserError
 from mpsearch.export.formats import check_output
 from mpsearch.export.integer import check_frozen
-from mpsearch.machine import torch_threads
+from mpsearch.host.machine import torch_threads
 from mpsearch.quant.attention import MatmulQuantizer
 from mpsearch.quant.modules import QuantConv2d, QuantLinear, QuantWrapper
 

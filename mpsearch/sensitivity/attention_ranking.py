@@ -105,34 +105,10 @@ class AttentionRankingEstimator(SensitivityEstimator):
         weights = layer_weights(model, layers)
         errors = weight_errors(model, layers, config.bits, observer=quant.weight_observer)
         qm = probe_model(model, layers, quant, qmodel)
-        attentions = [m for m in qm.module.modules() if isinstance(m, QuantAttention)]
-        if not attentions:
-            raise UserError("attention-ranking sensitivity needs a model with attention (a timm ViT/DeiT); "
-                            "use search.sensitivity hessian or empirical for this model", fields=("search.sensitivity",))
+        attentions = _attention_modules(qm)
         device = next(iter(weights.values())).device
         batches = [x.to(device) for x, _ in calibration_batches(calibration, config)]
-
-        picked: dict[tuple[int, int], torch.Tensor] = {}  # (batch, module) -> the query rows compared
-        gen = torch.Generator().manual_seed(config.seed)
-
-        def attention_maps() -> list[list[torch.Tensor]]:
-            """Per batch, every attention module's probability rows (the sampled queries), in module order."""
-            maps = []
-            for i, x in enumerate(batches):
-                for m in attentions:
-                    m.record = []
-                qm(x)
-                rows_of = []
-                for j, m in enumerate(attentions):
-                    probs = m.record[0].reshape(-1, m.record[0].shape[-1])
-                    if (i, j) not in picked:
-                        count = min(_ROWS_PER_MAP, probs.shape[0])
-                        picked[i, j] = torch.randperm(probs.shape[0], generator=gen)[:count].sort().values
-                    rows_of.append(probs[picked[i, j]])
-                maps.append(rows_of)
-            for m in attentions:
-                m.record = None
-            return maps
+        attention_maps = _AttentionRows(qm, attentions, batches, seed=config.seed)
 
         rows = []
         bar = tqdm(total=len(layers) * len(config.bits), desc="attention-ranking sensitivity", unit="run",
@@ -143,12 +119,7 @@ class AttentionRankingEstimator(SensitivityEstimator):
             for name in layers:
                 for b in config.bits:
                     qm.apply(probe_policy({name: LayerPrecision(weight_bits=b, act_bits=None)}))
-                    taus = torch.cat([
-                        kendall_tau_rows(ref, got)
-                        for ref_batch, got_batch in zip(reference, attention_maps())
-                        for ref, got in zip(ref_batch, got_batch)
-                    ])
-                    tau = float(taus.mean())
+                    tau = _mean_tau(reference, attention_maps())
                     rows.append({
                         "layer": name,
                         "bits": b,
@@ -159,3 +130,58 @@ class AttentionRankingEstimator(SensitivityEstimator):
                     })
                     bar.update(1)
         return pd.DataFrame(rows)
+
+
+def _attention_modules(qm: QuantizedModel) -> list[QuantAttention]:
+    """The attention modules of ``qm``, in module order; a model without any is the user's error."""
+    attentions = [m for m in qm.module.modules() if isinstance(m, QuantAttention)]
+    if not attentions:
+        raise UserError("attention-ranking sensitivity needs a model with attention (a timm ViT/DeiT); "
+                        "use search.sensitivity hessian or empirical for this model", fields=("search.sensitivity",))
+    return attentions
+
+
+def _mean_tau(reference: list[list[torch.Tensor]], maps: list[list[torch.Tensor]]) -> float:
+    """Mean Kendall τ over every compared row of every attention module and batch."""
+    taus = torch.cat([
+        kendall_tau_rows(ref, got)
+        for ref_batch, got_batch in zip(reference, maps)
+        for ref, got in zip(ref_batch, got_batch)
+    ])
+    return float(taus.mean())
+
+
+class _AttentionRows:
+    """Calling it runs the calibration batches through ``qm`` and returns, per batch, every attention
+    module's probability rows for the sampled queries, in module order.
+
+    The queries of each (batch, module) are drawn on the first call (seeded) and reused by every
+    later one, so each probe compares the same rows with the reference.
+    """
+
+    def __init__(self, qm: QuantizedModel, attentions: list[QuantAttention], batches: list[torch.Tensor], *, seed: int) -> None:
+        self.qm = qm
+        self.attentions = attentions
+        self.batches = batches
+        self.picked: dict[tuple[int, int], torch.Tensor] = {}  # (batch, module) -> the query rows compared
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> list[list[torch.Tensor]]:
+        maps = [self._batch_rows(i, x) for i, x in enumerate(self.batches)]
+        for m in self.attentions:
+            m.record = None
+        return maps
+
+    def _batch_rows(self, i: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every attention module's sampled probability rows on batch ``i`` (``x``)."""
+        for m in self.attentions:
+            m.record = []
+        self.qm(x)
+        rows_of = []
+        for j, m in enumerate(self.attentions):
+            probs = m.record[0].reshape(-1, m.record[0].shape[-1])
+            if (i, j) not in self.picked:
+                count = min(_ROWS_PER_MAP, probs.shape[0])
+                self.picked[i, j] = torch.randperm(probs.shape[0], generator=self.gen)[:count].sort().values
+            rows_of.append(probs[self.picked[i, j]])
+        return rows_of

@@ -20,8 +20,8 @@ from torch import nn
 from mpsearch.config import QuantConfig
 from mpsearch.data import Split, digest_batches
 from mpsearch.errors import UserError
-from mpsearch.files import atomic_write
-from mpsearch.paths import cache_root
+from mpsearch.host.files import atomic_write
+from mpsearch.host.paths import cache_root
 from mpsearch.quant import QuantizedModel
 from mpsearch.sensitivity.base import (
     ESTIMATORS,

@@ -157,6 +157,25 @@ def hutchinson_trace(
     vhv = _vhv if hvp == "autograd" else _vhv_finite_difference
     if not 1 <= min_probes <= max_probes:
         raise ValueError(f"need 1 <= min_probes <= max_probes, got {min_probes}, {max_probes}")
+    total, total_sq, probes_used, converged = _probe(
+        closures, params, vhv, max_probes=max_probes, min_probes=min_probes, tolerance=tolerance, seed=seed, progress=progress
+    )
+    return _trace_estimate(total, total_sq, probes_used, converged)
+
+
+def _probe(
+    closures: Sequence[Callable[[], torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    vhv: Callable[[Sequence[Callable[[], torch.Tensor]], Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor],
+    *,
+    max_probes: int,
+    min_probes: int,
+    tolerance: float,
+    seed: int,
+    progress: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """The probe loop of :func:`hutchinson_trace`: sum and sum of squares of ``v^T H v`` per tensor,
+    the number of probes taken and whether the running means settled before ``max_probes``."""
     generator = torch.Generator().manual_seed(seed)
     window = max(1, min_probes // 2)
     total = torch.zeros(len(params), dtype=torch.float64)
@@ -173,15 +192,22 @@ def hutchinson_trace(
                 total_sq += sample * sample
                 history.append(total / k)
                 bar.update(1)
-                if k >= min_probes and k > window:
-                    now, before = history[-1], history[-1 - window]
-                    # The absolute floor keeps an exactly-zero trace from never converging.
-                    if bool(((now - before).abs() <= tolerance * now.abs() + 1e-12).all()):
-                        converged = True
-                        break
+                if k >= min_probes and k > window and _settled(history[-1], history[-1 - window], tolerance):
+                    converged = True
+                    break
     finally:
         bar.close()
-    probes_used = len(history)
+    return total, total_sq, len(history), converged
+
+
+def _settled(now: torch.Tensor, before: torch.Tensor, tolerance: float) -> bool:
+    """Whether every running mean moved by at most ``tolerance`` (relative) from ``before`` to ``now``."""
+    # The absolute floor keeps an exactly-zero trace from never converging.
+    return bool(((now - before).abs() <= tolerance * now.abs() + 1e-12).all())
+
+
+def _trace_estimate(total: torch.Tensor, total_sq: torch.Tensor, probes_used: int, converged: bool) -> TraceEstimate:
+    """The mean of the probes and its standard error, from their sum and sum of squares."""
     mean = total / probes_used
     if probes_used > 1:
         var = (total_sq - probes_used * mean * mean).clamp(min=0) / (probes_used - 1)

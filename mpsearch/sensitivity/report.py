@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from mpsearch.errors import UserError
-from mpsearch.files import atomic_write
+from mpsearch.host.files import atomic_write
 from mpsearch.sensitivity.base import canonical_frame
 from mpsearch.sensitivity.compute import write_csv_atomic
 

@@ -7,7 +7,7 @@ validation images the search did not use, and only as many as the question needs
 
 - **Evidence.** A point's drop against fp32 is a paired estimate on the same images; only the
   images where the two disagree carry information. Its lower confidence bound (Agresti and Min's
-  adjusted Wald interval, :func:`mpsearch.metrics.paired_difference_ci`, one-sided) says how far
+  adjusted Wald interval, :func:`mpsearch.evaluation.metrics.paired_difference_ci`, one-sided) says how far
   below fp32 the point may lie.
 - **Fixed-sequence testing** (Maurer, Hothorn and Lehmacher 1995; Westfall and Krishen 2001).
   For a tolerance X, the front's points are tested in an order fixed before any of these images
@@ -35,7 +35,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from mpsearch.metrics import paired_difference_ci
+from mpsearch.evaluation.metrics import paired_difference_ci
 from mpsearch.objectives import drop_within
 
 __all__ = ["AnswerRule", "Race", "run_race", "walk_bounds", "RULE_NAME"]

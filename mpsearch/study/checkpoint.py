@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mpsearch.errors import UserError
-from mpsearch.files import atomic_write_text
+from mpsearch.host.files import atomic_write_text
 
 __all__ = ["CHECKPOINT_FILE", "SearchCheckpoint", "checkpoint_file"]
 

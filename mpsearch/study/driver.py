@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,19 +30,27 @@ from mpsearch.algorithms.methods import Method, parse_methods
 from mpsearch.algorithms.space import BoundSpace, SearchSpace, default_space_for
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.machine import torch_threads
+from mpsearch.evaluation.executors import Executor, NamedSource, ObjectSource, RayPlacement, WorkerSpec, create_executor
+from mpsearch.host.machine import torch_threads
 from mpsearch.objectives import front_hypervolume, hypervolume_reference, objective_profiles, objective_vector
 from mpsearch.policy import MeasurementSettings, Policy
-from mpsearch.report import phase_summary
-from mpsearch.runtime import NamedSource, ObjectSource, RayPlacement, WorkerSpec, create_executor
 from mpsearch.study.checkpoint import SearchCheckpoint, checkpoint_file
 from mpsearch.study.front import finetune_front, remeasure_front
 from mpsearch.study.latency import LatencyMeteredExecutor, PatternLatency, time_front
 from mpsearch.study.loop import SearchLoop, StudyRun
 from mpsearch.study.outputs import write_outputs, write_policies
+from mpsearch.study.report import phase_summary
 from mpsearch.study.result import SearchResult
 from mpsearch.study.seeding import study_seeds
 from mpsearch.study.storage import create_study, existing_study, load_trials, record_settings, records_by_slot, shown_url, storage_url
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+    from mpsearch.data import DataSplits
+    from mpsearch.evaluation.evaluator import Evaluator
+    from mpsearch.models.zoo import Baseline
 
 __all__ = ["run_study", "Subject"]
 
@@ -51,16 +61,16 @@ logger = logging.getLogger(__name__)
 class Subject:
     """What a study quantizes and measures, and how its workers get the same."""
 
-    baseline: Any  # mpsearch.zoo.Baseline
+    baseline: Any  # mpsearch.models.zoo.Baseline
     data: Any  # mpsearch.data.DataSplits
     source: NamedSource | ObjectSource
 
     @classmethod
-    def resolve(cls, config: StudyConfig, model: Any = None, data: Any = None, *, progress: bool = True) -> Subject:
+    def resolve(cls, config: StudyConfig, model: Any = None, data: DataSplits | None = None, *, progress: bool = True) -> Subject:
         """From ``config`` (a timm model and data set by name) or from objects: ``model`` an
-        ``nn.Module`` or :class:`~mpsearch.zoo.Baseline`, ``data`` a :class:`~mpsearch.data.DataSplits`."""
+        ``nn.Module`` or :class:`~mpsearch.models.zoo.Baseline`, ``data`` a :class:`~mpsearch.data.DataSplits`."""
         from mpsearch.data import load_dataset
-        from mpsearch.zoo import Baseline, get_baseline
+        from mpsearch.models.zoo import Baseline, get_baseline
 
         by_name = data is None
         if data is None:
@@ -81,10 +91,10 @@ class Subject:
 
 def _check(config: StudyConfig, methods: list[Method], model: Any) -> None:
     """What can fail before any work or any write."""
+    from mpsearch.models.zoo import resolve_model_name
     from mpsearch.quant import get_observer
     from mpsearch.quant.ptq import get_ptq
     from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
-    from mpsearch.zoo import resolve_model_name
 
     planners = [m.name for m in methods if m.needs_sensitivity]
     if planners and config.search.sensitivity == "none":
@@ -99,6 +109,24 @@ def _check(config: StudyConfig, methods: list[Method], model: Any) -> None:
     QK_CALIBRATIONS.get(config.quant.attention_calibration)
     if model is None:
         resolve_model_name(config.model)
+
+
+def _cost_objectives(evaluator: Evaluator, to_policy: Callable[[np.ndarray], Policy], profiles: tuple[str, ...],
+                     latency: PatternLatency | None, objectives: Sequence[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """``costs_of(x)``: the cost objectives of ``x``, what planning algorithms budget with (computed
+    exactly; the latency objective measured, once per pattern of integer and float layers)."""
+    from mpsearch.evaluation.evaluator import policy_costs
+
+    def costs_of(x: np.ndarray) -> np.ndarray:
+        policy = to_policy(x)
+        relative = policy_costs(evaluator.cost_table, policy, profiles).relative()
+        metrics = {f"rel_{k}": v for k, v in relative.items()}
+        metrics["rel_energy"] = metrics[f"rel_energy_{profiles[0]}"]
+        if latency is not None:
+            metrics["rel_latency"] = latency.relative(policy)
+        return objective_vector({"accuracy": 1.0, **metrics}, objectives)[1:]
+
+    return costs_of
 
 
 WEAK_BASELINE_POINTS = 10  # a baseline within this many points of chance has not learned
@@ -116,7 +144,7 @@ def _check_learned(name: str, correct: Any, num_classes: int) -> None:
             fields=("allow_weak_baseline", "checkpoint"))
 
 
-def run_study(config: StudyConfig, *, model: Any = None, data: Any = None, progress: bool = True,
+def run_study(config: StudyConfig, *, model: Any = None, data: DataSplits | None = None, progress: bool = True,
               remeasure: bool = True) -> SearchResult:
     """Run ``config``'s study to its budget; see the module docstring.
 
@@ -140,11 +168,11 @@ class _Driver:
         self.out = Path(config.run.out_dir) if config.run.out_dir else None
         self.phases: dict[str, float] = {}
 
-    def run(self, model: Any, data: Any) -> SearchResult:
+    def run(self, model: Any, data: DataSplits) -> SearchResult:
         import optuna
 
-        from mpsearch.locking import StudyLock
         from mpsearch.quant.backends import resolve_backend
+        from mpsearch.study.locking import StudyLock
 
         # The study stores the backend "auto" resolves to here: a resume elsewhere must match it.
         config = self.config = replace(self.config, quant=replace(self.config.quant,
@@ -167,9 +195,8 @@ class _Driver:
             study, recorded = existing_study(config, space_def.to_dict(), self.url)  # checks only: a refused run writes nothing
             if study is not None and self.lock:
                 self.lock.acquire_lease(study)
-            mark = time.perf_counter()
-            subject = Subject.resolve(config, model, data, progress=self.progress)  # a baseline trained here trains on every core
-            self.phases["baseline"] = time.perf_counter() - mark
+            with self._phase("baseline"):
+                subject = Subject.resolve(config, model, data, progress=self.progress)  # a baseline trained here trains on every core
             with torch_threads(config.run.torch_threads):  # fixed, so numbers do not depend on the machine's cores
                 return self._measure(subject, space_def, study, recorded)
         except KeyboardInterrupt:
@@ -179,111 +206,156 @@ class _Driver:
             if self.lock:
                 self.lock.release()
 
-    def _measure(self, subject: Subject, space_def: SearchSpace, study: Any, recorded: int) -> SearchResult:
-        """Calibrate, seed, search with every method, re-measure the front, write the files."""
-        from mpsearch.evaluate import DEFAULT_PROFILES, Evaluator, policy_costs
-
-        config, search, name = self.config, self.config.search, self.config.study_name
-        baseline, data = subject.baseline, subject.data
-        known_sha = study.user_attrs.get("baseline_sha256") if study is not None else None
-        if recorded and known_sha and baseline.sha256 != known_sha:
-            raise UserError(f"study {name!r} was measured on a baseline with sha256 {known_sha[:12]}..., not "
-                            f"{str(baseline.sha256)[:12]}...; resume it with the same checkpoint, or start another study "
-                            "under another name")
-        if recorded:
-            logger.info(f"resuming study {name!r}: {recorded} of {search.budget} trials recorded in {shown_url(self.url)}")
-        profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` (wall seconds, in ``self.phases``); a block that raises records nothing."""
         mark = time.perf_counter()
-        evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
-        full = min(search.eval_images, len(data.val))
-        fp32_val = evaluator.fp32_mask("val", full)  # what each trial's drop (and the accuracy floor) is measured against
-        if not config.allow_weak_baseline:
-            _check_learned(baseline.name, fp32_val, data.info.num_classes)
-        evaluator.calibrate()
-        self.phases["calibration"] = time.perf_counter() - mark
+        yield
+        self.phases[name] = time.perf_counter() - mark
+
+    def _measure(self, subject: Subject, space_def: SearchSpace, study: optuna.Study | None, recorded: int) -> SearchResult:
+        """Calibrate, seed, search with every method, re-measure the front, write the files."""
+        from mpsearch.evaluation.evaluator import DEFAULT_PROFILES
+
+        config, search, baseline = self.config, self.config.search, subject.baseline
+        self._check_resumable(baseline, study, recorded)
+        profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
+        with self._phase("calibration"):
+            evaluator, full, fp32_val = self._calibrate(subject, profiles)
         space = BoundSpace(space_def, evaluator.policy_layers)
-        if study is None:
-            study = create_study(config, self.url)
-            if self.lock:
-                self.lock.acquire_lease(study)
-        record_settings(study, config, space_def.to_dict(), baseline.sha256)
-        template = Policy(model=baseline.name, dataset=data.info.name, layers={}, checkpoint_sha256=baseline.sha256,
+        study = self._open_study(study, space_def, baseline.sha256)
+        template = Policy(model=baseline.name, dataset=subject.data.info.name, layers={}, checkpoint_sha256=baseline.sha256,
                           architecture=evaluator.architecture)
 
         def to_policy(x: np.ndarray) -> Policy:
             return replace(template, layers=space.decode(x))
 
         latency = PatternLatency(config, evaluator, self.out) if "latency" in search.objectives else None
-
-        def costs_of(x: np.ndarray) -> np.ndarray:
-            """The cost objectives of ``x``: what planning algorithms budget with (computed exactly;
-            the latency objective measured, once per pattern of integer and float layers)."""
-            policy = to_policy(x)
-            relative = policy_costs(evaluator.cost_table, policy, profiles).relative()
-            metrics = {f"rel_{k}": v for k, v in relative.items()}
-            metrics["rel_energy"] = metrics[f"rel_energy:{profiles[0]}"]
-            if latency is not None:
-                metrics["rel_latency"] = latency.relative(policy)
-            return objective_vector({"accuracy": 1.0, **metrics}, search.objectives)[1:]
-
-        mark = time.perf_counter()
-        seeds = study_seeds(config, evaluator, space, costs_of, progress=self.progress)
-        self.phases["sensitivity"] = time.perf_counter() - mark
+        costs_of = _cost_objectives(evaluator, to_policy, profiles, latency, search.objectives)
+        with self._phase("sensitivity"):
+            seeds = study_seeds(config, evaluator, space, costs_of, progress=self.progress)
         ref = hypervolume_reference(space, costs_of)
-        run_config = config.run
-        spec = WorkerSpec(subject.source, quant=config.quant.to_dict(), profiles=profiles, torch_threads=run_config.torch_threads)
+        # The executor outlives the search (the front is re-measured on its workers), but starting
+        # its workers counts as search time.
+        with ExitStack() as stack:
+            with self._phase("search"):
+                executor = stack.enter_context(self._executor(subject, profiles, evaluator))
+                workers = executor.workers
+                if latency is not None:
+                    executor = LatencyMeteredExecutor(executor, latency)
+                run = StudyRun(config=config, study=study, space=space, executor=executor, to_policy=to_policy, costs=costs_of,
+                               records=records_by_slot(study), seeds=seeds, full=full, ref=ref, progress=self.progress,
+                               fp32_correct=fp32_val)
+                self._search_every_method(run)
+            trials, pareto, policies, selection = self._remeasure(run, evaluator, latency)
+        pareto = self._finish_front(subject, profiles, evaluator, pareto, policies)
+        result = self._result(run, template, workers, trials, pareto, policies, selection)
+        self._write_and_log(result, space_def, baseline, workers, run.seeds)
+        return result
+
+    def _check_resumable(self, baseline: Baseline, study: optuna.Study | None, recorded: int) -> None:
+        """Refuse to resume a study measured on another baseline; say how much of it is recorded."""
+        name = self.config.study_name
+        known_sha = study.user_attrs.get("baseline_sha256") if study is not None else None
+        if recorded and known_sha and baseline.sha256 != known_sha:
+            raise UserError(f"study {name!r} was measured on a baseline with sha256 {known_sha[:12]}..., not "
+                            f"{str(baseline.sha256)[:12]}...; resume it with the same checkpoint, or start another study "
+                            "under another name")
+        if recorded:
+            logger.info(f"resuming study {name!r}: {recorded} of {self.config.search.budget} trials recorded in {shown_url(self.url)}")
+
+    def _calibrate(self, subject: Subject, profiles: tuple[str, ...]) -> tuple[Any, int, Any]:
+        """The calibrated evaluator, the images of a full evaluation and the fp32 model's correctness on them."""
+        from mpsearch.evaluation.evaluator import Evaluator
+
+        config, baseline, data = self.config, subject.baseline, subject.data
+        evaluator = Evaluator(baseline, data, quant=config.quant, profiles=profiles)
+        full = min(config.search.eval_images, len(data.val))
+        fp32_val = evaluator.fp32_mask("val", full)  # what each trial's drop (and the accuracy floor) is measured against
+        if not config.allow_weak_baseline:
+            _check_learned(baseline.name, fp32_val, data.info.num_classes)
+        evaluator.calibrate()
+        return evaluator, full, fp32_val
+
+    def _open_study(self, study: optuna.Study | None, space_def: SearchSpace, baseline_sha: str | None) -> Any:
+        """``study``, created (and leased) on a first run, with this run's settings recorded."""
+        if study is None:
+            study = create_study(self.config, self.url)
+            if self.lock:
+                self.lock.acquire_lease(study)
+        record_settings(study, self.config, space_def.to_dict(), baseline_sha)
+        return study
+
+    def _executor(self, subject: Subject, profiles: tuple[str, ...], evaluator: Evaluator) -> Executor:
+        """Where the trials run: in this process (on ``evaluator``) or on a pool of Ray workers."""
+        run_config = self.config.run
+        spec = WorkerSpec(subject.source, quant=self.config.quant.to_dict(), profiles=profiles, torch_threads=run_config.torch_threads)
         placement = RayPlacement(address=run_config.ray_address, cpus_per_worker=run_config.cpus_per_worker,
                                  gpus_per_worker=run_config.gpus_per_worker, dashboard=run_config.ray_dashboard)
-        mark = time.perf_counter()
-        with create_executor(spec, run_config.workers, placement=placement, evaluator=evaluator) as executor:
-            workers = executor.workers
-            if latency is not None:
-                executor = LatencyMeteredExecutor(executor, latency)
-            run = StudyRun(config=config, study=study, space=space, executor=executor, to_policy=to_policy, costs=costs_of,
-                           records=records_by_slot(study), seeds=seeds, full=full, ref=ref, progress=self.progress,
-                           fp32_correct=fp32_val)
-            for method in self.methods:
-                self._search(run, method)
-            if getattr(executor, "replaced", 0):
-                logger.info(f"{executor.replaced} worker(s) died during the search; their evaluations were retried "
-                            "and replacements started where Ray had room for them")
-            self.phases["search"] = time.perf_counter() - mark
-            if latency is not None:
-                logger.info(f"latency objective: {len(latency.ms)} layer pattern(s) timed ({latency.timed} in this run) "
-                            f"at batch {latency.batch} on {latency.threads} threads")
-            trials = load_trials(study)
-            pareto, policies, selection = None, {}, {}
-            if self.remeasure:
-                mark = time.perf_counter()
-                pareto, policies, selection = remeasure_front(config, evaluator, executor, space, trials, to_policy,
-                                                              progress=self.progress)
-                self.phases["remeasure"] = time.perf_counter() - mark
+        return create_executor(spec, run_config.workers, placement=placement, evaluator=evaluator)
+
+    def _search_every_method(self, run: StudyRun) -> None:
+        """Each method's search in turn, on the same executor."""
+        for method in self.methods:
+            self._search(run, method)
+        if getattr(run.executor, "replaced", 0):
+            logger.info(f"{run.executor.replaced} worker(s) died during the search; their evaluations were retried "
+                        "and replacements started where Ray had room for them")
+
+    def _remeasure(self, run: StudyRun, evaluator: Evaluator,
+                   latency: PatternLatency | None) -> tuple[Any, Any, dict[int, Policy], dict[str, Any]]:
+        """The study's trials and, unless this run stops after the search, its front re-measured
+        (:func:`remeasure_front`): (trials, pareto, policies, selection)."""
+        if latency is not None:
+            logger.info(f"latency objective: {len(latency.ms)} layer pattern(s) timed ({latency.timed} in this run) "
+                        f"at batch {latency.batch} on {latency.threads} threads")
+        trials = load_trials(run.study)
+        if not self.remeasure:
+            return trials, None, {}, {}
+        with self._phase("remeasure"):
+            pareto, policies, selection = remeasure_front(self.config, evaluator, run.executor, run.space, trials, run.to_policy,
+                                                          progress=self.progress)
+        return trials, pareto, policies, selection
+
+    def _finish_front(self, subject: Subject, profiles: tuple[str, ...], evaluator: Evaluator, pareto: pd.DataFrame | None,
+                      policies: dict[int, Policy]) -> Any:
+        """The re-measured front (None: not re-measured) timed in onnxruntime, its policies written
+        and its points fine-tuned, as far as the config and the study's folder ask."""
+        config = self.config
         if pareto is not None and config.latency is not None:
-            mark = time.perf_counter()
-            pareto = time_front(config, evaluator, pareto, policies, progress=self.progress)
-            self.phases["export"] = time.perf_counter() - mark
+            with self._phase("export"):
+                pareto = time_front(config, evaluator, pareto, policies, progress=self.progress)
         if pareto is not None and self.out is not None:
             pareto = write_policies(self.out, pareto, policies)
             if config.finetune is not None:
-                mark = time.perf_counter()
-                pareto = finetune_front(config, baseline, data, profiles, pareto, self.out, progress=self.progress)
-                self.phases["finetune"] = time.perf_counter() - mark
+                with self._phase("finetune"):
+                    pareto = finetune_front(config, subject.baseline, subject.data, profiles, pareto, self.out, progress=self.progress)
+        return pareto
+
+    def _result(self, run: StudyRun, template: Policy, workers: int, trials: pd.DataFrame, pareto: pd.DataFrame | None,
+                policies: dict[int, Policy],
+                selection: dict[str, Any]) -> SearchResult:
+        """The study's :class:`SearchResult`; the time no phase accounts for is ``other``."""
+        config, search, ref = self.config, self.config.search, run.ref
         self.phases["other"] = max(0.0, time.perf_counter() - self.start - sum(self.phases.values()))
-        resolved = replace(config, name=name, run=replace(config.run, storage=self.url, workers=workers))
+        resolved = replace(config, name=config.study_name, run=replace(config.run, storage=self.url, workers=workers))
         settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
-        result = SearchResult(config=resolved, trials=trials, front=pareto, policies=policies,
-                              template=template.with_settings(settings),
-                              hypervolume=front_hypervolume(trials, search.objectives, ref, search.max_drop), ref_point=tuple(ref.tolist()),
-                              wall_s=time.perf_counter() - self.start, out_dir=self.out, storage=self.url, phases=self.phases,
-                              selection=selection, _study=study)
+        return SearchResult(config=resolved, trials=trials, front=pareto, policies=policies,
+                            template=template.with_settings(settings),
+                            hypervolume=front_hypervolume(trials, search.objectives, ref, search.max_drop), ref_point=tuple(ref.tolist()),
+                            wall_s=time.perf_counter() - self.start, out_dir=self.out, storage=self.url, phases=self.phases,
+                            selection=selection, _study=run.study)
+
+    def _write_and_log(self, result: SearchResult, space_def: SearchSpace, baseline: Baseline, workers: int, seeds: Any) -> None:
+        """The study's files (when it has a folder) and its one-line summary."""
         if self.out is not None:
             write_outputs(result, space=space_def.to_dict(), baseline_meta=baseline.meta, workers=workers,
                           weight_scores=seeds.weight_scores)
+        pareto, name = result.front, self.config.study_name
         front = "front not re-measured" if pareto is None else f"front of {len(pareto)} point{'s' if len(pareto) != 1 else ''}"
-        logger.info(f"study {name}: {len(trials)} trials, {front}, hypervolume {result.hypervolume:.4f}, "
-                    f"{result.wall_s / 60:.1f} min ({phase_summary(self.phases)}; {config.quant.backend} backend)"
+        logger.info(f"study {name}: {len(result.trials)} trials, {front}, hypervolume {result.hypervolume:.4f}, "
+                    f"{result.wall_s / 60:.1f} min ({phase_summary(self.phases)}; {self.config.quant.backend} backend)"
                     + (f"; outputs in {self.out}" if self.out else ""))
-        return result
 
     def _search(self, run: StudyRun, method: Method) -> None:
         """Set up ``method``'s algorithm from the study's seeds and run its loop to the budget."""

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,19 +28,26 @@ from mpsearch.algorithms.pareto import non_dominated
 from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.fp32_masks import Fp32Masks
+from mpsearch.evaluation.executors import EvalTask, Executor
+from mpsearch.models.fp32_masks import Fp32Masks
 from mpsearch.objectives import DROP_ATTR, drop_within, floor_text, full_fidelity, objective_matrix, within_floor
 from mpsearch.policy import MeasurementSettings, Policy, uniform_policy
-from mpsearch.runtime import EvalTask, Executor
 from mpsearch.study.answers import RULE_NAME, AnswerRule, Race, run_race
 from mpsearch.study.result import knee_index
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mpsearch.data import DataSplits
+    from mpsearch.evaluation.evaluator import Evaluator
+    from mpsearch.models.zoo import Baseline
 
 __all__ = ["remeasure_front", "finetune_front"]
 
 logger = logging.getLogger(__name__)
 
 
-def _front_rows(config: StudyConfig, trials: Any) -> Any:
+def _front_rows(config: StudyConfig, trials: pd.DataFrame) -> Any:
     """The front: the non-dominated full-fidelity trials within the accuracy floor (one row per
     distinct policy), cheapest first (ties by trial number)."""
     search = config.search
@@ -152,10 +159,10 @@ def _choose_answers(config: StudyConfig, executor: Executor, front: _Front, fp32
     return run_race(race, measure), first
 
 
-def _point_row(config: StudyConfig, evaluator: Any, front: _Front, i: int, race: Race, test_mask: Any, fp32_test: Any,
+def _point_row(config: StudyConfig, evaluator: Evaluator, front: _Front, i: int, race: Race, test_mask: Any, fp32_test: Any,
                answer_for: list[float], search_fp32: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pareto.csv row, policy provenance metrics) of front point ``i`` measured on test."""
-    from mpsearch.metrics import bootstrap_ci
+    from mpsearch.evaluation.metrics import bootstrap_ci
 
     search, row, policy = config.search, front.rows.iloc[i], front.policies[i]
     k = front.order.index(i)
@@ -186,55 +193,44 @@ def _point_row(config: StudyConfig, evaluator: Any, front: _Front, i: int, race:
         "answer_for_pp": ",".join(f"{t:g}" for t in answer_for),
         "fp32_val_accuracy": float(race.fp32[:images].float().mean()) if images else np.nan,
         "fp32_test_accuracy": test.fp32_accuracy,
-        **{f"rel_{k.replace(':', '_')}": v for k, v in test.costs.relative().items()}, **latency,
+        **{f"rel_{k}": v for k, v in test.costs.relative().items()}, **latency,
     }
     return out, metrics
 
 
-def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, space: BoundSpace, trials: Any,
-                    to_policy: Callable[[np.ndarray], Policy], *,
-                    progress: bool) -> tuple[Any, dict[int, Policy], dict[str, Any]]:
-    """The measured Pareto points (one row per point, sorted by energy), each point's policy (its
-    provenance holding the study, trial, metrics and the settings that re-measure it) and how the
-    answers were chosen (the rule, its confidence and the images it measured).
-
-    The answers are chosen first (:func:`_choose_answers`); then the points the rule measured,
-    the knee and points spread along the front, up to ``search.remeasure_points``, run on the test
-    split, each paired with the fp32 model on the same images (cached by
-    :mod:`mpsearch.fp32_masks`). ``within_floor`` marks the points whose drops on the search's
-    images and on test both lie within the study's floor; picks choose among those.
-    ``front_knee`` marks the knee of the whole front the search found; ``answer_for_pp`` the
-    tolerances a point answers.
-    """
-    import pandas as pd
-
-    search = config.search
+def _search_front(config: StudyConfig, trials: pd.DataFrame, space: BoundSpace, to_policy: Callable[[np.ndarray], Policy]) -> _Front:
+    """The front the search found (:func:`_front_rows`), with each point's policy, its knee and the
+    answer rule's order."""
     rows = _front_rows(config, trials)
-    found, cost_col = len(rows), f"value_{search.objectives[1]}"
+    found, cost_col = len(rows), f"value_{config.search.objectives[1]}"
     order = sorted(range(found), key=lambda i: (-float(rows[cost_col].iloc[i]), int(rows["trial"].iloc[i])))
-    front = _Front(rows, [to_policy(space.x_from_params({k[len("param_"):]: int(v) for k, v in row.items() if k.startswith("param_")}))
-                          for _, row in rows.iterrows()],
-                   knee_index(rows["value_accuracy"].to_numpy(dtype=float), rows[cost_col].to_numpy(dtype=float)), order)
-    fp32 = uniform_policy("fp32", model=evaluator.baseline.name, dataset=evaluator.data.info.name,
-                          layers=evaluator.policy_layers, checkpoint_sha256=evaluator.baseline.sha256)
-    cache = Fp32Masks(evaluator.baseline.sha256, evaluator.data, evaluator.batch_size)
-    fp32_val = _fp32_mask(cache, executor, fp32, "val", len(evaluator.data.val), progress=progress)
-    search_images = min(search.eval_images, len(fp32_val))
-    within = "" if search.max_drop is None else f" within the {floor_text(search.max_drop)}"
-    logger.info(f"choosing the answers among the {found} Pareto point{'s' if found != 1 else ''}{within} ...")
-    race, first = _choose_answers(config, executor, front, fp32_val, search_images, progress=progress)
-    answers = {t: None if k is None else order[k] for t, k in race.answers().items()}
-    raced = [order[k] for k in range(found) if race.images(k)]
-    positions = _test_positions(found, search.remeasure_points,
+    return _Front(rows, [to_policy(space.x_from_params({k[len("param_"):]: int(v) for k, v in row.items() if k.startswith("param_")}))
+                         for _, row in rows.iterrows()],
+                  knee_index(rows["value_accuracy"].to_numpy(dtype=float), rows[cost_col].to_numpy(dtype=float)), order)
+
+
+def _answers_and_test_positions(config: StudyConfig, front: _Front, race: Race) -> tuple[dict[float, int | None], list[int]]:
+    """Each tolerance's answer (a front position; None where no point qualifies) and the positions
+    to measure on test: the answers, the knee and the points the race measured first."""
+    answers = {t: None if k is None else front.order[k] for t, k in race.answers().items()}
+    raced = [front.order[k] for k in range(len(front)) if race.images(k)]
+    positions = _test_positions(len(front), config.search.remeasure_points,
                                 list(dict.fromkeys([*(p for p in answers.values() if p is not None), front.knee, *raced])))
-    fp32_test = _fp32_mask(cache, executor, fp32, "test", len(evaluator.data.test), progress=progress)
+    return answers, positions
+
+
+def _measure_on_test(config: StudyConfig, evaluator: Evaluator, executor: Executor, front: _Front, positions: list[int], race: Race,
+                     answers: dict[float, int | None], fp32_test: Any, search_fp32: float, *,
+                     progress: bool) -> tuple[list[dict[str, Any]], dict[int, Policy]]:
+    """The pareto.csv rows and the policies (by trial, with their provenance) of the front points at
+    ``positions``, measured on the whole test split; a point that fails is left out."""
+    found, rows = len(front), front.rows
     shown = f"the {found} Pareto point{'s' if found != 1 else ''}" if len(positions) == found else f"{len(positions)} of {found} Pareto points"
     logger.info(f"measuring {shown} on the test split ...")
     size = len(evaluator.data.test)
     masks = _measure(executor, {i: (front.policies[i].to_dict(), "test", 0, size) for i in positions}, chunk=CHUNK_IMAGES,
                      desc="measure front", progress=progress)
     settings = MeasurementSettings(config.quant, config.calibration_size, config.run.torch_threads)
-    search_fp32 = float(fp32_val[:search_images].float().mean())
     out, policies = [], {}
     for i in positions:
         trial_no = int(rows["trial"].iloc[i])
@@ -246,17 +242,59 @@ def remeasure_front(config: StudyConfig, evaluator: Any, executor: Executor, spa
         out.append(row)
         policies[trial_no] = front.policies[i].with_provenance(study=config.study_name, trial=trial_no, seed=config.seed,
                                                                metrics=metrics).with_settings(settings)
+    return out, policies
+
+
+def _selection(config: StudyConfig, front: _Front, race: Race, first: int, answers: dict[float, int | None]) -> dict[str, Any]:
+    """How the answers were chosen: the rule, its confidence, the images it measured and each tolerance's answer (a trial)."""
+    search, found = config.search, len(front)
+    return {"rule": RULE_NAME, "confidence": search.confidence, "tolerances": list(search.answer_tolerances),
+            "first_image": first, "images": len(race.fp32), "reused": first == 0,
+            "looks": race.look_sizes, "front_points": found, "measured_images": sum(race.images(k) for k in range(found)),
+            "answers": {f"{t:g}": None if p is None else int(front.rows["trial"].iloc[p]) for t, p in answers.items()}}
+
+
+def remeasure_front(config: StudyConfig, evaluator: Evaluator, executor: Executor, space: BoundSpace, trials: pd.DataFrame,
+                    to_policy: Callable[[np.ndarray], Policy], *,
+                    progress: bool) -> tuple[Any, dict[int, Policy], dict[str, Any]]:
+    """The measured Pareto points (one row per point, sorted by energy), each point's policy (its
+    provenance holding the study, trial, metrics and the settings that re-measure it) and how the
+    answers were chosen (the rule, its confidence and the images it measured).
+
+    The answers are chosen first (:func:`_choose_answers`); then the points the rule measured,
+    the knee and points spread along the front, up to ``search.remeasure_points``, run on the test
+    split, each paired with the fp32 model on the same images (cached by
+    :mod:`mpsearch.models.fp32_masks`). ``within_floor`` marks the points whose drops on the search's
+    images and on test both lie within the study's floor; picks choose among those.
+    ``front_knee`` marks the knee of the whole front the search found; ``answer_for_pp`` the
+    tolerances a point answers.
+    """
+    import pandas as pd
+
+    search = config.search
+    front = _search_front(config, trials, space, to_policy)
+    found = len(front)
+    fp32 = uniform_policy("fp32", model=evaluator.baseline.name, dataset=evaluator.data.info.name,
+                          layers=evaluator.policy_layers, checkpoint_sha256=evaluator.baseline.sha256)
+    cache = Fp32Masks(evaluator.baseline.sha256, evaluator.data, evaluator.batch_size)
+    fp32_val = _fp32_mask(cache, executor, fp32, "val", len(evaluator.data.val), progress=progress)
+    search_images = min(search.eval_images, len(fp32_val))
+    within = "" if search.max_drop is None else f" within the {floor_text(search.max_drop)}"
+    logger.info(f"choosing the answers among the {found} Pareto point{'s' if found != 1 else ''}{within} ...")
+    race, first = _choose_answers(config, executor, front, fp32_val, search_images, progress=progress)
+    answers, positions = _answers_and_test_positions(config, front, race)
+    fp32_test = _fp32_mask(cache, executor, fp32, "test", len(evaluator.data.test), progress=progress)
+    search_fp32 = float(fp32_val[:search_images].float().mean())
+    out, policies = _measure_on_test(config, evaluator, executor, front, positions, race, answers, fp32_test, search_fp32,
+                                     progress=progress)
     pareto = pd.DataFrame(out)
-    selection = {"rule": RULE_NAME, "confidence": search.confidence, "tolerances": list(search.answer_tolerances),
-                 "first_image": first, "images": len(race.fp32), "reused": first == 0,
-                 "looks": race.look_sizes, "front_points": found, "measured_images": sum(race.images(k) for k in range(found)),
-                 "answers": {f"{t:g}": None if p is None else int(rows["trial"].iloc[p]) for t, p in answers.items()}}
     energy_col = f"rel_energy_{search.energy_profile}"
     sort_col = energy_col if energy_col in pareto else pareto.columns[-1]
-    return pareto.sort_values([sort_col, "trial"], kind="stable").reset_index(drop=True), policies, selection
+    return (pareto.sort_values([sort_col, "trial"], kind="stable").reset_index(drop=True), policies,
+            _selection(config, front, race, first, answers))
 
 
-def finetune_front(config: StudyConfig, baseline: Any, data: Any, profiles: tuple[str, ...], pareto: Any, out: Path, *,
+def finetune_front(config: StudyConfig, baseline: Baseline, data: DataSplits, profiles: tuple[str, ...], pareto: pd.DataFrame, out: Path, *,
                    progress: bool) -> Any:
     """Fine-tune each re-measured Pareto point (LSQ + distillation, ``config.finetune``) and add its measurements.
 
@@ -267,8 +305,8 @@ def finetune_front(config: StudyConfig, baseline: Any, data: Any, profiles: tupl
     import pandas as pd
     import torch
 
-    from mpsearch.evaluate import Evaluator
-    from mpsearch.finetune import finetune, write_finetuned
+    from mpsearch.evaluation.evaluator import Evaluator
+    from mpsearch.quant.finetune import finetune, write_finetuned
 
     ft_config = config.finetune
     threads = torch.get_num_threads()

@@ -17,10 +17,15 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpsearch.config import LatencyConfig, StudyConfig
 from mpsearch.policy import Policy
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mpsearch.evaluation.evaluator import Evaluator
 
 __all__ = ["time_front", "PatternLatency", "LatencyMeteredExecutor"]
 
@@ -29,7 +34,7 @@ logger = logging.getLogger(__name__)
 MIB = 2 ** 20
 
 
-def time_front(config: StudyConfig, evaluator: Any, pareto: Any, policies: dict[int, Policy], *, progress: bool) -> Any:
+def time_front(config: StudyConfig, evaluator: Evaluator, pareto: pd.DataFrame, policies: dict[int, Policy], *, progress: bool) -> Any:
     """``pareto`` with each point's ONNX file size (``onnx_mib``), its onnxruntime latency at each
     batch size (``latency_bB_ms``, median) and speed-up over fp32 (``speedup_bB``), and the fp32
     model's (``fp32_onnx_mib``, ``fp32_latency_bB_ms``), ``latency_threads`` and ``onnxruntime``
@@ -124,7 +129,7 @@ class PatternLatency:
 
     FILE = "latency_objective.json"
 
-    def __init__(self, config: StudyConfig, evaluator: Any, folder: Path | None) -> None:
+    def __init__(self, config: StudyConfig, evaluator: Evaluator, folder: Path | None) -> None:
         settings = config.latency
         assert settings is not None
         self.settings = settings

@@ -28,10 +28,10 @@ from mpsearch.algorithms.pareto import hypervolume, non_dominated
 from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.fidelity import Archive, climb_rungs, pack_mask, rungs, unpack_mask
+from mpsearch.evaluation.executors import EvalOutcome, EvalTask, Executor
+from mpsearch.evaluation.multi_fidelity import Archive, climb_rungs, pack_mask, rungs, unpack_mask
 from mpsearch.objectives import DROP_ATTR, floor_violation, objective_values
 from mpsearch.policy import Policy
-from mpsearch.runtime import EvalOutcome, EvalTask, Executor
 from mpsearch.study.checkpoint import SearchCheckpoint
 from mpsearch.study.seeding import Seeds
 from mpsearch.study.storage import told_objectives
@@ -80,7 +80,7 @@ class SearchLoop:
 
     Without multi-fidelity every candidate is measured on the search subset and recorded as soon
     as every earlier slot is; with it, a generation's candidates climb the rungs of
-    :func:`mpsearch.fidelity.rungs` and are recorded when the generation is done, each with the
+    :func:`mpsearch.evaluation.multi_fidelity.rungs` and are recorded when the generation is done, each with the
     images it was measured on. The last generation may be cut to the trials left; the algorithm
     is told every whole generation before it is asked again, and nothing after a cut one.
     """
@@ -193,7 +193,7 @@ class SearchLoop:
             "worker": outcome.worker, "backend": outcome.backend, "images": outcome.images, "correct": outcome.correct,
             "fidelity": outcome.images / run.full if outcome.ok else 1.0,
             "layers": json.dumps({n: [p.weight_bits, p.act_bits] for n, p in policy.layers.items()}),
-            **{k.replace(":", "_"): v for k, v in outcome.metrics.items()},
+            **outcome.metrics,
         }
         if mask is not None:
             attrs["mask"] = pack_mask(mask)

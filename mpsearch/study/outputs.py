@@ -8,18 +8,22 @@ template (model, data set, checkpoint, settings) that turns a trial's layers int
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.host.files import atomic_write, atomic_write_text
 from mpsearch.objectives import full_fidelity
 from mpsearch.policy import Policy
 from mpsearch.study.result import PARETO_FILE, STUDY_FILE, SearchResult
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["write_policies", "write_outputs", "versions"]
 
@@ -43,7 +47,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_policies(out: Path, pareto: Any, policies: dict[int, Policy]) -> Any:
+def write_policies(out: Path, pareto: pd.DataFrame, policies: dict[int, Policy]) -> Any:
     """``policies/trial-NNNN.json`` for every front row; returns the front with a ``policy_file`` column."""
     folder = out / "policies"
     folder.mkdir(exist_ok=True)
@@ -57,7 +61,7 @@ def write_policies(out: Path, pareto: Any, policies: dict[int, Policy]) -> Any:
 def write_outputs(result: SearchResult, *, space: dict[str, Any], baseline_meta: dict[str, Any], workers: int,
                   weight_scores: dict[tuple[str, int], float] | None) -> None:
     """Every file of a finished (or search-only) study in ``result.out_dir``."""
-    from mpsearch.machine import describe_machine
+    from mpsearch.host.machine import describe_machine
 
     out, config, trials = result.out_dir, result.config, result.trials
     assert out is not None
@@ -67,16 +71,17 @@ def write_outputs(result: SearchResult, *, space: dict[str, Any], baseline_meta:
                "template": result.template.to_dict(), "space": space, "selection": result.selection}
     atomic_write_text(out / STUDY_FILE, json.dumps(summary, indent=2), what="study summary")
     atomic_write(out / "trials.csv", lambda f: trials.to_csv(f, index=False), what="trial table")
-    atomic_write(out / "trials.parquet", lambda f: trials.to_parquet(f, index=False), binary=True, what="trial table")
+    if importlib.util.find_spec("pyarrow") is not None:  # the typed copy of the table; trials.csv is enough to load a study
+        atomic_write(out / "trials.parquet", lambda f: trials.to_parquet(f, index=False), binary=True, what="trial table")
     machine = describe_machine()
     if trials["attr_run"].nunique() > 1:
-        from mpsearch.compare import write_comparison
+        from mpsearch.study.compare import write_comparison
 
         write_comparison(out, trials, config, np.asarray(result.ref_point), machine=machine)
     if result.front is None:
         return
-    from mpsearch.compare import proxy_kendall
-    from mpsearch.report import plot_front, write_report
+    from mpsearch.study.compare import proxy_kendall
+    from mpsearch.study.report import plot_front, write_report
 
     atomic_write(out / PARETO_FILE, lambda f: result.front.to_csv(f, index=False), what="Pareto table")
     plot_front(trials, result.front, config, out)

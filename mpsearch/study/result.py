@@ -29,16 +29,19 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.objectives import drop_within
+from mpsearch.objectives import drop_within, objective_spec
 from mpsearch.policy import Policy, precision_for
 from mpsearch.study.answers import walk_bounds
 from mpsearch.study.storage import open_storage, shown_url
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["SearchResult", "load_result", "KNEE_WINDOW_PP", "PARETO_FILE", "STUDY_FILE"]
 
@@ -98,8 +101,8 @@ class SearchResult:
     @property
     def cost_column(self) -> str:
         """The front's column of the study's first cost objective."""
-        first = self.config.search.objectives[1]
-        return f"rel_energy_{self.config.search.energy_profile}" if first == "energy" else f"rel_{first.replace(':', '_')}"
+        column = objective_spec(self.config.search.objectives[1])[1]
+        return f"rel_energy_{self.config.search.energy_profile}" if column == "rel_energy" else column
 
     def pick(self, spec: str | int = "knee") -> Policy:
         """The policy ``spec`` selects (see the module docstring)."""
@@ -148,7 +151,7 @@ class SearchResult:
         # Within the constraint: the most accurate (cost bound) or the cheapest (accuracy bound).
         return self._row_choice(_val_accuracy(ok).idxmax() if what != "accuracy" else ok[self.cost_column].idxmin())
 
-    def _within(self, front: Any, tolerance: float, spec: Any) -> Any:
+    def _within(self, front: pd.DataFrame, tolerance: float, spec: Any) -> Any:
         """The label of the front row ``drop<=tolerance`` picks (see the module docstring)."""
         if "val_drop_bound_pp" not in front:  # a study finished before answers were chosen with bounds
             if "val_drop_pp" not in front:
@@ -231,7 +234,7 @@ class SearchResult:
     def plot(self, path: str | Path | None = None) -> Any:
         """The measured front as a matplotlib figure (every trial, the front on test, the uniform
         policies); written to ``path`` as PNG when given."""
-        from mpsearch.report import front_figure
+        from mpsearch.study.report import front_figure
 
         fig = front_figure(self.trials, self.front, self.config)
         if path is not None:
@@ -239,7 +242,7 @@ class SearchResult:
         return fig
 
 
-def _val_accuracy(front: Any) -> Any:
+def _val_accuracy(front: pd.DataFrame) -> Any:
     """Each front row's validation accuracy: the answer rule's where it measured the point, else the search's."""
     if "search_accuracy" not in front:
         return front["val_accuracy"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,7 +14,10 @@ from mpsearch.algorithms.base import SearchContext
 from mpsearch.algorithms.space import BoundSpace
 from mpsearch.config import StudyConfig
 from mpsearch.errors import UserError
-from mpsearch.machine import available_cores, torch_threads
+from mpsearch.host.machine import available_cores, torch_threads
+
+if TYPE_CHECKING:
+    from mpsearch.evaluation.evaluator import Evaluator
 
 __all__ = ["UNIFORM_SHORTHANDS", "Seeds", "study_seeds", "weight_scores"]
 
@@ -35,7 +38,7 @@ class Seeds:
         return self.tags.get(tuple(int(v) for v in x))
 
 
-def weight_scores(config: StudyConfig, evaluator: Any, space: BoundSpace, *, progress: bool) -> dict[tuple[str, int], float] | None:
+def weight_scores(config: StudyConfig, evaluator: Evaluator, space: BoundSpace, *, progress: bool) -> dict[tuple[str, int], float] | None:
     """Per-layer sensitivity of the layers whose weight width is searched: {(layer, bits): score}
     (HAWQ-V2's Hessian trace x squared weight error, or the empirical estimator's measured drop);
     None when the space searches no weight width. Seeds and planning algorithms rank layers by
@@ -93,7 +96,7 @@ def _ilp_seeds(space: BoundSpace, context: SearchContext, n_seeds: int) -> list[
     return seeds
 
 
-def study_seeds(config: StudyConfig, evaluator: Any, space: BoundSpace, costs_of: Callable[[np.ndarray], np.ndarray], *,
+def study_seeds(config: StudyConfig, evaluator: Evaluator, space: BoundSpace, costs_of: Callable[[np.ndarray], np.ndarray], *,
                 progress: bool) -> Seeds:
     """The uniform policies the space holds (distinct, in :data:`UNIFORM_SHORTHANDS` order), then
     the ILP's solutions unless ``search.sensitivity`` is none or ``search.ilp_seeds`` 0."""

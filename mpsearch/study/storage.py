@@ -11,13 +11,16 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpsearch.config import RESUMABLE_FIELDS, StudyConfig
 from mpsearch.errors import UserError
 from mpsearch.objectives import objective_spec, objective_vector
+
+if TYPE_CHECKING:
+    import optuna
 
 __all__ = ["JOURNAL", "storage_url", "open_storage", "shown_url", "existing_study", "create_study", "record_settings",
            "records_by_slot", "load_trials", "told_objectives"]
@@ -137,7 +140,7 @@ def create_study(config: StudyConfig, url: str | None) -> Any:
         raise _storage_error(str(url), exc) from None
 
 
-def record_settings(study: Any, config: StudyConfig, space: dict[str, Any], baseline_sha256: str | None) -> None:
+def record_settings(study: optuna.Study, config: StudyConfig, space: dict[str, Any], baseline_sha256: str | None) -> None:
     """What a resume is checked against: the config, the resolved search space, the baseline's sha256."""
     import optuna
 
@@ -149,7 +152,7 @@ def record_settings(study: Any, config: StudyConfig, space: dict[str, Any], base
     study.set_user_attr("baseline_sha256", baseline_sha256)
 
 
-def records_by_slot(study: Any) -> dict[tuple[str, int, int], Any]:
+def records_by_slot(study: optuna.Study) -> dict[tuple[str, int, int], Any]:
     """The study's finished search trials keyed by (method, generation, slot in the generation's batch)."""
     from optuna.trial import TrialState
 
@@ -167,7 +170,7 @@ def told_objectives(trial: Any, objectives: tuple[str, ...]) -> np.ndarray:
     return objective_vector({objective_spec(o)[1]: v for o, v in zip(objectives, trial.values)}, objectives)
 
 
-def load_trials(study: Any) -> Any:
+def load_trials(study: optuna.Study) -> Any:
     """The study's trials as a DataFrame: number, state, params, values, every user attribute."""
     import pandas as pd
 

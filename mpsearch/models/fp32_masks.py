@@ -19,8 +19,8 @@ import torch
 
 from mpsearch.data import DataSplits, FolderSplit, digest_batches
 from mpsearch.errors import UserError
-from mpsearch.files import atomic_write
-from mpsearch.paths import cache_root
+from mpsearch.host.files import atomic_write
+from mpsearch.host.paths import cache_root
 
 __all__ = ["Fp32Masks"]
 

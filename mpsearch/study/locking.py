@@ -3,10 +3,11 @@
 A study's driver replays its search and appends trials in a fixed order; a second driver on the
 same study would append the same trials again. Two mechanisms, by storage:
 
-* SQLite (the default): an exclusive ``flock`` on a lock file next to the database file. It
+* SQLite (the default): an exclusive lock (``filelock``: flock on Unix, msvcrt on Windows) on a
+  lock file next to the database file, with the holder named in a file beside it. It
   covers every study in that file, because SQLite serializes writers and breaks on network file
   systems; drivers that must run at the same time (one per seed, algorithm or model, on several
-  nodes) share a PostgreSQL or MySQL storage instead. The kernel drops the lock when its process
+  nodes) share a PostgreSQL or MySQL storage instead. The operating system drops the lock when its process
   dies, so a study killed with ``kill -9`` resumes at once.
 * Server databases (PostgreSQL, MySQL) and journal files: a lease in the study's user
   attributes, renewed by a heartbeat thread ``BEATS_PER_LEASE`` times per lease time. Another driver may
@@ -16,7 +17,6 @@ same study would append the same trials again. Two mechanisms, by storage:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -24,9 +24,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock, Timeout
 
 from mpsearch.errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
 
 __all__ = ["StudyLock", "check_lease", "lease_s", "sqlite_path", "LEASE_ATTR", "HEARTBEAT_S", "BEATS_PER_LEASE", "LEASE_S",
            "LEASE_ENV"]
@@ -75,7 +80,7 @@ class StudyLock:
         self.url = url
         self.study_name = study_name
         self.owner = {**_me(), "lease_s": lease_s()}
-        self._fd: int | None = None
+        self._file_lock: FileLock | None = None
         self._study: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,29 +91,30 @@ class StudyLock:
         if db is None:
             return
         lock_path = db.with_name(f".{db.name}.lock")
+        holder_path = db.with_name(f".{db.name}.driver")  # who holds it: the lock file itself is truncated by each contender
+        file_lock = FileLock(lock_path, timeout=0)
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot create the lock file {lock_path} ({exc.strerror}); choose a writable run.out_dir or run.storage",
-                            fields=("run.out_dir", "run.storage")) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-            os.close(fd)
+            file_lock.acquire()
+        except Timeout:
+            try:
+                holder = holder_path.read_text(errors="replace").strip()
+            except OSError:
+                holder = ""
             raise UserError(
                 f"study storage {db} is in use by another mpsearch driver ({holder or 'unknown'}); wait for it or stop it. "
                 "SQLite takes one driver at a time: to run several at once, give each run.storage postgresql://... "
                 "(docs/studies.md)", fields=("run.storage",)
             ) from None
-        os.ftruncate(fd, 0)
+        except OSError as exc:
+            raise UserError(f"cannot create the lock file {lock_path} ({exc.strerror}); choose a writable run.out_dir or run.storage",
+                            fields=("run.out_dir", "run.storage")) from None
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        os.pwrite(fd, json.dumps({**self.owner, "study": self.study_name, "since": since}).encode(), 0)
-        self._fd = fd
+        holder_path.write_text(json.dumps({**self.owner, "study": self.study_name, "since": since}))
+        self._file_lock = file_lock
 
     # -- server databases ------------------------------------------------------------------------
-    def acquire_lease(self, study: Any) -> None:
+    def acquire_lease(self, study: optuna.Study) -> None:
         if self.url.startswith("sqlite"):  # the file lock covers it
             return
         check_lease(study, self.study_name, self.owner)
@@ -121,7 +127,7 @@ class StudyLock:
         self._thread = threading.Thread(target=self._heartbeat, name="mpsearch-lease", daemon=True)
         self._thread.start()
 
-    def _renew(self, study: Any) -> None:
+    def _renew(self, study: optuna.Study) -> None:
         study.set_user_attr(LEASE_ATTR, {**self.owner, "heartbeat": time.time()})
 
     def _heartbeat(self) -> None:
@@ -142,9 +148,9 @@ class StudyLock:
             except Exception:  # noqa: BLE001 - best effort; the lease expires on its own
                 pass
             self._study = None
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._file_lock is not None:
+            self._file_lock.release()
+            self._file_lock = None
 
     def __enter__(self) -> StudyLock:
         self.acquire_file()
@@ -154,7 +160,7 @@ class StudyLock:
         self.release()
 
 
-def check_lease(study: Any, study_name: str, owner: dict[str, Any], now: float | None = None) -> None:
+def check_lease(study: optuna.Study, study_name: str, owner: dict[str, Any], now: float | None = None) -> None:
     """Raise a UserError when another driver holds a live lease on ``study``."""
     lease = study.user_attrs.get(LEASE_ATTR)
     if not isinstance(lease, dict) or lease.get("id") == owner["id"]:

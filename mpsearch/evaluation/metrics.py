@@ -24,7 +24,7 @@ def correct_mask(
     """Run ``model`` over ``split`` in order; bool tensor, True where the top-1 prediction is right.
 
     ``progress`` is the label of a progress bar (none when ``None``). Image batches are fed in
-    channels_last, the layout baselines keep their parameters in (see ``mpsearch.zoo``): oneDNN's
+    channels_last, the layout baselines keep their parameters in (see ``mpsearch.models.zoo``): oneDNN's
     convolutions run faster in it on CPU, and every measurement shares it.
     """
     was_training = getattr(model, "training", False)

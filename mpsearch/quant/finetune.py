@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mpsearch.config import FinetuneConfig, TrainRecipe
+from mpsearch.config import FinetuneConfig, TrainConfig
 from mpsearch.errors import UserError
-from mpsearch.evaluate import EvaluationResult, Evaluator
-from mpsearch.files import atomic_write
-from mpsearch.machine import native_bf16
+from mpsearch.evaluation.evaluator import EvaluationResult, Evaluator
+from mpsearch.host.files import atomic_write
+from mpsearch.host.machine import native_bf16
+from mpsearch.models.train import augment
 from mpsearch.policy import LayerPrecision, MeasurementSettings, Policy
 from mpsearch.quant.lsq import attach_learned_quantizers, freeze_learned_quantizers
 from mpsearch.quant.primitives import QParams, fake_quantize, integer_range
-from mpsearch.train import augment
 
 __all__ = ["FinetuneResult", "finetune", "save_finetuned", "write_finetuned", "load_finetuned", "attach_finetuned", "FORMAT"]
 
@@ -82,7 +82,7 @@ def _train(evaluator: Evaluator, config: FinetuneConfig, progress: bool) -> None
     info = evaluator.data.info
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    recipe = TrainRecipe(crop_padding=2, hflip=True)  # crop + flip: a few hundred steps on a fixed subset would overfit
+    recipe = TrainConfig(crop_padding=2, hflip=True)  # crop + flip: a few hundred steps on a fixed subset would overfit
     fill = (-torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
     params = list(qmodel.module.parameters())
     for p in params:

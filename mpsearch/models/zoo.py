@@ -2,11 +2,11 @@
 
 ``create_model(name, info)`` is ``timm.create_model(name, num_classes, in_chans)`` plus, for
 inputs of at most 64 pixels, the adaptation that keeps small images from being downsampled to
-nothing (:mod:`mpsearch.small_images`); a model that cannot run on the images is refused in one
+nothing (:mod:`mpsearch.models.small_images`); a model that cannot run on the images is refused in one
 line that names the smallest size it runs on.
 
 ``get_baseline`` returns the fp32 model a study quantizes: from a checkpoint file, from timm's
-hub (``pretrained``), or trained by mpsearch with a :class:`TrainRecipe` (:mod:`mpsearch.train`)
+hub (``pretrained``), or trained by mpsearch with a :class:`TrainConfig` (:mod:`mpsearch.models.train`)
 and cached under ``cache_root()/checkpoints`` keyed by (model, data set, recipe, seed).
 :meth:`Baseline.from_module` wraps a model object of the user's.
 """
@@ -26,16 +26,16 @@ import timm
 import torch
 from torch import nn
 
-from mpsearch.config import TrainRecipe
+from mpsearch.config import TrainConfig
 from mpsearch.data import DatasetInfo, DataSplits
 from mpsearch.errors import UserError, read_user_file
-from mpsearch.files import atomic_write, atomic_write_text
-from mpsearch.fp32_masks import Fp32Masks
-from mpsearch.machine import available_cores, describe_machine, native_bf16, torch_threads
-from mpsearch.metrics import correct_mask
-from mpsearch.paths import cache_root
-from mpsearch.small_images import build_for_size, check_runs, refusal
-from mpsearch.train import train_model
+from mpsearch.evaluation.metrics import correct_mask
+from mpsearch.host.files import atomic_write, atomic_write_text
+from mpsearch.host.machine import available_cores, describe_machine, native_bf16, torch_threads
+from mpsearch.host.paths import cache_root
+from mpsearch.models.fp32_masks import Fp32Masks
+from mpsearch.models.small_images import build_for_size, check_runs, refusal
+from mpsearch.models.train import train_model
 
 __all__ = [
     "CONVNET_ADAMW_RECIPE", "MODEL_ALIASES", "VIT_RECIPE", "Baseline", "create_model", "default_recipe", "get_baseline",
@@ -77,9 +77,9 @@ def is_vision_transformer(name: str) -> bool:
 # Vision transformers trained from scratch get AdamW with strong weight decay and crop/flip
 # augmentation, as in DeiT (Touvron et al. 2021) and timm's ViT recipes, all at native size: a
 # ViT's position embedding is fixed to the token grid, so progressive resizing does not apply.
-# Every field is written out: the CNN defaults (TrainRecipe()) come from a sweep on ResNet-18 and
+# Every field is written out: the CNN defaults (TrainConfig()) come from a sweep on ResNet-18 and
 # must not leak into this recipe (docs/baseline.md).
-VIT_RECIPE = TrainRecipe(
+VIT_RECIPE = TrainConfig(
     epochs=3, batch_size=128, lr=1e-3, momentum=0.9, weight_decay=0.05, label_smoothing=0.1, warmup_fraction=0.2,
     crop_padding=2, hflip=True, bf16=True, channels_last=True, image_scales=(1.0,), optimizer="adamw", keep_fraction=1.0,
 )
@@ -87,7 +87,7 @@ VIT_RECIPE = TrainRecipe(
 # the ResNet recipe's SGD at lr 0.3 they lag behind or diverge (timm's test NFNet outputs NaN
 # after two epochs). AdamW with warm-up trains them; its learning rate comes from a brief measured
 # sweep (scripts/sweep_family_recipe.py, docs/models.md). The schedule is the ResNet recipe's.
-CONVNET_ADAMW_RECIPE = TrainRecipe(
+CONVNET_ADAMW_RECIPE = TrainConfig(
     epochs=11, batch_size=128, lr=3e-3, momentum=0.9, weight_decay=0.05, label_smoothing=0.1, warmup_fraction=0.2,
     crop_padding=0, hflip=False, bf16=True, channels_last=True,
     image_scales=(0.64, 0.64, 0.64, 0.64, 0.64, 0.64, 0.64, 0.86, 0.86, 1.0, 1.0), optimizer="adamw", keep_fraction=0.5,
@@ -95,14 +95,14 @@ CONVNET_ADAMW_RECIPE = TrainRecipe(
 _TRANSFORMER_FAMILIES = ("vision_transformer", "deit", "vision_transformer_relpos")
 
 
-def default_recipe(name: str) -> TrainRecipe:
-    """The documented baseline recipe for model ``name``, by family: :class:`TrainRecipe`'s
+def default_recipe(name: str) -> TrainConfig:
+    """The documented baseline recipe for model ``name``, by family: :class:`TrainConfig`'s
     defaults (SGD) for ResNets, :data:`VIT_RECIPE` for vision transformers,
     :data:`CONVNET_ADAMW_RECIPE` for every other family (at native size only where the network's
     attention is sized for one input size, as in CoAtNet and MaxViT)."""
     family = model_family(name)
     if family == "resnet":
-        return TrainRecipe()
+        return TrainConfig()
     if family in _TRANSFORMER_FAMILIES:
         return VIT_RECIPE
     if family == "maxxvit":
@@ -111,7 +111,7 @@ def default_recipe(name: str) -> TrainRecipe:
 
 
 def _build(name: str, info: DatasetInfo, *, pretrained: bool = False, explain: bool = True) -> tuple[nn.Module, list[str]]:
-    """The model of :func:`create_model` and the small-image changes made to it (:mod:`mpsearch.small_images`).
+    """The model of :func:`create_model` and the small-image changes made to it (:mod:`mpsearch.models.small_images`).
     A model that cannot run on the images is refused (``explain``: in one line that names the
     smallest size it runs on; otherwise a bare ValueError)."""
     timm_name = resolve_model_name(name)
@@ -209,7 +209,7 @@ def _versions() -> dict[str, str]:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__}
 
 
-def _cache_dir(name: str, data: DataSplits, recipe: TrainRecipe, seed: int, adapted: list[str]) -> Path:
+def _cache_dir(name: str, data: DataSplits, recipe: TrainConfig, seed: int, adapted: list[str]) -> Path:
     key = {
         "model": name, "dataset": data.info.name, "train_images": len(data.train),
         "recipe": recipe.key(), "seed": seed, "adapt": _ADAPTATION_VERSION,
@@ -264,59 +264,42 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, nam
         ) from None
 
 
-def get_baseline(
-    name: str,
-    data: DataSplits,
-    *,
-    recipe: TrainRecipe | None = None,
-    seed: int = 0,
-    checkpoint: str | Path | None = None,
-    pretrained: bool = False,
-    progress: bool = True,
-) -> Baseline:
-    """The fp32 baseline: ``checkpoint``, else hub weights, else the cached or newly trained model."""
-    resolve_model_name(name)  # an unknown name fails before anything is announced or trained
-    recipe = recipe or default_recipe(name)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        model = create_model(name, data.info)
-        _load_into(model, load_state_dict_file(path), path, name)
-        meta = _read_sidecar(path.with_suffix(".json"))
-        return Baseline(name, _ready(model), path, sha256_file(path), meta)
-    if pretrained:
-        model = create_model(name, data.info, pretrained=True)
-        return Baseline(name, _ready(model), None, None, {"source": "timm hub"})
-    with torch.random.fork_rng(devices=[]):  # seeded as training needs it, the caller's generator untouched
-        torch.manual_seed(seed)
-        model, adapted = _build(name, data.info)
-    folder = _cache_dir(name, data, recipe, seed, adapted)
+def _from_checkpoint(name: str, data: DataSplits, path: Path) -> Baseline:
+    """The baseline in the user's checkpoint file, with the metadata of an optional ``.json`` next to it."""
+    model = create_model(name, data.info)
+    _load_into(model, load_state_dict_file(path), path, name)
+    meta = _read_sidecar(path.with_suffix(".json"))
+    return Baseline(name, _ready(model), path, sha256_file(path), meta)
+
+
+def _from_hub(name: str, data: DataSplits) -> Baseline:
+    """The baseline with timm's pretrained hub weights."""
+    model = create_model(name, data.info, pretrained=True)
+    return Baseline(name, _ready(model), None, None, {"source": "timm hub"})
+
+
+def _from_cache(name: str, model: nn.Module, folder: Path) -> Baseline:
+    """The baseline mpsearch trained and cached in ``folder`` earlier, loaded into ``model``."""
     path, meta_path = folder / "model.pt", folder / "meta.json"
-    if path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        sha = sha256_file(path)
-        if meta.get("sha256") != sha:
-            raise UserError(f"cached checkpoint {path} is corrupt (sha256 mismatch); delete {folder} to retrain")
-        _load_into(model, load_state_dict_file(path), path, name)
-        return Baseline(name, _ready(model), path, sha, meta)
+    meta = json.loads(meta_path.read_text())
+    sha = sha256_file(path)
+    if meta.get("sha256") != sha:
+        raise UserError(f"cached checkpoint {path} is corrupt (sha256 mismatch); delete {folder} to retrain")
+    _load_into(model, load_state_dict_file(path), path, name)
+    return Baseline(name, _ready(model), path, sha, meta)
+
+
+def _from_training(name: str, model: nn.Module, data: DataSplits, recipe: TrainConfig, seed: int, folder: Path,
+             progress: bool) -> Baseline:
+    """``model`` trained with ``recipe``, scored, and cached in ``folder`` with its metadata."""
+    path, meta_path = folder / "model.pt", folder / "meta.json"
     cores = available_cores()
     logger.info(f"No cached baseline for {name} on {data.info.name} (seed {seed}); training one now on all {cores} cores "
                 f"({recipe.epochs} epochs, {recipe.optimizer} lr {recipe.lr:g}, cached in {folder}).")
     no_bf16 = native_bf16("cpu") if recipe.bf16 else None  # train_model's reason to train in fp32 instead
     if no_bf16 is not None:
         logger.info(f"Training in fp32 instead of bf16 autocast: {no_bf16}.")
-    start = time.perf_counter()
-    # Training happens once per baseline and nothing else runs meanwhile: every core, whatever
-    # thread count the caller measures with.
-    with torch_threads(cores):
-        train_model(model, data.train, data.info, recipe, seed=seed, progress=progress)
-        wall = time.perf_counter() - start
-        _ready(model)
-        try:
-            val_mask, test_mask = correct_mask(model, data.val), correct_mask(model, data.test)
-        except FloatingPointError:
-            raise UserError(f"training {name} diverged: the trained model outputs NaN/inf ({recipe.optimizer} at lr "
-                            f"{recipe.lr:g}); train it with a lower learning rate (mpsearch train --lr) and pass "
-                            "--checkpoint") from None
+    wall, val_mask, test_mask = _train_and_score(name, model, data, recipe, seed, cores, progress)
     val_acc, test_acc = int(val_mask.sum()) / len(val_mask), int(test_mask.sum()) / len(test_mask)
     atomic_write(path, lambda f: torch.save(model.state_dict(), f), binary=True, what="checkpoint")
     sha = sha256_file(path)
@@ -340,3 +323,48 @@ def get_baseline(
     atomic_write_text(meta_path, json.dumps(meta, indent=2), what="checkpoint metadata")
     logger.info(f"Trained {name}: val {val_acc:.2%}, test {test_acc:.2%} in {wall / 60:.1f} min -> {path}")
     return Baseline(name, _ready(model), path, sha, meta)
+
+
+def _train_and_score(name: str, model: nn.Module, data: DataSplits, recipe: TrainConfig, seed: int, cores: int,
+                     progress: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Train ``model`` in place; its training wall time and which validation and test images it gets right."""
+    start = time.perf_counter()
+    # Training happens once per baseline and nothing else runs meanwhile: every core, whatever
+    # thread count the caller measures with.
+    with torch_threads(cores):
+        train_model(model, data.train, data.info, recipe, seed=seed, progress=progress)
+        wall = time.perf_counter() - start
+        _ready(model)
+        try:
+            val_mask, test_mask = correct_mask(model, data.val), correct_mask(model, data.test)
+        except FloatingPointError:
+            raise UserError(f"training {name} diverged: the trained model outputs NaN/inf ({recipe.optimizer} at lr "
+                            f"{recipe.lr:g}); train it with a lower learning rate (mpsearch train --lr) and pass "
+                            "--checkpoint") from None
+    return wall, val_mask, test_mask
+
+
+def get_baseline(
+    name: str,
+    data: DataSplits,
+    *,
+    recipe: TrainConfig | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    progress: bool = True,
+) -> Baseline:
+    """The fp32 baseline: ``checkpoint``, else hub weights, else the cached or newly trained model."""
+    resolve_model_name(name)  # an unknown name fails before anything is announced or trained
+    recipe = recipe or default_recipe(name)
+    if checkpoint is not None:
+        return _from_checkpoint(name, data, Path(checkpoint))
+    if pretrained:
+        return _from_hub(name, data)
+    with torch.random.fork_rng(devices=[]):  # seeded as training needs it, the caller's generator untouched
+        torch.manual_seed(seed)
+        model, adapted = _build(name, data.info)
+    folder = _cache_dir(name, data, recipe, seed, adapted)
+    if (folder / "model.pt").exists() and (folder / "meta.json").exists():
+        return _from_cache(name, model, folder)
+    return _from_training(name, model, data, recipe, seed, folder, progress)

@@ -21,12 +21,12 @@ from mpsearch.config import QuantConfig
 from mpsearch.cost import CostTable, bops, count_costs, energy, fp32_energy, load_profile, size_bytes
 from mpsearch.data import DataSplits
 from mpsearch.errors import UserError
-from mpsearch.metrics import correct_mask, paired_difference_ci, wilson_interval
+from mpsearch.evaluation.metrics import correct_mask, paired_difference_ci, wilson_interval
+from mpsearch.evaluation.prefix_cache import PrefixCache
+from mpsearch.models.zoo import Baseline
 from mpsearch.policy import Policy, is_shorthand, uniform_policy
-from mpsearch.prefix_cache import PrefixCache
 from mpsearch.quant import QuantizedModel, quantizable_layers, quantizable_matmuls
 from mpsearch.quant.backends import BACKENDS, resolve_backend
-from mpsearch.zoo import Baseline
 
 __all__ = ["DEFAULT_PROFILES", "PolicyCosts", "EvaluationResult", "Evaluator", "policy_costs", "policy_layers",
            "architecture_fingerprint"]
@@ -50,7 +50,7 @@ class PolicyCosts:
         """Each objective as a fraction of its fp32 value."""
         out = {"size": self.size_bytes / self.fp32_size_bytes, "bops": self.bops / self.fp32_bops}
         for name, value in self.energy.items():
-            out[f"energy:{name}"] = value / self.fp32_energy[name]
+            out[f"energy_{name}"] = value / self.fp32_energy[name]
         return out
 
 
@@ -141,7 +141,7 @@ class Evaluator:
         self.backend = BACKENDS.get(resolve_backend(self.quant.backend))()
         self.integer_layers = 0  # layers the last applied policy runs on integer kernels
         # Layer inputs of an identically quantized prefix are reused between evaluations (see
-        # mpsearch.prefix_cache); not with block reconstruction, whose weights depend on neighbours.
+        # mpsearch.evaluation.prefix_cache); not with block reconstruction, whose weights depend on neighbours.
         self.prefix_cache = PrefixCache(self.qmodel.module, self.qmodel.policy_layers) if prefix_cache else None
         self._fp32_masks: dict[tuple[str, int], torch.Tensor] = {}
         self._calibration_s: float | None = None

@@ -20,7 +20,7 @@ from typing import Any
 
 from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError
-from mpsearch.ray_cluster import RayPlacement, check_capacity, deferred_interrupt, join_cluster, ship_code_by_value, start_private_ray
+from mpsearch.evaluation.ray_cluster import RayPlacement, check_capacity, deferred_interrupt, join_cluster, ship_code_by_value, start_private_ray
 
 __all__ = [
     "NamedSource", "ObjectSource", "WorkerSpec", "EvalTask", "EvalOutcome", "RayPlacement", "Executor", "InProcessExecutor",
@@ -43,7 +43,7 @@ class NamedSource:
 
     def load(self) -> tuple[Any, Any]:
         from mpsearch.data import load_dataset
-        from mpsearch.zoo import get_baseline
+        from mpsearch.models.zoo import get_baseline
 
         data = load_dataset(self.dataset, data_dir=self.data_dir, calibration_size=self.calibration_size,
                             calibration_seed=self.seed, image_size=self.image_size)
@@ -55,7 +55,7 @@ class ObjectSource:
     """The baseline and data themselves (a model object, data from the user's tensors): they
     travel to workers by value, through Ray's object store."""
 
-    baseline: Any  # mpsearch.zoo.Baseline
+    baseline: Any  # mpsearch.models.zoo.Baseline
     data: Any  # mpsearch.data.DataSplits
 
     def load(self) -> tuple[Any, Any]:
@@ -114,7 +114,7 @@ def build_evaluator(spec: WorkerSpec):
     """The evaluator a worker holds: data, baseline from the checkpoint, calibrated quantizers."""
     import torch
 
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
 
     torch.set_num_threads(spec.torch_threads)
     baseline, data = spec.source.load()
@@ -140,10 +140,10 @@ def run_task(evaluator, task: EvalTask, worker: str = "") -> EvalOutcome:
     result = evaluator.summarize(policy, mask, split=task.split, start=start)
     costs = result.costs
     metrics = {"accuracy": result.accuracy, "size_bytes": costs.size_bytes, "bops": costs.bops}
-    metrics.update({f"energy:{k}": v for k, v in costs.energy.items()})
+    metrics.update({f"energy_{k}": v for k, v in costs.energy.items()})
     relative = costs.relative()
     metrics.update({f"rel_{k}": v for k, v in relative.items()})
-    metrics["rel_energy"] = relative[f"energy:{evaluator.profiles[0]}"]  # the profile the search optimises
+    metrics["rel_energy"] = relative[f"energy_{evaluator.profiles[0]}"]  # the profile the search optimises
     metrics["integer_layers"] = evaluator.integer_layers
     packed = np.packbits(mask.numpy()).tobytes() if task.keep_mask else None
     return EvalOutcome(task.index, result.correct, result.images, metrics, time.perf_counter() - start, worker=worker,

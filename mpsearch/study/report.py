@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpsearch.config import StudyConfig
-from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.host.files import atomic_write, atomic_write_text
 from mpsearch.objectives import DROP_ATTR, floor_text, objective_spec, reference_text, within_floor
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["front_figure", "plot_front", "write_report", "phase_summary", "PHASES", "answers_text", "rule_text"]
 
@@ -39,19 +46,19 @@ def _x_label(config: StudyConfig) -> str:
     return f"{first} relative to fp32" + (f" ({config.search.energy_profile})" if first == "energy" else "")
 
 
-def _front_x(pareto: Any, config: StudyConfig) -> Any:
+def _front_x(pareto: pd.DataFrame, config: StudyConfig) -> Any:
     """The front's values of the study's first cost objective."""
     xcol = objective_spec(config.search.objectives[1])[1].replace(":", "_")
     xcol = f"rel_energy_{config.search.energy_profile}" if xcol == "rel_energy" else xcol
     return pareto[xcol]
 
 
-def _timed_batches(frame: Any, prefix: str) -> list[tuple[int, str]]:
+def _timed_batches(frame: pd.DataFrame, prefix: str) -> list[tuple[int, str]]:
     """(batch size, column) of the ``{prefix}{B}_ms`` latency columns of a timed front, smallest batch first."""
     return sorted((int(c[len(prefix):-len("_ms")]), c) for c in frame.columns if c.startswith(prefix) and c.endswith("_ms"))
 
 
-def _latency_labels(pareto: Any) -> list[str]:
+def _latency_labels(pareto: pd.DataFrame) -> list[str]:
     """Each Pareto point's onnxruntime latency at the smallest batch size timed ("" where untimed)."""
     timed = _timed_batches(pareto, "latency_b")
     if not timed:
@@ -60,7 +67,7 @@ def _latency_labels(pareto: Any) -> list[str]:
     return ["" if v != v else f"{v:.1f} ms at batch {batch}" for v in pareto[column]]
 
 
-def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
+def front_figure(trials: pd.DataFrame, pareto: pd.DataFrame | None, config: StudyConfig) -> Any:
     """A matplotlib figure: every trial, the re-measured front on test (if any, labelled with its
     onnxruntime latency where timed: once in the legend when every point has the same), the
     uniform policies.
@@ -84,33 +91,7 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
         ax.scatter(ok[x_col][~inside], 100 * ok["value_accuracy"][~inside], s=10, marker="x", c="#dddddd",
                    label=f"trials below the floor ({int((~inside).sum())})")
     if pareto is not None and len(pareto):
-        if floor is not None and "fp32_test_accuracy" in pareto:
-            line = 100 * float(pareto["fp32_test_accuracy"].iloc[0]) - floor
-            ax.axhline(line, ls="--", lw=0.8, c="#888888", label=f"floor: fp32 - {floor:g} pp (test)")
-            # the useful region fills the plot; trials far below the floor are counted in the legend
-            top = max(100 * float(pareto["fp32_test_accuracy"].iloc[0]), 100 * float(ok["value_accuracy"].max())) + 1.0
-            ax.set_ylim(bottom=line - max(2.0, floor), top=top)
-        px = _front_x(pareto, config)
-        labels = _latency_labels(pareto)
-        shared = len(set(labels)) == 1  # one timing for every point (one graph): said once, in the legend
-        ax.errorbar(px, 100 * pareto["test_accuracy"],
-                    yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
-                    fmt="o-", color="#d62728", ms=4, capsize=2,
-                    label="Pareto set, test split (95% CI)" + (f"; each {labels[0]} in onnxruntime" if shared and labels[0] else ""))
-        answers = pareto.get("answer_for_pp")
-        if answers is not None:
-            named = answers.fillna("").astype(str) != ""
-            ax.scatter(px[named], 100 * pareto["test_accuracy"][named], s=60, facecolor="none", edgecolor="#2ca02c", zorder=6,
-                       label="answers: the cheapest point proven within X pp (on validation)")
-            for x, y, tol in zip(px[named], 100 * pareto["test_accuracy"][named], answers[named].astype(str)):
-                ax.annotate(f"within {tol.replace(',', ', ')} pp", (x, y), textcoords="offset points", xytext=(-4, 6), ha="right",
-                            fontsize=6, color="#2ca02c")
-        seen: set[str] = set()
-        for x, y, text in zip(px, 100 * pareto["test_accuracy"], [] if shared else labels):
-            if text not in seen:  # points on one graph share a timing: labelled once, at the cheapest
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, -10 if seen else 4), fontsize=6,
-                            color="#d62728")
-            seen.add(text)
+        _draw_front(ax, pareto, ok, config)
     for _, row in uniform.iterrows():
         ax.scatter(row[x_col], 100 * row["value_accuracy"], marker="s", s=40, edgecolor="black", facecolor="#1f77b4", zorder=5)
         ax.annotate(str(row["attr_method"]).split(":")[1].upper(), (row[x_col], 100 * row["value_accuracy"]),
@@ -127,14 +108,51 @@ def front_figure(trials: Any, pareto: Any, config: StudyConfig) -> Any:
     return fig
 
 
-def plot_front(trials: Any, pareto: Any, config: StudyConfig, out: Path) -> None:
-    """front.png (:func:`front_figure`) and front.html (plotly, interactive) in ``out``."""
+def _draw_front(ax: Any, pareto: pd.DataFrame, ok: Any, config: StudyConfig) -> None:
+    """The re-measured front on test with its confidence intervals, the floor line, the answers
+    and the onnxruntime latency labels."""
+    floor = config.search.max_drop
+    if floor is not None and "fp32_test_accuracy" in pareto:
+        line = 100 * float(pareto["fp32_test_accuracy"].iloc[0]) - floor
+        ax.axhline(line, ls="--", lw=0.8, c="#888888", label=f"floor: fp32 - {floor:g} pp (test)")
+        # the useful region fills the plot; trials far below the floor are counted in the legend
+        top = max(100 * float(pareto["fp32_test_accuracy"].iloc[0]), 100 * float(ok["value_accuracy"].max())) + 1.0
+        ax.set_ylim(bottom=line - max(2.0, floor), top=top)
+    px = _front_x(pareto, config)
+    labels = _latency_labels(pareto)
+    shared = len(set(labels)) == 1  # one timing for every point (one graph): said once, in the legend
+    ax.errorbar(px, 100 * pareto["test_accuracy"],
+                yerr=[100 * (pareto["test_accuracy"] - pareto["test_ci_low"]), 100 * (pareto["test_ci_high"] - pareto["test_accuracy"])],
+                fmt="o-", color="#d62728", ms=4, capsize=2,
+                label="Pareto set, test split (95% CI)" + (f"; each {labels[0]} in onnxruntime" if shared and labels[0] else ""))
+    answers = pareto.get("answer_for_pp")
+    if answers is not None:
+        named = answers.fillna("").astype(str) != ""
+        ax.scatter(px[named], 100 * pareto["test_accuracy"][named], s=60, facecolor="none", edgecolor="#2ca02c", zorder=6,
+                   label="answers: the cheapest point proven within X pp (on validation)")
+        for x, y, tol in zip(px[named], 100 * pareto["test_accuracy"][named], answers[named].astype(str)):
+            ax.annotate(f"within {tol.replace(',', ', ')} pp", (x, y), textcoords="offset points", xytext=(-4, 6), ha="right",
+                        fontsize=6, color="#2ca02c")
+    seen: set[str] = set()
+    for x, y, text in zip(px, 100 * pareto["test_accuracy"], [] if shared else labels):
+        if text not in seen:  # points on one graph share a timing: labelled once, at the cheapest
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, -10 if seen else 4), fontsize=6,
+                        color="#d62728")
+        seen.add(text)
+
+
+def plot_front(trials: pd.DataFrame, pareto: pd.DataFrame, config: StudyConfig, out: Path) -> None:
+    """front.png (:func:`front_figure`) and, with the ``html`` extra (plotly), front.html (interactive) in ``out``."""
     import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
 
     fig = front_figure(trials, pareto, config)
     atomic_write(out / "front.png", lambda f: fig.savefig(f, format="png"), binary=True, what="plot")
     plt.close(fig)
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        logger.info("front.html skipped: it needs plotly (pip install 'mpsearch[html]')")
+        return
 
     ok = trials[trials["state"] == "COMPLETE"]
     x_col = _energy_col(config)
@@ -159,12 +177,12 @@ def plot_front(trials: Any, pareto: Any, config: StudyConfig, out: Path) -> None
     atomic_write_text(out / "front.html", fig2.to_html(include_plotlyjs="inline"), what="plot")
 
 
-def _latency_columns(frame: Any) -> list[str]:
+def _latency_columns(frame: pd.DataFrame) -> list[str]:
     """The per-point onnxruntime columns of a timed front (:mod:`mpsearch.study.latency`)."""
     return [c for c in frame.columns if c == "onnx_mib" or c.startswith(("latency_b", "speedup_b"))]
 
 
-def _latency_lines(pareto: Any, config: StudyConfig) -> list[str]:
+def _latency_lines(pareto: pd.DataFrame, config: StudyConfig) -> list[str]:
     if "fp32_onnx_mib" not in pareto.columns or pareto.empty or config.latency is None:
         return []
     first = pareto.iloc[0]
@@ -251,13 +269,45 @@ def _proxy_lines(proxies: dict[str, tuple[float, float, int]]) -> list[str]:
     return lines + [""]
 
 
-def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: str, versions: dict[str, str], workers: int,
-                 platform_: str, proxies: dict[str, tuple[float, float, int]] | None = None) -> None:
-    """report.md of a finished study (``result`` is its :class:`~mpsearch.study.SearchResult`)."""
-    config, trials, pareto = result.config, result.trials, result.front
+def _study_lines(result: Any, baseline: dict[str, Any], *, machine: str, versions: dict[str, str], workers: int,
+                 platform_: str) -> list[str]:
+    """report.md's "Study" section: what was searched, how, on what machine, and where time went."""
+    config, trials = result.config, result.trials
     search = config.search
     ok = trials[trials["state"] == "COMPLETE"]
     failed = int((trials["state"] == "FAIL").sum())
+    search_s = result.phases.get("search", result.wall_s)
+    feasible = int(within_floor(ok, search.max_drop).sum()) if f"attr_{DROP_ATTR}" in ok else len(ok)
+    return [
+    "## Study",
+    "",
+    f"- model **{config.model}** on **{config.dataset}**; baseline test accuracy "
+    f"{baseline.get('test_accuracy', float('nan')):.4f}",
+    f"- algorithm **{search.algorithm}**, budget {search.budget} trials ({len(ok)} measured, {failed} failed), "
+    f"population {search.population_size}, seed {config.seed}",
+    f"- objectives: {', '.join(search.objectives)} (energy profile {search.energy_profile}); each trial measured on the "
+    f"first {search.eval_images} validation images; "
+    + (f"at most {search.remeasure_points} Pareto points (those the answers rest on, the knee, then spread along the "
+       "front) " if search.remeasure_points else "every Pareto point ")
+    + "measured on the test split",
+    f"- {floor_text(search.max_drop)}: {feasible} of {len(ok)} measured candidates within it; the front, "
+    "re-measurement and picks hold only those (`within_floor`: the point also holds it on test)",
+    f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
+    f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
+    f"- wall time {result.wall_s / 60:.1f} min, {workers} worker(s) x {config.run.torch_threads} torch thread(s); "
+    f"machine: {machine}; {platform_}",
+    f"- time by phase: {phase_summary(result.phases) or f'search {search_s / 60:.1f} min'}",
+    f"- candidates measured with the **{config.quant.backend}** backend ({_BACKEND_TEXT.get(config.quant.backend, '')})",
+    f"- storage: `{result.shown_storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    "",
+    ]
+
+
+def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: str, versions: dict[str, str], workers: int,
+                 platform_: str, proxies: dict[str, tuple[float, float, int]] | None = None) -> None:
+    """report.md of a finished study (``result`` is its :class:`~mpsearch.study.SearchResult`)."""
+    config, pareto = result.config, result.front
+    search = config.search
     energy_col = f"rel_energy_{search.energy_profile}"
     cols = ["trial", "policy", "method", "answer_for_pp", "test_accuracy", "test_ci_low", "test_ci_high", "test_drop_pp",
             "test_drop_low_pp", "test_drop_high_pp", "search_drop_pp", "val_images", "val_drop_pp", "val_drop_bound_pp",
@@ -266,9 +316,7 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
            "test_drop_high_pp": "+.2f", "search_drop_pp": "+.2f", "val_accuracy": ".4f", "val_drop_pp": "+.2f",
            "val_drop_bound_pp": "+.2f", energy_col: ".4f", "rel_size": ".4f", "rel_bops": ".4f",
            "qat_test_accuracy": ".4f", "qat_test_drop_pp": "+.2f", **{c: ".2f" for c in _latency_columns(pareto)}}
-    search_s = result.phases.get("search", result.wall_s)
     answers = _answers(result)
-    feasible = int(within_floor(ok, search.max_drop).sum()) if f"attr_{DROP_ATTR}" in ok else len(ok)
     lines = [
         f"# Study {config.study_name}",
         "",
@@ -280,27 +328,7 @@ def write_report(out: Path, result: Any, *, baseline: dict[str, Any], machine: s
         "",
         "`mpsearch export --study DIR --pick knee` (or `--pick \"drop<=1\"`) writes the chosen model.",
         "",
-        "## Study",
-        "",
-        f"- model **{config.model}** on **{config.dataset}**; baseline test accuracy "
-        f"{baseline.get('test_accuracy', float('nan')):.4f}",
-        f"- algorithm **{search.algorithm}**, budget {search.budget} trials ({len(ok)} measured, {failed} failed), "
-        f"population {search.population_size}, seed {config.seed}",
-        f"- objectives: {', '.join(search.objectives)} (energy profile {search.energy_profile}); each trial measured on the "
-        f"first {search.eval_images} validation images; "
-        + (f"at most {search.remeasure_points} Pareto points (those the answers rest on, the knee, then spread along the "
-           "front) " if search.remeasure_points else "every Pareto point ")
-        + "measured on the test split",
-        f"- {floor_text(search.max_drop)}: {feasible} of {len(ok)} measured candidates within it; the front, "
-        "re-measurement and picks hold only those (`within_floor`: the point also holds it on test)",
-        f"- hypervolume of the measured front (1 - accuracy and relative costs, reference point "
-        f"{reference_text(result.ref_point)}): **{result.hypervolume:.4f}**",
-        f"- wall time {result.wall_s / 60:.1f} min, {workers} worker(s) x {config.run.torch_threads} torch thread(s); "
-        f"machine: {machine}; {platform_}",
-        f"- time by phase: {phase_summary(result.phases) or f'search {search_s / 60:.1f} min'}",
-        f"- candidates measured with the **{config.quant.backend}** backend ({_BACKEND_TEXT.get(config.quant.backend, '')})",
-        f"- storage: `{result.shown_storage}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "",
+        *_study_lines(result, baseline, machine=machine, versions=versions, workers=workers, platform_=platform_),
         f"## Pareto set within the floor: {len(pareto)} point{'s' if len(pareto) != 1 else ''} measured on the test split",
         "",
         "Test accuracy with its 95% Wilson CI; the drop against fp32 paired on the same images, with its 95% CI; "

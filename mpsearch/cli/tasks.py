@@ -1,147 +1,20 @@
-"""One function per task of the ``mpsearch`` command, for scripts and notebooks too.
-
-Each composes the library's parts for a model and data set given by name: load (or train) the
-baseline, measure or fine-tune a policy, list layers, report outliers or sensitivity. The
-command line parses its flags, calls one of these and prints what it returns.
+"""The command line's tasks that are not measurements: fine-tune a policy, list layers, report
+outliers or sensitivity, profile kernels. Each takes a model and data set by name; the command
+parses its flags, calls one of these and prints what it returns.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mpsearch.config import FinetuneConfig, QuantConfig, TrainRecipe
+from mpsearch.config import FinetuneConfig, QuantConfig
 from mpsearch.errors import UserError
-from mpsearch.policy import MeasurementSettings, Policy, parse_shorthand
+from mpsearch.evaluation.prepared import DEFAULT_CALIBRATION, load_baseline, prepare_measurement
+from mpsearch.policy import Policy
 
-__all__ = ["load_baseline", "measurement_settings", "prepare_measurement", "PreparedMeasurement", "check_limit", "measure_policy",
-           "finetune_policy", "layer_table", "outlier_report",
-           "sensitivity_report", "profile_kernels", "DEFAULT_CALIBRATION"]
-
-logger = logging.getLogger(__name__)
-DEFAULT_CALIBRATION = 512  # calibration images drawn from the training split
-
-
-def load_baseline(model: str, dataset: str, *, data_dir: str | None = None, image_size: int | None = None, seed: int = 0,
-                  checkpoint: str | None = None,
-                  pretrained: bool = False, recipe: TrainRecipe | None = None, calibration_size: int = DEFAULT_CALIBRATION,
-                  progress: bool = True) -> tuple[Any, Any]:
-    """(baseline, data): the data set's splits and the fp32 model (checkpoint, hub weights, cache,
-    or trained now with ``recipe``, the model's default recipe unless given)."""
-    from mpsearch.data import load_dataset
-    from mpsearch.zoo import get_baseline, resolve_model_name
-
-    resolve_model_name(model)  # fail on a typo before loading data
-    if calibration_size < 1:
-        raise UserError(f"calibration_size: must be >= 1, got {calibration_size}", fields=("calibration_size",))
-    data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seed,
-                        image_size=image_size)
-    baseline = get_baseline(model, data, recipe=recipe, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
-                            progress=progress)
-    return baseline, data
-
-
-def _as_policy(policy: str | Path | Policy) -> Policy | str:
-    """A policy file loaded, a shorthand checked (both before any model loads)."""
-    if isinstance(policy, Policy):
-        return policy
-    if Path(policy).is_file():
-        return Policy.load(policy)
-    parse_shorthand(str(policy))
-    return str(policy)
-
-
-def measurement_settings(policy: Policy | str, quant: Mapping[str, Any] | None = None, *, calibration_size: int | None = None,
-                         torch_threads: int | None = None, seed: int | None = None) -> MeasurementSettings:
-    """How to measure ``policy``: what its provenance recorded (else the defaults), with ``quant``
-    fields, ``calibration_size``, ``torch_threads`` and ``seed`` replaced where given. A policy
-    re-measured with its own settings gives the numbers it was exported with."""
-    recorded = policy.settings() if isinstance(policy, Policy) else None
-    base = recorded or MeasurementSettings(QuantConfig())
-    if seed is None:
-        seed = int(policy.provenance.get("seed", base.quant.seed)) if isinstance(policy, Policy) else base.quant.seed
-    config = QuantConfig.from_dict({**base.quant.to_dict(), **dict(quant or {}), "seed": seed})
-    threads = torch_threads or base.torch_threads
-    if threads is not None and threads < 1:
-        raise UserError(f"run.torch_threads: must be >= 1, got {threads}", fields=("run.torch_threads",))
-    return MeasurementSettings(config, calibration_size or base.calibration_size, threads)
-
-
-def _check_registries(quant: QuantConfig, profiles: Sequence[str]) -> None:
-    """Observer, PTQ, attention-calibration and profile names, before any model loads."""
-    from mpsearch.cost import load_profile
-    from mpsearch.quant import get_observer
-    from mpsearch.quant.ptq import get_ptq
-    from mpsearch.quant.qk_calibration import QK_CALIBRATIONS
-
-    if not profiles:
-        raise UserError("profiles: name at least one energy profile (see `mpsearch profiles`)")
-    for p in profiles:
-        load_profile(p)
-    get_observer(quant.weight_observer)
-    get_observer(quant.act_observer)
-    get_ptq(quant.ptq)
-    QK_CALIBRATIONS.get(quant.attention_calibration)
-
-
-@dataclass
-class PreparedMeasurement:
-    """A baseline's evaluator and a policy resolved for it: what measuring or exporting a policy starts from."""
-
-    evaluator: Any  # mpsearch.evaluate.Evaluator, fine-tuned weights attached where the policy has them
-    policy: Policy  # resolved and validated for the evaluator's model
-
-
-def prepare_measurement(model: str, dataset: str, policy: str | Path | Policy, quant: Mapping[str, Any] | None, *,
-                        calibration_size: int | None, seed: int | None, checkpoint: str | None, data_dir: str | None,
-                        image_size: int | None, pretrained: bool, progress: bool, torch_threads: int | None = None,
-                        profiles: Sequence[str] = ("horowitz45nm", "seed-lab4")) -> PreparedMeasurement:
-    """Load ``model``'s baseline on ``dataset`` and resolve ``policy`` (file, shorthand or object)
-    for it, with the measurement settings the policy records unless overridden."""
-    import torch
-
-    from mpsearch.evaluate import Evaluator
-    from mpsearch.finetune import attach_finetuned
-
-    given = _as_policy(policy)
-    settings = measurement_settings(given, quant, calibration_size=calibration_size, torch_threads=torch_threads, seed=seed)
-    _check_registries(settings.quant, profiles)
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
-    baseline, data = load_baseline(model, dataset, data_dir=data_dir, image_size=image_size, seed=settings.quant.seed, checkpoint=checkpoint,
-                                   pretrained=pretrained, calibration_size=settings.calibration_size, progress=progress)
-    evaluator = Evaluator(baseline, data, quant=settings.quant, profiles=tuple(profiles))
-    resolved = evaluator.resolve_policy(given)
-    if isinstance(policy, (str, Path)) and Path(policy).is_file() and attach_finetuned(evaluator, resolved, Path(policy).parent):
-        logger.info(f"using the fine-tuned weights and quantizers of {resolved.provenance['finetune']['checkpoint']}")
-    return PreparedMeasurement(evaluator, resolved)
-
-
-def check_limit(limit: int | None) -> None:
-    """Refuse an image limit below one before anything is loaded."""
-    if limit is not None and limit < 1:
-        raise UserError(f"limit: must be >= 1 image, got {limit}", fields=("limit",))
-
-
-def measure_policy(model: str, dataset: str, policy: str | Path | Policy, *, split: str = "val", limit: int | None = None,
-                   quant: Mapping[str, Any] | None = None, calibration_size: int | None = None, torch_threads: int | None = None,
-                   seed: int | None = None, profiles: Sequence[str] = ("horowitz45nm", "seed-lab4"),
-                   checkpoint: str | None = None, data_dir: str | None = None, image_size: int | None = None, pretrained: bool = False,
-                   save_policy: str | Path | None = None, progress: bool = False) -> Any:
-    """Measure ``policy`` (file, shorthand or object) on ``split`` of the data set: accuracy with
-    95 % CIs against fp32 on the same images, and modeled costs. Settings not given come from the
-    policy's provenance (see :func:`measurement_settings`); ``save_policy`` writes the resolved policy."""
-    check_limit(limit)
-    prepared = prepare_measurement(model, dataset, policy, quant, calibration_size=calibration_size, torch_threads=torch_threads,
-                                   seed=seed, profiles=profiles, checkpoint=checkpoint, data_dir=data_dir, image_size=image_size,
-                                   pretrained=pretrained, progress=progress)
-    if save_policy:
-        prepared.policy.save(save_policy)
-    prepared.evaluator.calibrate()
-    return prepared.evaluator.evaluate(prepared.policy, split=split, limit=limit, progress=progress)
+__all__ = ["finetune_policy", "layer_table", "outlier_report", "sensitivity_report", "profile_kernels"]
 
 
 def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, config: FinetuneConfig, output: str | Path | None = None,
@@ -152,7 +25,7 @@ def finetune_policy(model: str, dataset: str, policy: str | Path | Policy, *, co
     """Fine-tune ``policy`` (LSQ + distillation from fp32) and write the fine-tuned policy JSON
     (``output``; default ``<policy>.finetuned.json`` beside a policy file, else under
     ``studies/finetuned/``) with its checkpoint beside it (``.pt``). Returns the result and the path."""
-    from mpsearch.finetune import finetune, write_finetuned
+    from mpsearch.quant.finetune import finetune, write_finetuned
 
     if output is not None:
         path = Path(output)
@@ -181,8 +54,8 @@ def layer_table(model: str, dataset: str, *, data_dir: str | None = None, image_
     and whether a policy can quantize it, in the order the forward pass runs them."""
     from mpsearch.cost import count_costs
     from mpsearch.data import load_dataset
-    from mpsearch.evaluate import policy_layers
-    from mpsearch.zoo import create_model
+    from mpsearch.evaluation.evaluator import policy_layers
+    from mpsearch.models.zoo import create_model
 
     data = load_dataset(dataset, data_dir=data_dir, image_size=image_size)
     net = create_model(model, data.info)
@@ -196,7 +69,7 @@ def outlier_report(model: str, dataset: str, *, alpha: float = 0.5, calibration_
                    checkpoint: str | None = None, data_dir: str | None = None, image_size: int | None = None, pretrained: bool = False,
                    progress: bool = True) -> Any:
     """Per-layer activation outliers and SmoothQuant smoothing factors at ``alpha`` (a DataFrame)."""
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
     from mpsearch.quant.smoothing import outlier_table
 
     quant = QuantConfig(seed=seed, smoothquant_alpha=alpha)  # checks alpha before the model loads
@@ -216,7 +89,7 @@ def sensitivity_report(model: str, dataset: str, *, estimator: str = "hessian", 
                        progress: bool = True) -> tuple[Any, dict[str, Path]]:
     """Per-layer sensitivity (cached per checkpoint) as a frame, written as CSV and a bar chart to
     ``out_dir`` (default ``studies/sensitivity-<model>-<estimator>``); returns both."""
-    from mpsearch.evaluate import Evaluator
+    from mpsearch.evaluation.evaluator import Evaluator
     from mpsearch.sensitivity import SensitivityConfig, compute_sensitivity, write_sensitivity
 
     config = SensitivityConfig(estimator=estimator, bits=tuple(bits), seed=seed)
@@ -246,7 +119,7 @@ def profile_kernels(model: str, dataset: str, *, device: str = "cpu", precisions
     from mpsearch.cost.kernel_table import profile_layers
     from mpsearch.cost.kernels import KERNELS
     from mpsearch.data import load_dataset
-    from mpsearch.zoo import create_model, resolve_model_name
+    from mpsearch.models.zoo import create_model, resolve_model_name
 
     resolve_model_name(model)
     device = device.strip().lower()

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpsearch.metrics import paired_difference_ci
+from mpsearch.evaluation.executors import EvalOutcome, EvalTask, Executor
+from mpsearch.evaluation.metrics import paired_difference_ci
 from mpsearch.objectives import objective_vector
-from mpsearch.runtime import EvalOutcome, EvalTask, Executor
 
 __all__ = ["rungs", "pack_mask", "unpack_mask", "Archive", "surely_below_floor", "climb_rungs"]
 

@@ -20,11 +20,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpsearch.config import FinetuneConfig, QuantConfig
 from mpsearch.errors import UserError
-from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.host.files import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from mpsearch.data import DataSplits
+    from mpsearch.models.zoo import Baseline
 
 __all__ = [
     "Variant", "VARIANTS", "DEFAULT_WIDTHS", "VIT_WIDTHS", "default_grid", "applicable_variants", "run_ablation",
@@ -81,7 +85,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 def applicable_variants(model: str) -> list[str]:
     """Every variant that means something for ``model`` (attention variants need a ViT)."""
-    from mpsearch.zoo import is_vision_transformer
+    from mpsearch.models.zoo import is_vision_transformer
 
     vit = is_vision_transformer(model)
     return [name for name, v in VARIANTS.items() if vit or not v.needs_attention]
@@ -91,7 +95,7 @@ def default_grid(model: str) -> tuple[list[str], list[str]]:
     """(variants, widths) an ablation of ``model`` runs unless told otherwise: for a vision
     transformer standard vs ranking-aware attention calibration at :data:`VIT_WIDTHS`, for
     other models every applicable variant at :data:`DEFAULT_WIDTHS`."""
-    from mpsearch.zoo import is_vision_transformer
+    from mpsearch.models.zoo import is_vision_transformer
 
     if is_vision_transformer(model):
         return ["default", "ranking-aware"], list(VIT_WIDTHS)
@@ -136,40 +140,16 @@ def run_ablation(
     import torch
 
     from mpsearch.data import load_dataset
-    from mpsearch.evaluate import Evaluator
-    from mpsearch.finetune import finetune
-    from mpsearch.policy import parse_shorthand, uniform_policy
-    from mpsearch.quant import get_observer
-    from mpsearch.quant.ptq import get_ptq
-    from mpsearch.zoo import get_baseline
+    from mpsearch.evaluation.evaluator import Evaluator
+    from mpsearch.models.zoo import get_baseline
 
-    chosen = [VARIANTS[v] if v in VARIANTS else None for v in variants]
-    if None in chosen:
-        bad = variants[chosen.index(None)]
-        raise UserError(f"unknown ablation variant {bad!r}; choose from {', '.join(VARIANTS)}")
-    from mpsearch.zoo import is_vision_transformer
-
-    for v in chosen:  # fail on a missing observer / PTQ method before any model runs
-        if v.needs_attention and not is_vision_transformer(model):
-            raise UserError(f"ablation variant {v.name!r} needs a model with attention (a ViT/DeiT), not {model!r}; drop it")
-        cfg = QuantConfig(**v.quant)
-        get_observer(cfg.weight_observer), get_observer(cfg.act_observer), get_ptq(cfg.ptq)
-    for w in widths:
-        parse_shorthand(w)
-    if split not in ("val", "test"):
-        raise UserError(f"split: must be val or test, got {split!r}")
+    chosen = _checked_variants(model, variants, widths, split)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    # The baseline is the same model for every seed (the seed draws calibration images): rows
-    # measured on another one (a retrained or other checkpoint) would mix two models in one table.
     rows = _read_rows(out_csv)
     data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seeds[0])
     baseline = get_baseline(model, data, seed=0, checkpoint=checkpoint, progress=progress)
-    ident = (baseline.sha256 or "unidentified")[:16]
-    other = sorted({str(r["baseline"]) for r in rows} - {ident})
-    if other:
-        raise UserError(f"{out_csv} holds rows measured on another baseline ({other[0]}, this one is {ident}); "
-                        "move it away to start over")
+    ident = _same_baseline(rows, baseline, out_csv)
     done = {(r["variant"], r["policy"], int(r["seed"]), r["split"]) for r in rows}
     todo = [(v, w, s) for s in seeds for v in chosen for w in widths if (v.name, w, s, split) not in done]
     if len(todo) < len(seeds) * len(chosen) * len(widths):
@@ -184,27 +164,9 @@ def run_ablation(
         fp32_masks: dict[str, torch.Tensor] = {}
         for variant, width in jobs:
             start = time.perf_counter()
-            quant = QuantConfig(seed=seed, **variant.quant)
-            key = tuple(sorted(variant.quant.items()))
-            if variant.finetune or key not in evaluators:
-                ev = Evaluator(baseline, data, quant=quant)
-                if not variant.finetune:  # fine-tuning changes the model: never share it
-                    evaluators[key] = ev
-            else:
-                ev = evaluators[key]
-            policy = uniform_policy(width, model=baseline.name, dataset=data.info.name, layers=ev.policy_layers,
-                                    checkpoint_sha256=baseline.sha256)
-            if variant.layer:
-                policy = replace(policy, layers={n: replace(p, **variant.layer) for n, p in policy.layers.items()})
-            if variant.finetune:
-                result = finetune(ev, policy, replace(finetune_config, seed=seed), splits=(split,), progress=progress)
-                measured = result.after[split]
-            else:
-                ev.calibrate()
-                mask = ev.quantized_mask(policy, split, limit, progress)
-                if split not in fp32_masks:
-                    fp32_masks[split] = ev.fp32_mask(split, limit)
-                measured = ev.summarize(policy, mask, split=split, fp32_mask=fp32_masks[split])
+            measured = _measure_variant(variant, width, baseline, data, seed=seed, split=split, limit=limit,
+                                        finetune_config=finetune_config, evaluators=evaluators, fp32_masks=fp32_masks,
+                                        progress=progress)
             row = {"variant": variant.name, "factor": variant.factor, "policy": width, "seed": seed, "split": split,
                    "images": measured.images, "accuracy": measured.accuracy, "fp32_accuracy": measured.fp32_accuracy,
                    "drop_pp": 100 * (measured.drop or 0.0), "wall_s": round(time.perf_counter() - start, 2),
@@ -215,6 +177,72 @@ def run_ablation(
             logger.info(f"seed {seed} {variant.name:<18} {width:<5} accuracy {row['accuracy']:.2%} ({row['drop_pp']:+.2f} pp) "
                 f"in {row['wall_s']:.0f} s")
     return pd.DataFrame(rows, columns=_COLUMNS)
+
+
+def _same_baseline(rows: list[dict[str, Any]], baseline: Baseline, out_csv: Path) -> str:
+    """The baseline's short identity, after checking that the rows already in ``out_csv`` were measured on it.
+
+    The baseline is the same model for every seed (the seed draws calibration images): rows
+    measured on another one (a retrained or other checkpoint) would mix two models in one table."""
+    ident = (baseline.sha256 or "unidentified")[:16]
+    other = sorted({str(r["baseline"]) for r in rows} - {ident})
+    if other:
+        raise UserError(f"{out_csv} holds rows measured on another baseline ({other[0]}, this one is {ident}); "
+                        "move it away to start over")
+    return ident
+
+
+def _checked_variants(model: str, variants: Sequence[str], widths: Sequence[str], split: str) -> list[Variant]:
+    """The named variants, after checking every name, width and observer before any model runs."""
+    from mpsearch.models.zoo import is_vision_transformer
+    from mpsearch.policy import parse_shorthand
+    from mpsearch.quant import get_observer
+    from mpsearch.quant.ptq import get_ptq
+
+    chosen = [VARIANTS[v] if v in VARIANTS else None for v in variants]
+    if None in chosen:
+        bad = variants[chosen.index(None)]
+        raise UserError(f"unknown ablation variant {bad!r}; choose from {', '.join(VARIANTS)}")
+    for v in chosen:
+        if v.needs_attention and not is_vision_transformer(model):
+            raise UserError(f"ablation variant {v.name!r} needs a model with attention (a ViT/DeiT), not {model!r}; drop it")
+        cfg = QuantConfig(**v.quant)
+        get_observer(cfg.weight_observer), get_observer(cfg.act_observer), get_ptq(cfg.ptq)
+    for w in widths:
+        parse_shorthand(w)
+    if split not in ("val", "test"):
+        raise UserError(f"split: must be val or test, got {split!r}")
+    return chosen  # type: ignore[return-value]
+
+
+def _measure_variant(variant: Variant, width: str, baseline: Baseline, data: DataSplits, *, seed: int, split: str, limit: int | None,
+                     finetune_config: FinetuneConfig, evaluators: dict[tuple, Any], fp32_masks: dict[str, Any],
+                     progress: bool) -> Any:
+    """One (variant, width) measured on ``split``: evaluators are shared between variants of the
+    same quantization settings (fine-tuned ones excepted), fp32 masks between all of them."""
+    from mpsearch.evaluation.evaluator import Evaluator
+    from mpsearch.policy import uniform_policy
+    from mpsearch.quant.finetune import finetune
+
+    quant = QuantConfig(seed=seed, **variant.quant)
+    key = tuple(sorted(variant.quant.items()))
+    if variant.finetune or key not in evaluators:
+        ev = Evaluator(baseline, data, quant=quant)
+        if not variant.finetune:  # fine-tuning changes the model: never share it
+            evaluators[key] = ev
+    else:
+        ev = evaluators[key]
+    policy = uniform_policy(width, model=baseline.name, dataset=data.info.name, layers=ev.policy_layers,
+                            checkpoint_sha256=baseline.sha256)
+    if variant.layer:
+        policy = replace(policy, layers={n: replace(p, **variant.layer) for n, p in policy.layers.items()})
+    if variant.finetune:
+        return finetune(ev, policy, replace(finetune_config, seed=seed), splits=(split,), progress=progress).after[split]
+    ev.calibrate()
+    mask = ev.quantized_mask(policy, split, limit, progress)
+    if split not in fp32_masks:
+        fp32_masks[split] = ev.fp32_mask(split, limit)
+    return ev.summarize(policy, mask, split=split, fp32_mask=fp32_masks[split])
 
 
 def summarize(table, split: str = "test"):
@@ -281,8 +309,8 @@ def ablate(model: str, dataset: str = "fashion-mnist", *, variants: Sequence[str
     (default ``studies/ablation-<model>``); returns the per-cell summary and the report's path.
     ``variants``: names, ``"all"`` (every one that applies) or None (:func:`default_grid`);
     ``widths``: uniform shorthands, None for the grid's."""
-    from mpsearch.machine import describe_machine
-    from mpsearch.zoo import resolve_model_name
+    from mpsearch.host.machine import describe_machine
+    from mpsearch.models.zoo import resolve_model_name
 
     resolve_model_name(model)
     variants, widths = ablation_grid(model, variants, widths)

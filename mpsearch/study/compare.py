@@ -16,7 +16,7 @@ import numpy as np
 
 from mpsearch.algorithms.pareto import dominates, hypervolume, non_dominated
 from mpsearch.config import StudyConfig
-from mpsearch.files import atomic_write, atomic_write_text
+from mpsearch.host.files import atomic_write, atomic_write_text
 from mpsearch.objectives import floor_text, full_fidelity, objective_matrix, reference_text, within_floor
 
 __all__ = ["method_scores", "plot_methods", "comparison_markdown", "proxy_kendall", "write_comparison",
@@ -70,7 +70,7 @@ def paired_hypervolume_difference(trials, first: str, second: str, objectives: t
     percentage point, and a front's best accuracy alone decides a large part of the hypervolume,
     so whether a difference of fronts is more than the draw of images needs this test. Needs the per-image
     masks trials keep (attribute ``mask``); returns (difference, low, high)."""
-    from mpsearch.fidelity import unpack_mask
+    from mpsearch.evaluation.multi_fidelity import unpack_mask
 
     ok = full_fidelity(trials)
     ref = np.broadcast_to(np.asarray(ref_point, dtype=float), (len(objectives),))
