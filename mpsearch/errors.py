@@ -2,14 +2,18 @@
 
 The CLI turns a :class:`UserError` into one line on stderr and exit code 2; every other
 exception is a bug and keeps its traceback. Messages say what is wrong and how to fix it.
+:func:`model_stage` is the exception: a model mpsearch has never seen (any timm model, any
+``nn.Module``) may fail inside its own code, and that failure is the model's, not mpsearch's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UserError", "read_user_file", "parse_user_yaml"]
+__all__ = ["UserError", "model_stage", "read_user_file", "parse_user_yaml"]
 
 
 class UserError(Exception):
@@ -21,6 +25,21 @@ class UserError(Exception):
     def __init__(self, message: str, *, fields: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.fields = tuple(fields)
+
+
+@contextmanager
+def model_stage(model: str, stage: str) -> Iterator[None]:
+    """Run a stage of work on ``model`` (building, training, calibrating, ...): an exception from
+    inside the model that mpsearch does not recognize becomes one line naming the model, the
+    stage and the error. The original stays chained as the cause, which ``--debug`` shows."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model's own code raises anything
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"model {model} failed while {stage} ({type(exc).__name__}: {first}); it does not run under "
+                        "mpsearch as it is: choose another model, or run with --debug for the traceback") from exc
 
 
 def read_user_file(path: str | Path, what: str, expected: str) -> str:

@@ -292,3 +292,51 @@ def test_a_baseline_trained_without_bf16_says_so_and_records_it(digits, monkeypa
     assert "Training in fp32 instead of bf16 autocast: no bf16 here." in messages
     assert baseline.meta["autocast"] == "fp32"
     assert json.loads((baseline.checkpoint.parent / "meta.json").read_text())["autocast"] == "fp32"
+
+
+def test_a_fixed_resolution_attention_model_trains_at_every_size_its_recipe_feeds_on_digits(digits):
+    """LeViT's attention biases are sized for one token grid: its family recipe's progressive
+    resizing (5 px images at 8 px) would crash it, so it trains at its one size; one training step
+    at each size the recipe feeds, then an eval forward, all run."""
+    from mpsearch.models.zoo import default_recipe, training_recipe
+
+    torch.manual_seed(0)
+    model = create_model("levit_128s", digits.info)
+    recipe = default_recipe("levit_128s")
+    assert len(set(recipe.image_scales)) > 1  # the family recipe resizes ...
+    fitted = training_recipe("levit_128s", model, recipe, digits.info)
+    sizes = sorted({fitted.image_size(epoch, 8) for epoch in range(fitted.epochs)})
+    assert sizes == [8] and fitted.image_scales == (1.0,) and fitted.lr == recipe.lr  # ... this model trains at 8 px only
+    optimizer = torch.optim.AdamW(model.parameters(), lr=fitted.lr)
+    x, y = next(iter(digits.train.batches(16)))
+    model.train()
+    for size in sizes:
+        loss = nn.functional.cross_entropy(model(nn.functional.interpolate(x, size=size)), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.isfinite(loss)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (16, 10)
+    resnet = create_model("test_resnet", digits.info)  # a model that runs at every size keeps its recipe
+    assert training_recipe("test_resnet", resnet, default_recipe("test_resnet"), digits.info) == default_recipe("test_resnet")
+
+
+def test_a_constructor_that_rejects_the_size_is_a_one_line_refusal():
+    """CrossViT's constructor raises a TypeError on a single image size: one line, not a traceback."""
+    with pytest.raises(UserError) as refused:
+        create_model("crossvit_tiny_240", FMNIST_INFO)
+    message = str(refused.value)
+    assert "\n" not in message and "cannot run on 28 px images (TypeError" in message
+
+
+def test_an_unknown_failure_inside_a_model_is_one_line_naming_model_and_stage():
+    from mpsearch.errors import model_stage
+
+    with pytest.raises(UserError) as failed:
+        with model_stage("mymodel", "training its baseline"):
+            raise RuntimeError("shape mismatch\nsecond line")
+    assert str(failed.value).startswith("model mymodel failed while training its baseline (RuntimeError: shape mismatch)")
+    assert "\n" not in str(failed.value) and isinstance(failed.value.__cause__, RuntimeError)  # --debug shows it
+    with pytest.raises(UserError, match="^bad input$"), model_stage("mymodel", "training"):
+        raise UserError("bad input")  # mpsearch's own one-liners pass through unchanged

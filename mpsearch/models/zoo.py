@@ -28,7 +28,7 @@ from torch import nn
 
 from mpsearch.config import TrainConfig
 from mpsearch.data import DatasetInfo, DataSplits
-from mpsearch.errors import UserError, read_user_file
+from mpsearch.errors import UserError, model_stage, read_user_file
 from mpsearch.evaluation.metrics import correct_mask
 from mpsearch.host.files import atomic_write, atomic_write_text
 from mpsearch.host.machine import available_cores, describe_machine, native_bf16, torch_threads
@@ -39,7 +39,7 @@ from mpsearch.models.train import train_model
 
 __all__ = [
     "CONVNET_ADAMW_RECIPE", "MODEL_ALIASES", "VIT_RECIPE", "Baseline", "create_model", "default_recipe", "get_baseline",
-    "is_vision_transformer", "model_family", "resolve_model_name", "sha256_file", "state_sha256",
+    "is_vision_transformer", "model_family", "resolve_model_name", "sha256_file", "state_sha256", "training_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,31 @@ def _build(name: str, info: DatasetInfo, *, pretrained: bool = False, explain: b
     try:
         model, changes = build_for_size(timm_name, info.image_size, create, reuse_probe=not pretrained, **kwargs)
         check_runs(model, info.image_size, info.in_chans)
-    except ValueError as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a constructor's own checks (asserts, TypeErrors) refuse the size too
+        why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {str(exc).strip()}"
+        why = (why.splitlines() or [""])[0][:160]
         if not explain:
-            raise
-        raise refusal(timm_name, info.image_size, str(exc), runs_at=lambda size: _runs(name, replace(info, image_size=size))) from None
+            raise ValueError(why) from None
+        raise refusal(timm_name, info.image_size, why, runs_at=lambda size: _runs(name, replace(info, image_size=size))) from None
     return model, changes
+
+
+def training_recipe(name: str, model: nn.Module, recipe: TrainConfig, info: DatasetInfo) -> TrainConfig:
+    """The recipe ``model`` really trains with: ``recipe``, or ``recipe`` at native size only
+    where the model cannot run at a smaller size its progressive resizing would feed (attention
+    sized for one token grid: LeViT, Swin; stages that would shrink to nothing: DenseNet)."""
+    native = info.image_size
+    smaller = sorted({recipe.image_size(epoch, native) for epoch in range(recipe.epochs)} - {native})
+    for size in smaller:
+        try:
+            check_runs(model, size, info.in_chans)
+        except ValueError as exc:
+            logger.info(f"{name} does not run on {size} px images ({exc}): it trains at {native} px only, "
+                        "without progressive resizing")
+            return replace(recipe, image_scales=(1.0,))
+    return recipe
 
 
 def _runs(name: str, info: DatasetInfo) -> bool:
@@ -364,7 +384,9 @@ def get_baseline(
     with torch.random.fork_rng(devices=[]):  # seeded as training needs it, the caller's generator untouched
         torch.manual_seed(seed)
         model, adapted = _build(name, data.info)
+    recipe = training_recipe(name, model, recipe, data.info)
     folder = _cache_dir(name, data, recipe, seed, adapted)
     if (folder / "model.pt").exists() and (folder / "meta.json").exists():
         return _from_cache(name, model, folder)
-    return _from_training(name, model, data, recipe, seed, folder, progress)
+    with model_stage(name, "training its baseline"):
+        return _from_training(name, model, data, recipe, seed, folder, progress)

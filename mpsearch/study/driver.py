@@ -29,7 +29,7 @@ from mpsearch.algorithms.base import SearchContext, create_algorithm
 from mpsearch.algorithms.methods import Method, parse_methods
 from mpsearch.algorithms.space import BoundSpace, SearchSpace, default_space_for
 from mpsearch.config import StudyConfig
-from mpsearch.errors import UserError
+from mpsearch.errors import UserError, model_stage
 from mpsearch.evaluation.executors import Executor, NamedSource, ObjectSource, RayPlacement, WorkerSpec, create_executor
 from mpsearch.host.machine import torch_threads
 from mpsearch.objectives import front_hypervolume, hypervolume_reference, objective_profiles, objective_vector
@@ -220,7 +220,7 @@ class _Driver:
         config, search, baseline = self.config, self.config.search, subject.baseline
         self._check_resumable(baseline, study, recorded)
         profiles = tuple(dict.fromkeys((search.energy_profile, *objective_profiles(search.objectives), *DEFAULT_PROFILES)))
-        with self._phase("calibration"):
+        with self._phase("calibration"), model_stage(baseline.name, "calibrating its quantizers"):
             evaluator, full, fp32_val = self._calibrate(subject, profiles)
         space = BoundSpace(space_def, evaluator.policy_layers)
         study = self._open_study(study, space_def, baseline.sha256)
@@ -232,7 +232,7 @@ class _Driver:
 
         latency = PatternLatency(config, evaluator, self.out) if "latency" in search.objectives else None
         costs_of = _cost_objectives(evaluator, to_policy, profiles, latency, search.objectives)
-        with self._phase("sensitivity"):
+        with self._phase("sensitivity"), model_stage(baseline.name, f"measuring its {search.sensitivity} sensitivity"):
             seeds = study_seeds(config, evaluator, space, costs_of, progress=self.progress)
         ref = hypervolume_reference(space, costs_of)
         # The executor outlives the search (the front is re-measured on its workers), but starting
