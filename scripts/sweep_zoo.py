@@ -463,6 +463,8 @@ def run_cells(todo: list[tuple[str, str, int]], data: dict[int, DataSplits], sta
     # One core per cell, inductor's compiler included (it would start a worker pool per core);
     # set here because a spawned child imports torch while unpickling its data, before cell_main runs.
     os.environ.update(OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+    # torch leaves a semaphore behind in each cell; the resource tracker's notice of it is noise.
+    os.environ["PYTHONWARNINGS"] = "ignore::UserWarning:multiprocessing.resource_tracker"
     limits = {"*": args.timeout, "pt2e": args.pt2e_timeout}
     pending, running = list(todo), []
     # Exported files go to one temporary folder, removed at the end even when a cell was killed.
