@@ -10,7 +10,8 @@ on the meta device, so no weights are allocated; names that do not build there a
 choice is cached per timm version in ``cache_root()/sweep_zoo_models-<timm version>.json``.
 
 Each cell (family x image size) runs, in its own ``spawn`` subprocess with one torch thread and a
-time limit, with random weights, until the first stage that does not pass:
+time limit per stage (``--timeout`` 120 s; ``--pt2e-timeout`` 600 s), with random weights, until
+the first stage that does not pass:
 
     build        mpsearch.models.zoo.create_model (with the small-image adaptation)
     train        one optimizer step of the family recipe (zoo.training_recipe) on
@@ -29,7 +30,12 @@ dies). Data: 8 px is scikit-learn's digits, 28 px Fashion-MNIST where it is inst
 How long it takes: the written report states the wall time of the run that wrote it, the mean
 seconds per stage, and an extrapolation to every family from its mean cell. pt2e's torch.compile
 is by far the slowest stage (about 90 s a cell on a 2-core Xeon); ``--stages`` without it, and
-``--jobs``, shorten a run. It is not a CI job: CI keeps a fast sample (tests/test_zoo.py).
+``--jobs``, shorten a run. Measured on the subset resnet, levit, swin_transformer, densenet,
+crossvit at 8 and 28 px (--jobs 1, a 2-core Xeon shared with other jobs): 10 cells, 7 to 235 s
+each, 17.7 min of cell time; pt2e 94 s and onnx 15 s per cell on average, every other stage under
+3 s. Extrapolated from that, not measured: about 6 hours for the ~98 families x 2 sizes of timm
+1.0.31 with --jobs 1, about 20 min with --stages build,train,eval (6 s a cell). It is not a CI
+job: CI keeps a fast sample (tests/test_zoo.py).
 """
 
 from __future__ import annotations
@@ -177,6 +183,7 @@ class _Cell:
     model: nn.Module | None = None
     baseline: Baseline | None = None
     policy: Policy | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # facts the report shows beside the results (sent to the parent)
     tmp: Path = field(default_factory=Path)  # the cell's folder for exported files, in the parent's temporary folder
 
     def ready(self) -> Baseline:
@@ -222,10 +229,13 @@ def _stage_train(cell: _Cell) -> str | None:
     import torch.nn.functional as F
 
     from mpsearch.host.machine import native_bf16
+    from mpsearch.models.zoo import default_recipe
 
     recipe = training_recipe(cell)
     native = cell.data.info.image_size
     sizes = sorted({recipe.image_size(e, native) for e in range(recipe.epochs)})
+    # Whether zoo.training_recipe switched progressive resizing off: the report says so per cell.
+    cell.notes.update(train_px=sizes, native_only=recipe.image_scales != default_recipe(cell.name).image_scales)
     model = copy.deepcopy(cell.model)  # later stages quantize the untrained model (see _Cell)
     layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model.to(memory_format=layout).train()
@@ -277,12 +287,16 @@ def _stage_sensitivity(cell: _Cell) -> str | None:
     return None
 
 
-def mixed_policy(cell: _Cell, evaluator: Any) -> Policy:
+def mixed_policy(cell: _Cell, evaluator: Any = None) -> Policy:
     """w4a8 with every other weight layer raised to w8a8 (first and last stay at 8 bits, matmuls at
-    a8): mixed widths exercise what a search's answer holds, not just one uniform grid."""
+    a8): mixed widths exercise what a search's answer holds, not just one uniform grid. Made once
+    per cell, by ``evaluator`` (which knows the model's policy layers) or a fake-backend one."""
+    from mpsearch.config import QuantConfig
+    from mpsearch.evaluation.evaluator import Evaluator
     from mpsearch.policy import LayerPrecision, is_matmul
 
     if cell.policy is None:
+        evaluator = evaluator or Evaluator(cell.ready(), cell.data, quant=QuantConfig(backend="fake"))
         uniform = evaluator.resolve_policy("w4a8")
         weight_layers = [name for name in uniform.layers if not is_matmul(name)]
         raised = {name: LayerPrecision(weight_bits=8, act_bits=8) for name in weight_layers[1::2]}
@@ -304,11 +318,8 @@ def _measure(cell: _Cell, backend: str) -> str | None:
 def _quantized(cell: _Cell) -> nn.Module:
     """A fresh mpsearch.quantize of the model per export stage, so that each export stands alone."""
     import mpsearch
-    from mpsearch.config import QuantConfig
-    from mpsearch.evaluation.evaluator import Evaluator
 
-    policy = mixed_policy(cell, Evaluator(cell.ready(), cell.data, quant=QuantConfig(backend="fake")))
-    return mpsearch.quantize(cell.model, policy, cell.data)
+    return mpsearch.quantize(cell.model, mixed_policy(cell), cell.data)
 
 
 def _stage_onnx(cell: _Cell) -> str | None:
@@ -379,6 +390,8 @@ def cell_main(conn: Any, name: str, data: DataSplits, stages: list[str], tmp: Pa
     for stage in ("build", *[s for s in stages if s != "build"]):  # every stage needs the model
         start = time.perf_counter()
         result = run_stage(stage, cell)
+        if cell.notes:
+            conn.send(dict(cell.notes))
         conn.send((stage, result, round(time.perf_counter() - start, 2)))
         if not passed(result):
             break
@@ -415,7 +428,11 @@ def start_cell(ctx: Any, key: str, model: str, data: DataSplits, stages: list[st
 def _drain(run: _Running) -> None:
     try:
         while run.conn.poll():
-            stage, result, seconds = run.conn.recv()
+            message = run.conn.recv()
+            if isinstance(message, dict):  # the cell's notes (_Cell.notes), not a stage
+                run.record["notes"] = message
+                continue
+            stage, result, seconds = message
             run.record["stages"].append([stage, result, seconds])
             run.last = time.perf_counter()
     except (EOFError, OSError):
@@ -515,11 +532,13 @@ def summary(record: dict[str, Any] | None, stages: list[str]) -> str:
         return "not run"
     ok = [s for s, r, _ in record["stages"] if r == "ok"]
     skipped = [f"{s} {r}" for s, r, _ in record["stages"] if r.startswith(SKIPPED)]
+    notes = record.get("notes", {})
+    native_only = [f"trains at {notes['train_px'][-1]} px only"] if notes.get("native_only") else []
     if outcome(record) == "end to end":
-        return "; ".join([f"✓ end to end ({ok[-1]})" if ok else "✓", *skipped])
+        return "; ".join([f"✓ end to end ({ok[-1]})" if ok else "✓", *skipped, *native_only])
     stage, result, _ = record["stages"][-1]
     reached = f"{ok[-1]} ✓ · " if ok else ""
-    return f"{reached}**{stage}** {result}"
+    return f"{reached}**{stage}** {result}" + "".join(f"; {n}" for n in native_only)
 
 
 def counts_table(families: list[str], records: dict[str, Any], sizes: list[int]) -> list[str]:
@@ -560,23 +579,26 @@ def img_size_table(families: list[str], models: dict[str, Any], records: dict[st
     return lines
 
 
-def timing_lines(records: dict[str, Any], keys: list[str], wall_s: float, jobs: int, zoo_families: int,
+def timing_lines(records: dict[str, Any], keys: list[str], wall_s: float, ran: int, jobs: int, zoo_families: int,
                  sizes: list[int]) -> list[str]:
-    """This run's wall time, the mean cell, and the full sweep extrapolated from it (said so)."""
+    """This run's wall time, the mean cell, and the full sweep extrapolated from it (said so).
+    ``ran``: cells this invocation ran; the others in ``keys`` were kept from an earlier one (--resume)."""
     cells = [records[k]["wall_s"] for k in keys if records.get(k, {}).get("wall_s")]
+    kept = f", {len(keys) - ran} more kept from an earlier run (--resume)" if ran < len(keys) else ""
     if not cells:
         return [f"Wall time: {wall_s / 60:.1f} min (no cell ran)."]
     mean = sum(cells) / len(cells)
     full = mean * zoo_families * len(sizes) / jobs
-    return [f"Wall time of this run: {wall_s / 60:.1f} min (--jobs {jobs}); {len(cells)} cells, "
-            f"{mean:.0f} s per cell on average (min {min(cells):.0f} s, max {max(cells):.0f} s).",
+    return [f"Wall time of this run: {wall_s / 60:.1f} min (--jobs {jobs}) for {ran} cells{kept}; "
+            f"{mean:.0f} s per cell on average over all {len(cells)} (min {min(cells):.0f} s, max {max(cells):.0f} s, "
+            f"{sum(cells) / 60:.1f} min in all).",
             "Mean seconds per stage where it ran: " + ", ".join(f"{s} {t:.1f}" for s, t in stage_means(records, keys).items()) + ".",
             f"Extrapolated from the mean cell, not measured: all {zoo_families} families at {len(sizes)} size(s) would take "
             f"about {full / 60:.0f} min with --jobs {jobs}, plus picking the models once per timm version."]
 
 
 def stage_means(records: dict[str, Any], keys: list[str]) -> dict[str, float]:
-    """Mean seconds of each stage over the cells that ran it (a timed-out stage counts its whole cell)."""
+    """Mean seconds of each stage over the cells that ran it (a timed-out stage counts until it was killed)."""
     times: dict[str, list[float]] = {}
     for key in keys:
         for stage, _, seconds in (records.get(key) or {}).get("stages", []):
@@ -585,7 +607,7 @@ def stage_means(records: dict[str, Any], keys: list[str]) -> dict[str, float]:
 
 
 def write_report(out: Path, args: argparse.Namespace, families: list[str], models: dict[str, Any], records: dict[str, Any],
-                 sources: dict[int, str], wall_s: float, zoo_families: int) -> None:
+                 sources: dict[int, str], wall_s: float, ran: int, zoo_families: int) -> None:
     import timm
     import torch
 
@@ -603,9 +625,10 @@ def write_report(out: Path, args: argparse.Namespace, families: list[str], model
         f"- Command: `python scripts/sweep_zoo.py {shlex.join(sys.argv[1:])}`",
         f"- timm {timm.__version__}, torch {torch.__version__}; machine: {describe_machine()}",
         f"- Stages: {', '.join(stages)}; data: " + "; ".join(f"{s} px: {sources[s]}" for s in sizes),
-        *(f"- {line}" for line in timing_lines(records, keys, wall_s, args.jobs, zoo_families, sizes)), "",
+        *(f"- {line}" for line in timing_lines(records, keys, wall_s, ran, args.jobs, zoo_families, sizes)), "",
         "A cell shows the last stage passed (✓) and the first that did not: `refused` is mpsearch's own one-line "
-        "check (a UserError), `CRASH` any other exception, a hang past the limit or a dead process.", "",
+        "check (a UserError), `CRASH` any other exception, a hang past the limit or a dead process. \"trains at N px "
+        "only\": zoo.training_recipe switched the family recipe's progressive resizing off for that model.", "",
         *counts_table(families, records, sizes), "",
         *main_table(families, models, records, sizes, stages), "",
         "## Families whose constructor takes `img_size`", "",
@@ -668,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
             if models[f].get("model") and not done(records.get(f"{f}@{s}"), models[f]["model"], args.stages)]
     run_cells(todo, {s: d for s, (d, _) in data_sources.items()}, args.stages, args, records, save)
     write_report(out, args, families, models, records, {s: src for s, (_, src) in data_sources.items()},
-                 time.perf_counter() - start, len(members))
+                 time.perf_counter() - start, len(todo), len(members))
     print(f"wrote {out} (cells kept in {results_path})")
 
 
