@@ -72,6 +72,7 @@ SIZES = {8: "digits", 28: "fashion-mnist"}
 TRAIN_IMAGES = 8  # one training batch per training size
 EVAL_IMAGES = 32  # calibration and measurement images of the quantized stages
 SKIPPED = "skipped"
+PICK_VERSION = 2  # of the rule choosing a family's model (2: test_* models only where nothing else exists)
 
 
 # -- choosing one model per family -----------------------------------------------------------------
@@ -112,10 +113,13 @@ def _meta_size(name: str) -> tuple[int, bool]:
 
 
 def pick_smallest(names: list[str]) -> dict[str, Any]:
-    """The variant with the fewest parameters among ``names`` (ties: the first name in timm's order)."""
+    """The variant with the fewest parameters among ``names`` (ties: the first name in timm's order).
+    timm's ``test_*`` models are taken only where a family has nothing else: the suite runs them
+    end to end already (tests/test_families.py), and the sweep is for the models it does not."""
     best: dict[str, Any] | None = None
     errors: list[str] = []
-    for name in names:
+    real = [name for name in names if not name.startswith("test_")]
+    for name in real or names:
         try:
             params, img_size = _meta_size(name)
         except Exception as exc:  # noqa: BLE001 - a constructor may do anything meta tensors cannot (.item(), ...)
@@ -137,7 +141,7 @@ def chosen_models(families: list[str], members: dict[str, list[str]], progress: 
     from mpsearch.host.files import atomic_write_text
     from mpsearch.host.paths import cache_root
 
-    path = cache_root() / f"sweep_zoo_models-{timm.__version__}.json"
+    path = cache_root() / f"sweep_zoo_models-v{PICK_VERSION}-{timm.__version__}.json"
     cached: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
     missing = [f for f in families if f not in cached]
     for family in tqdm(missing, desc="picking models (meta device)", disable=not progress or not missing):
@@ -185,6 +189,7 @@ class _Cell:
     policy: Policy | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # facts the report shows beside the results (sent to the parent)
     tmp: Path = field(default_factory=Path)  # the cell's folder for exported files, in the parent's temporary folder
+    pt2e_runtime: str = "eager"  # how the pt2e stage runs the exported program: "eager" or "compile" (inductor)
 
     def ready(self) -> Baseline:
         """The model as a baseline: an eval-mode, channels_last copy, what every measurement uses."""
@@ -333,6 +338,8 @@ def _stage_onnx(cell: _Cell) -> str | None:
 
 
 def _stage_pt2e(cell: _Cell) -> str | None:
+    import torch
+
     if importlib.util.find_spec("torchao") is None:
         return f"{SKIPPED}: torchao not installed"
     import mpsearch
@@ -340,7 +347,13 @@ def _stage_pt2e(cell: _Cell) -> str | None:
 
     path = mpsearch.export_pt2e(_quantized(cell), cell.tmp / "model.pt2", cell.data)
     x, _ = cell.images()
-    _check_logits(Pt2eClassifier(path, threads=1).logits(x), len(x), cell.data.info.num_classes, "torch.compile")
+    program = Pt2eClassifier(path, threads=1)
+    if cell.pt2e_runtime == "eager":  # the exported program as torch runs it, without inductor's compile
+        with torch.no_grad():
+            logits = program.module(x.float().contiguous())
+    else:
+        logits = program.logits(x)
+    _check_logits(logits, len(x), cell.data.info.num_classes, cell.pt2e_runtime)
     return None
 
 
@@ -373,7 +386,7 @@ def passed(result: str) -> bool:
     return result == "ok" or result.startswith(SKIPPED)
 
 
-def cell_main(conn: Any, name: str, data: DataSplits, stages: list[str], tmp: Path) -> None:
+def cell_main(conn: Any, name: str, data: DataSplits, stages: list[str], tmp: Path, pt2e_runtime: str) -> None:
     """The subprocess: run ``stages`` in order, sending ``(stage, result, seconds)`` after each so
     that the parent keeps what passed even when a later stage hangs or kills the process."""
     os.setpgrp()  # a group of its own, so that a timeout kills its compile workers too (see _kill)
@@ -386,7 +399,7 @@ def cell_main(conn: Any, name: str, data: DataSplits, stages: list[str], tmp: Pa
     logging.getLogger("torch").setLevel(logging.ERROR)  # inductor's notices would break the parent's progress bar
     warnings.simplefilter("ignore")
     tmp.mkdir(parents=True, exist_ok=True)
-    cell = _Cell(name, data, tmp=tmp)
+    cell = _Cell(name, data, tmp=tmp, pt2e_runtime=pt2e_runtime)
     for stage in ("build", *[s for s in stages if s != "build"]):  # every stage needs the model
         start = time.perf_counter()
         result = run_stage(stage, cell)
@@ -415,9 +428,10 @@ class _Running:
         return next((s for s in self.stages if s not in reported), None)
 
 
-def start_cell(ctx: Any, key: str, model: str, data: DataSplits, stages: list[str], tmp: Path) -> _Running:
+def start_cell(ctx: Any, key: str, model: str, data: DataSplits, stages: list[str], tmp: Path, pt2e_runtime: str) -> _Running:
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=cell_main, args=(send, model, data, stages, tmp / key.replace("@", "_")), daemon=True)
+    process = ctx.Process(target=cell_main, args=(send, model, data, stages, tmp / key.replace("@", "_"), pt2e_runtime),
+                          daemon=True)
     process.start()
     send.close()  # the child holds the only send end: its exit shows as EOF here
     now = time.perf_counter()
@@ -489,7 +503,7 @@ def run_cells(todo: list[tuple[str, str, int]], data: dict[int, DataSplits], sta
         while pending or running:
             while pending and len(running) < args.jobs:
                 key, model, size = pending.pop(0)
-                running.append(start_cell(ctx, key, model, data[size], stages, Path(tmp)))
+                running.append(start_cell(ctx, key, model, data[size], stages, Path(tmp), args.pt2e_runtime))
             multiprocessing.connection.wait([r.conn for r in running] + [r.process.sentinel for r in running], timeout=1.0)
             for run in [r for r in running if poll_cell(r, limits)]:
                 running.remove(run)
@@ -651,6 +665,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # thread) took 102 s for levit_128s and 201 s for densenet121 at 8 px, no hang: a 120 s limit
     # would report slow compiles as crashes.
     ap.add_argument("--pt2e-timeout", type=float, default=600.0, help="the same for the pt2e stage")
+    ap.add_argument("--pt2e-runtime", choices=("eager", "compile"), default="eager",
+                    help="run the exported program as torch runs it (eager) or compiled by inductor, the int8 kernels "
+                         "mpsearch times (compile: about 90 s a cell on one thread)")
     ap.add_argument("--resume", action="store_true", help="keep the cells of the JSON next to --out and skip them")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
