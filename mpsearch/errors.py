@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UserError", "model_stage", "read_user_file", "parse_user_yaml"]
+__all__ = ["UserError", "first_line", "model_stage", "read_user_file", "parse_user_yaml"]
 
 
 class UserError(Exception):
@@ -27,6 +27,13 @@ class UserError(Exception):
         self.fields = tuple(fields)
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``exc``'s message, at most ``limit`` characters: what a one-line
+    message quotes of an error raised in code mpsearch does not own (a model, a hub client)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]
+
+
 @contextmanager
 def model_stage(model: str, stage: str) -> Iterator[None]:
     """Run a stage of work on ``model`` (building, training, calibrating, ...): an exception from
@@ -37,8 +44,7 @@ def model_stage(model: str, stage: str) -> Iterator[None]:
     except (UserError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - a model's own code raises anything
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"model {model} failed while {stage} ({type(exc).__name__}: {first}); it does not run under "
+        raise UserError(f"model {model} failed while {stage} ({type(exc).__name__}: {first_line(exc)}); it does not run under "
                         "mpsearch as it is: choose another model, or run with --debug for the traceback") from exc
 
 

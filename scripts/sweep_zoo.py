@@ -17,10 +17,14 @@ the first stage that does not pass:
     train        one optimizer step of the family recipe (zoo.training_recipe) on
                  8 images at every size the recipe trains at (progressive resizing)
     eval         one forward pass at native size
+    learn        8 px only: the family recipe shortened to LEARN_EPOCHS epochs on all of
+                 digits, then its test accuracy (does the family learn with its recipe?)
     sensitivity  Hessian sensitivity, 1 batch of 8 images, 1 probe
     fake, int8   a mixed w8a8/w4a8 policy measured by mpsearch.Evaluator on 32 images per backend
     onnx         mpsearch.quantize + export_onnx, the file run in onnxruntime
-    pt2e         mpsearch.quantize + export_pt2e, the file run by torch.compile (needs torchao)
+    pt2e         mpsearch.quantize + export_pt2e (needs torchao), the exported program run
+                 by torch (--pt2e-runtime eager, the default) or compiled by inductor into
+                 the int8 kernels mpsearch times (--pt2e-runtime compile: ~90 s a cell)
 
 A stage ends ``ok``, ``refused: <message>`` (mpsearch's own UserError) or ``CRASH: <type>:
 <message>`` (anything else; ``CRASH: timeout`` / ``CRASH: died`` when the subprocess hangs or
@@ -67,10 +71,12 @@ if TYPE_CHECKING:
     from mpsearch.models.zoo import Baseline
     from mpsearch.policy import Policy
 
-STAGES = ("build", "train", "eval", "sensitivity", "fake", "int8", "onnx", "pt2e")
+STAGES = ("build", "train", "eval", "learn", "sensitivity", "fake", "int8", "onnx", "pt2e")
 SIZES = {8: "digits", 28: "fashion-mnist"}
 TRAIN_IMAGES = 8  # one training batch per training size
 EVAL_IMAGES = 32  # calibration and measurement images of the quantized stages
+LEARN_EPOCHS = 4  # the learn stage's short recipe
+PT2E_RUNTIMES = {"eager": "as torch runs it (eager)", "compile": "compiled by inductor (torch.compile), on int8 kernels"}
 SKIPPED = "skipped"
 PICK_VERSION = 2  # of the rule choosing a family's model (2: test_* models only where nothing else exists)
 
@@ -357,10 +363,33 @@ def _stage_pt2e(cell: _Cell) -> str | None:
     return None
 
 
+def _stage_learn(cell: _Cell) -> str | None:
+    """A short version of the family recipe on all of digits' training images (same optimizer,
+    learning rate, warm-up and smoothing; LEARN_EPOCHS epochs at native size, every image each
+    epoch), then the test accuracy. Whether a family learns at all here, not how well it can."""
+    import torch
+
+    import mpsearch
+    from mpsearch.evaluation.metrics import correct_mask
+    from mpsearch.models.train import train_model
+
+    if cell.data.info.image_size != 8:
+        return f"{SKIPPED}: digits (8 px) only"
+    data = mpsearch.load_dataset("digits")
+    recipe = replace(training_recipe(cell), epochs=LEARN_EPOCHS, image_scales=(1.0,), keep_fraction=1.0)
+    model = copy.deepcopy(cell.model)
+    torch.manual_seed(0)
+    train_model(model, data.train, data.info, recipe, seed=0, progress=False)
+    with torch.no_grad():
+        accuracy = float(correct_mask(model.eval(), data.test).float().mean())
+    cell.notes["learn_accuracy"] = round(100 * accuracy, 1)
+    return None
+
+
 STAGE_FUNCTIONS = {
     "build": _stage_build, "train": _stage_train, "eval": _stage_eval, "sensitivity": _stage_sensitivity,
     "fake": lambda cell: _measure(cell, "fake"), "int8": lambda cell: _measure(cell, "int8"),
-    "onnx": _stage_onnx, "pt2e": _stage_pt2e,
+    "onnx": _stage_onnx, "pt2e": _stage_pt2e, "learn": _stage_learn,
 }
 
 
@@ -548,8 +577,10 @@ def summary(record: dict[str, Any] | None, stages: list[str]) -> str:
     skipped = [f"{s} {r}" for s, r, _ in record["stages"] if r.startswith(SKIPPED)]
     notes = record.get("notes", {})
     native_only = [f"trains at {notes['train_px'][-1]} px only"] if notes.get("native_only") else []
+    learned = [f"digits {notes['learn_accuracy']:.0f} % after {LEARN_EPOCHS} epochs"] if "learn_accuracy" in notes else []
+    skipped = [s for s in skipped if not s.startswith("learn")]  # the learn stage runs on digits only, and says so above
     if outcome(record) == "end to end":
-        return "; ".join([f"✓ end to end ({ok[-1]})" if ok else "✓", *skipped, *native_only])
+        return "; ".join([f"✓ end to end ({ok[-1]})" if ok else "✓", *skipped, *native_only, *learned])
     stage, result, _ = record["stages"][-1]
     reached = f"{ok[-1]} ✓ · " if ok else ""
     return f"{reached}**{stage}** {result}" + "".join(f"; {n}" for n in native_only)
@@ -590,6 +621,21 @@ def img_size_table(families: list[str], models: dict[str, Any], records: dict[st
         record = records.get(f"{family}@28")
         lines.append(f"| {family} | `{models[family]['model']}` | {'yes' if family in running else 'no'} | "
                      f"{escape(summary(record, stages))} |")
+    return lines
+
+
+def weak_learners_table(families: list[str], models: dict[str, Any], records: dict[str, Any]) -> list[str]:
+    """Families whose short recipe ends within 10 points of chance on digits (10 classes: at most 20 %)."""
+    learned = {f: records[f"{f}@8"]["notes"]["learn_accuracy"] for f in families
+               if "learn_accuracy" in (records.get(f"{f}@8") or {}).get("notes", {})}
+    if not learned:
+        return ["The learn stage did not run."]
+    weak = sorted((acc, f) for f, acc in learned.items() if acc <= 20.0)
+    lines = [f"{len(learned)} families trained; {len(weak)} end within 10 points of chance (at most 20 %); "
+             f"median {sorted(learned.values())[len(learned) // 2]:.1f} %.", ""]
+    if weak:
+        lines += ["| family | model | digits test accuracy |", "|---|---|---:|"]
+        lines += [f"| {f} | `{models[f]['model']}` | {acc:.1f} % |" for acc, f in weak]
     return lines
 
 
@@ -634,8 +680,8 @@ def write_report(out: Path, args: argparse.Namespace, families: list[str], model
         "# Compatibility of the timm zoo", "",
         "Written by `scripts/sweep_zoo.py` (its docstring says what each stage runs). One model per timm family (its "
         "smallest variant by parameter count), random weights, each cell in its own subprocess with one torch thread and "
-        f"a limit of {args.timeout:.0f} s per stage ({args.pt2e_timeout:.0f} s for pt2e, whose inductor compile is slow on "
-        "one thread), stopped at the first stage that does not pass.", "",
+        f"a limit of {args.timeout:.0f} s per stage ({args.pt2e_timeout:.0f} s for pt2e), stopped at the first stage that "
+        f"does not pass. The pt2e stage runs the exported program {PT2E_RUNTIMES[args.pt2e_runtime]}.", "",
         f"- Command: `python scripts/sweep_zoo.py {shlex.join(sys.argv[1:])}`",
         f"- timm {timm.__version__}, torch {torch.__version__}; machine: {describe_machine()}",
         f"- Stages: {', '.join(stages)}; data: " + "; ".join(f"{s} px: {sources[s]}" for s in sizes),
@@ -646,7 +692,12 @@ def write_report(out: Path, args: argparse.Namespace, families: list[str], model
         *counts_table(families, records, sizes), "",
         *main_table(families, models, records, sizes, stages), "",
         "## Families whose constructor takes `img_size`", "",
-        *(img_size_table(families, models, records, stages) if 28 in sizes else ["28 px was not run."]),
+        *(img_size_table(families, models, records, stages) if 28 in sizes else ["28 px was not run."]), "",
+        f"## Families that do not learn digits in {LEARN_EPOCHS} epochs", "",
+        "The learn stage: the family recipe shortened to "
+        f"{LEARN_EPOCHS} epochs at native size on all 1,257 training images of digits, from random weights; test accuracy "
+        "on its 360 test images.", "",
+        *(weak_learners_table(families, models, records) if 8 in sizes and "learn" in stages else ["The learn stage did not run."]),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "\n".join(lines) + "\n", what="compatibility report")
@@ -665,7 +716,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # thread) took 102 s for levit_128s and 201 s for densenet121 at 8 px, no hang: a 120 s limit
     # would report slow compiles as crashes.
     ap.add_argument("--pt2e-timeout", type=float, default=600.0, help="the same for the pt2e stage")
-    ap.add_argument("--pt2e-runtime", choices=("eager", "compile"), default="eager",
+    ap.add_argument("--pt2e-runtime", choices=tuple(PT2E_RUNTIMES), default="eager",
                     help="run the exported program as torch runs it (eager) or compiled by inductor, the int8 kernels "
                          "mpsearch times (compile: about 90 s a cell on one thread)")
     ap.add_argument("--resume", action="store_true", help="keep the cells of the JSON next to --out and skip them")

@@ -9,7 +9,7 @@ from torch import nn
 
 from mpsearch.data import DatasetInfo
 from mpsearch.errors import UserError
-from mpsearch.models.zoo import create_model, get_baseline, resolve_model_name, sha256_file
+from mpsearch.models.zoo import _build, create_model, get_baseline, resolve_model_name, sha256_file
 
 FMNIST_INFO = DatasetInfo("fashion-mnist", 10, 1, 28, (0.286,), (0.353,))
 
@@ -322,12 +322,34 @@ def test_a_fixed_resolution_attention_model_trains_at_every_size_its_recipe_feed
     assert training_recipe("test_resnet", resnet, default_recipe("test_resnet"), digits.info) == default_recipe("test_resnet")
 
 
-def test_a_constructor_that_rejects_the_size_is_a_one_line_refusal():
-    """CrossViT's constructor raises a TypeError on a single image size: one line, not a traceback."""
+@pytest.mark.parametrize("name, changes", [
+    ("crossvit_tiny_240", []),  # two branches at 28 and 26 px: a patch size for each (4 and 2)
+    ("twins_pcpvt_small", ["patch_embeds.0.proj: stride-4 4x4 conv -> 5x5 stride-1"]),  # built at 224 px, not sized for 28
+    ("efficientformer_l1", ["stem.conv1: stride 1", "stem.conv2: stride 1", "stages.1.downsample.conv: stride 1"]),
+])
+def test_models_whose_constructor_takes_an_image_size_run_on_28_px(name, changes):
+    """Three rules beyond CoAtNet/MaxViT's: a patch size per branch; timm's own size where a
+    model only checks that its size divides into patches (its token count follows the changed
+    patch embedding); a 224 px probe and fewer downsampling steps where the last stage's attention
+    is sized for a 7x7 grid (EfficientFormer reduces 28 px 4-fold)."""
+    model, made = _build(name, FMNIST_INFO)
+    assert made[: len(changes)] == changes
+    if name == "crossvit_tiny_240":
+        assert [embed.patch_size for embed in model.patch_embed] == [(4, 4), (2, 2)]
+        assert [embed.img_size for embed in model.patch_embed] == [(28, 28), (26, 26)]
+    if name == "twins_pcpvt_small":
+        assert model.patch_embeds[0].patch_size == (1, 1)  # 28x28 tokens, counted as the conv makes them
+    assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_constructor_that_rejects_every_size_is_a_one_line_refusal():
+    """CrossViT's dagger variants build their patch embedding for 12 or 16 px patches only: the
+    constructor's own failure is one line, not a traceback."""
     with pytest.raises(UserError) as refused:
-        create_model("crossvit_tiny_240", FMNIST_INFO)
+        create_model("crossvit_9_dagger_240", FMNIST_INFO)
     message = str(refused.value)
-    assert "\n" not in message and "cannot run on 28 px images (TypeError" in message
+    assert "\n" not in message and "cannot run on 28 px images (AttributeError" in message
+    assert "it runs on no size from 8 to 64 px" in message
 
 
 def test_an_unknown_failure_inside_a_model_is_one_line_naming_model_and_stage():

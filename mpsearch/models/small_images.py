@@ -31,7 +31,7 @@ import timm
 import torch
 from torch import nn
 
-from mpsearch.errors import UserError
+from mpsearch.errors import UserError, first_line
 
 __all__ = ["MAX_REDUCTION", "SMALL_IMAGE_MAX", "build_for_size", "check_runs", "patch_size_for", "refusal"]
 
@@ -46,6 +46,15 @@ def patch_size_for(image_size: int) -> int:
         if image_size % patch == 0 and image_size // patch >= 4 and (image_size // patch <= 8 or patch == 8):
             return patch
     return 1
+
+
+def _dividing_patch(image_size: int) -> int:
+    """:func:`patch_size_for`, or where that does not divide ``image_size`` (a CrossViT branch's
+    26 px), the largest patch of 2, 4, 8 that does and leaves at least 4 tokens a side."""
+    patch = patch_size_for(image_size)
+    if image_size % patch == 0 and patch > 1:
+        return patch
+    return max([p for p in (2, 4, 8) if image_size % p == 0 and image_size // p >= 4], default=1)
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:
@@ -93,6 +102,12 @@ def _stride(module: nn.Module) -> int:
     return max(stride) if isinstance(stride, tuple) else int(stride)
 
 
+def _as_pair(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, int):
+        return (value, value)
+    return tuple(value) if isinstance(value, (tuple, list)) else None
+
+
 def _unstride(model: nn.Module, name: str) -> str:
     """Make layer ``name`` stride-1 without shrinking its output; returns what was done."""
     parent_name, _, child = name.rpartition(".")
@@ -109,6 +124,8 @@ def _unstride(model: nn.Module, name: str) -> str:
         setattr(parent, child, nn.Conv2d(module.in_channels, module.out_channels, tuple(k + 1 for k in kernel),
                                          padding=tuple(k // 2 for k in kernel), groups=module.groups,
                                          bias=module.bias is not None))
+        if _as_pair(getattr(parent, "patch_size", None)) == tuple(kernel):  # an embedding that counts its tokens by it (Twins)
+            parent.patch_size = (1, 1)
         return f"{name}: stride-{kernel[0]} {kernel[0]}x{kernel[1]} conv -> {kernel[0] + 1}x{kernel[1] + 1} stride-1"
     module.stride = (1, 1)
     if isinstance(module.padding, tuple):  # timm's Conv2dSame pads in forward from its stride
@@ -118,7 +135,13 @@ def _unstride(model: nn.Module, name: str) -> str:
 
 def _adapt_strides(model: nn.Module, in_chans: int, *, keep: int) -> list[str]:
     """Remove strides from the first steps until at most ``keep``-fold reduction remains."""
-    steps = _downsampling_steps(model, _PROBE, in_chans)
+    try:
+        steps = _downsampling_steps(model, _PROBE, in_chans)
+    except Exception:  # noqa: BLE001 - a network that runs at its own size only (EfficientFormer: 224 px)
+        native = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (0, _PROBE))[-1]
+        if native == _PROBE:
+            raise
+        steps = _downsampling_steps(model, native, in_chans)
     total = math.prod(stride for stride, _ in steps)
     changes: list[str] = []
     for stride, names in steps:
@@ -146,6 +169,7 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
     """``create(timm_name, **kwargs)`` for ``image_size`` px inputs: adapted when they are small
     (see the module doc), with the changes made beyond the ResNet and ViT rules (empty for those);
     above :data:`SMALL_IMAGE_MAX` px as timm builds it, a patch-embedding transformer for the size.
+    Raises ValueError (why, in one line) when no rule gives a model that runs on the images.
 
     A probe model built with timm's defaults decides the rule; ``reuse_probe`` lets it be the
     model itself where the rule keeps its constructor arguments (no hub weights wanted), so that a
@@ -157,14 +181,44 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
     if image_size > SMALL_IMAGE_MAX:
         return (create(timm_name, img_size=image_size, **kwargs) if patch_embedding else same_arguments or create(timm_name, **kwargs)), []
     if patch_embedding:
-        return create(timm_name, img_size=image_size, patch_size=patch_size_for(image_size), **kwargs), []
+        patch = patch_size_for(image_size)
+        if isinstance(probe.patch_embed, nn.ModuleList):  # one embedding per branch (CrossViT), each at its own scale
+            patch = tuple(_dividing_patch(int(image_size * size[0] / probe.img_size[0])) for size in probe.img_size_scaled)
+        return _running(image_size, in_chans, [lambda: (create(timm_name, img_size=image_size, patch_size=patch, **kwargs), [])])
     if isinstance(probe, timm.models.resnet.ResNet):
         model = same_arguments or create(timm_name, **kwargs)
         return model, _adapt_resnet_stem(model, in_chans)
-    if _accepts(probe, "img_size"):
-        return _built_for_remaining_steps(timm_name, image_size, create, probe, **kwargs)
-    model = same_arguments or create(timm_name, **kwargs)
-    return model, _adapt_strides(model, in_chans, keep=MAX_REDUCTION)
+
+    def strides_removed(keep: int) -> tuple[nn.Module, list[str]]:
+        model = create(timm_name, **kwargs)
+        return model, _adapt_strides(model, in_chans, keep=keep)
+
+    def first_rule() -> tuple[nn.Module, list[str]]:
+        if _accepts(probe, "img_size"):
+            return _built_for_remaining_steps(timm_name, image_size, create, probe, **kwargs)
+        model = same_arguments or create(timm_name, **kwargs)
+        return model, _adapt_strides(model, in_chans, keep=MAX_REDUCTION)
+
+    # Where the first rule's model does not run, fewer downsampling steps may: a network that only
+    # checks that its size divides into patches (Twins) at timm's own size, or one whose last
+    # stage's attention is sized for a 7x7 grid (EfficientFormer: 28 px reduced 4-fold).
+    # (Not fewer than 4-fold: at 28 px a network's attention would then span 196 tokens or more.)
+    fallbacks = [lambda keep=keep: strides_removed(keep) for keep in (MAX_REDUCTION, MAX_REDUCTION // 2)]
+    return _running(image_size, in_chans, [first_rule, *(fallbacks[1:] if not _accepts(probe, "img_size") else fallbacks)])
+
+
+def _running(image_size: int, in_chans: int, rules: list[Callable[[], tuple[nn.Module, list[str]]]]) -> tuple[nn.Module, list[str]]:
+    """The first of ``rules`` whose model builds and runs on ``image_size`` px images; when none
+    does, ValueError with the first rule's reason (the one a user would be told)."""
+    reasons = []
+    for rule in rules:
+        try:
+            model, changes = rule()
+            check_runs(model, image_size, in_chans)
+            return model, changes
+        except Exception as exc:  # noqa: BLE001 - a constructor's own checks (asserts, TypeErrors) or a failed forward
+            reasons.append(first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}")
+    raise ValueError(reasons[0])
 
 
 def _built_for_remaining_steps(timm_name: str, image_size: int, create: Callable[..., nn.Module], probe: nn.Module,
@@ -174,10 +228,7 @@ def _built_for_remaining_steps(timm_name: str, image_size: int, create: Callable
     reduction = probe.feature_info[-1]["reduction"] if getattr(probe, "feature_info", None) else MAX_REDUCTION
     scale = max(1, reduction // MAX_REDUCTION)
     model = create(timm_name, img_size=image_size * scale, **kwargs)
-    try:
-        steps = _downsampling_steps(model, image_size * scale, kwargs.get("in_chans", 3))
-    except Exception as exc:  # noqa: BLE001 - whatever the network's own checks raise
-        raise ValueError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+    steps = _downsampling_steps(model, image_size * scale, kwargs.get("in_chans", 3))
     changes, removed = [f"built for {image_size * scale} px"], 1
     for stride, names in steps:
         if removed >= scale:
@@ -187,11 +238,6 @@ def _built_for_remaining_steps(timm_name: str, image_size: int, create: Callable
     return model, changes
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else ""
-
-
 def check_runs(model: nn.Module, image_size: int, in_chans: int) -> None:
     """Raise ValueError (why, in one line) when ``model`` cannot run a forward pass on ``image_size`` px images."""
     was_training = model.training
@@ -199,7 +245,7 @@ def check_runs(model: nn.Module, image_size: int, in_chans: int) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(2, in_chans, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 - shape errors of many kinds
-        raise ValueError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+        raise ValueError(f"{type(exc).__name__}: {first_line(exc)}") from None
     finally:
         model.train(was_training)
 
