@@ -8,6 +8,7 @@ exception is a bug and keeps its traceback. Messages say what is wrong and how t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,22 +31,27 @@ class UserError(Exception):
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-empty line of ``exc``'s message, at most ``limit`` characters: what a one-line
     message quotes of an error raised in code mpsearch does not own (a model, a hub client)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # terminal colours (torch.onnx's messages have them)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else "")[:limit]
 
 
 @contextmanager
-def model_stage(model: str, stage: str) -> Iterator[None]:
-    """Run a stage of work on ``model`` (building, training, calibrating, ...): an exception from
-    inside the model that mpsearch does not recognize becomes one line naming the model, the
-    stage and the error. The original stays chained as the cause, which ``--debug`` shows."""
+def model_stage(model: str, stage: str, fix: str = "it does not run under mpsearch as it is: choose another model") -> Iterator[None]:
+    """Run a stage of work on ``model`` (building, training, calibrating, exporting ...): an
+    exception from inside the model (or a tracer running it) that mpsearch does not recognize
+    becomes one line naming the model, the stage, the error and ``fix``. The original stays
+    chained as the cause, which ``--debug`` shows."""
     try:
         yield
     except (UserError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - a model's own code raises anything
-        raise UserError(f"model {model} failed while {stage} ({type(exc).__name__}: {first_line(exc)}); it does not run under "
-                        "mpsearch as it is: choose another model, or run with --debug for the traceback") from exc
+        root = exc
+        while root.__cause__ is not None:  # what a wrapper (torch.onnx's TorchExportError) says it failed on
+            root = root.__cause__
+        raise UserError(f"model {model} failed while {stage} ({type(root).__name__}: {first_line(root)}); {fix}, "
+                        "or run with --debug for the traceback") from exc
 
 
 def read_user_file(path: str | Path, what: str, expected: str) -> str:

@@ -657,6 +657,13 @@ def timing_lines(records: dict[str, Any], keys: list[str], wall_s: float, ran: i
             f"about {full / 60:.0f} min with --jobs {jobs}, plus picking the models once per timm version."]
 
 
+def stages_run(records: dict[str, Any], keys: list[str]) -> list[str]:
+    """The stages any of the cells ``keys`` ran, in the pipeline's order (runs kept with --resume
+    may have run different stages at each size)."""
+    ran = {stage for key in keys for stage, _, _ in (records.get(key) or {}).get("stages", [])}
+    return [stage for stage in STAGES if stage in ran]
+
+
 def stage_means(records: dict[str, Any], keys: list[str]) -> dict[str, float]:
     """Mean seconds of each stage over the cells that ran it (a timed-out stage counts until it was killed)."""
     times: dict[str, list[float]] = {}
@@ -684,7 +691,8 @@ def write_report(out: Path, args: argparse.Namespace, families: list[str], model
         f"does not pass. The pt2e stage runs the exported program {PT2E_RUNTIMES[args.pt2e_runtime]}.", "",
         f"- Command: `python scripts/sweep_zoo.py {shlex.join(sys.argv[1:])}`",
         f"- timm {timm.__version__}, torch {torch.__version__}; machine: {describe_machine()}",
-        f"- Stages: {', '.join(stages)}; data: " + "; ".join(f"{s} px: {sources[s]}" for s in sizes),
+        *(f"- {size} px: stages {', '.join(stages_run(records, [f'{f}@{size}' for f in families]))}; data: {sources[size]}"
+          for size in sizes),
         *(f"- {line}" for line in timing_lines(records, keys, wall_s, ran, args.jobs, zoo_families, sizes)), "",
         "A cell shows the last stage passed (✓) and the first that did not: `refused` is mpsearch's own one-line "
         "check (a UserError), `CRASH` any other exception, a hang past the limit or a dead process. \"trains at N px "

@@ -16,7 +16,7 @@ from mpsearch.evaluation.evaluator import Evaluator
 from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.quant.backends import BACKENDS, int8_unavailable, resolve_backend
 
-IMAGES = 2000
+IMAGES = 1000
 
 
 def _mixed(ev: Evaluator, seed: int) -> Policy:

@@ -212,3 +212,31 @@ def test_a_file_exported_from_python_is_evaluated_on_the_model_and_data_named(di
                  str(checkpoint), "--split", "test", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["policy"] == "W8 A8" and result["images"] == len(digits.test) and result["agreement"] >= 0.99
+
+
+class _DataDependent(torch.nn.Module):
+    """A branch on the values of a tensor: torch.export, which both formats trace with, cannot follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).mean((2, 3))
+        if x.sum() > 0:
+            x = x * 2
+        return self.fc(x)
+
+
+@pytest.mark.parametrize(("export", "stage"), [(mpsearch.export_onnx, "exporting it to ONNX"),
+                                               (mpsearch.export_pt2e, "exporting it as PT2E")])
+def test_a_model_the_exporter_cannot_trace_is_one_line(digits, tmp_path, export, stage):
+    if export is mpsearch.export_pt2e:
+        pytest.importorskip("torchao")
+    quantized = mpsearch.quantize(_DataDependent(), "w8a8", digits)
+    with pytest.raises(mpsearch.UserError) as failed:
+        export(quantized, tmp_path / ("m.pt2" if export is mpsearch.export_pt2e else "m.onnx"), digits)
+    message = str(failed.value)
+    assert message.startswith(f"model _DataDependent failed while {stage} (GuardOnDataDependentSymNode: ")
+    assert "\n" not in message and "\x1b" not in message and "--debug" in message
+    assert not list(tmp_path.iterdir())  # no half-written file

@@ -66,8 +66,10 @@ def test_contract_weights_on_the_grid_same_shape_deterministic(calibrated, metho
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("rtn", "brecq")])  # brecq's layer-wise path is AdaRound
-@pytest.mark.parametrize("bits", [2, 4])
+# brecq's layer-wise path is AdaRound. AdaRound (1,500 iterations a layer) at 2 bits only: its
+# 4-bit case took 40 s and proves nothing the 2-bit one does not (it beat round-to-nearest 0.29x).
+@pytest.mark.parametrize(("method", "bits"), [(m, b) for m in METHODS if m not in ("rtn", "brecq")
+                                              for b in ((2,) if m == "adaround" else (2, 4))])
 def test_each_method_lowers_the_output_error_of_round_to_nearest(calibrated, method, bits):
     rtn, other = get_ptq("rtn"), get_ptq(method)
     ours = nearest = 0.0

@@ -73,7 +73,11 @@ def storage(request, tmp_path) -> str:
     return request.getfixturevalue("postgres")
 
 
+# On PostgreSQL, what clusters share. The lease is the same code on every storage (the study's
+# user attributes, mpsearch.study.locking), and every driver of the other tests here holds one,
+# on both storages.
 @pytest.mark.slow
+@pytest.mark.parametrize("storage", ["postgresql"], indirect=True)
 def test_a_second_driver_is_refused_until_the_first_is_lost_then_resumes_the_study(storage, tmp_path, cli_cmd, digits_baseline,
                                                                                  reference_study):
     name, checkpoint = "two-drivers", str(digits_baseline.checkpoint)

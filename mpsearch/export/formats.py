@@ -12,11 +12,13 @@ pt2e     .pt2      :func:`mpsearch.export.pt2e.save_pt2e`      ``torch.compile``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mpsearch.errors import UserError
 
-__all__ = ["FORMATS", "format_of", "check_output"]
+__all__ = ["FORMATS", "format_of", "check_output", "model_name"]
 
 FORMATS = {"onnx": ".onnx", "pt2e": ".pt2"}
 
@@ -38,3 +40,10 @@ def check_output(path: str | Path, fmt: str) -> Path:
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise UserError(f"output: {path.parent} {what}; write the file into an existing folder", fields=("output",))
     return path
+
+
+def model_name(model: object, metadata: Mapping[str, Any] | None) -> str:
+    """What an export's messages call the model: its policy's model name, else its class name."""
+    policy = (metadata or {}).get("policy")
+    name = policy.get("model") if isinstance(policy, Mapping) else None
+    return str(name or type(model).__name__)

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch.errors import UserError
-from mpsearch.export.formats import check_output
+from mpsearch.errors import UserError, model_stage
+from mpsearch.export.formats import check_output, model_name
 from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
 from mpsearch.export.qdq import OUTPUT_GRID_SUFFIX, quantize_layer_outputs
 from mpsearch.quant.attention import MatmulQuantizer
@@ -123,7 +123,8 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, meta
     example = example[:2].float().contiguous()
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter prints its progress with print(): keep it out of mpsearch's output.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            model_stage(model_name(model, metadata), "exporting it to ONNX", "it does not export to ONNX: try --format pt2e or another model"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             exported, (example,), dynamo=True, opset_version=OPSET, custom_translation_table=_translations(),

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpsearch.errors import UserError
-from mpsearch.export.formats import check_output
+from mpsearch.errors import UserError, model_stage
+from mpsearch.export.formats import check_output, model_name
 from mpsearch.export.integer import check_frozen
 from mpsearch.host.machine import torch_threads
 from mpsearch.quant.attention import MatmulQuantizer
@@ -251,12 +251,14 @@ def save_pt2e(quantized: nn.Module, example: torch.Tensor, path: str | Path, *, 
     (``.pt2``, ``torch.export.save``), ``metadata`` JSON inside it; returns the path. A float
     model is written as it is."""
     path = check_output(path, "pt2e")
-    if any(isinstance(m, (QuantWrapper, MatmulQuantizer)) for m in quantized.modules()):
-        converted, float_matmuls = to_pt2e(quantized, example)
-    else:  # the fp32 model, for timing next to the quantized one
-        converted, float_matmuls = quantized.eval(), 0
-    with torch.no_grad():
-        program = torch.export.export(converted, (example.float(),), dynamic_shapes=_dynamic_batch())
+    with model_stage(model_name(quantized, metadata), "exporting it as PT2E",
+                     "it does not export with torch.export: try --format onnx or another model"):
+        if any(isinstance(m, (QuantWrapper, MatmulQuantizer)) for m in quantized.modules()):
+            converted, float_matmuls = to_pt2e(quantized, example)
+        else:  # the fp32 model, for timing next to the quantized one
+            converted, float_matmuls = quantized.eval(), 0
+        with torch.no_grad():
+            program = torch.export.export(converted, (example.float(),), dynamic_shapes=_dynamic_batch())
     record = {**(metadata or {}), "float_matmuls": float_matmuls, "format": "pt2e"}
     try:
         with warnings.catch_warnings():  # torch's archive writer warns about weights not on a GPU; they are on the CPU
