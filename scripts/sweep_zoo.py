@@ -32,14 +32,12 @@ dies). Data: 8 px is scikit-learn's digits, 28 px Fashion-MNIST where it is inst
 1x28x28 images (the report says which).
 
 How long it takes: the written report states the wall time of the run that wrote it, the mean
-seconds per stage, and an extrapolation to every family from its mean cell. pt2e's torch.compile
-is by far the slowest stage (about 90 s a cell on a 2-core Xeon); ``--stages`` without it, and
-``--jobs``, shorten a run. Measured on the subset resnet, levit, swin_transformer, densenet,
-crossvit at 8 and 28 px (--jobs 1, a 2-core Xeon shared with other jobs): 10 cells, 7 to 235 s
-each, 17.7 min of cell time; pt2e 94 s and onnx 15 s per cell on average, every other stage under
-3 s. Extrapolated from that, not measured: about 6 hours for the ~98 families x 2 sizes of timm
-1.0.31 with --jobs 1, about 20 min with --stages build,train,eval (6 s a cell). It is not a CI
-job: CI keeps a fast sample (tests/test_zoo.py).
+seconds per stage, and an extrapolation to every family from its mean cell. The stages after
+eval cost the most (sensitivity, onnx and learn: tens of seconds a cell for the larger
+families; pt2e with --pt2e-runtime compile about 90 s more); ``--stages``, ``--sizes`` and
+``--jobs`` shorten a run, and ``--resume`` keeps the cells of an earlier one. It is not a CI job:
+CI keeps a fast sample (tests/test_zoo.py runs this script on one family, builds and runs
+CrossViT, Twins and EfficientFormer at 28 px, and trains LeViT at every size of its recipe).
 """
 
 from __future__ import annotations
@@ -158,9 +156,10 @@ def chosen_models(families: list[str], members: dict[str, list[str]], progress: 
 
 
 # -- the data of each size -----------------------------------------------------------------------
-def small_data(size: int) -> tuple[DataSplits, str]:
+def small_data(size: int) -> tuple[DataSplits, str, int]:
     """A few images of the data set of ``size`` px (the subprocesses get them pickled, so that no
-    cell reads a data set from disk) and a line saying what they are."""
+    cell reads a data set from disk), a line saying what they are, and how many training images
+    the whole data set has (the family recipe depends on it: zoo.default_recipe)."""
     import torch
 
     import mpsearch
@@ -179,7 +178,7 @@ def small_data(size: int) -> tuple[DataSplits, str]:
         source = f"random 1x{size}x{size} tensors, 10 classes ({SIZES[size]} not installed)"
     small = replace(data, train=data.train.subset(TRAIN_IMAGES), calibration=data.calibration.subset(EVAL_IMAGES),
                     val=data.val.subset(EVAL_IMAGES), test=data.test.subset(EVAL_IMAGES))
-    return small, source
+    return small, source, len(data.train)
 
 
 # -- one cell, in its subprocess -----------------------------------------------------------------
@@ -190,6 +189,7 @@ class _Cell:
 
     name: str
     data: DataSplits
+    train_images: int = 0  # of the whole data set, which the family recipe depends on
     model: nn.Module | None = None
     baseline: Baseline | None = None
     policy: Policy | None = None
@@ -221,7 +221,7 @@ def training_recipe(cell: _Cell) -> TrainConfig:
     cannot run at the smaller sizes), as get_baseline decides it."""
     from mpsearch.models.zoo import default_recipe, training_recipe
 
-    return training_recipe(cell.name, cell.model, default_recipe(cell.name), cell.data.info)
+    return training_recipe(cell.name, cell.model, default_recipe(cell.name, cell.train_images), cell.data.info)
 
 
 def _optimizer(model: nn.Module, recipe: Any) -> Any:
@@ -246,7 +246,7 @@ def _stage_train(cell: _Cell) -> str | None:
     native = cell.data.info.image_size
     sizes = sorted({recipe.image_size(e, native) for e in range(recipe.epochs)})
     # Whether zoo.training_recipe switched progressive resizing off: the report says so per cell.
-    cell.notes.update(train_px=sizes, native_only=recipe.image_scales != default_recipe(cell.name).image_scales)
+    cell.notes.update(train_px=sizes, native_only=recipe.image_scales != default_recipe(cell.name, cell.train_images).image_scales)
     model = copy.deepcopy(cell.model)  # later stages quantize the untrained model (see _Cell)
     layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model.to(memory_format=layout).train()
@@ -415,7 +415,7 @@ def passed(result: str) -> bool:
     return result == "ok" or result.startswith(SKIPPED)
 
 
-def cell_main(conn: Any, name: str, data: DataSplits, stages: list[str], tmp: Path, pt2e_runtime: str) -> None:
+def cell_main(conn: Any, name: str, data: tuple[DataSplits, int], stages: list[str], tmp: Path, pt2e_runtime: str) -> None:
     """The subprocess: run ``stages`` in order, sending ``(stage, result, seconds)`` after each so
     that the parent keeps what passed even when a later stage hangs or kills the process."""
     os.setpgrp()  # a group of its own, so that a timeout kills its compile workers too (see _kill)
@@ -428,7 +428,7 @@ def cell_main(conn: Any, name: str, data: DataSplits, stages: list[str], tmp: Pa
     logging.getLogger("torch").setLevel(logging.ERROR)  # inductor's notices would break the parent's progress bar
     warnings.simplefilter("ignore")
     tmp.mkdir(parents=True, exist_ok=True)
-    cell = _Cell(name, data, tmp=tmp, pt2e_runtime=pt2e_runtime)
+    cell = _Cell(name, data[0], train_images=data[1], tmp=tmp, pt2e_runtime=pt2e_runtime)
     for stage in ("build", *[s for s in stages if s != "build"]):  # every stage needs the model
         start = time.perf_counter()
         result = run_stage(stage, cell)
@@ -457,7 +457,8 @@ class _Running:
         return next((s for s in self.stages if s not in reported), None)
 
 
-def start_cell(ctx: Any, key: str, model: str, data: DataSplits, stages: list[str], tmp: Path, pt2e_runtime: str) -> _Running:
+def start_cell(ctx: Any, key: str, model: str, data: tuple[DataSplits, int], stages: list[str], tmp: Path,
+               pt2e_runtime: str) -> _Running:
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=cell_main, args=(send, model, data, stages, tmp / key.replace("@", "_"), pt2e_runtime),
                           daemon=True)
@@ -514,7 +515,7 @@ def poll_cell(run: _Running, limits: dict[str, float]) -> bool:
     return True
 
 
-def run_cells(todo: list[tuple[str, str, int]], data: dict[int, DataSplits], stages: list[str], args: argparse.Namespace,
+def run_cells(todo: list[tuple[str, str, int]], data: dict[int, tuple[DataSplits, int]], stages: list[str], args: argparse.Namespace,
               results: dict[str, Any], save: Any) -> None:
     """Run every ``(key, model, size)`` cell, ``args.jobs`` at a time, saving after each one."""
     from tqdm import tqdm
@@ -765,8 +766,8 @@ def main(argv: list[str] | None = None) -> None:
 
     todo = [(f"{f}@{s}", models[f]["model"], s) for f in families for s in args.sizes
             if models[f].get("model") and not done(records.get(f"{f}@{s}"), models[f]["model"], args.stages)]
-    run_cells(todo, {s: d for s, (d, _) in data_sources.items()}, args.stages, args, records, save)
-    write_report(out, args, families, models, records, {s: src for s, (_, src) in data_sources.items()},
+    run_cells(todo, {s: (d, n) for s, (d, _, n) in data_sources.items()}, args.stages, args, records, save)
+    write_report(out, args, families, models, records, {s: src for s, (_, src, _) in data_sources.items()},
                  time.perf_counter() - start, len(todo), len(members))
     print(f"wrote {out} (cells kept in {results_path})")
 

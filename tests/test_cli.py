@@ -33,6 +33,8 @@ def trained(cli_cache) -> list[str]:
     assert "training one now" in first.stderr
     meta = json.loads(first.stdout)
     assert meta["model"] == "test_resnet" and meta["recipe"]["epochs"] == 2 and len(meta["sha256"]) == 64
+    # digits is a small data set: the family recipe for it, with the flags' changes made to it
+    assert meta["recipe"]["image_scales"] == [1.0] and meta["recipe"]["keep_fraction"] == 1.0
     again = run("train", *BASE, "--epochs", "2", "--json", cache=cli_cache)
     assert "training" not in again.stderr and json.loads(again.stdout)["sha256"] == meta["sha256"]  # cached
     return [*BASE, "--checkpoint", meta["checkpoint"]]

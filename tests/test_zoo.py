@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import timm
@@ -75,6 +79,10 @@ def test_recipes_by_family():
     assert default_recipe("mobilenetv3_small_100") is CONVNET_ADAMW_RECIPE and CONVNET_ADAMW_RECIPE.optimizer == "adamw"
     assert default_recipe("test_convnext") is CONVNET_ADAMW_RECIPE
     assert default_recipe("test_maxvit").image_scales == (1.0,)  # attention sized for one input size
+    # A small training set (digits: 1,257 images) trains every epoch at native size on every image.
+    assert default_recipe("lcnet_050", train_images=1257) == replace(CONVNET_ADAMW_RECIPE, image_scales=(1.0,), keep_fraction=1.0)
+    assert default_recipe("lcnet_050", train_images=50_000) is CONVNET_ADAMW_RECIPE
+    assert default_recipe("resnet18", train_images=9_999).keep_fraction == 1.0 == default_recipe("resnet18").keep_fraction * 2
     assert model_family("efficientnet_b0") == "efficientnet"
 
 
@@ -326,12 +334,14 @@ def test_a_fixed_resolution_attention_model_trains_at_every_size_its_recipe_feed
     ("crossvit_tiny_240", []),  # two branches at 28 and 26 px: a patch size for each (4 and 2)
     ("twins_pcpvt_small", ["patch_embeds.0.proj: stride-4 4x4 conv -> 5x5 stride-1"]),  # built at 224 px, not sized for 28
     ("efficientformer_l1", ["stem.conv1: stride 1", "stem.conv2: stride 1", "stages.1.downsample.conv: stride 1"]),
+    ("gmlp_ti16_224", ["built for 112 px, its 16 px patches re-cut to 4 px"]),  # its factory fixes 16 px patches
 ])
 def test_models_whose_constructor_takes_an_image_size_run_on_28_px(name, changes):
-    """Three rules beyond CoAtNet/MaxViT's: a patch size per branch; timm's own size where a
+    """Four rules beyond CoAtNet/MaxViT's: a patch size per branch; timm's own size where a
     model only checks that its size divides into patches (its token count follows the changed
     patch embedding); a 224 px probe and fewer downsampling steps where the last stage's attention
-    is sized for a 7x7 grid (EfficientFormer reduces 28 px 4-fold)."""
+    is sized for a 7x7 grid (EfficientFormer reduces 28 px 4-fold); a patch embedding re-cut
+    where the factory fixes the patch size (the MLP-Mixers' ``stem``)."""
     model, made = _build(name, FMNIST_INFO)
     assert made[: len(changes)] == changes
     if name == "crossvit_tiny_240":
@@ -362,3 +372,20 @@ def test_an_unknown_failure_inside_a_model_is_one_line_naming_model_and_stage():
     assert "\n" not in str(failed.value) and isinstance(failed.value.__cause__, RuntimeError)  # --debug shows it
     with pytest.raises(UserError, match="^bad input$"), model_stage("mymodel", "training"):
         raise UserError("bad input")  # mpsearch's own one-liners pass through unchanged
+
+
+@pytest.mark.slow
+def test_the_zoo_sweep_runs_a_family_and_writes_its_table(tmp_path, cache_dir):
+    """scripts/sweep_zoo.py as docs/compatibility.md was written, on one family and size: the
+    model it picks (the smallest variant), a cell through build, training and eval in its own
+    process, and the counts table."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "compat.md"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "sweep_zoo.py"), "--families", "levit", "--sizes", "8",
+                           "--stages", "build,train,eval", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "| 8 px | 1 | 1 | 0 | 0 | 0 |" in text  # families, end to end, refused, crashed, not run
+    assert "| levit | `levit_128s` (7.78 M) | ✓ end to end (eval) |" in text  # on digits every family trains at 8 px
+    assert json.loads(out.with_suffix(".json").read_text())["levit@8"]["stages"][0][:2] == ["build", "ok"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from typing import Any
 
 from mpsearch.cli.flags import (
@@ -46,13 +45,12 @@ def _profiles(args: argparse.Namespace) -> tuple[str, ...]:
 
 def train(args: argparse.Namespace) -> int:
     from mpsearch.evaluation.prepared import load_baseline
-    from mpsearch.models.zoo import default_recipe, resolve_model_name
+    from mpsearch.models.zoo import resolve_model_name
 
     resolve_model_name(args.model)
-    recipe = replace(default_recipe(args.model), **_given(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                                          keep_fraction=args.keep_fraction))
-    baseline, data = load_baseline(args.model, args.dataset, seed=args.seed or 0, recipe=recipe, progress=not args.no_progress,
-                                   **_subject(args))
+    changes = _given(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, keep_fraction=args.keep_fraction)
+    baseline, data = load_baseline(args.model, args.dataset, seed=args.seed or 0, recipe_changes=changes,
+                                   progress=not args.no_progress, **_subject(args))
     meta = dict(baseline.meta, checkpoint=str(baseline.checkpoint) if baseline.checkpoint else None)
     if args.json:
         print(json.dumps(meta))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,20 @@ DEFAULT_CALIBRATION = 512  # calibration images drawn from the training split
 def load_baseline(model: str, dataset: str, *, data_dir: str | None = None, image_size: int | None = None, seed: int = 0,
                   checkpoint: str | None = None,
                   pretrained: bool = False, recipe: TrainConfig | None = None, calibration_size: int = DEFAULT_CALIBRATION,
-                  progress: bool = True) -> tuple[Any, Any]:
+                  progress: bool = True, recipe_changes: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
     """(baseline, data): the data set's splits and the fp32 model (checkpoint, hub weights, cache,
-    or trained now with ``recipe``, the model's default recipe unless given)."""
+    or trained now with ``recipe``, else the model's default recipe for this data set with
+    ``recipe_changes`` made to it)."""
     from mpsearch.data import load_dataset
-    from mpsearch.models.zoo import get_baseline, resolve_model_name
+    from mpsearch.models.zoo import default_recipe, get_baseline, resolve_model_name
 
     resolve_model_name(model)  # fail on a typo before loading data
     if calibration_size < 1:
         raise UserError(f"calibration_size: must be >= 1, got {calibration_size}", fields=("calibration_size",))
     data = load_dataset(dataset, data_dir=data_dir, calibration_size=calibration_size, calibration_seed=seed,
                         image_size=image_size)
+    if recipe is None and recipe_changes:
+        recipe = replace(default_recipe(model, train_images=len(data.train)), **recipe_changes)
     baseline = get_baseline(model, data, recipe=recipe, seed=seed, checkpoint=checkpoint, pretrained=pretrained,
                             progress=progress)
     return baseline, data

@@ -29,6 +29,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from torch import nn
 
 from mpsearch.errors import UserError, first_line
@@ -177,14 +178,28 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
     in_chans = kwargs.get("in_chans", 3)
     probe = timm.create_model(timm_name, pretrained=False, **kwargs)
     same_arguments = probe if reuse_probe else None
-    patch_embedding = hasattr(probe, "patch_embed") and _accepts(probe, "patch_size") and _accepts(probe, "img_size")
+    # timm's patch embedding is ``patch_embed``, or ``stem`` in the MLP-Mixers (gMLP, ResMLP)
+    embed = "patch_embed" if hasattr(probe, "patch_embed") else "stem" if isinstance(getattr(probe, "stem", None), PatchEmbed) else None
+    patch_embedding = embed is not None and _accepts(probe, "patch_size") and _accepts(probe, "img_size")
     if image_size > SMALL_IMAGE_MAX:
         return (create(timm_name, img_size=image_size, **kwargs) if patch_embedding else same_arguments or create(timm_name, **kwargs)), []
     if patch_embedding:
         patch = patch_size_for(image_size)
-        if isinstance(probe.patch_embed, nn.ModuleList):  # one embedding per branch (CrossViT), each at its own scale
+        if isinstance(getattr(probe, embed), nn.ModuleList):  # one embedding per branch (CrossViT), each at its own scale
             patch = tuple(_dividing_patch(int(image_size * size[0] / probe.img_size[0])) for size in probe.img_size_scaled)
-        return _running(image_size, in_chans, [lambda: (create(timm_name, img_size=image_size, patch_size=patch, **kwargs), [])])
+
+        def repatched() -> tuple[nn.Module, list[str]]:
+            """For a factory that fixes the patch size itself (gMLP, MLP-Mixer): built for the size
+            whose token grid that patch gives, then its patch embedding re-cut for the images."""
+            fixed = _as_pair(getattr(probe, embed).patch_size)[0]
+            built = image_size // patch * fixed
+            model = create(timm_name, img_size=built, **kwargs)
+            getattr(model, embed).set_input_size(img_size=image_size, patch_size=patch)
+            return model, [f"built for {built} px, its {fixed} px patches re-cut to {patch} px"]
+
+        direct = [lambda: (create(timm_name, img_size=image_size, patch_size=patch, **kwargs), [])]
+        return _running(image_size, in_chans, direct if isinstance(patch, tuple) or not hasattr(getattr(probe, embed), "set_input_size")
+                        else [*direct, repatched])
     if isinstance(probe, timm.models.resnet.ResNet):
         model = same_arguments or create(timm_name, **kwargs)
         return model, _adapt_resnet_stem(model, in_chans)
