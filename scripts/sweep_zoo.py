@@ -588,7 +588,7 @@ def summary(record: dict[str, Any] | None, stages: list[str]) -> str:
 
 
 def counts_table(families: list[str], records: dict[str, Any], sizes: list[int]) -> list[str]:
-    lines = ["| size | families | end to end | refused | crashed | not run |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| size | families | passed every stage run | refused | crashed | not run |", "|---|---:|---:|---:|---:|---:|"]
     for size in sizes:
         got = [outcome(records.get(f"{f}@{size}")) for f in families]
         lines.append(f"| {size} px | {len(families)} | {got.count('end to end')} | {got.count('refused')} | "
