@@ -154,7 +154,7 @@ def _adapt_strides(model: nn.Module, in_chans: int, *, keep: int) -> list[str]:
     return changes
 
 
-def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> list[str]:
+def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> tuple[nn.Module, list[str]]:
     stem = model.conv1
     if isinstance(stem, nn.Conv2d):
         model.conv1 = nn.Conv2d(in_chans, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
@@ -162,7 +162,7 @@ def _adapt_resnet_stem(model: nn.Module, in_chans: int) -> list[str]:
         first = next(m for m in stem.modules() if isinstance(m, nn.Conv2d))
         first.stride = (1, 1)
     model.maxpool = nn.Identity()
-    return []  # the CIFAR stem is version 1 of the adaptation: no changes listed, cache keys unchanged
+    return model, []  # the CIFAR stem is version 1 of the adaptation: no changes listed, cache keys unchanged
 
 
 def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Module], *, reuse_probe: bool,
@@ -170,7 +170,8 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
     """``create(timm_name, **kwargs)`` for ``image_size`` px inputs: adapted when they are small
     (see the module doc), with the changes made beyond the ResNet and ViT rules (empty for those);
     above :data:`SMALL_IMAGE_MAX` px as timm builds it, a patch-embedding transformer for the size.
-    Raises ValueError (why, in one line) when no rule gives a model that runs on the images.
+    Every model returned has run a forward pass on the images; ValueError (why, in one line) when
+    no rule gives a model that does.
 
     A probe model built with timm's defaults decides the rule; ``reuse_probe`` lets it be the
     model itself where the rule keeps its constructor arguments (no hub weights wanted), so that a
@@ -182,7 +183,8 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
     embed = "patch_embed" if hasattr(probe, "patch_embed") else "stem" if isinstance(getattr(probe, "stem", None), PatchEmbed) else None
     patch_embedding = embed is not None and _accepts(probe, "patch_size") and _accepts(probe, "img_size")
     if image_size > SMALL_IMAGE_MAX:
-        return (create(timm_name, img_size=image_size, **kwargs) if patch_embedding else same_arguments or create(timm_name, **kwargs)), []
+        return _running(image_size, in_chans, [lambda: (create(timm_name, img_size=image_size, **kwargs) if patch_embedding
+                                                        else same_arguments or create(timm_name, **kwargs), [])])
     if patch_embedding:
         patch = patch_size_for(image_size)
         if isinstance(getattr(probe, embed), nn.ModuleList):  # one embedding per branch (CrossViT), each at its own scale
@@ -201,8 +203,7 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
         return _running(image_size, in_chans, direct if isinstance(patch, tuple) or not hasattr(getattr(probe, embed), "set_input_size")
                         else [*direct, repatched])
     if isinstance(probe, timm.models.resnet.ResNet):
-        model = same_arguments or create(timm_name, **kwargs)
-        return model, _adapt_resnet_stem(model, in_chans)
+        return _running(image_size, in_chans, [lambda: _adapt_resnet_stem(same_arguments or create(timm_name, **kwargs), in_chans)])
 
     def strides_removed(keep: int) -> tuple[nn.Module, list[str]]:
         model = create(timm_name, **kwargs)
@@ -231,6 +232,8 @@ def _running(image_size: int, in_chans: int, rules: list[Callable[[], tuple[nn.M
             model, changes = rule()
             check_runs(model, image_size, in_chans)
             return model, changes
+        except UserError:  # mpsearch's own one-liners (hub weights that cannot load) are not a size problem
+            raise
         except Exception as exc:  # noqa: BLE001 - a constructor's own checks (asserts, TypeErrors) or a failed forward
             reasons.append(first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}")
     raise ValueError(reasons[0])

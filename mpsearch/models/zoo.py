@@ -144,7 +144,6 @@ def _build(name: str, info: DatasetInfo, *, pretrained: bool = False, explain: b
 
     try:
         model, changes = build_for_size(timm_name, info.image_size, create, reuse_probe=not pretrained, **kwargs)
-        check_runs(model, info.image_size, info.in_chans)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - a constructor's own checks (asserts, TypeErrors) refuse the size too
