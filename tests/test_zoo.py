@@ -335,13 +335,19 @@ def test_a_fixed_resolution_attention_model_trains_at_every_size_its_recipe_feed
     ("twins_pcpvt_small", ["patch_embeds.0.proj: stride-4 4x4 conv -> 5x5 stride-1"]),  # built at 224 px, not sized for 28
     ("efficientformer_l1", ["stem.conv1: stride 1", "stem.conv2: stride 1", "stages.1.downsample.conv: stride 1"]),
     ("gmlp_ti16_224", ["built for 112 px, its 16 px patches re-cut to 4 px"]),  # its factory fixes 16 px patches
+    ("visformer_tiny", ["stem.0: stride 1", "patch_embed1.proj: stride-4 4x4 conv -> 5x5 stride-1"]),  # positions sized at 224 px
+    ("vit_tiny_r_s16_p8_224", ["built for 28 px with 1 px patches"]),  # its backbone leaves a 7x7 map: patches of 4 and 2 do not divide it
+    ("tnt_s_legacy_patch16_224", ["built for 28 px with 4 px patches"]),  # its embedding is pixel_embed, not patch_embed
 ])
 def test_models_whose_constructor_takes_an_image_size_run_on_28_px(name, changes):
-    """Four rules beyond CoAtNet/MaxViT's: a patch size per branch; timm's own size where a
-    model only checks that its size divides into patches (its token count follows the changed
-    patch embedding); a 224 px probe and fewer downsampling steps where the last stage's attention
-    is sized for a 7x7 grid (EfficientFormer reduces 28 px 4-fold); a patch embedding re-cut
-    where the factory fixes the patch size (the MLP-Mixers' ``stem``)."""
+    """Rules beyond CoAtNet/MaxViT's: a patch size per branch; timm's own size where a model only
+    checks that its size divides into patches (its token count follows the changed patch
+    embedding) or sizes its positional tables for the steps that remain (Visformer: timm's
+    PatchEmbed no longer checks the size it was built for); a 224 px probe and fewer downsampling
+    steps where the last stage's attention is sized for a 7x7 grid (EfficientFormer reduces 28 px
+    4-fold); a patch embedding re-cut where the factory fixes the patch size (the MLP-Mixers'
+    ``stem``); smaller patches where the grid must divide further (a hybrid ViT) or the embedding
+    has another name (TNT)."""
     model, made = _build(name, FMNIST_INFO)
     assert made[: len(changes)] == changes
     if name == "crossvit_tiny_240":
@@ -349,6 +355,9 @@ def test_models_whose_constructor_takes_an_image_size_run_on_28_px(name, changes
         assert [embed.img_size for embed in model.patch_embed] == [(28, 28), (26, 26)]
     if name == "twins_pcpvt_small":
         assert model.patch_embeds[0].patch_size == (1, 1)  # 28x28 tokens, counted as the conv makes them
+    if name == "visformer_tiny":
+        assert model.patch_embed1.patch_size == (1, 1) and not model.patch_embed1.strict_img_size
+        assert tuple(model.pos_embed3.shape[-2:]) == (7, 7)  # 28 px reduced 4-fold
     assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 

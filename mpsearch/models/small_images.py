@@ -14,6 +14,8 @@ less than one pixel. Inputs of at most :data:`SMALL_IMAGE_MAX` px are adapted:
   weights and is padded to keep the size (a patchify conv, kernel = stride, becomes a kernel+1
   conv), a strided pooling becomes the identity. Networks whose attention tables are sized from
   the image size at construction (CoAtNet, MaxViT) are built for the size the remaining steps see.
+* **Networks built for an image size whose first model does not run**: timm's own size with
+  fewer downsampling steps, then smaller patches (:func:`_size_fallbacks`).
 
 A network that still cannot run on the images is refused with one line that names the smallest
 input size it runs on (:func:`check_runs`). The changes made are returned, and are part of the
@@ -127,6 +129,8 @@ def _unstride(model: nn.Module, name: str) -> str:
                                          bias=module.bias is not None))
         if _as_pair(getattr(parent, "patch_size", None)) == tuple(kernel):  # an embedding that counts its tokens by it (Twins)
             parent.patch_size = (1, 1)
+            if getattr(parent, "strict_img_size", False):  # timm's PatchEmbed checks the size it was built for (Visformer)
+                parent.strict_img_size = False
         return f"{name}: stride-{kernel[0]} {kernel[0]}x{kernel[1]} conv -> {kernel[0] + 1}x{kernel[1] + 1} stride-1"
     module.stride = (1, 1)
     if isinstance(module.padding, tuple):  # timm's Conv2dSame pads in forward from its stride
@@ -181,46 +185,69 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
     same_arguments = probe if reuse_probe else None
     # timm's patch embedding is ``patch_embed``, or ``stem`` in the MLP-Mixers (gMLP, ResMLP)
     embed = "patch_embed" if hasattr(probe, "patch_embed") else "stem" if isinstance(getattr(probe, "stem", None), PatchEmbed) else None
-    patch_embedding = embed is not None and _accepts(probe, "patch_size") and _accepts(probe, "img_size")
+    sized = _accepts(probe, "img_size")
+    patch_embedding = embed is not None and _accepts(probe, "patch_size") and sized
     if image_size > SMALL_IMAGE_MAX:
         return _running(image_size, in_chans, [lambda: (create(timm_name, img_size=image_size, **kwargs) if patch_embedding
                                                         else same_arguments or create(timm_name, **kwargs), [])])
-    if patch_embedding:
-        patch = patch_size_for(image_size)
-        if isinstance(getattr(probe, embed), nn.ModuleList):  # one embedding per branch (CrossViT), each at its own scale
-            patch = tuple(_dividing_patch(int(image_size * size[0] / probe.img_size[0])) for size in probe.img_size_scaled)
-
-        def repatched() -> tuple[nn.Module, list[str]]:
-            """For a factory that fixes the patch size itself (gMLP, MLP-Mixer): built for the size
-            whose token grid that patch gives, then its patch embedding re-cut for the images."""
-            fixed = _as_pair(getattr(probe, embed).patch_size)[0]
-            built = image_size // patch * fixed
-            model = create(timm_name, img_size=built, **kwargs)
-            getattr(model, embed).set_input_size(img_size=image_size, patch_size=patch)
-            return model, [f"built for {built} px, its {fixed} px patches re-cut to {patch} px"]
-
-        direct = [lambda: (create(timm_name, img_size=image_size, patch_size=patch, **kwargs), [])]
-        return _running(image_size, in_chans, direct if isinstance(patch, tuple) or not hasattr(getattr(probe, embed), "set_input_size")
-                        else [*direct, repatched])
     if isinstance(probe, timm.models.resnet.ResNet):
         return _running(image_size, in_chans, [lambda: _adapt_resnet_stem(same_arguments or create(timm_name, **kwargs), in_chans)])
+    if patch_embedding:
+        first_rules = _patch_embedding_rules(timm_name, image_size, create, probe, embed, **kwargs)
+    elif sized:
+        first_rules = [lambda: _built_for_remaining_steps(timm_name, image_size, create, probe, **kwargs)]
+    else:
+        first_rules = [lambda: (model := same_arguments or create(timm_name, **kwargs), _adapt_strides(model, in_chans, keep=MAX_REDUCTION))]
+    return _running(image_size, in_chans, first_rules + (_size_fallbacks(timm_name, image_size, create, probe, **kwargs) if sized
+                                                         else [lambda: _strides_removed(timm_name, create, MAX_REDUCTION // 2, **kwargs)]))
 
-    def strides_removed(keep: int) -> tuple[nn.Module, list[str]]:
-        model = create(timm_name, **kwargs)
-        return model, _adapt_strides(model, in_chans, keep=keep)
 
-    def first_rule() -> tuple[nn.Module, list[str]]:
-        if _accepts(probe, "img_size"):
-            return _built_for_remaining_steps(timm_name, image_size, create, probe, **kwargs)
-        model = same_arguments or create(timm_name, **kwargs)
-        return model, _adapt_strides(model, in_chans, keep=MAX_REDUCTION)
+Rule = Callable[[], tuple[nn.Module, list[str]]]
 
-    # Where the first rule's model does not run, fewer downsampling steps may: a network that only
-    # checks that its size divides into patches (Twins) at timm's own size, or one whose last
-    # stage's attention is sized for a 7x7 grid (EfficientFormer: 28 px reduced 4-fold).
-    # (Not fewer than 4-fold: at 28 px a network's attention would then span 196 tokens or more.)
-    fallbacks = [lambda keep=keep: strides_removed(keep) for keep in (MAX_REDUCTION, MAX_REDUCTION // 2)]
-    return _running(image_size, in_chans, [first_rule, *(fallbacks[1:] if not _accepts(probe, "img_size") else fallbacks)])
+
+def _patch_embedding_rules(timm_name: str, image_size: int, create: Callable[..., nn.Module], probe: nn.Module, embed: str,
+                           **kwargs: Any) -> list[Rule]:
+    """A patch-embedding transformer built for the images with a patch that gives a 4x4 to 8x8 token
+    grid; where the factory fixes the patch size itself (gMLP, MLP-Mixer), its embedding re-cut."""
+    patch: int | tuple[int, ...] = patch_size_for(image_size)
+    if isinstance(getattr(probe, embed), nn.ModuleList):  # one embedding per branch (CrossViT), each at its own scale
+        patch = tuple(_dividing_patch(int(image_size * size[0] / probe.img_size[0])) for size in probe.img_size_scaled)
+
+    def repatched() -> tuple[nn.Module, list[str]]:
+        """Built for the size whose token grid the factory's patch gives, then the patch embedding re-cut for the images."""
+        fixed = _as_pair(getattr(probe, embed).patch_size)[0]
+        built = image_size // patch * fixed
+        model = create(timm_name, img_size=built, **kwargs)
+        getattr(model, embed).set_input_size(img_size=image_size, patch_size=patch)
+        return model, [f"built for {built} px, its {fixed} px patches re-cut to {patch} px"]
+
+    direct: list[Rule] = [lambda: (create(timm_name, img_size=image_size, patch_size=patch, **kwargs), [])]
+    return direct if isinstance(patch, tuple) or not hasattr(getattr(probe, embed), "set_input_size") else [*direct, repatched]
+
+
+def _size_fallbacks(timm_name: str, image_size: int, create: Callable[..., nn.Module], probe: nn.Module,
+                    **kwargs: Any) -> list[Rule]:
+    """What is tried, in order, where the first rule's model of a network built for an image size
+    does not run:
+
+    * timm's own size with the first steps made stride-1, to 8- or 4-fold reduction: a network
+      that only checks that its size divides into patches (Twins, XCiT), whose positional tables
+      are sized for the remaining steps (Visformer), or whose last stage's attention is sized for a
+      7x7 grid (EfficientFormer: 28 px reduced 4-fold). Not fewer than 4-fold: at 28 px a
+      network's attention would then span 196 tokens or more;
+    * built for the images with smaller patches, down to 1 px, where the patch grid must divide
+      further (NesT's blocks, a hybrid ViT's backbone feature map) or the embedding is not
+      ``patch_embed`` (TNT)."""
+    first = patch_size_for(image_size)
+    patches = [p for p in (first, 4, 2, 1) if p <= first and image_size % p == 0] if _accepts(probe, "patch_size") else []
+    smaller: list[Rule] = [lambda p=p: (create(timm_name, img_size=image_size, patch_size=p, **kwargs),
+                                        [f"built for {image_size} px with {p} px patches"]) for p in dict.fromkeys(patches)]
+    return [lambda keep=keep: _strides_removed(timm_name, create, keep, **kwargs) for keep in (MAX_REDUCTION, MAX_REDUCTION // 2)] + smaller
+
+
+def _strides_removed(timm_name: str, create: Callable[..., nn.Module], keep: int, **kwargs: Any) -> tuple[nn.Module, list[str]]:
+    model = create(timm_name, **kwargs)
+    return model, _adapt_strides(model, kwargs.get("in_chans", 3), keep=keep)
 
 
 def _running(image_size: int, in_chans: int, rules: list[Callable[[], tuple[nn.Module, list[str]]]]) -> tuple[nn.Module, list[str]]:
