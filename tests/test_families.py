@@ -38,14 +38,14 @@ def small_data(cache_dir, digits, fmnist_small):
 
 
 def _brief(name: str):
-    return replace(default_recipe(name), epochs=2, image_scales=(1.0,), keep_fraction=1.0, bf16=False)
+    return replace(default_recipe(name), epochs=1, image_scales=(1.0,), keep_fraction=1.0, bf16=False)
 
 
-# No accuracy floor: two brief epochs on 128 test images leave drops too noisy to hold one. What
+# No accuracy floor: one brief epoch and 128 test images leave drops too noisy to hold one. What
 # does not depend on the family is left to the tests of its own module, where it took most of a
 # study's time here: the ILP seeds (tests/test_search_algorithms.py) and the MSE grid search of
 # activation ranges (min-max ranges instead; tests/test_quant.py).
-STUDY = StudyConfig(allow_weak_baseline=True, latency=None,  # two brief epochs: some families are still near chance
+STUDY = StudyConfig(allow_weak_baseline=True, latency=None,  # one brief epoch: some families are still near chance
                     quant=QuantConfig(act_observer="minmax"),
                     search=SearchConfig(max_drop=None, population_size=4, eval_images=64, multi_fidelity_images=32,
                                         ilp_seeds=0, ilp_gap_plans=0, sensitivity_batches=1, sensitivity_probes=1,

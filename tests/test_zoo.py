@@ -257,6 +257,20 @@ def test_selective_training_takes_the_scheduled_steps_and_learns(digits):
         TrainConfig(keep_fraction=0.0)
 
 
+def test_one_epoch_of_four_steps_trains_with_a_warm_up(digits):
+    """One epoch of 4 steps at the recipe's 0.25 warm-up would give OneCycleLR a warm-up of one
+    step, which it divides by zero for: the warm-up is stretched to two steps."""
+    from mpsearch.config import TrainConfig
+    from mpsearch.models.train import _warmup_fraction, train_model
+
+    assert _warmup_fraction(0.25, 4) == 0.5 and _warmup_fraction(0.25, 40) == 0.25 and _warmup_fraction(0.25, 1) == 0.9
+    recipe = TrainConfig(epochs=1, batch_size=128, bf16=False, image_scales=(1.0,))
+    model = create_model("test_resnet", digits.info)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_model(model, digits.train.subset(512), digits.info, recipe, progress=False)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_autocast_only_where_the_cpu_runs_bf16(digits, monkeypatch, native):
     """recipe.bf16 trains under bf16 autocast on a CPU with bf16 instructions and in fp32 (bit for

@@ -125,14 +125,22 @@ def _start(model: nn.Module, n_train: int, info: DatasetInfo, recipe: TrainConfi
     model.to(device=device, memory_format=memory_format).train()
     opt = _optimizer(model, recipe)
     epoch_images = [recipe.epoch_images(epoch, n_train) for epoch in range(recipe.epochs)]
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, total_steps=sum(math.ceil(n / recipe.batch_size) for n in epoch_images),
-        pct_start=recipe.warmup_fraction,
-    )
+    total_steps = sum(math.ceil(n / recipe.batch_size) for n in epoch_images)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total_steps,
+                                                pct_start=_warmup_fraction(recipe.warmup_fraction, total_steps))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     per_image_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing, reduction="none")
     return _Run(model, recipe, info, device, bf16, memory_format, fill, gen, opt, sched, epoch_images, loss_fn,
                 per_image_loss, progress)
+
+
+def _warmup_fraction(fraction: float, total_steps: int) -> float:
+    """The recipe's warm-up fraction, or in a run of a few steps (one epoch on a few hundred
+    images), one that warms up over two steps: OneCycleLR divides by its warm-up's length in
+    steps less one, so one step (4 steps at 0.25) fails and fewer leave no warm-up."""
+    if fraction * total_steps > 1:
+        return fraction
+    return min(2 / total_steps, 0.9)
 
 
 def _epoch_batches(run: _Run, train: Split, epoch: int, seed: int,
