@@ -208,15 +208,33 @@ def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool, image_s
 # ---------------------------------------------------------------------------- digits
 
 
-@_register("digits")
-def _load_digits(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
-    from sklearn.datasets import load_digits
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: (images of 0-16 as float, n x 8 x 8; labels). Read from the
+    file scikit-learn ships, found without importing it: ``sklearn.datasets`` takes about a second
+    to import, which every command on digits (and every Ray worker) would pay."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.exists():
+            with gzip.open(path, "rt") as file:
+                table = np.loadtxt(file, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # a scikit-learn that keeps the file elsewhere
 
     digits = load_digits()
-    images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None])
+    return digits.images, digits.target.astype(np.int64)
+
+
+@_register("digits")
+def _load_digits(arg: str, data_dir: Path | None, download: bool, image_size: int | None) -> _Loaded:
+    pixels, labels = _sklearn_digits()
+    images = torch.from_numpy(np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[:, None])
     # mean/std: over all pixels (/255) of the 1257-image train split below, rounded to 4 decimals.
     info = DatasetInfo("digits", 10, 1, 8, (0.3060,), (0.3762,))
-    full = TensorSplit(images, torch.from_numpy(digits.target).long(), info.mean, info.std)
+    full = TensorSplit(images, torch.from_numpy(labels).long(), info.mean, info.std)
     perm = _perm(len(full))
     test, val, train = (perm[:360].sort().values, perm[360:540].sort().values, perm[540:].sort().values)
     return _Loaded(info, full.select(train), full.select(val), full.select(test), "sklearn bundled digits")
