@@ -10,6 +10,7 @@ from mpsearch.config import QuantConfig
 from mpsearch.errors import UserError
 from mpsearch.quant import QuantizedModel, quantize_weight
 from mpsearch.quant.ptq import PTQ_METHODS, get_ptq, input_columns
+from mpsearch.quant.ptq.adaround import AdaRound
 from mpsearch.quant.ptq.base import grid_of
 
 METHODS = PTQ_METHODS.names()
@@ -66,12 +67,13 @@ def test_contract_weights_on_the_grid_same_shape_deterministic(calibrated, metho
 
 
 @pytest.mark.slow
-# brecq's layer-wise path is AdaRound. AdaRound (1,500 iterations a layer) at 2 bits only: its
-# 4-bit case took 40 s and proves nothing the 2-bit one does not (it beat round-to-nearest 0.29x).
+# brecq's layer-wise path is AdaRound. AdaRound at 4 bits only and 900 iterations a layer instead
+# of 1,500: 17 s instead of 30-40 s a case, and still 0.39x round-to-nearest's error (0.29x at
+# 1,500; at 2 bits it gains least, 0.89x at 1,500 and 0.95x at 400).
 @pytest.mark.parametrize(("method", "bits"), [(m, b) for m in METHODS if m not in ("rtn", "brecq")
-                                              for b in ((2,) if m == "adaround" else (2, 4))])
+                                              for b in ((4,) if m == "adaround" else (2, 4))])
 def test_each_method_lowers_the_output_error_of_round_to_nearest(calibrated, method, bits):
-    rtn, other = get_ptq("rtn"), get_ptq(method)
+    rtn, other = get_ptq("rtn"), (AdaRound(iters=900) if method == "adaround" else get_ptq(method))
     ours = nearest = 0.0
     for name in calibrated.layer_names:
         layer, columns = calibrated.wrappers[name].layer, calibrated.layer_columns[name]
@@ -80,7 +82,7 @@ def test_each_method_lowers_the_output_error_of_round_to_nearest(calibrated, met
         e_ours = _output_error(layer, other.quantize(layer, qp, columns), columns)
         assert e_ours <= e_rtn * 1.02 + 1e-9, f"{method} at {bits} bits: {name} error {e_ours:.4g} > round-to-nearest {e_rtn:.4g}"
         ours, nearest = ours + e_ours, nearest + e_rtn
-    # Measured on this model: GPTQ 0.18 / 0.16 of round-to-nearest's error at 2 / 4 bits, AdaRound 0.88 / 0.29.
+    # Measured on this model: GPTQ 0.18 / 0.16 of round-to-nearest's error at 2 / 4 bits, AdaRound 0.39 at 4 bits.
     assert ours < (0.95 if bits == 2 else 0.5) * nearest, \
         f"{method} at {bits} bits: total output error {ours:.4g} vs round-to-nearest {nearest:.4g}"
 
