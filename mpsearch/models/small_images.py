@@ -42,6 +42,8 @@ SMALL_IMAGE_MAX = 64  # inputs up to this size are adapted
 MAX_REDUCTION = 8  # adapted networks reduce the input at most this many times (28 px -> 4x4, like ResNet)
 _PROBE = 256  # probe forward size: a power of two, so each step's reduction is exact
 
+Rule = Callable[[], tuple[nn.Module, list[str]]]  # builds a model and says what it changed
+
 
 def patch_size_for(image_size: int) -> int:
     """Patch size that gives a transformer a 4x4 to 8x8 token grid: 28 -> 4 (7x7), 32 -> 4 (8x8), 8 -> 2 (4x4), 64 -> 8."""
@@ -202,9 +204,6 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
                                                          else [lambda: _strides_removed(timm_name, create, MAX_REDUCTION // 2, **kwargs)]))
 
 
-Rule = Callable[[], tuple[nn.Module, list[str]]]
-
-
 def _patch_embedding_rules(timm_name: str, image_size: int, create: Callable[..., nn.Module], probe: nn.Module, embed: str,
                            **kwargs: Any) -> list[Rule]:
     """A patch-embedding transformer built for the images with a patch that gives a 4x4 to 8x8 token
@@ -250,7 +249,7 @@ def _strides_removed(timm_name: str, create: Callable[..., nn.Module], keep: int
     return model, _adapt_strides(model, kwargs.get("in_chans", 3), keep=keep)
 
 
-def _running(image_size: int, in_chans: int, rules: list[Callable[[], tuple[nn.Module, list[str]]]]) -> tuple[nn.Module, list[str]]:
+def _running(image_size: int, in_chans: int, rules: list[Rule]) -> tuple[nn.Module, list[str]]:
     """The first of ``rules`` whose model builds and runs on ``image_size`` px images; when none
     does, ValueError with the first rule's reason (the one a user would be told)."""
     reasons = []
