@@ -36,6 +36,11 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else "")[:limit]
 
 
+def quoted(exc: BaseException) -> str:
+    """``Type: first line`` of an exception raised in code mpsearch does not own."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 @contextmanager
 def model_stage(model: str, stage: str, fix: str = "it does not run under mpsearch as it is: choose another model") -> Iterator[None]:
     """Run a stage of work on ``model`` (building, training, calibrating, exporting ...): an
@@ -50,7 +55,7 @@ def model_stage(model: str, stage: str, fix: str = "it does not run under mpsear
         root = exc
         while root.__cause__ is not None:  # what a wrapper (torch.onnx's TorchExportError) says it failed on
             root = root.__cause__
-        raise UserError(f"model {model} failed while {stage} ({type(root).__name__}: {first_line(root)}); {fix}, "
+        raise UserError(f"model {model} failed while {stage} ({quoted(root)}); {fix}, "
                         "or run with --debug for the traceback") from exc
 
 

@@ -393,22 +393,16 @@ STAGE_FUNCTIONS = {
 }
 
 
-def first_line(exc: BaseException) -> str:
-    """The exception's first non-empty line, capped: one table cell, not a traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:300]
-
-
 def run_stage(stage: str, cell: _Cell) -> str:
     """``ok``, ``skipped: ...``, ``refused: <UserError>`` or ``CRASH: <type>: <message>``."""
-    from mpsearch.errors import UserError
+    from mpsearch.errors import UserError, first_line, quoted
 
     try:
         return STAGE_FUNCTIONS[stage](cell) or "ok"
     except UserError as exc:
-        return f"refused: {first_line(exc)}"
+        return f"refused: {first_line(exc, limit=300)}"  # one table cell, not a traceback
     except Exception as exc:  # noqa: BLE001 - every other failure is what this sweep is looking for
-        return f"CRASH: {type(exc).__name__}: {first_line(exc)}"
+        return f"CRASH: {quoted(exc)}"
 
 
 def passed(result: str) -> bool:

@@ -34,9 +34,9 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-from mpsearch.errors import UserError, first_line
+from mpsearch.errors import UserError, first_line, quoted
 
-__all__ = ["MAX_REDUCTION", "SMALL_IMAGE_MAX", "build_for_size", "check_runs", "patch_size_for", "refusal"]
+__all__ = ["MAX_REDUCTION", "SMALL_IMAGE_MAX", "build_for_size", "check_runs", "failure", "patch_size_for", "refusal"]
 
 SMALL_IMAGE_MAX = 64  # inputs up to this size are adapted
 MAX_REDUCTION = 8  # adapted networks reduce the input at most this many times (28 px -> 4x4, like ResNet)
@@ -261,7 +261,7 @@ def _running(image_size: int, in_chans: int, rules: list[Rule]) -> tuple[nn.Modu
         except UserError:  # mpsearch's own one-liners (hub weights that cannot load) are not a size problem
             raise
         except Exception as exc:  # noqa: BLE001 - a constructor's own checks (asserts, TypeErrors) or a failed forward
-            reasons.append(first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}")
+            reasons.append(failure(exc))
     raise ValueError(reasons[0])
 
 
@@ -282,6 +282,12 @@ def _built_for_remaining_steps(timm_name: str, image_size: int, create: Callable
     return model, changes
 
 
+def failure(exc: Exception) -> str:
+    """Why a model could not be built or run, in one line: :func:`check_runs`'s ValueError (which
+    quotes the model's own error already) as it is, any other exception quoted."""
+    return first_line(exc) if isinstance(exc, ValueError) else quoted(exc)
+
+
 def check_runs(model: nn.Module, image_size: int, in_chans: int) -> None:
     """Raise ValueError (why, in one line) when ``model`` cannot run a forward pass on ``image_size`` px images."""
     was_training = model.training
@@ -289,7 +295,7 @@ def check_runs(model: nn.Module, image_size: int, in_chans: int) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(2, in_chans, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 - shape errors of many kinds
-        raise ValueError(f"{type(exc).__name__}: {first_line(exc)}") from None
+        raise ValueError(quoted(exc)) from None
     finally:
         model.train(was_training)
 

@@ -28,13 +28,13 @@ from torch import nn
 
 from mpsearch.config import TrainConfig
 from mpsearch.data import DatasetInfo, DataSplits
-from mpsearch.errors import UserError, first_line, model_stage, read_user_file
+from mpsearch.errors import UserError, model_stage, quoted, read_user_file
 from mpsearch.evaluation.metrics import correct_mask
 from mpsearch.host.files import atomic_write, atomic_write_text
 from mpsearch.host.machine import available_cores, describe_machine, native_bf16, torch_threads
 from mpsearch.host.paths import cache_root
 from mpsearch.models.fp32_masks import Fp32Masks
-from mpsearch.models.small_images import build_for_size, check_runs, refusal
+from mpsearch.models.small_images import build_for_size, check_runs, failure, refusal
 from mpsearch.models.train import train_model
 
 __all__ = [
@@ -137,7 +137,7 @@ def _build(name: str, info: DatasetInfo, *, pretrained: bool = False, explain: b
             return timm.create_model(timm_name, pretrained=True, **more)
         except Exception as exc:  # noqa: BLE001 - hub failures come in many types
             raise UserError(
-                f"cannot load timm hub weights for {timm_name} ({type(exc).__name__}: {first_line(exc)}); "
+                f"cannot load timm hub weights for {timm_name} ({quoted(exc)}); "
                 "pretrained weights need internet access to the Hugging Face hub: use a checkpoint file instead, "
                 "or let mpsearch train a baseline"
             ) from None
@@ -147,7 +147,7 @@ def _build(name: str, info: DatasetInfo, *, pretrained: bool = False, explain: b
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - a constructor's own checks (asserts, TypeErrors) refuse the size too
-        why = first_line(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"
+        why = failure(exc)
         if not explain:
             raise ValueError(why) from None
         raise refusal(timm_name, info.image_size, why, runs_at=lambda size: _runs(name, replace(info, image_size=size))) from None
