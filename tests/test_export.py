@@ -109,6 +109,41 @@ def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_q
     assert ops.get("DequantizeLinear", 0) >= 1  # the weight-only layer's integers, dequantized per channel
 
 
+class _ResidualStem(torch.nn.Module):
+    """A stem reading the image whose output feeds a residual add (as ResNet-18's CIFAR stem
+    does), then a wide block: the stem is 0.8 % of the multiply-accumulates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.expand = torch.nn.Conv2d(16, 64, 3, padding=1)
+        self.project = torch.nn.Conv2d(64, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.project(torch.relu(self.expand(x))) + x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_cheap_first_convolution_keeps_a_float_output_instead_of_a_calibrated_grid(digits, tmp_path):
+    """The stem's output would need a calibrated 8-bit grid (it feeds the add); reading the image
+    and cheap, it stays a float Conv, and the block's projection (half the work) keeps its grid."""
+    torch.manual_seed(0)
+    model = _ResidualStem().eval()
+    quantized = mpsearch.quantize(model, "w8a8", digits)
+    path = mpsearch.export_onnx(quantized, tmp_path / "stem.onnx", digits)
+    meta = read_metadata(path)
+    assert meta["float_convolutions"] == 1 and meta["calibrated_output_grids"] == 1
+    ops = integer_kernel_ops(path, tmp_path / "optimized.onnx")
+    assert ops.get("QLinearConv", 0) == 2 and not ops.get("ConvInteger")  # expand and project on the int8 kernel
+    x = _all_images(digits)
+    with torch.no_grad():
+        fake = quantized(x)
+    logits = OnnxClassifier(path, threads=1).logits(x)
+    assert float((logits.argmax(1) == fake.argmax(1)).float().mean()) >= 0.995
+
+
 def test_export_takes_what_quantize_returned_without_calibrating_again(models, digits, tmp_path, monkeypatch):
     """A quantized module is written as it is (same file as quantizing on export); a float model
     needs a policy, and a quantized one takes none."""

@@ -94,8 +94,9 @@ def export(args: argparse.Namespace) -> int:
         return 0
     from mpsearch.export.onnx import kernel_summary, read_metadata
 
-    grids = read_metadata(path).get("calibrated_output_grids", 0)
-    calibrated = f", {grids} calibrated output grids" if grids else ""
+    meta = read_metadata(path)
+    grids, cheap = meta.get("calibrated_output_grids", 0), meta.get("float_convolutions", 0)
+    calibrated = (f", {grids} calibrated output grids" if grids else "") + (f", {cheap} cheap convolutions kept float" if cheap else "")
     print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB; in onnxruntime "
           f"{kernel_summary(path)}{calibrated})")
     return 0

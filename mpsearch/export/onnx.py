@@ -134,7 +134,8 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, meta
     if quantized:
         images = [x.float().contiguous().numpy() for x in calibration]
         grids = quantize_layer_outputs(proto, images)
-        metadata = {**(metadata or {}), "calibrated_output_grids": sum(1 for how in grids.values() if how == "calibrated")}
+        metadata = {**(metadata or {}), "calibrated_output_grids": sum(1 for how in grids.values() if how == "calibrated"),
+                    "float_convolutions": sum(1 for how in grids.values() if how == "float")}
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key = METADATA_PREFIX + key
