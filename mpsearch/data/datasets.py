@@ -211,7 +211,7 @@ def _load_fashion_mnist(arg: str, data_dir: Path | None, download: bool, image_s
 def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: (images of 0-16 as float, n x 8 x 8; labels). Read from the
     file scikit-learn ships, found without importing it: ``sklearn.datasets`` takes about a second
-    to import, which every command on digits (and every Ray worker) would pay."""
+    to import, which every command on digits would pay."""
     import gzip
     import importlib.util
 

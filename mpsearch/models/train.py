@@ -140,7 +140,7 @@ def _warmup_fraction(fraction: float, total_steps: int) -> float:
     steps less one, so one step (4 steps at 0.25) fails and fewer leave no warm-up."""
     if fraction * total_steps > 1:
         return fraction
-    return min(2 / total_steps, 0.9)
+    return min(2 / max(total_steps, 1), 0.9)
 
 
 def _epoch_batches(run: _Run, train: Split, epoch: int, seed: int,
