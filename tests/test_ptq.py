@@ -68,7 +68,7 @@ def test_contract_weights_on_the_grid_same_shape_deterministic(calibrated, metho
 
 @pytest.mark.slow
 # brecq's layer-wise path is AdaRound. AdaRound at 4 bits only and 900 iterations a layer instead
-# of 1,500: 17 s instead of 30-40 s a case, and still 0.39x round-to-nearest's error (0.29x at
+# of 1,500: 16-23 s instead of 30-40 s a case, and still 0.39x round-to-nearest's error (0.29x at
 # 1,500; at 2 bits it gains least, 0.89x at 1,500 and 0.95x at 400).
 @pytest.mark.parametrize(("method", "bits"), [(m, b) for m in METHODS if m not in ("rtn", "brecq")
                                               for b in ((4,) if m == "adaround" else (2, 4))])
