@@ -132,6 +132,15 @@ def _macs(graph: Any, node: Any, producers: dict[str, Any], output_shape: tuple[
     return int(np.prod(output_shape)) * per_output
 
 
+def _cheap(tensors: list[str], layers: list[Any], graph: Any, producers: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Of the quantized layers' outputs ``tensors``, those of layers doing at most :data:`CHEAP_SHARE`
+    of all ``layers``' multiply-accumulates."""
+    if not tensors:
+        return []
+    macs = {node.output[0]: _macs(graph, node, producers, shapes[node.output[0]]) for node in layers}
+    return [tensor for tensor in tensors if macs[tensor] <= CHEAP_SHARE * sum(macs.values())]
+
+
 def _reads_model_input(node: Any, producers: dict[str, Any], graph: Any) -> bool:
     """Whether ``node``'s input is the model's input behind its quantizer (and a narrow grid's Clip)."""
     inputs = {value.name for value in graph.input}
@@ -184,17 +193,16 @@ def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str
         # A lone ReLU after the layer: calibrate after it, and the grid (zero point 0) is the ReLU.
         relu = _single_user(tensor, users, "Relu")
         calibrate[tensor] = relu.output[0] if relu is not None else tensor
-    kept_float: list[str] = []
+    # Only where a first convolution would need a calibrated grid are the layers' sizes needed
+    # (from the calibration run's shapes), to tell whether it is cheap.
+    kept_float = [tensor for tensor in calibrate if _reads_model_input(producers[tensor], producers, graph)]
     if calibrate:
-        layers = _quantized_layers(graph, producers)
+        layers = _quantized_layers(graph, producers) if kept_float else []
         ranges, shapes = _ranges(model, sorted(set(calibrate.values()) | {node.output[0] for node in layers}), images)
-        macs = {node.output[0]: _macs(graph, node, producers, shapes[node.output[0]]) for node in layers}
-        total = sum(macs.values())
+        kept_float = _cheap(kept_float, layers, graph, producers, shapes)
         for tensor, measured in calibrate.items():
-            if macs[tensor] <= CHEAP_SHARE * total and _reads_model_input(producers[tensor], producers, graph):
-                kept_float.append(tensor)
-                continue
-            grids[tensor] = (*_grid(*ranges[measured]), _UINT8)
+            if tensor not in kept_float:
+                grids[tensor] = (*_grid(*ranges[measured]), _UINT8)
     after: dict[str, list[Any]] = {}  # a layer's (new) output -> the grid nodes that read it
     for tensor, (scale, zero_point, dtype) in grids.items():
         base = tensor + OUTPUT_GRID_SUFFIX

@@ -200,7 +200,8 @@ def build_for_size(timm_name: str, image_size: int, create: Callable[..., nn.Mod
         first_rules = [lambda: _built_for_remaining_steps(timm_name, image_size, create, probe, **kwargs)]
     else:
         first_rules = [lambda: (model := same_arguments or create(timm_name, **kwargs), _adapt_strides(model, in_chans, keep=MAX_REDUCTION))]
-    return _running(image_size, in_chans, first_rules + (_size_fallbacks(timm_name, image_size, create, probe, **kwargs) if sized
+    tried = patch_size_for(image_size) if patch_embedding else None  # the first rule's patch: not built twice
+    return _running(image_size, in_chans, first_rules + (_size_fallbacks(timm_name, image_size, create, probe, tried, **kwargs) if sized
                                                          else [lambda: _strides_removed(timm_name, create, MAX_REDUCTION // 2, **kwargs)]))
 
 
@@ -225,7 +226,7 @@ def _patch_embedding_rules(timm_name: str, image_size: int, create: Callable[...
 
 
 def _size_fallbacks(timm_name: str, image_size: int, create: Callable[..., nn.Module], probe: nn.Module,
-                    **kwargs: Any) -> list[Rule]:
+                    tried: int | None, **kwargs: Any) -> list[Rule]:
     """What is tried, in order, where the first rule's model of a network built for an image size
     does not run:
 
@@ -236,9 +237,9 @@ def _size_fallbacks(timm_name: str, image_size: int, create: Callable[..., nn.Mo
       network's attention would then span 196 tokens or more;
     * built for the images with smaller patches, down to 1 px, where the patch grid must divide
       further (NesT's blocks, a hybrid ViT's backbone feature map) or the embedding is not
-      ``patch_embed`` (TNT)."""
+      ``patch_embed`` (TNT). ``tried``: the patch size the first rule built with, not tried again."""
     first = patch_size_for(image_size)
-    patches = [p for p in (first, 4, 2, 1) if p <= first and image_size % p == 0] if _accepts(probe, "patch_size") else []
+    patches = [p for p in (first, 4, 2, 1) if p <= first and image_size % p == 0 and p != tried] if _accepts(probe, "patch_size") else []
     smaller: list[Rule] = [lambda p=p: (create(timm_name, img_size=image_size, patch_size=p, **kwargs),
                                         [f"built for {image_size} px with {p} px patches"]) for p in dict.fromkeys(patches)]
     return [lambda keep=keep: _strides_removed(timm_name, create, keep, **kwargs) for keep in (MAX_REDUCTION, MAX_REDUCTION // 2)] + smaller
