@@ -136,8 +136,11 @@ def test_optimize_export_evaluate_and_dashboard(cli_cache, trained, tmp_path):
 
     common = trained
     folder = tmp_path / "cli"
+    # No accuracy floor: eight trials on a two-epoch baseline may all fall 5 pp below it on test
+    # (they did on one CPU), and what is tested here is the way from a study to a policy file.
     out = run("optimize", *common, "--budget", "8", "--population", "4", "--eval-images", "100", "--workers", "0",
-              "--sensitivity", "none", "--set", "latency=null", "--out-dir", str(folder), "--name", "cli", cache=cli_cache)
+              "--sensitivity", "none", "--max-drop", "none", "--set", "latency=null", "--out-dir", str(folder), "--name", "cli",
+              cache=cli_cache)
     assert out.returncode == 0, out.stderr
     assert "8 trials" in out.stdout and "Pareto point" in out.stdout
     policy_path = tmp_path / "picked.json"

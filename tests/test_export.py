@@ -66,7 +66,10 @@ def test_the_integer_form_keeps_ptq_weights_and_smoothing(digits_baseline, digit
     with torch.no_grad():
         expected, got, rtn = quantized(x), integer(x), mpsearch.quantize(model, "w4a8", digits)(x)
     moved = (got - expected).abs().amax(dim=1) > 1e-4 * float(expected.abs().max())
-    assert float(moved.float().mean()) <= 0.05  # smoothed inputs land on rounding ties a little more often
+    # Summed in another order, smoothed inputs land on the other side of a rounding tie a little
+    # more often: 7 of 128 images moved on an AMD EPYC, fewer on an Intel Xeon. A lost smoothing or
+    # rounding method would move most of them.
+    assert float(moved.float().mean()) <= 0.1
     assert float((expected - rtn).abs().max()) > 1e-3  # the method changed the model, and the export kept it
 
 
