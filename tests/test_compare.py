@@ -301,7 +301,7 @@ def test_cli_compare_over_seeds_prints_every_method(digits_baseline, tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("budget", [8, 50])  # 8: the first generation of 20 cut short; 50: two full, then one cut short
+@pytest.mark.parametrize("budget", [6, 20])  # 6: the first generation of 8 cut short; 20: two full, then one cut short
 def test_every_method_with_and_without_multi_fidelity_ends_with_exactly_its_budget(budget, digits, digits_baseline):
     """Every registered algorithm, plain and +mf, in one study: exactly ``budget`` trials each
     (a generation cut by the budget is never told, and nothing is asked after it); planners whose
@@ -311,7 +311,7 @@ def test_every_method_with_and_without_multi_fidelity_ends_with_exactly_its_budg
     methods = [f"{name}{mf}" for name in ALGORITHMS.names() for mf in ("", "+mf")]
     cfg = with_overrides(StudyConfig(), {
         "model": "test_resnet", "dataset": "digits", "search.algorithm": ",".join(methods), "search.budget": budget,
-        "search.population_size": 20, "search.eval_images": 16, "search.multi_fidelity_images": 4, "calibration_size": 64,
+        "search.population_size": 8, "search.eval_images": 16, "search.multi_fidelity_images": 4, "calibration_size": 64,
         "search.ilp_seeds": 3, "search.sensitivity_batches": 1, "search.sensitivity_probes": 2, "latency": None, "run.workers": 0})
     result = run_study(cfg, model=digits_baseline, data=digits, progress=False, remeasure=False)
     counts = result.trials.groupby("attr_run").size()
