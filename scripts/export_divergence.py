@@ -1,0 +1,154 @@
+"""Where an exported ONNX file first rounds differently from the search's measurement, layer by layer.
+
+For one policy: export the file; run the same test images through the model the search measures
+(PyTorch, its evaluation backend) and through the file in onnxruntime (basic optimizations, so
+that every tensor is kept); at each quantized layer's input quantizer, count the values that land
+on another level of its grid. A value moves where the two sums of float32 products differ in the
+last bits right at a rounding boundary, or where a calibrated output grid of the file
+(:mod:`mpsearch.export.qdq`) rounds a layer's output; a moved value moves the next layers' sums
+by a whole step, so the count grows with depth, faster on narrow grids. Then the share of test
+images on which both predict the same class, for the file as exported (onnxruntime's optimized
+graph, as users run it) and for a copy without the calibrated output grids (every convolution
+then runs float and slowly, but the copy shows what the grids add to the float differences).
+
+    python scripts/export_divergence.py --model resnet18 --policy w4a4 --out docs/export_divergence.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpsearch.evaluation.prepared import prepare_measurement
+from mpsearch.export.deploy import compare_exported, export_policy
+from mpsearch.export.qdq import OUTPUT_GRID_SUFFIX
+from mpsearch.host.machine import describe_machine
+from mpsearch.quant.modules import QuantWrapper
+
+
+def _input_quantizers(model) -> list[str]:
+    """In node order, for each Conv / MatMul / Gemm whose weight and input are dequantized
+    integers, the float tensor its input ``QuantizeLinear`` reads (after a narrow grid's Clip)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dequantized = [producers.get(name) for name in node.input[:2]]
+        if not all(p is not None and p.op_type == "DequantizeLinear" for p in dequantized):
+            continue
+        quantizer = producers.get(dequantized[0].input[0])
+        if quantizer is not None and quantizer.op_type == "QuantizeLinear":
+            found.append(quantizer.input[0])
+    return found
+
+
+def _onnx_inputs(path: Path, tensors: list[str], images: np.ndarray) -> list[np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.load(str(path))
+    known = {value.name for value in probe.graph.input} | {value.name for value in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    inside = [t for t in tensors if t != input_name]
+    values = dict(zip(inside, session.run(inside, {input_name: images})))
+    return [images if t == input_name else values[t] for t in tensors]
+
+
+def _torch_inputs(model: str, dataset: str, policy: str, count: int) -> tuple[torch.Tensor, list[tuple[str, object, torch.Tensor]]]:
+    """The first ``count`` test images, and (layer, its input QParams, the input it got) for each
+    layer quantized on both sides, in the order the search's model runs them."""
+    prepared = prepare_measurement(model, dataset, policy, None, calibration_size=None, seed=None, checkpoint=None,
+                                   data_dir=None, image_size=None, pretrained=False, progress=False)
+    evaluator = prepared.evaluator
+    evaluator.calibrate()
+    evaluator.qmodel.apply(prepared.policy)
+    images = next(iter(evaluator.data.split("test").batches(count)))[0]
+    names = {module: name for name, module in evaluator.qmodel.module.named_modules()}
+    seen: list[tuple[str, object, torch.Tensor]] = []
+
+    def record(module, args, _output):
+        x = args[0] if module.input_divisor is None else args[0] / module.input_divisor
+        seen.append((names[module], module.act_qparams, x.detach().clone()))
+
+    hooks = [m.register_forward_hook(record) for m in evaluator.qmodel.module.modules()
+             if isinstance(m, QuantWrapper) and m.weight_qparams is not None and m.act_qparams is not None]
+    with torch.inference_mode():
+        evaluator.qmodel.module(images.contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    return images, seen
+
+
+def _levels(x: np.ndarray, qparams) -> np.ndarray:
+    scale, zero_point = float(qparams.scale), int(qparams.zero_point)
+    return np.clip(np.round(x / scale) + zero_point, qparams.qmin, qparams.qmax)
+
+
+def _without_output_grids(path: Path, out: Path) -> Path:
+    """A copy of the ONNX file whose layers write their outputs without the calibrated grids."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = []
+    for node in model.graph.node:
+        if node.name.endswith((OUTPUT_GRID_SUFFIX + "_quantize", OUTPUT_GRID_SUFFIX + "_dequantize")):
+            continue
+        for i, name in enumerate(node.output):
+            if name.endswith(OUTPUT_GRID_SUFFIX + "_raw"):
+                node.output[i] = name[: -len(OUTPUT_GRID_SUFFIX + "_raw")]
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save(model, str(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--policy", default="w4a4", help="a shorthand (w8a8, w4a4, ...) or a policy JSON file")
+    ap.add_argument("--images", type=int, default=256, help="test images for the per-layer count")
+    ap.add_argument("--limit", type=int, default=None, help="first N test images for the agreement (default: all)")
+    ap.add_argument("--out", default="", help="markdown file to write (default: print only)")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="export-divergence-") as tmp:
+        path, resolved = export_policy(args.model, args.dataset, args.policy, Path(tmp) / "model.onnx")
+        import onnx
+
+        images, layers = _torch_inputs(args.model, args.dataset, args.policy, args.images)
+        tensors = _input_quantizers(onnx.load(str(path)))
+        if len(tensors) != len(layers):
+            raise SystemExit(f"the file has {len(tensors)} input quantizers, the search's model {len(layers)}: no layer-by-layer match")
+        lines = [f"### {args.model} on {args.dataset}, {resolved.summary()}", "",
+                 "| layer | input grid | values on another level |", "|---|---|---:|"]
+        for (name, qparams, x), value in zip(layers, _onnx_inputs(path, tensors, images.numpy())):
+            moved = float(np.mean(_levels(value, qparams) != _levels(x.numpy(), qparams)))
+            lines.append(f"| {name} | {qparams.bits} bits | {moved:.2e} |")
+        exported = compare_exported(path, split="test", limit=args.limit)
+        bare = compare_exported(_without_output_grids(path, Path(tmp) / "bare.onnx"), split="test", limit=args.limit)
+    lines += ["", f"Same class on the {exported.images} test images: the file as exported {exported.agreement:.2%}, "
+              f"without its calibrated output grids {bare.agreement:.2%}.", "",
+              f"{args.images} test images for the per-layer count; onnxruntime with basic optimizations there, all "
+              f"optimizations for the agreement; machine: {describe_machine()}; {(time.perf_counter() - start) / 60:.1f} min. "
+              f"Command: `python scripts/export_divergence.py --model {args.model} --dataset {args.dataset} --policy {args.policy}`"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
