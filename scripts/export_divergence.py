@@ -1,15 +1,15 @@
 """Where an exported ONNX file first rounds differently from the search's measurement, layer by layer.
 
 For one policy: export the file; run the same test images through the model the search measures
-(PyTorch, its evaluation backend) and through the file in onnxruntime (basic optimizations, so
-that every tensor is kept); at each quantized layer's input quantizer, count the values that land
+(PyTorch, its evaluation backend) and through the file in onnxruntime (no graph optimizations:
+the file's own operators, every tensor kept); at each quantized layer's input quantizer, count the values that land
 on another level of its grid. A value moves where the two sums of float32 products differ in the
 last bits right at a rounding boundary, or where a calibrated output grid of the file
 (:mod:`mpsearch.export.qdq`) rounds a layer's output; a moved value moves the next layers' sums
 by a whole step, so the count grows with depth, faster on narrow grids. Then the share of test
 images on which both predict the same class, for the file as exported (onnxruntime's optimized
 graph, as users run it) and for a copy without the calibrated output grids (every convolution
-then runs float and slowly, but the copy shows what the grids add to the float differences).
+then runs float, slower than the fp32 file, but the copy shows what the grids add to the float differences).
 
     python scripts/export_divergence.py --model resnet18 --policy w4a4 --out docs/export_divergence.md
 """
@@ -56,7 +56,9 @@ def _onnx_inputs(path: Path, tensors: list[str], images: np.ndarray) -> list[np.
     known = {value.name for value in probe.graph.input} | {value.name for value in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # No graph optimization: the file's own operators, in float32 (even basic optimizations
+    # change a few roundings).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
@@ -135,13 +137,16 @@ def main() -> None:
         lines = [f"### {args.model} on {args.dataset}, {resolved.summary()}", "",
                  "| layer | input grid | values on another level |", "|---|---|---:|"]
         for (name, qparams, x), value in zip(layers, _onnx_inputs(path, tensors, images.numpy())):
+            if value.shape != tuple(x.shape):  # matched by order: a layer run in another order shows here
+                raise SystemExit(f"{name}: the file's input has shape {value.shape}, the search's {tuple(x.shape)}: "
+                                 "the layers run in another order")
             moved = float(np.mean(_levels(value, qparams) != _levels(x.numpy(), qparams)))
             lines.append(f"| {name} | {qparams.bits} bits | {moved:.2e} |")
         exported = compare_exported(path, split="test", limit=args.limit)
         bare = compare_exported(_without_output_grids(path, Path(tmp) / "bare.onnx"), split="test", limit=args.limit)
     lines += ["", f"Same class on the {exported.images} test images: the file as exported {exported.agreement:.2%}, "
               f"without its calibrated output grids {bare.agreement:.2%}.", "",
-              f"{args.images} test images for the per-layer count; onnxruntime with basic optimizations there, all "
+              f"{args.images} test images for the per-layer count; onnxruntime without graph optimizations there, all "
               f"optimizations for the agreement; machine: {describe_machine()}; {(time.perf_counter() - start) / 60:.1f} min. "
               f"Command: `python scripts/export_divergence.py --model {args.model} --dataset {args.dataset} --policy {args.policy}`"]
     text = "\n".join(lines) + "\n"
