@@ -26,43 +26,33 @@ import torch
 
 from mpsearch.evaluation.prepared import prepare_measurement
 from mpsearch.export.deploy import compare_exported, export_policy
-from mpsearch.export.qdq import OUTPUT_GRID_SUFFIX
+from mpsearch.export.qdq import OUTPUT_GRID_SUFFIX, _quantized_layers, _session_exposing  # inspects what the export writes
 from mpsearch.host.machine import describe_machine
 from mpsearch.quant.modules import QuantWrapper
+from mpsearch.quant.primitives import fake_quantize
 
 
 def _input_quantizers(model) -> list[str]:
-    """In node order, for each Conv / MatMul / Gemm whose weight and input are dequantized
-    integers, the float tensor its input ``QuantizeLinear`` reads (after a narrow grid's Clip)."""
+    """In node order, for each layer with a dequantized constant weight and a quantized input,
+    the float tensor its input ``QuantizeLinear`` reads (after a narrow grid's Clip)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     found = []
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        dequantized = [producers.get(name) for name in node.input[:2]]
-        if not all(p is not None and p.op_type == "DequantizeLinear" for p in dequantized):
-            continue
-        quantizer = producers.get(dequantized[0].input[0])
+    for node in _quantized_layers(model.graph, producers):
+        dequantized = producers.get(node.input[0])
+        quantizer = producers.get(dequantized.input[0]) if dequantized is not None and dequantized.op_type == "DequantizeLinear" else None
         if quantizer is not None and quantizer.op_type == "QuantizeLinear":
             found.append(quantizer.input[0])
     return found
 
 
-def _onnx_inputs(path: Path, tensors: list[str], images: np.ndarray) -> list[np.ndarray]:
-    import onnx
+def _onnx_inputs(model, tensors: list[str], images: np.ndarray) -> list[np.ndarray]:
+    """The named tensors of ``model`` on ``images``, without graph optimizations: the file's own
+    operators in float32 (even basic optimizations change a few roundings)."""
     import onnxruntime as ort
 
-    probe = onnx.load(str(path))
-    known = {value.name for value in probe.graph.input} | {value.name for value in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
-    options = ort.SessionOptions()
-    # No graph optimization: the file's own operators, in float32 (even basic optimizations
-    # change a few roundings).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    input_name = model.graph.input[0].name
     inside = [t for t in tensors if t != input_name]
+    session = _session_exposing(model, inside, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     values = dict(zip(inside, session.run(inside, {input_name: images})))
     return [images if t == input_name else values[t] for t in tensors]
 
@@ -92,9 +82,9 @@ def _torch_inputs(model: str, dataset: str, policy: str, count: int) -> tuple[to
     return images, seen
 
 
-def _levels(x: np.ndarray, qparams) -> np.ndarray:
-    scale, zero_point = float(qparams.scale), int(qparams.zero_point)
-    return np.clip(np.round(x / scale) + zero_point, qparams.qmin, qparams.qmax)
+def _on_grid(x: np.ndarray | torch.Tensor, qparams) -> torch.Tensor:
+    """``x`` rounded to its grid as the search rounds it (one value per level)."""
+    return fake_quantize(torch.as_tensor(x).float(), qparams)
 
 
 def _without_output_grids(path: Path, out: Path) -> Path:
@@ -131,16 +121,17 @@ def main() -> None:
         import onnx
 
         images, layers = _torch_inputs(args.model, args.dataset, args.policy, args.images)
-        tensors = _input_quantizers(onnx.load(str(path)))
+        exported_model = onnx.load(str(path))
+        tensors = _input_quantizers(exported_model)
         if len(tensors) != len(layers):
             raise SystemExit(f"the file has {len(tensors)} input quantizers, the search's model {len(layers)}: no layer-by-layer match")
         lines = [f"### {args.model} on {args.dataset}, {resolved.summary()}", "",
                  "| layer | input grid | values on another level |", "|---|---|---:|"]
-        for (name, qparams, x), value in zip(layers, _onnx_inputs(path, tensors, images.numpy())):
+        for (name, qparams, x), value in zip(layers, _onnx_inputs(exported_model, tensors, images.numpy())):
             if value.shape != tuple(x.shape):  # matched by order: a layer run in another order shows here
                 raise SystemExit(f"{name}: the file's input has shape {value.shape}, the search's {tuple(x.shape)}: "
                                  "the layers run in another order")
-            moved = float(np.mean(_levels(value, qparams) != _levels(x.numpy(), qparams)))
+            moved = float((_on_grid(value, qparams) != _on_grid(x, qparams)).float().mean())
             lines.append(f"| {name} | {qparams.bits} bits | {moved:.2e} |")
         exported = compare_exported(path, split="test", limit=args.limit)
         bare = compare_exported(_without_output_grids(path, Path(tmp) / "bare.onnx"), split="test", limit=args.limit)

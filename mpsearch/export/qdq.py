@@ -79,9 +79,9 @@ def _output_grid(node: Any, producers: dict[str, Any], users: dict[str, list[Any
     return out, _single_user(tensor, users, "QuantizeLinear")
 
 
-def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, ...]]]:
-    """(min, max) of each named tensor over ``images``, and its shape for one image, from
-    onnxruntime (basic optimizations, so that every named tensor still exists)."""
+def _session_exposing(model: Any, names: list[str], optimization: Any = None) -> Any:
+    """An onnxruntime CPU session on a copy of ``model`` that returns the named inner tensors as
+    outputs too, at graph ``optimization`` (default basic: every named tensor still exists)."""
     import onnx
     import onnxruntime as ort
 
@@ -92,9 +92,15 @@ def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> tuple
         if name not in outputs:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimization is None else optimization
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, ...]]]:
+    """(min, max) of each named tensor over ``images``, and its shape for one image, from
+    onnxruntime (basic optimizations, so that every named tensor still exists)."""
+    session = _session_exposing(model, names)
     input_name = session.get_inputs()[0].name
     low = dict.fromkeys(names, 0.0)
     high = dict.fromkeys(names, 0.0)
