@@ -15,6 +15,7 @@ import mpsearch
 from mpsearch.cli import main
 from mpsearch.config import QuantConfig
 from mpsearch.export import INTEGER_KERNELS, OnnxClassifier, integer_kernel_ops, read_metadata, to_integer_model
+from mpsearch.export.im2col import MATMUL_SUFFIX
 from mpsearch.export.onnx import graph_signature
 from mpsearch.policy import LayerPrecision, Policy
 from mpsearch.quant import QuantizedModel
@@ -102,7 +103,9 @@ def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_q
     modules = dict(model.named_modules())
     quantized = [name for name, p in policy.layers.items() if p.weight_bits and p.act_bits]  # attention matmuls too
     convs = [name for name in quantized if isinstance(modules.get(name), torch.nn.Conv2d)]
-    assert ops.get("QLinearConv", 0) == len(convs)  # every quantized convolution on the int8 kernel
+    # Every quantized convolution an integer matmul with a float output (mpsearch.export.im2col).
+    assert read_metadata(path)["convolutions_as_matmuls"] == len(convs) and not ops.get("QLinearConv")
+    assert ops.get("MatMulIntegerToFloat", 0) >= len(convs)
     assert not ops.get("ConvInteger") and not ops.get("MatMulInteger")
     # Every quantized layer and attention matmul on an integer kernel, but the classifier's head
     # (a float Gemm: see mpsearch.export.qdq).
@@ -112,39 +115,76 @@ def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_q
     assert ops.get("DequantizeLinear", 0) >= 1  # the weight-only layer's integers, dequantized per channel
 
 
-class _ResidualStem(torch.nn.Module):
-    """A stem reading the image whose output feeds a residual add (as ResNet-18's CIFAR stem
-    does), then a wide block: the stem is 0.8 % of the multiply-accumulates."""
+class _DepthwiseBlock(torch.nn.Module):
+    """A stem, a depthwise convolution whose output feeds a residual add, a pointwise projection."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.expand = torch.nn.Conv2d(16, 64, 3, padding=1)
-        self.project = torch.nn.Conv2d(64, 16, 3, padding=1)
-        self.head = torch.nn.Linear(16, 10)
+        self.depthwise = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project = torch.nn.Conv2d(16, 32, 1)
+        self.head = torch.nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem(x))
-        x = torch.relu(self.project(torch.relu(self.expand(x))) + x)
+        x = torch.relu(self.project(self.depthwise(x) + x))
         return self.head(x.mean(dim=(2, 3)))
 
 
-def test_a_cheap_first_convolution_keeps_a_float_output_instead_of_a_calibrated_grid(digits, tmp_path):
-    """The stem's output would need a calibrated 8-bit grid (it feeds the add); reading the image
-    and cheap, it stays a float Conv, and the block's projection (half the work) keeps its grid."""
+def test_a_grouped_convolution_keeps_qlinearconv_with_a_calibrated_output_grid(digits, tmp_path):
+    """The stem and the projection become integer matmuls; the depthwise convolution stays a Conv
+    that onnxruntime runs on QLinearConv, its output (into the add) on a calibrated 8-bit grid."""
     torch.manual_seed(0)
-    model = _ResidualStem().eval()
+    model = _DepthwiseBlock().eval()
     quantized = mpsearch.quantize(model, "w8a8", digits)
-    path = mpsearch.export_onnx(quantized, tmp_path / "stem.onnx", digits)
+    path = mpsearch.export_onnx(quantized, tmp_path / "depthwise.onnx", digits)
     meta = read_metadata(path)
-    assert meta["float_convolutions"] == 1 and meta["calibrated_output_grids"] == 1
+    assert meta["convolutions_as_matmuls"] == 2 and meta["calibrated_output_grids"] == 1
     ops = integer_kernel_ops(path, tmp_path / "optimized.onnx")
-    assert ops.get("QLinearConv", 0) == 2 and not ops.get("ConvInteger")  # expand and project on the int8 kernel
+    assert ops.get("QLinearConv", 0) == 1 and ops.get("MatMulIntegerToFloat", 0) >= 2 and not ops.get("ConvInteger")
     x = _all_images(digits)
     with torch.no_grad():
         fake = quantized(x)
     logits = OnnxClassifier(path, threads=1).logits(x)
     assert float((logits.argmax(1) == fake.argmax(1)).float().mean()) >= 0.995
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"),
+                         [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 1, 2, 2), (4, 4, 0, 1), ((5, 3), (2, 1), (2, 0), 1)])
+def test_a_convolution_as_a_matmul_on_integer_patches_computes_the_convolution(kernel, stride, padding, dilation):
+    """Every kernel position of every output pixel gathered from the padded integer image: the
+    rewrite computes the Conv it replaces (exact integer sums against float ones)."""
+    from mpsearch.export.im2col import convolutions_as_matmuls
+
+    rng = np.random.default_rng(0)
+    conv = torch.nn.Conv2d(6, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    weight = rng.integers(-127, 128, size=tuple(conv.weight.shape)).astype(np.int8)
+    scale, weight_scale = np.float32(0.05), rng.uniform(0.001, 0.01, size=5).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    h = onnx.helper
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), h.make_node("DequantizeLinear", ["q", "s", "z"], ["xd"]),
+             h.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             h.make_node("Conv", ["xd", "wd", "b"], ["y"], strides=list(conv.stride), pads=list(conv.padding) * 2,
+                         dilations=list(conv.dilation))]
+    stored = [numpy_helper.from_array(v, n) for n, v in
+              [("s", np.array(scale)), ("z", np.array(128, np.uint8)), ("w", weight), ("ws", weight_scale),
+               ("wz", np.zeros(5, np.int8)), ("b", bias)]]
+    graph = h.make_graph(nodes, "conv", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 6, 11, 9])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 5, "h", "w"])], stored)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    x = rng.normal(size=(3, 6, 11, 9)).astype(np.float32) * 3
+    import onnxruntime as ort
+
+    def run(proto: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    expected = run(model)
+    assert convolutions_as_matmuls(model) == ["y"]
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(node.op_type == "Conv" for node in model.graph.node)
+    got = run(model)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
 
 
 def test_export_takes_what_quantize_returned_without_calibrating_again(models, digits, tmp_path, monkeypatch):
@@ -188,7 +228,8 @@ def test_weights_and_inputs_stay_on_the_policys_grid(models, digits, tmp_path):
     graph = onnx.load(str(path)).graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
-    weights = [initializers[producers[n.input[1]].input[0]] for n in graph.node if n.op_type == "Conv"]
+    # The convolutions' integers, as the matmuls hold them (kh*kw*C rows, a column per channel).
+    weights = [initializers[producers[n.input[1]].input[0]].T for n in graph.node if n.op_type == "MatMul" and MATMUL_SUFFIX in n.name]
     assert all(w.dtype == np.int8 for w in weights)
     def four_bit(w: np.ndarray) -> bool:
         """Each channel's integers, divided by their spread (a power of two), lie in [-8, 8]."""

@@ -95,8 +95,8 @@ def export(args: argparse.Namespace) -> int:
     from mpsearch.export.onnx import kernel_summary, read_metadata
 
     meta = read_metadata(path)
-    grids, cheap = meta.get("calibrated_output_grids", 0), meta.get("float_convolutions", 0)
-    calibrated = (f", {grids} calibrated output grids" if grids else "") + (f", {cheap} cheap convolutions kept float" if cheap else "")
+    grids = meta.get("calibrated_output_grids", 0)
+    calibrated = f", {grids} calibrated output grids on grouped convolutions" if grids else ""
     print(f"{why}: {resolved.summary()} -> {path} ({path.stat().st_size / 2**20:.2f} MiB; in onnxruntime "
           f"{kernel_summary(path)}{calibrated})")
     return 0

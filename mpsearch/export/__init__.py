@@ -5,8 +5,10 @@
 
 :mod:`mpsearch.export.integer` rewrites a fake-quantized model with integer operators (same
 values, checked in PyTorch); :mod:`mpsearch.export.onnx` writes them as standard ONNX in the QDQ
-form that onnxruntime fuses into ``QLinearConv`` / ``MatMulIntegerToFloat`` / ``QLinearMatMul``
-(with the output grids of :mod:`mpsearch.export.qdq`) and runs the file in onnxruntime.
+form that onnxruntime fuses into ``MatMulIntegerToFloat`` / ``QLinearMatMul`` (convolutions as
+matmuls on their integer patches, :mod:`mpsearch.export.im2col`; grouped ones into
+``QLinearConv`` with the output grids of :mod:`mpsearch.export.qdq`) and runs the file in
+onnxruntime.
 """
 
 from __future__ import annotations

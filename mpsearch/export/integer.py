@@ -247,8 +247,8 @@ class IntegerConv2d(_IntegerLayer):
         """Multiply each output channel's integers by the largest power of two that keeps them
         within +-64, dividing its scale by the same: the weights' values stay bit for bit, but
         the accumulator's step (input scale x weight scale) shrinks, and with it the rounding of
-        the float bias to the int32 bias onnxruntime's ``QLinearConv`` takes (16 levels of a
-        4-bit weight become -64..56: 8 times finer). Within +-64 no pair of uint8 x int8
+        the float bias to the int32 bias onnxruntime's ``QLinearConv`` takes for a grouped
+        convolution (16 levels of a 4-bit weight become -64..56: 8 times finer). Within +-64 no pair of uint8 x int8
         products overflows int16, which AVX2 kernels without VNNI add them in."""
         if not self._symmetric_int8:
             return

@@ -7,9 +7,10 @@ form, which onnxruntime's graph optimizer fuses into its integer kernels:
 - ``integer_conv2d`` / ``integer_linear``: the input on its grid (``QuantizeLinear ->
   DequantizeLinear``, uint8 or int8 with the calibrated zero point; a grid narrower than 8 bits
   ``Clip``-ped to its own levels first), the integer weight behind a per-output-channel
-  ``DequantizeLinear``, a float ``Conv`` / ``MatMul`` and the bias. onnxruntime runs them as
-  ``QLinearConv`` and ``MatMulIntegerToFloat`` (int8 dot products: VNNI or AMX where the CPU has
-  them). A convolution's output gets the grid ``QLinearConv`` needs (:mod:`mpsearch.export.qdq`).
+  ``DequantizeLinear``, a float ``Conv`` / ``MatMul`` and the bias. A convolution is then written
+  as a matmul on its input's integer patches (:mod:`mpsearch.export.im2col`; a grouped one gets
+  the output grid ``QLinearConv`` needs instead, :mod:`mpsearch.export.qdq`). onnxruntime runs
+  them as ``MatMulIntegerToFloat`` (int8 dot products: VNNI or AMX where the CPU has them).
   A layer with a float input keeps its weight's integers behind ``DequantizeLinear`` and runs
   float.
 - ``integer_matmul``: both operands on their grids, ``MatMul`` (``QLinearMatMul``).
@@ -35,6 +36,7 @@ from torch import nn
 
 from mpsearch.errors import UserError, model_stage
 from mpsearch.export.formats import check_output, model_name
+from mpsearch.export.im2col import convolutions_as_matmuls
 from mpsearch.export.integer import INTEGER_OPERATORS, to_integer_model
 from mpsearch.export.qdq import OUTPUT_GRID_SUFFIX, quantize_layer_outputs
 from mpsearch.quant.attention import MatmulQuantizer
@@ -109,9 +111,9 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, meta
     written in integer form (:func:`~mpsearch.export.integer.to_integer_model`), in the QDQ form
     onnxruntime runs on integer kernels; a float one as it is.
 
-    ``example`` is one input batch (its batch size is exported as dynamic). The output grids the
-    integer kernels need (:mod:`mpsearch.export.qdq`) are calibrated on ``calibration`` (batches
-    of images; default ``example``). ``metadata`` values (JSON-serialized where not strings) are
+    ``example`` is one input batch (its batch size is exported as dynamic). The output grids that
+    grouped convolutions need (:mod:`mpsearch.export.qdq`) are calibrated on ``calibration``
+    (batches of images; default ``example``). ``metadata`` values (JSON-serialized where not strings) are
     stored as ``mpsearch.<key>`` metadata properties. The file passes ``onnx.checker``.
     """
     import onnx
@@ -132,10 +134,11 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, meta
         )
     proto = program.model_proto
     if quantized:
+        matmuls = convolutions_as_matmuls(proto)
         images = [x.float().contiguous().numpy() for x in calibration]
         grids = quantize_layer_outputs(proto, images)
-        metadata = {**(metadata or {}), "calibrated_output_grids": sum(1 for how in grids.values() if how == "calibrated"),
-                    "float_convolutions": sum(1 for how in grids.values() if how == "float")}
+        metadata = {**(metadata or {}), "convolutions_as_matmuls": len(matmuls),
+                    "calibrated_output_grids": sum(1 for how in grids.values() if how == "calibrated")}
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key = METADATA_PREFIX + key

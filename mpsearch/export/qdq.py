@@ -1,29 +1,20 @@
-"""Output grids that let onnxruntime run every quantized convolution of an ONNX file on its integer kernel.
+"""Output grids that let onnxruntime run a grouped quantized convolution of an ONNX file on its integer kernel.
 
-The exported graph holds each quantized layer in QDQ form: ``QuantizeLinear -> DequantizeLinear``
-on the input, the integer weight behind ``DequantizeLinear``, a float ``Conv`` / ``MatMul``.
-onnxruntime's optimizer fuses a ``MatMul`` between dequantized operands into
-``MatMulIntegerToFloat`` (float out), but a ``Conv`` only when a ``QuantizeLinear`` reads its
-output too: ``QLinearConv`` returns integers. :func:`quantize_layer_outputs` gives each quantized
-convolution's output that grid (``QuantizeLinear -> DequantizeLinear``):
+Every other quantized convolution is written as an integer matmul with a float output
+(:mod:`mpsearch.export.im2col`). A grouped one (depthwise) stays a ``Conv`` between dequantized
+operands, which onnxruntime's optimizer fuses into ``QLinearConv`` only when a ``QuantizeLinear``
+reads its output too: ``QLinearConv`` returns integers. :func:`quantize_layer_outputs` gives each
+such output that grid (``QuantizeLinear -> DequantizeLinear``):
 
 - where the output goes (through a ReLU, and the ``Clip`` of a narrow grid) to the next layer's
   input quantizer, that quantizer's grid, which changes nothing (onnxruntime then drops the ReLU
   and the duplicate quantizer);
 - anywhere else (a residual add, a pooling, a float layer), an 8-bit grid over the range the
-  output takes on calibration images (from 0 where a ReLU alone follows: that grid is the ReLU),
-  unless the convolution reads the model's input and is cheap (at most :data:`CHEAP_SHARE` of
-  the file's quantized multiply-accumulates: a stem or patch embedding on a few channels). That
-  one stays a float ``Conv`` between dequantized operands, which computes what the search
-  measured: its grid would round what every later layer reads for little speed (DeiT-Tiny W8A8
-  on 3,000 Fashion-MNIST test images agreed with fake quantization on 99.17 % with its patch
-  embedding's grid and 99.93 % without; ResNet-18 W4A4 on 99.03 % and 99.33 % with and without
-  its stem's, where leaving every other grid out too would cost the whole speed-up).
+  output takes on calibration images (from 0 where a ReLU alone follows: that grid is the ReLU).
 
-A 2-D ``MatMul`` with a bias (a classifier's head) becomes a float ``Gemm`` in onnxruntime; it
-gets no grid, since 8 bits on the logits would flip close predictions, and a head costs little.
-The calibrated grids are rounding the file adds to what the search measured; ``mpsearch
-evaluate --onnx`` measures what they change.
+A calibrated grid is rounding the file adds to what the search measured, and so is the int32 bias
+``QLinearConv`` takes (the float bias rounded to the input x weight scale); ``mpsearch evaluate
+--onnx`` measures what they change.
 """
 
 from __future__ import annotations
@@ -34,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CHEAP_SHARE", "OUTPUT_GRID_SUFFIX", "quantize_layer_outputs"]
+__all__ = ["OUTPUT_GRID_SUFFIX", "constant_array", "quantize_layer_outputs"]
 
 OUTPUT_GRID_SUFFIX = "_output_grid"  # names of what quantize_layer_outputs adds end with this
-CHEAP_SHARE = 0.02  # a first convolution this small a share of the quantized multiply-accumulates keeps a float output
 _UINT8 = 2
 
 
@@ -97,21 +87,19 @@ def _session_exposing(model: Any, names: list[str], optimization: Any = None) ->
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, ...]]]:
-    """(min, max) of each named tensor over ``images``, and its shape for one image, from
-    onnxruntime (basic optimizations, so that every named tensor still exists)."""
+def _ranges(model: Any, names: list[str], images: Iterable[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """(min, max) of each named tensor over ``images``, from onnxruntime (basic optimizations, so
+    that every named tensor still exists)."""
     session = _session_exposing(model, names)
     input_name = session.get_inputs()[0].name
     low = dict.fromkeys(names, 0.0)
     high = dict.fromkeys(names, 0.0)
-    shapes: dict[str, tuple[int, ...]] = {}
     for batch in images:
         outputs = session.run(names, {input_name: batch})
         for name, value in zip(names, outputs):
             low[name] = min(low[name], float(value.min()))
             high[name] = max(high[name], float(value.max()))
-            shapes[name] = tuple(value.shape[1:])
-    return {name: (low[name], high[name]) for name in names}, shapes
+    return {name: (low[name], high[name]) for name in names}
 
 
 def _grid(low: float, high: float) -> tuple[float, int]:
@@ -130,36 +118,8 @@ def _quantized_layers(graph: Any, producers: dict[str, Any]) -> list[Any]:
             and producers[node.input[1]].input[0] in constants]
 
 
-def _macs(graph: Any, node: Any, producers: dict[str, Any], output_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of a quantized Conv or MatMul for one image: each output value sums
-    over the weight's input channels (and kernel) or its rows."""
-    weight = _constant(graph, producers[node.input[1]].input[0]).shape
-    per_output = int(np.prod(weight[1:])) if node.op_type == "Conv" else int(weight[0])
-    return int(np.prod(output_shape)) * per_output
-
-
-def _cheap(tensors: list[str], layers: list[Any], graph: Any, producers: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Of the quantized layers' outputs ``tensors``, those of layers doing at most :data:`CHEAP_SHARE`
-    of all ``layers``' multiply-accumulates."""
-    if not tensors:
-        return []
-    macs = {node.output[0]: _macs(graph, node, producers, shapes[node.output[0]]) for node in layers}
-    return [tensor for tensor in tensors if macs[tensor] <= CHEAP_SHARE * sum(macs.values())]
-
-
-def _reads_model_input(node: Any, producers: dict[str, Any], graph: Any) -> bool:
-    """Whether ``node``'s input is the model's input behind its quantizer (and a narrow grid's Clip)."""
-    inputs = {value.name for value in graph.input}
-    tensor = node.input[0]
-    for _ in range(3):  # DequantizeLinear <- QuantizeLinear <- Clip
-        producer = producers.get(tensor)
-        if producer is None or producer.op_type not in ("DequantizeLinear", "QuantizeLinear", "Clip"):
-            break
-        tensor = producer.input[0]
-    return tensor in inputs
-
-
-def _constant(graph: Any, name: str) -> np.ndarray:
+def constant_array(graph: Any, name: str) -> np.ndarray:
+    """The value of the stored tensor (initializer or ``Constant`` node) ``name`` of ``graph``."""
     from onnx import numpy_helper
 
     for init in graph.initializer:
@@ -174,10 +134,9 @@ def _constant(graph: Any, name: str) -> np.ndarray:
 def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str, str]:
     """Add an 8-bit output grid (``QuantizeLinear -> DequantizeLinear``) to each quantized Conv of
     the ONNX ``model`` that needs one: the next layer's input grid where its output reaches only
-    that, else a grid calibrated on ``images`` (float32 batches), or none where the layer reads
-    the model's input and is cheap. Edits ``model`` in place; returns each quantized Conv's output
-    that needed a grid with where it came from (``next layer`` or ``calibrated``), or ``float``
-    where it got none."""
+    that, else a grid calibrated on ``images`` (float32 batches). Edits ``model`` in place; returns
+    each quantized Conv's output that needed a grid with where it came from (``next layer`` or
+    ``calibrated``)."""
     import onnx
     from onnx import numpy_helper
 
@@ -192,23 +151,17 @@ def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str
             continue
         tensor, quantizer = found
         if quantizer is not None:
-            zero_point = _constant(graph, quantizer.input[2])
+            zero_point = constant_array(graph, quantizer.input[2])
             dtype = onnx.helper.np_dtype_to_tensor_dtype(zero_point.dtype)
-            grids[tensor] = (float(_constant(graph, quantizer.input[1])), int(zero_point), dtype)
+            grids[tensor] = (float(constant_array(graph, quantizer.input[1])), int(zero_point), dtype)
             continue
         # A lone ReLU after the layer: calibrate after it, and the grid (zero point 0) is the ReLU.
         relu = _single_user(tensor, users, "Relu")
         calibrate[tensor] = relu.output[0] if relu is not None else tensor
-    # Only where a first convolution would need a calibrated grid are the layers' sizes needed
-    # (from the calibration run's shapes), to tell whether it is cheap.
-    kept_float = [tensor for tensor in calibrate if _reads_model_input(producers[tensor], producers, graph)]
     if calibrate:
-        layers = _quantized_layers(graph, producers) if kept_float else []
-        ranges, shapes = _ranges(model, sorted(set(calibrate.values()) | {node.output[0] for node in layers}), images)
-        kept_float = _cheap(kept_float, layers, graph, producers, shapes)
+        ranges = _ranges(model, sorted(set(calibrate.values())), images)
         for tensor, measured in calibrate.items():
-            if tensor not in kept_float:
-                grids[tensor] = (*_grid(*ranges[measured]), _UINT8)
+            grids[tensor] = (*_grid(*ranges[measured]), _UINT8)
     after: dict[str, list[Any]] = {}  # a layer's (new) output -> the grid nodes that read it
     for tensor, (scale, zero_point, dtype) in grids.items():
         base = tensor + OUTPUT_GRID_SUFFIX
@@ -228,5 +181,4 @@ def quantize_layer_outputs(model: Any, images: Iterable[np.ndarray]) -> dict[str
     ordered = [added for node in graph.node for added in (node, *after.get(node.output[0] if node.output else "", ()))]
     del graph.node[:]
     graph.node.extend(ordered)
-    return {**{tensor: "calibrated" if tensor in calibrate else "next layer" for tensor in grids},
-            **dict.fromkeys(kept_float, "float")}
+    return {tensor: "calibrated" if tensor in calibrate else "next layer" for tensor in grids}
