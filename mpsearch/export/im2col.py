@@ -6,7 +6,7 @@ onnxruntime fuses a ``Conv`` between dequantized operands into ``QLinearConv`` o
 the accumulator's scale. Both round what the search never rounds: a residual add's input on an
 8-bit grid, a bias moved by up to half an accumulator step. A value that lands near a rounding
 boundary of a later layer moves a whole step, and on 4-bit grids enough of them move to change
-about 1 prediction in 100 (ResNet-18 W4A4 on Fashion-MNIST).
+0.7 % of the predictions (ResNet-18 W4A4 on Fashion-MNIST).
 
 ``MatMul`` between dequantized operands is fused into ``MatMulIntegerToFloat``: int8 dot products
 summed in int32, then the scales and the float bias, a float output. That is what the search's
