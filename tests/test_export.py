@@ -108,7 +108,7 @@ def test_onnxruntime_runs_the_qdq_file_on_integer_kernels_and_agrees_with_fake_q
     assert ops.get("MatMulIntegerToFloat", 0) >= len(convs)
     assert not ops.get("ConvInteger") and not ops.get("MatMulInteger")
     # Every quantized layer and attention matmul on an integer kernel, but the classifier's head
-    # (a float Gemm: see mpsearch.export.qdq).
+    # (onnxruntime makes a 2-D MatMul with a bias a float Gemm: docs/export.md).
     assert sum(ops.get(op, 0) for op in INTEGER_KERNELS) == len(quantized) - 1
     assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) >= (12 if kind == "vit" else 0)
     assert sum(ops.get(op, 0) for op in ("Conv", "FusedConv", "NchwcConv")) >= 1  # the fp32 layer
