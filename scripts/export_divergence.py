@@ -25,14 +25,11 @@ import torch
 
 from mpsearch.evaluation.prepared import prepare_measurement
 from mpsearch.export.deploy import compare_exported, export_policy
-from mpsearch.export.qdq import _quantized_layers, _session_exposing  # inspects what the export writes
+from mpsearch.export.im2col import PATCH_OPS
+from mpsearch.export.qdq import _session_exposing, quantized_layers  # inspects what the export writes
 from mpsearch.host.machine import describe_machine
 from mpsearch.quant.modules import QuantWrapper
 from mpsearch.quant.primitives import fake_quantize
-
-# What a convolution written as a matmul puts between its input's integers and their DequantizeLinear
-# (mpsearch.export.im2col): the patches are moved integers, not new values.
-_PATCH_OPS = ("Transpose", "Pad", "Reshape", "Gather")
 
 
 def _input_quantizers(model) -> list[str]:
@@ -40,12 +37,12 @@ def _input_quantizers(model) -> list[str]:
     the float tensor its input ``QuantizeLinear`` reads (after a narrow grid's Clip)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     found = []
-    for node in _quantized_layers(model.graph, producers):
+    for node in quantized_layers(model.graph, producers):
         dequantized = producers.get(node.input[0])
         if dequantized is None or dequantized.op_type != "DequantizeLinear":
             continue
         quantizer = producers.get(dequantized.input[0])
-        while quantizer is not None and quantizer.op_type in _PATCH_OPS:
+        while quantizer is not None and quantizer.op_type in PATCH_OPS:
             quantizer = producers.get(quantizer.input[0])
         if quantizer is not None and quantizer.op_type == "QuantizeLinear":
             found.append(quantizer.input[0])

@@ -30,9 +30,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MATMUL_SUFFIX", "convolutions_as_matmuls"]
+__all__ = ["MATMUL_SUFFIX", "PATCH_OPS", "convolutions_as_matmuls"]
 
 MATMUL_SUFFIX = "_as_matmul"  # names of what convolutions_as_matmuls adds contain this
+# What the rewrite puts between an input's integers and their DequantizeLinear: it moves integers,
+# it makes no new values.
+PATCH_OPS = ("Transpose", "Pad", "Reshape", "Gather")
 
 
 def _spatial_shapes(model: Any) -> dict[str, tuple[int, int]]:
@@ -161,17 +164,15 @@ def convolutions_as_matmuls(model: Any) -> list[str]:
     into an integer matmul on its input's patches with a float output (module docstring). Returns
     the outputs of the convolutions rewritten; grouped ones and those whose input size shape
     inference leaves open stay."""
+    from mpsearch.export.qdq import quantized_layers
+
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     sizes = _spatial_shapes(model)
-    constants = {init.name for init in graph.initializer}
     rewritten: dict[int, _Rewrite] = {}
-    for node in graph.node:
-        if node.op_type != "Conv" or len(node.input) < 2:
-            continue
-        dequantize_input, dequantize_weight = producers.get(node.input[0]), producers.get(node.input[1])
-        if dequantize_input is None or dequantize_input.op_type != "DequantizeLinear" or dequantize_weight is None \
-                or dequantize_weight.op_type != "DequantizeLinear" or dequantize_weight.input[0] not in constants:
+    for node in quantized_layers(graph, producers):
+        dequantize_input = producers.get(node.input[0])
+        if node.op_type != "Conv" or dequantize_input is None or dequantize_input.op_type != "DequantizeLinear":
             continue
         quantize = producers.get(dequantize_input.input[0])
         if quantize is None or quantize.op_type != "QuantizeLinear" or dequantize_input.input[0] not in sizes:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OUTPUT_GRID_SUFFIX", "constant_array", "quantize_layer_outputs"]
+__all__ = ["OUTPUT_GRID_SUFFIX", "constant_array", "quantize_layer_outputs", "quantized_layers"]
 
 OUTPUT_GRID_SUFFIX = "_output_grid"  # names of what quantize_layer_outputs adds end with this
 _UINT8 = 2
@@ -109,7 +109,7 @@ def _grid(low: float, high: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-low / scale), 0, 255))
 
 
-def _quantized_layers(graph: Any, producers: dict[str, Any]) -> list[Any]:
+def quantized_layers(graph: Any, producers: dict[str, Any]) -> list[Any]:
     """The Conv and MatMul nodes whose weight (second input) is a dequantized constant (not an
     attention matmul's dequantized activation)."""
     constants = {init.name for init in graph.initializer} | {node.output[0] for node in graph.node if node.op_type == "Constant"}
